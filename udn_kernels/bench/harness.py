@@ -1,0 +1,128 @@
+"""Timing and memory measurement shared by `udn bench` and benchmarks/.
+
+A benchmark case is a list of :class:`Method` s built on the same inputs. Times are medians over
+repeats after warm-up, measured in one process so ratios compare like with like. Peak extra
+memory is measured in a fresh subprocess per method (Linux VmHWM reset through
+``/proc/self/clear_refs``), which sees ATen's CPU allocations, unlike Python-level tracers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class Method:
+    """One way of computing a case: ``forward()`` returns a tensor; ``backward`` says whether
+    ``forward().sum().backward()`` is part of the measured work."""
+
+    name: str
+    forward: Callable[[], torch.Tensor | tuple]
+    backward: bool = True
+    role: str = "peer"  # "ours", "peer" or "floor"
+
+
+@dataclasses.dataclass
+class Timing:
+    method: str
+    role: str
+    forward_ms: float
+    backward_ms: float | None
+    total_ms: float
+    peak_mb: float | None = None
+
+
+def _first_tensor(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _median_ms(fn: Callable[[], None], repeats: int, min_time: float) -> float:
+    samples = []
+    started = time.perf_counter()
+    while len(samples) < repeats or (time.perf_counter() - started < min_time and len(samples) < 100):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def time_method(method: Method, *, warmup: int = 2, repeats: int = 5, min_time: float = 0.2) -> Timing:
+    """Median forward, backward and forward+backward wall time of ``method`` in ms."""
+
+    def forward_only():
+        with torch.no_grad():
+            method.forward()
+
+    def forward_backward():
+        out = _first_tensor(method.forward())
+        if method.backward:
+            out.sum().backward()
+
+    for _ in range(warmup):
+        forward_backward()
+    fwd = _median_ms(forward_only, repeats, min_time)
+    total = _median_ms(forward_backward, repeats, min_time)
+    if not method.backward:
+        return Timing(method.name, method.role, fwd, None, total)
+    # backward alone: forward untimed, then time the backward.
+    samples = []
+    for _ in range(repeats):
+        out = _first_tensor(method.forward()).sum()
+        t0 = time.perf_counter()
+        out.backward()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing(method.name, method.role, fwd, statistics.median(samples), total)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_in_this_process(method: Method) -> float:
+    """Peak resident memory (MB) added by one forward+backward of ``method``, beyond its inputs."""
+    out = _first_tensor(method.forward())  # warm caches and allocator first
+    if method.backward:
+        out.sum().backward()
+    del out
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM to the current RSS
+    before = _rss_kib("VmRSS")
+    out = _first_tensor(method.forward())
+    if method.backward:
+        out.sum().backward()
+    return (_rss_kib("VmHWM") - before) / 1024.0
+
+
+def measure_peak(case: str, method: str, quick: bool) -> float | None:
+    """Run :func:`measure_peak_in_this_process` for one method of a case in a fresh interpreter."""
+    code = ("import sys; from udn_kernels.bench import cases, harness; "
+            f"m = cases.method_by_name({case!r}, {method!r}, quick={quick}); "
+            "print(harness.measure_peak_in_this_process(m))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def speedups(timings: list[Timing]) -> dict[str, float]:
+    """Total-time ratio of every other method to the first "ours" method (>1: ours is faster)."""
+    ours = next(t for t in timings if t.role == "ours")
+    return {t.method: t.total_ms / ours.total_ms for t in timings if t is not ours}
+
+
+def to_json(results: dict[str, list[Timing]], path: str, meta: dict) -> None:
+    """Write results as JSON: {"meta": ..., "cases": {case: [timing dicts]}}."""
+    payload = {"meta": meta, "cases": {c: [dataclasses.asdict(t) for t in ts] for c, ts in results.items()}}
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)
