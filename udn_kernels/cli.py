@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=cmd_bench)
     from .train import add_train_parser
     add_train_parser(sub)
+    from .experiments import add_experiment_parser
+    add_experiment_parser(sub)
     return parser
 
 

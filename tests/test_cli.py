@@ -1,0 +1,86 @@
+"""The `udn` command, each subcommand run small."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from udn_kernels import cli
+from udn_kernels.bench import cases, harness
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "udn_kernels", *args], capture_output=True, text=True)
+
+
+def test_info_reports_backends_and_isa():
+    out = run_cli("info")
+    assert out.returncode == 0, out.stderr
+    assert "cpu=yes" in out.stdout and "C++ ISA       avx2" in out.stdout
+
+
+def test_bench_quick_writes_json_and_plot(tmp_path):
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = cli.main(["bench", "--quick", "--cases", "rng", "heads-small", "--repeats", "1",
+                     "--no-memory", "--json", str(json_path), "--plot", str(png_path)])
+    assert code == 0
+    data = json.loads(json_path.read_text())
+    assert set(data["cases"]) == {"rng", "heads-small"}
+    methods = {t["method"]: t for t in data["cases"]["heads-small"]}
+    assert {"udn_kernels", "eager", "3-GEMM floor"} <= set(methods)
+    assert all(t["total_ms"] > 0 for t in methods.values())
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_every_case_builds_and_ours_matches_eager_value():
+    # The peers must compute the same loss as ours, or the comparison is meaningless.
+    for name in ("heads-small", "heads-lm"):
+        methods = {m.name: m for m in cases.build(name, quick=True)}
+        ours, eager = methods["udn_kernels"].forward(), methods["eager"].forward()
+        assert abs(float(ours) - float(eager)) <= 1e-4 * abs(float(eager)), name
+
+
+def test_memory_probe_measures_a_known_allocation():
+    method = harness.Method("alloc", lambda: __import__("torch").ones(64 * 2**20 // 4) * 2.0,
+                            backward=False)
+    peak = harness.measure_peak_in_this_process(method)
+    assert 60 <= peak <= 200  # one 64 MiB tensor (plus the `ones` input) must show
+
+
+def test_bench_unknown_case_is_a_clear_error():
+    out = run_cli("bench", "--cases", "nope")
+    assert out.returncode == 2 and "unknown case 'nope'" in out.stderr
+
+
+def test_unwritable_output_path_is_a_clear_error():
+    out = run_cli("bench", "--cases", "rng", "--json", "/nonexistent-dir/x.json")
+    assert out.returncode == 2 and "cannot write" in out.stderr
+
+
+def test_missing_optional_dependency_names_the_extra():
+    with pytest.raises(cli.CLIError, match=r"udn_kernels\[experiments\]"):
+        cli._require("surely_not_installed_module", "experiments")
+
+
+def test_train_unknown_dataset_is_a_clear_error():
+    out = run_cli("train", "imagenet", "--epochs", "1")
+    assert out.returncode == 2 and "expected spirals, digits, diabetes" in out.stderr
+
+
+@pytest.mark.parametrize("dataset", ["spirals", "diabetes"])
+def test_train_runs_and_saves_checkpoint_and_plot(tmp_path, dataset):
+    png = tmp_path / "q.png"
+    out = run_cli("train", dataset, "--epochs", "2", "--width", "16", "--out", str(tmp_path / "ckpt"),
+                  "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "ckpt" / "model.pt").exists() and png.exists()
+    assert "E[depth]" in out.stdout
+
+
+def test_train_csv(tmp_path):
+    rows = ["a,b,label"] + [f"{i % 7},{(i * 3) % 5},{'yes' if i % 2 else 'no'}" for i in range(60)]
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(rows))
+    out = run_cli("train", str(path), "--epochs", "1", "--width", "8")
+    assert out.returncode == 0, out.stderr
+    assert "accuracy" in out.stdout

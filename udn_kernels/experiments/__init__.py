@@ -1,0 +1,26 @@
+"""Reproductions of the seed papers' claims, run with `udn experiment NAME`.
+
+Each experiment module registers a function ``run(args) -> dict`` in ``EXPERIMENTS`` that prints
+a table, saves a PNG and returns its headline numbers.
+"""
+from __future__ import annotations
+
+EXPERIMENTS: dict = {}
+
+
+def cmd_experiment(args) -> int:
+    from ..cli import CLIError
+    if args.name not in EXPERIMENTS:
+        raise CLIError(f"experiment: expected one of {sorted(EXPERIMENTS)}, got {args.name!r}")
+    EXPERIMENTS[args.name](args)
+    return 0
+
+
+def add_experiment_parser(sub) -> None:
+    """Register the ``experiment`` subcommand."""
+    parser = sub.add_parser("experiment", help="reproduce a seed paper's claim")
+    parser.add_argument("name", help="experiment name")
+    parser.add_argument("--quick", action="store_true", help="tiny version (seconds)")
+    parser.add_argument("--out", default=".", help="directory for the PNG and JSON")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=cmd_experiment)
