@@ -24,3 +24,7 @@ def add_experiment_parser(sub) -> None:
     parser.add_argument("--out", default=".", help="directory for the PNG and JSON")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=cmd_experiment)
+
+
+# Experiment modules register themselves into EXPERIMENTS on import.
+from . import diffusion_resnet  # noqa: E402,F401

@@ -1,0 +1,449 @@
+// Fused depth-mixture heads on CPU: per-depth log-likelihoods of every output head and their
+// gradients without materialising the [L, N, C] logits (design notes: docs/heads.md).
+//
+// Work is cut into (row block x class tile) logits tiles computed with at::mm_out into a
+// cache-sized per-thread buffer; vectorised epilogues turn a tile into an online logsumexp /
+// target-logit pick (forward) or into the logits gradient G (backward), which feeds two more
+// GEMMs: dH += G W_tile and dW_tile += G^T H. With a shared head the depths are stacked into the
+// row dimension (rows = L*N), so every GEMM is as large as the problem allows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kMaxRowTile = 256;  // rows of a logits tile
+constexpr int64_t kClassTile = 512;   // classes of a logits tile (256 x 512 fp32 = 512 KiB, fits L2)
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------- vectorised tile epilogues
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// s += b (b may be null); returns max(s).
+template <typename T>
+T add_bias_max(T* s, const T* b, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> vmax(-std::numeric_limits<T>::infinity());
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    Vec<T> v = Vec<T>::loadu(s + j);
+    if (b) {
+      v = v + Vec<T>::loadu(b + j);
+      v.store(s + j);
+    }
+    vmax = at::vec::maximum(vmax, v);
+  }
+  T lanes[W];
+  vmax.store(lanes);
+  T m = lanes[0];
+  for (int64_t k = 1; k < W; ++k) m = std::max(m, lanes[k]);
+  for (; j < n; ++j) {
+    if (b) s[j] += b[j];
+    m = std::max(m, s[j]);
+  }
+  return m;
+}
+
+// sum_j exp(s_j - shift).
+template <typename T>
+T sum_exp(const T* s, T shift, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vshift(shift);
+  Vec<T> acc(0);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) acc = acc + (Vec<T>::loadu(s + j) - vshift).exp();
+  T lanes[W];
+  acc.store(lanes);
+  T total = 0;
+  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+  for (; j < n; ++j) total += std::exp(s[j] - shift);
+  return total;
+}
+
+// sum_j ((y_j - s_j - b_j) * inv_j)^2.
+template <typename T>
+T gauss_sq(const T* s, const T* b, const T* y, const T* inv, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> acc(0);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    Vec<T> r = Vec<T>::loadu(y + j) - Vec<T>::loadu(s + j);
+    if (b) r = r - Vec<T>::loadu(b + j);
+    r = r * Vec<T>::loadu(inv + j);
+    acc = at::vec::fmadd(r, r, acc);
+  }
+  T lanes[W];
+  acc.store(lanes);
+  T total = 0;
+  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+  for (; j < n; ++j) {
+    T r = (y[j] - s[j] - (b ? b[j] : T(0))) * inv[j];
+    total += r * r;
+  }
+  return total;
+}
+
+// s <- -g * exp(s + b - lse): the softmax part of the categorical logits gradient.
+template <typename T>
+void softmax_grad(T* s, const T* b, T lse, T g, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vlse(lse), vng(-g);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    Vec<T> v = Vec<T>::loadu(s + j);
+    if (b) v = v + Vec<T>::loadu(b + j);
+    (vng * (v - vlse).exp()).store(s + j);
+  }
+  for (; j < n; ++j) s[j] = -g * std::exp(s[j] + (b ? b[j] : T(0)) - lse);
+}
+
+// r = y - s - b; s <- g r inv2; dn += g r^2 (dn may be null): the Gaussian mean and noise gradients.
+template <typename T>
+void gauss_grad(T* s, const T* b, const T* y, const T* inv2, T g, T* dn, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vg(g);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    Vec<T> r = Vec<T>::loadu(y + j) - Vec<T>::loadu(s + j);
+    if (b) r = r - Vec<T>::loadu(b + j);
+    Vec<T> gr = vg * r;
+    (gr * Vec<T>::loadu(inv2 + j)).store(s + j);
+    if (dn) at::vec::fmadd(gr, r, Vec<T>::loadu(dn + j)).store(dn + j);
+  }
+  for (; j < n; ++j) {
+    T r = y[j] - s[j] - (b ? b[j] : T(0));
+    s[j] = g * r * inv2[j];
+    if (dn) dn[j] += g * r * r;
+  }
+}
+
+template <typename T>
+void add_into(T* acc, const T* x, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) (Vec<T>::loadu(acc + j) + Vec<T>::loadu(x + j)).store(acc + j);
+  for (; j < n; ++j) acc[j] += x[j];
+}
+
+// ---------------------------------------------------------------- problem description
+template <typename T>
+struct Heads {
+  Tensor hidden2d;  // [L*N, D]: depths stacked into rows
+  Tensor weight;    // [C, D] or [L, C, D]
+  const T* bias = nullptr;
+  const int64_t* target_idx = nullptr;  // categorical [N]
+  const T* target_val = nullptr;        // gaussian [N, C]
+  int64_t L, N, D, C, rows, row_tile;
+  bool per_depth, bias_per_depth, gaussian;
+  int64_t ignore_index;
+  std::vector<T> inv_s, inv_s2;  // gaussian 1/s and 1/s^2
+  T gauss_const = 0;             // -sum_c log s_c - C/2 log(2 pi)
+
+  Heads(const Tensor& hidden, const Tensor& weight_, const c10::optional<Tensor>& bias_,
+        const Tensor& target, const c10::optional<Tensor>& noise_std, bool gaussian_,
+        int64_t ignore_index_)
+      : weight(weight_), gaussian(gaussian_), ignore_index(ignore_index_) {
+    TORCH_CHECK(hidden.dim() == 3, "depth_loglik: hidden must be [L, N, D]");
+    TORCH_CHECK(weight.dim() == 2 || weight.dim() == 3, "depth_loglik: weight must be [C, D] or [L, C, D]");
+    L = hidden.size(0), N = hidden.size(1), D = hidden.size(2);
+    rows = L * N;
+    per_depth = weight.dim() == 3;
+    C = weight.size(-2);
+    TORCH_CHECK(weight.size(-1) == D && (!per_depth || weight.size(0) == L), "depth_loglik: weight shape");
+    TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous(), "depth_loglik: contiguous inputs expected");
+    hidden2d = hidden.view({rows, D});
+    if (bias_.has_value() && bias_->defined()) {
+      TORCH_CHECK(bias_->is_contiguous() && bias_->scalar_type() == hidden.scalar_type(), "depth_loglik: bias");
+      bias_per_depth = bias_->dim() == 2;
+      TORCH_CHECK(bias_->numel() == (bias_per_depth ? L * C : C), "depth_loglik: bias shape");
+      bias = bias_->data_ptr<T>();
+    } else {
+      bias_per_depth = false;
+    }
+    TORCH_CHECK(target.is_contiguous(), "depth_loglik: contiguous target expected");
+    if (gaussian) {
+      TORCH_CHECK(target.scalar_type() == hidden.scalar_type() && target.numel() == N * C,
+                  "depth_loglik: gaussian target must be [N, C] of the hidden dtype");
+      target_val = target.data_ptr<T>();
+      inv_s.assign(C, T(1));
+      inv_s2.assign(C, T(1));
+      double log_s = 0;
+      if (noise_std.has_value() && noise_std->defined()) {
+        TORCH_CHECK(noise_std->numel() == C && noise_std->is_contiguous(), "depth_loglik: noise_std must be [C]");
+        const T* s = noise_std->data_ptr<T>();
+        for (int64_t c = 0; c < C; ++c) {
+          inv_s[c] = T(1) / s[c];
+          inv_s2[c] = inv_s[c] * inv_s[c];
+          log_s += std::log(static_cast<double>(s[c]));
+        }
+      }
+      gauss_const = static_cast<T>(-log_s - 0.5 * C * std::log(2.0 * M_PI));
+    } else {
+      TORCH_CHECK(target.scalar_type() == at::kLong && target.numel() == N,
+                  "depth_loglik: categorical target must be int64 [N]");
+      target_idx = target.data_ptr<int64_t>();
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t t = target_idx[i];
+        TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < C), "depth_loglik: target ", t,
+                          " out of range [0, ", C, ")");
+      }
+    }
+    // Row tile from the shape only (never from the thread count) so results do not depend on it
+    // beyond the documented reduction order.
+    row_tile = std::min<int64_t>(kMaxRowTile, std::max<int64_t>(16, ceil_div(ceil_div(rows, 16), 8) * 8));
+  }
+
+  // Row blocks [r0, r1) of the stacked rows; a per-depth head keeps each block inside one depth.
+  std::vector<std::pair<int64_t, int64_t>> row_blocks() const {
+    std::vector<std::pair<int64_t, int64_t>> out;
+    const int64_t segment = per_depth ? N : rows;
+    for (int64_t s0 = 0; s0 < rows; s0 += segment)
+      for (int64_t r = s0; r < s0 + segment; r += row_tile) out.emplace_back(r, std::min(r + row_tile, s0 + segment));
+    return out;
+  }
+
+  const T* bias_of_row(int64_t r) const {
+    if (!bias) return nullptr;
+    return bias_per_depth ? bias + (r / N) * C : bias;
+  }
+
+  Tensor head(int64_t r0) const { return per_depth ? weight.select(0, r0 / N) : weight; }
+
+  // Logits tile H[r0:r0+m] W[c0:c0+ct]^T (no bias) computed into buf.
+  Tensor logits(Tensor& buf, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
+    Tensor S = buf.narrow(0, 0, m * ct).view({m, ct});
+    at::mm_out(S, hidden2d.narrow(0, r0, m), head(r0).narrow(0, c0, ct).t());
+    return S;
+  }
+};
+
+// ---------------------------------------------------------------- forward
+template <typename T>
+void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
+  const auto blocks = p.row_blocks();
+  const int64_t ct_max = std::min<int64_t>(kClassTile, std::max<int64_t>(p.C, 1));
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    Tensor buf = at::empty({p.row_tile * ct_max}, p.hidden2d.options());
+    std::vector<T> mx, se, picked;
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const int64_t r0 = blocks[bi].first, m = blocks[bi].second - r0;
+      mx.assign(m, -std::numeric_limits<T>::infinity());
+      se.assign(m, T(0));
+      picked.assign(m, T(0));
+      for (int64_t c0 = 0; c0 < p.C; c0 += ct_max) {
+        const int64_t ct = std::min(ct_max, p.C - c0);
+        Tensor S = p.logits(buf, r0, m, c0, ct);
+        T* s = S.data_ptr<T>();
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t r = r0 + i;
+          T* srow = s + i * ct;
+          const T* b = p.bias_of_row(r);
+          if (b) b += c0;
+          if (p.gaussian) {
+            se[i] += gauss_sq(srow, b, p.target_val + (r % p.N) * p.C + c0, p.inv_s.data() + c0, ct);
+            continue;
+          }
+          // online logsumexp: rescale the running sum to the new maximum
+          const T tile_max = add_bias_max(srow, b, ct);
+          const T new_max = std::max(mx[i], tile_max);
+          if (new_max == -std::numeric_limits<T>::infinity()) continue;
+          se[i] = se[i] * std::exp(mx[i] - new_max) + sum_exp(srow, new_max, ct);
+          mx[i] = new_max;
+          const int64_t t = p.target_idx[r % p.N];
+          if (t >= c0 && t < c0 + ct) picked[i] = srow[t - c0];
+        }
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t r = r0 + i;
+        if (p.gaussian) {
+          loglik[r] = T(-0.5) * se[i] + p.gauss_const;
+        } else {
+          const T lse = mx[i] + std::log(se[i]);
+          aux[r] = lse;
+          loglik[r] = p.target_idx[r % p.N] == p.ignore_index ? T(0) : picked[i] - lse;
+        }
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& weight,
+                                            const c10::optional<Tensor>& bias, const Tensor& target,
+                                            const c10::optional<Tensor>& noise_std, bool gaussian,
+                                            int64_t ignore_index) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls skip autograd
+  const int64_t L = hidden.size(0), N = hidden.size(1);
+  Tensor loglik = at::zeros({L, N}, hidden.options());
+  Tensor aux = gaussian ? at::empty({0}, hidden.options()) : at::zeros({L, N}, hidden.options());
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd", [&] {
+    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+    if (p.rows > 0) forward_impl<scalar_t>(p, loglik.data_ptr<scalar_t>(), gaussian ? nullptr : aux.data_ptr<scalar_t>());
+  });
+  return {loglik, aux};
+}
+
+// ---------------------------------------------------------------- backward
+// Gradient sinks of one task: where its dH rows, dW rows, d_bias and d_noise go.
+template <typename T>
+struct Sinks {
+  Tensor d_hidden2d;  // [L*N, D]
+  Tensor d_weight;    // [C, D] or [L, C, D]
+  T* d_bias;          // [C] or [L*C] or null
+  T* d_noise;         // [C] or null (gaussian partial sum of g r^2)
+};
+
+// One logits tile's backward: recompute S, turn it into G, then dH += G W_t and dW_t += G^T H.
+template <typename T>
+void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& buf, int64_t r0, int64_t m,
+                   int64_t c0, int64_t ct, Sinks<T>& out) {
+  Tensor S = p.logits(buf, r0, m, c0, ct);
+  T* s = S.data_ptr<T>();
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t r = r0 + i;
+    T* srow = s + i * ct;
+    const T* b = p.bias_of_row(r);
+    if (b) b += c0;
+    const T g = grad[r];
+    if (p.gaussian) {
+      gauss_grad(srow, b, p.target_val + (r % p.N) * p.C + c0, p.inv_s2.data() + c0, g,
+                 out.d_noise ? out.d_noise + c0 : nullptr, ct);
+    } else {
+      const int64_t t = p.target_idx[r % p.N];
+      if (t == p.ignore_index || g == T(0)) {
+        std::fill(srow, srow + ct, T(0));
+        continue;
+      }
+      softmax_grad(srow, b, lse[r], g, ct);
+      if (t >= c0 && t < c0 + ct) srow[t - c0] += g;
+    }
+    if (out.d_bias) add_into(out.d_bias + (p.bias_per_depth ? (r / p.N) * p.C : 0) + c0, srow, ct);
+  }
+  Tensor W_t = p.head(r0).narrow(0, c0, ct);
+  Tensor dH = out.d_hidden2d.narrow(0, r0, m);
+  dH.addmm_(S, W_t);
+  Tensor dW = (p.per_depth ? out.d_weight.select(0, r0 / p.N) : out.d_weight).narrow(0, c0, ct);
+  dW.addmm_(S.t(), p.hidden2d.narrow(0, r0, m));
+}
+
+// Sums partial buffers into dst in a fixed order (partials[0] first), in parallel over elements.
+template <typename T>
+void reduce_into(T* dst, const std::vector<T*>& partials, int64_t n) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t e0, int64_t e1) {
+    for (T* part : partials) add_into(dst + e0, part + e0, e1 - e0);
+  });
+}
+
+template <typename T>
+void backward_impl(const Heads<T>& p, const T* grad, const T* lse, Tensor& d_hidden2d, Tensor& d_weight,
+                   T* d_bias, int64_t bias_numel, T* d_noise) {
+  const auto blocks = p.row_blocks();
+  const int64_t nblocks = blocks.size();
+  const int64_t ct_max = std::min<int64_t>(kClassTile, std::max<int64_t>(p.C, 1));
+  const int64_t nctiles = ceil_div(p.C, ct_max);
+  const int64_t threads = at::get_num_threads();
+  // Split classes among tasks (each owns its dW rows, dH is reduced) when there are enough class
+  // tiles and dH is the smaller buffer to replicate; otherwise split rows (dW is reduced).
+  const bool by_class = nctiles >= threads && threads > 1 &&
+                        (nblocks < threads || d_hidden2d.numel() < d_weight.numel());
+  const int64_t ntasks = std::max<int64_t>(1, std::min(threads, by_class ? nctiles : nblocks));
+  const bool want_noise = d_noise != nullptr;
+
+  // Task 0 writes the shared gradient into the output; other tasks into zeroed partials.
+  Tensor& shared_out = by_class ? d_hidden2d : d_weight;
+  std::vector<Tensor> shared_parts(ntasks);
+  shared_parts[0] = shared_out;
+  for (int64_t k = 1; k < ntasks; ++k) shared_parts[k] = at::zeros_like(shared_out);
+  Tensor small = at::zeros({ntasks, bias_numel + (want_noise ? p.C : 0)}, d_hidden2d.options());
+
+  at::parallel_for(0, ntasks, 1, [&](int64_t k0, int64_t k1) {
+    Tensor buf = at::empty({p.row_tile * ct_max}, p.hidden2d.options());
+    for (int64_t k = k0; k < k1; ++k) {
+      T* small_k = small.select(0, k).data_ptr<T>();
+      Sinks<T> sinks{by_class ? shared_parts[k] : d_hidden2d, by_class ? d_weight : shared_parts[k],
+                     bias_numel ? small_k : nullptr, want_noise ? small_k + bias_numel : nullptr};
+      if (by_class) {
+        for (int64_t ci = k * nctiles / ntasks; ci < (k + 1) * nctiles / ntasks; ++ci) {
+          const int64_t c0 = ci * ct_max, ct = std::min(ct_max, p.C - c0);
+          for (const auto& blk : blocks) backward_tile(p, grad, lse, buf, blk.first, blk.second - blk.first, c0, ct, sinks);
+        }
+      } else {
+        for (int64_t bi = k * nblocks / ntasks; bi < (k + 1) * nblocks / ntasks; ++bi) {
+          for (int64_t c0 = 0; c0 < p.C; c0 += ct_max) {
+            backward_tile(p, grad, lse, buf, blocks[bi].first, blocks[bi].second - blocks[bi].first, c0,
+                          std::min(ct_max, p.C - c0), sinks);
+          }
+        }
+      }
+    }
+  });
+
+  std::vector<T*> parts;
+  for (int64_t k = 1; k < ntasks; ++k) parts.push_back(shared_parts[k].data_ptr<T>());
+  reduce_into(shared_out.data_ptr<T>(), parts, shared_out.numel());
+
+  // bias and noise partials: sum tasks in order (small vectors)
+  const int64_t width = small.size(1);
+  std::vector<T> totals(width, T(0));
+  const T* sp = small.data_ptr<T>();
+  for (int64_t k = 0; k < ntasks; ++k) add_into(totals.data(), sp + k * width, width);
+  if (bias_numel) std::copy(totals.begin(), totals.begin() + bias_numel, d_bias);
+  if (want_noise) {
+    // d/ds_c sum_r g_r [-(y-mu)^2 / (2 s^2) - log s] = (sum_r g_r r^2) / s^3 - (sum_r g_r) / s
+    double gsum = 0;
+    for (int64_t r = 0; r < p.rows; ++r) gsum += grad[r];
+    for (int64_t c = 0; c < p.C; ++c) {
+      const T inv = p.inv_s[c];
+      d_noise[c] = totals[bias_numel + c] * inv * inv * inv - static_cast<T>(gsum) * inv;
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
+    const Tensor& grad_loglik, const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
+    const Tensor& target, const c10::optional<Tensor>& noise_std, const Tensor& aux, bool gaussian,
+    int64_t ignore_index) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls skip autograd
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_noise = gaussian && noise_std.has_value() && noise_std->defined();
+  Tensor d_hidden = at::zeros_like(hidden);
+  Tensor d_weight = at::zeros_like(weight);
+  Tensor d_bias = has_bias ? at::zeros_like(*bias) : at::empty({0}, hidden.options());
+  Tensor d_noise = has_noise ? at::zeros_like(*noise_std) : at::empty({0}, hidden.options());
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_bwd", [&] {
+    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+    TORCH_CHECK(grad_loglik.is_contiguous() && grad_loglik.numel() == p.rows &&
+                    grad_loglik.scalar_type() == hidden.scalar_type(),
+                "depth_loglik_bwd: grad_loglik must be a contiguous [L, N] tensor of the hidden dtype");
+    TORCH_CHECK(gaussian || (aux.numel() == p.rows && aux.is_contiguous()), "depth_loglik_bwd: aux must be [L, N]");
+    if (p.rows == 0 || p.C == 0) return;
+    Tensor d_hidden2d = d_hidden.view({p.rows, p.D});
+    backward_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), gaussian ? nullptr : aux.data_ptr<scalar_t>(),
+                            d_hidden2d, d_weight, has_bias ? d_bias.data_ptr<scalar_t>() : nullptr,
+                            has_bias ? d_bias.numel() : 0, has_noise ? d_noise.data_ptr<scalar_t>() : nullptr);
+  });
+  return {d_hidden, d_weight, d_bias, d_noise};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
+  m.def("depth_loglik_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
+        "bool gaussian, int ignore_index) -> (Tensor, Tensor)");
+  m.def("depth_loglik_bwd(Tensor grad_loglik, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+        "Tensor? noise_std, Tensor aux, bool gaussian, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(udn_kernels_C, CPU, m) {
+  m.impl("depth_loglik_fwd", &depth_loglik_fwd);
+  m.impl("depth_loglik_bwd", &depth_loglik_bwd);
+}

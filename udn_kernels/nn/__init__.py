@@ -1,0 +1,16 @@
+"""Thin model API: stochastic-weight layers, depth distributions, the UDN, distributed training.
+
+Stochastic layers sample in train and eval mode; use :func:`deterministic` for mean-weight
+prediction and :func:`mc_predict` (or ``UDN.predict(samples=S)``) for batched Monte-Carlo
+prediction. The training loss of a UDN is ``-ELBO / n`` (DESIGN §1).
+"""
+from .depth import PositivePoisson, TruncatedPoisson, poisson_quantile
+from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear, StochasticLayer,
+                     VariationalDropoutLinear, active_samples, deterministic, kl, mc_predict, sampling)
+from .udn import UDN
+
+__all__ = [
+    "BernoulliConv2d", "BernoulliLinear", "GaussianConv2d", "GaussianLinear", "PositivePoisson",
+    "StochasticLayer", "TruncatedPoisson", "UDN", "VariationalDropoutLinear", "active_samples",
+    "deterministic", "kl", "mc_predict", "poisson_quantile", "sampling",
+]

@@ -1,0 +1,101 @@
+"""Distributions over the depth of a UDN: the variational truncated Poisson and the prior."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _softplus_inverse(value: float) -> float:
+    return value if value > 20.0 else math.log(math.expm1(value))
+
+
+def poisson_quantile(rate: float, quantile: float) -> int:
+    """Smallest ``k`` with ``P(Poisson(rate) <= k) >= quantile`` (log-space pmf, no scipy)."""
+    log_rate, cdf, k = math.log(rate), 0.0, 0
+    while True:
+        cdf += math.exp(k * log_rate - rate - math.lgamma(k + 1))
+        if cdf >= quantile or k > rate + 50.0 * math.sqrt(rate) + 50:
+            return k
+        k += 1
+
+
+class TruncatedPoisson(nn.Module):
+    """Variational depth posterior ``q(l) ∝ nu^(l-1) / (l-1)!`` on ``l = 1..L`` (Nazaret & Blei 2022).
+
+    ``nu = softplus(raw)`` is the learnable rate; the support ends at
+    ``L = max(F^-1_{Poisson(nu)}(quantile), floor(nu) + 1) + 1``. ``L`` is piecewise constant in
+    ``nu``, so the probabilities below are smooth functions of ``nu`` on a fixed support and their
+    autograd gradient is the exact derivative of any finite sum over the support.
+    """
+
+    def __init__(self, init_rate: float = 1.0, quantile: float = 0.95):
+        super().__init__()
+        if not init_rate > 0:
+            raise ValueError(f"init_rate: expected a positive float, got {init_rate}")
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile: expected a float in (0, 1), got {quantile}")
+        self.quantile = float(quantile)
+        self.raw_rate = nn.Parameter(torch.tensor(_softplus_inverse(float(init_rate))))
+
+    @property
+    def rate(self) -> torch.Tensor:
+        """``nu = softplus(raw_rate)`` (differentiable 0-d tensor)."""
+        return F.softplus(self.raw_rate)
+
+    @property
+    def max_depth(self) -> int:
+        """``L``: the largest depth with non-zero mass under the current rate."""
+        rate = float(self.rate.detach())
+        return max(poisson_quantile(rate, self.quantile), math.floor(rate) + 1) + 1
+
+    def log_probs(self, max_depth: int | None = None) -> torch.Tensor:
+        """``[log q(1), ..., log q(L)]`` (``L = max_depth`` or the current truncation)."""
+        depth = self.max_depth if max_depth is None else int(max_depth)
+        k = torch.arange(depth, dtype=self.raw_rate.dtype, device=self.raw_rate.device)
+        return torch.log_softmax(k * torch.log(self.rate) - torch.lgamma(k + 1), dim=0)
+
+    def probs(self, max_depth: int | None = None) -> torch.Tensor:
+        """``[q(1), ..., q(L)]``."""
+        return self.log_probs(max_depth).exp()
+
+    def mean(self) -> torch.Tensor:
+        """``E_q[l]``."""
+        log_q = self.log_probs()
+        depths = torch.arange(1, log_q.numel() + 1, dtype=log_q.dtype, device=log_q.device)
+        return (log_q.exp() * depths).sum()
+
+    def entropy(self) -> torch.Tensor:
+        """``H[q] = -sum_l q(l) log q(l)``."""
+        log_q = self.log_probs()
+        return -(log_q.exp() * log_q).sum()
+
+    def extra_repr(self) -> str:
+        return f"rate={float(self.rate.detach()):.4g}, quantile={self.quantile}, max_depth={self.max_depth}"
+
+
+class PositivePoisson:
+    """Depth prior ``mu(l)``: ``l = 1 + k`` with ``k ~ Poisson(rate)``."""
+
+    def __init__(self, rate: float = 0.5):
+        if not rate > 0:
+            raise ValueError(f"rate: expected a positive float, got {rate}")
+        self.rate = float(rate)
+
+    def log_prob(self, depth: torch.Tensor) -> torch.Tensor:
+        """``log mu(l)`` for depths ``l >= 1`` (``-inf`` below 1)."""
+        depth = torch.as_tensor(depth)
+        if not depth.is_floating_point():
+            depth = depth.to(torch.get_default_dtype())
+        k = depth - 1
+        value = k * math.log(self.rate) - self.rate - torch.lgamma(k + 1)
+        return torch.where(k >= 0, value, torch.full_like(value, -math.inf))
+
+    def mean(self) -> float:
+        """``E[l] = 1 + rate``."""
+        return 1.0 + self.rate
+
+    def __repr__(self) -> str:
+        return f"PositivePoisson(rate={self.rate})"

@@ -1,0 +1,430 @@
+"""Stochastic-weight layers, the Monte-Carlo sample-axis protocol and mean-weight prediction.
+
+Every stochastic layer draws fresh weights (or masks) on every call, in ``train()`` and ``eval()``
+mode alike; :func:`deterministic` switches a model to mean-weight / weight-scaling prediction.
+
+Sample axis. Inside ``with sampling(S):`` the *first* stochastic layer called in a forward pass
+draws ``S`` weight samples for its shared input and returns ``[S, ...]``; every other stochastic
+layer treats the leading axis of its input as that sample axis and draws one weight sample per
+slice. Deterministic modules (``nn.Linear``, activations, residual additions) broadcast over the
+extra leading axis, so ``S`` Monte-Carlo samples flow through the whole model in one batched pass
+(:func:`mc_predict`). The protocol assumes every stochastic layer after the first sees a tensor
+derived from the first one's output (true for chains, residual nets and UDNs).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import udn_kernels
+from ..ops._checks import check_choice, check_probability, check_samples, resolve_seed
+from ..reference import philox
+
+
+class _SamplingState(threading.local):
+    def __init__(self):
+        self.samples: int | None = None
+        self.origin: nn.Module | None = None  # the layer that added the sample axis
+
+
+_state = _SamplingState()
+
+
+@contextlib.contextmanager
+def sampling(samples: int) -> Iterator[None]:
+    """Run one forward pass with ``samples`` Monte-Carlo weight draws flowing through the model."""
+    samples = check_samples(samples)
+    previous = (_state.samples, _state.origin)
+    _state.samples, _state.origin = samples, None
+    try:
+        yield
+    finally:
+        _state.samples, _state.origin = previous
+
+
+def active_samples() -> int | None:
+    """The ``S`` of the enclosing :func:`sampling` block, or None."""
+    return _state.samples
+
+
+def _sample_axis_added() -> bool:
+    return _state.origin is not None
+
+
+def _softplus_inverse(value: float) -> float:
+    return value if value > 20.0 else math.log(math.expm1(value))
+
+
+def _new_seed() -> int:
+    return int(resolve_seed(None))
+
+
+class StochasticLayer(nn.Module):
+    """Base class of the stochastic layers: ``kl()``, the sample-axis protocol, deterministic mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.deterministic_mode = False  # set by udn_kernels.nn.deterministic(model)
+
+    def kl(self) -> torch.Tensor:
+        """``KL(q(weights) || p(weights))`` summed over the layer's weights (nats)."""
+        raise NotImplementedError
+
+    def _sample_args(self, x: torch.Tensor) -> tuple[int | None, bool]:
+        """``(samples, input_has_samples)`` for this call under the sample-axis protocol."""
+        samples = _state.samples
+        if samples is None:
+            return None, False
+        if _state.origin is None or _state.origin is self:
+            _state.origin = self  # first stochastic layer of the pass: the input is shared
+            return samples, False
+        if x.dim() < 2 or x.shape[0] != samples:
+            raise ValueError(f"{type(self).__name__}: inside sampling({samples}) expected an input "
+                             f"with a leading sample axis of size {samples}, got shape {tuple(x.shape)}")
+        return samples, True
+
+
+def kl(model: nn.Module) -> torch.Tensor:
+    """Sum of ``layer.kl()`` over every stochastic layer in ``model`` (0 if there is none)."""
+    terms = [m.kl() for m in model.modules() if isinstance(m, StochasticLayer)]
+    if not terms:
+        param = next(model.parameters(), None)
+        return torch.zeros((), dtype=param.dtype if param is not None else None,
+                           device=param.device if param is not None else None)
+    return torch.stack(terms).sum()
+
+
+@contextlib.contextmanager
+def deterministic(model: nn.Module) -> Iterator[nn.Module]:
+    """Predict with mean weights (Gaussian layers) / weight scaling (Bernoulli layers) inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, StochasticLayer)]
+    previous = [m.deterministic_mode for m in layers]
+    for m in layers:
+        m.deterministic_mode = True
+    try:
+        yield model
+    finally:
+        for m, value in zip(layers, previous):
+            m.deterministic_mode = value
+
+
+def mc_predict(model: nn.Module, x: torch.Tensor, samples: int, *, softmax: bool = True,
+               return_samples: bool = False):
+    """Monte-Carlo predictive of ``model`` at ``x`` from ``samples`` weight draws in one batched pass.
+
+    Classifiers (``softmax=True``): the mean of the ``S`` softmax outputs ``[N, C]``; otherwise
+    the mean of the raw outputs. With ``return_samples=True`` also returns the per-sample
+    ``[S, N, C]`` tensor (e.g. for :func:`udn_kernels.metrics.mutual_information`). A UDN is
+    delegated to ``model.predict(x, samples=S)`` (mixture over depths of each sample).
+    """
+    from .udn import UDN
+    samples = check_samples(samples)
+    if samples is None:
+        raise ValueError("samples: expected an int >= 1, got None")
+    if isinstance(model, UDN):
+        return model.predict(x, samples=samples, return_samples=return_samples)
+    with sampling(samples):
+        out = model(x)
+        if not _sample_axis_added():  # no stochastic layer ran: every sample is the same
+            out = out.unsqueeze(0).expand(samples, *out.shape)
+    per_sample = out.softmax(-1) if softmax else out
+    mean = per_sample.mean(0)
+    return (mean, per_sample) if return_samples else mean
+
+
+def _gaussian_kl(weight_mu, weight_sigma, bias_mu, bias_sigma, prior_std: float) -> torch.Tensor:
+    total = udn_kernels.gaussian_kl(weight_mu, weight_sigma, prior_std)
+    if bias_sigma is not None:
+        total = total + udn_kernels.gaussian_kl(bias_mu, bias_sigma, prior_std)
+    return total
+
+
+def _bernoulli_kl(weight, bias, p: float, mask: str, prior_std: float) -> torch.Tensor:
+    """Gal & Ghahramani's weight-decay form: ``((1-p)||W||^2 + ||b||^2) / (2 s^2)`` (1-p -> 1 if symmetric)."""
+    keep = 1.0 if mask == "symmetric" else 1.0 - p
+    total = keep * weight.pow(2).sum()
+    if bias is not None:
+        total = total + bias.pow(2).sum()
+    return total / (2.0 * prior_std ** 2)
+
+
+def _init_like_linear(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> None:
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        nn.init.uniform_(bias, -bound, bound)
+
+
+class GaussianLinear(StochasticLayer):
+    """Mean-field Gaussian linear layer ``W = mu + sigma * eps``, ``sigma = softplus(rho)``.
+
+    ``estimator``: ``"sample"`` (one weight draw per call / MC sample, shared by the batch),
+    ``"local"`` (local reparameterisation) or ``"flipout"`` — see ``udn_kernels.gaussian_linear``.
+    ``zero_mean=True`` gives the variance layer of Neklyudov et al. (``mu ≡ 0``; its mean-weight
+    prediction is the bias alone). Prior ``N(0, prior_std^2)`` on every weight and bias.
+    ``init_sigma`` defaults to 1e-2 (``1/sqrt(in_features)`` for the variance layer).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, prior_std: float = 1.0,
+                 estimator: str = "sample", zero_mean: bool = False, init_sigma: float | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.prior_std = float(prior_std)
+        self.estimator = check_choice("estimator", estimator, ("sample", "local", "flipout"))
+        self.zero_mean = zero_mean
+        if init_sigma is None:
+            init_sigma = 1.0 / math.sqrt(in_features) if zero_mean else 1e-2
+        self.weight_mu = None if zero_mean else nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_rho = nn.Parameter(torch.full((out_features, in_features), _softplus_inverse(init_sigma)))
+        if bias:
+            self.bias_mu = nn.Parameter(torch.empty(out_features))
+            self.bias_rho = nn.Parameter(torch.full((out_features,), _softplus_inverse(1e-2)))
+        else:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_rho", None)
+        if self.weight_mu is not None:
+            _init_like_linear(self.weight_mu, self.bias_mu, in_features)
+        elif self.bias_mu is not None:
+            nn.init.zeros_(self.bias_mu)
+
+    @property
+    def weight_sigma(self) -> torch.Tensor:
+        return F.softplus(self.weight_rho)
+
+    @property
+    def bias_sigma(self) -> torch.Tensor | None:
+        return None if self.bias_rho is None else F.softplus(self.bias_rho)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deterministic_mode:
+            mean = self.weight_mu if self.weight_mu is not None else torch.zeros_like(self.weight_rho)
+            return F.linear(x, mean, self.bias_mu)
+        samples, has_samples = self._sample_args(x)
+        return udn_kernels.gaussian_linear(x, self.weight_mu, self.weight_sigma, self.bias_mu,
+                                           self.bias_sigma, estimator=self.estimator, samples=samples,
+                                           input_has_samples=has_samples)
+
+    def kl(self) -> torch.Tensor:
+        return _gaussian_kl(self.weight_mu, self.weight_sigma, self.bias_mu, self.bias_sigma, self.prior_std)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias_mu is not None}, estimator={self.estimator!r}, zero_mean={self.zero_mean}")
+
+
+class BernoulliLinear(StochasticLayer):
+    """Linear layer with Bernoulli noise: MC dropout (``mask="input"``), DropConnect (``"weight"``)
+    or the symmetric variance-network layer ``w = phi * (2 eps - 1)`` (``"symmetric"``).
+
+    Deterministic mode uses the weight-scaling rule (inverted dropout already rescales kept units,
+    so the mean weight is ``weight``; for ``"symmetric"`` the mean weight is 0).
+    ``kl()`` is Gal & Ghahramani's (2016) weight-decay form of the KL up to constants:
+    ``(1 - p) ||W||^2 / (2 prior_std^2) + ||b||^2 / (2 prior_std^2)`` (``1 - p`` -> 1 for "symmetric").
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, p: float = 0.5,
+                 mask: str = "input", prior_std: float = 1.0):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.p = check_probability("p", p)
+        self.mask = check_choice("mask", mask, ("input", "weight", "symmetric"))
+        self.prior_std = float(prior_std)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        _init_like_linear(self.weight, self.bias, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deterministic_mode:
+            weight = torch.zeros_like(self.weight) if self.mask == "symmetric" else self.weight
+            return F.linear(x, weight, self.bias)
+        samples, has_samples = self._sample_args(x)
+        return udn_kernels.bernoulli_linear(x, self.weight, self.bias, p=self.p, mask=self.mask,
+                                            samples=samples, input_has_samples=has_samples)
+
+    def kl(self) -> torch.Tensor:
+        return _bernoulli_kl(self.weight, self.bias, self.p, self.mask, self.prior_std)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, p={self.p}, mask={self.mask!r}")
+
+
+class VariationalDropoutLinear(StochasticLayer):
+    """Sparse variational dropout (Molchanov et al. 2017): ``w ~ N(theta, alpha theta^2)`` per weight.
+
+    Forward uses the local reparameterisation (``udn_kernels.gaussian_linear(estimator="local")``);
+    ``log_alpha`` is clamped to ``[-10, 8]``; ``kl()`` is the log-uniform-prior approximation
+    ``udn_kernels.log_uniform_kl``. The bias is a point estimate. Deterministic mode predicts with
+    ``theta`` and drops weights whose ``log_alpha > threshold`` (the sparsification rule).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 init_log_alpha: float = -4.0, threshold: float = 3.0):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.threshold = float(threshold)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.log_alpha = nn.Parameter(torch.full((out_features, in_features), float(init_log_alpha)))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        _init_like_linear(self.weight, self.bias, in_features)
+
+    def clamped_log_alpha(self) -> torch.Tensor:
+        return self.log_alpha.clamp(-10.0, 8.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deterministic_mode:
+            return F.linear(x, self.weight * (self.log_alpha <= self.threshold), self.bias)
+        samples, has_samples = self._sample_args(x)
+        sigma = torch.exp(0.5 * self.clamped_log_alpha()) * self.weight.abs()
+        return udn_kernels.gaussian_linear(x, self.weight, sigma, self.bias, None, estimator="local",
+                                           samples=samples, input_has_samples=has_samples)
+
+    def kl(self) -> torch.Tensor:
+        return udn_kernels.log_uniform_kl(self.clamped_log_alpha())
+
+    def sparsity(self) -> float:
+        """Fraction of weights dropped by the ``log_alpha > threshold`` rule."""
+        return float((self.log_alpha > self.threshold).float().mean())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, threshold={self.threshold}")
+
+
+def _conv_per_sample(x: torch.Tensor, weight: torch.Tensor, x_sampled: bool, stride, padding,
+                     dilation) -> torch.Tensor:
+    """``out[s] = conv2d(x[s] or x, weight[s])`` for ``weight [S, O, C, kh, kw]`` -> ``[S, N, O, H', W']``."""
+    samples, out_ch = weight.shape[:2]
+    flat = weight.reshape(samples * out_ch, *weight.shape[2:])
+    if x_sampled:  # fold the sample axis into channels and run one grouped convolution
+        n = x.shape[1]
+        x = x.transpose(0, 1).reshape(n, samples * x.shape[2], *x.shape[3:])
+        out = F.conv2d(x, flat, None, stride, padding, dilation, groups=samples)
+    else:
+        out = F.conv2d(x, flat, None, stride, padding, dilation)
+    return out.reshape(out.shape[0], samples, out_ch, *out.shape[2:]).transpose(0, 1)
+
+
+class _StochasticConv2d(StochasticLayer):
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = nn.modules.utils._pair(kernel_size)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _conv(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def _unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, int, bool, bool]:
+        """``(x, S, x_sampled, squeeze)``: input with the sample protocol applied."""
+        samples, x_sampled = self._sample_args(x)
+        expected = 5 if x_sampled else 4
+        if x.dim() != expected:
+            raise ValueError(f"{type(self).__name__}: expected a {expected}-D input, got shape {tuple(x.shape)}")
+        return x, samples or 1, x_sampled, samples is None
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")
+
+
+class GaussianConv2d(_StochasticConv2d):
+    """Mean-field Gaussian 2-D convolution (``"sample"`` estimator: one kernel draw per MC sample).
+
+    Runs on the reference path: the noise comes from ``udn_kernels.reference.philox`` (the same
+    Philox stream and the ``gaussian_linear`` "sample" layout with ``K = C * kh * kw``: weight
+    ``(s, o, k)`` at offset ``s*O*K + o*K + k``, bias ``(s, o)`` at ``S*O*K + s*O + o``) and the
+    convolution is eager ``F.conv2d`` (S samples as one grouped convolution). Input ``[N, C, H, W]``;
+    inside :func:`sampling` the output (and every later stochastic input) carries a leading ``S`` axis.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, bias: bool = True, prior_std: float = 1.0, init_sigma: float = 1e-2):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self.prior_std = float(prior_std)
+        self.weight_mu = nn.Parameter(torch.empty(self._weight_shape()))
+        self.weight_rho = nn.Parameter(torch.full(self._weight_shape(), _softplus_inverse(init_sigma)))
+        if bias:
+            self.bias_mu = nn.Parameter(torch.empty(out_channels))
+            self.bias_rho = nn.Parameter(torch.full((out_channels,), _softplus_inverse(init_sigma)))
+        else:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_rho", None)
+        _init_like_linear(self.weight_mu, self.bias_mu, self.weight_mu[0].numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deterministic_mode:
+            return self._conv(x, self.weight_mu, self.bias_mu)
+        x, samples, x_sampled, squeeze = self._unpack(x)
+        seed, numel = _new_seed(), self.weight_mu.numel()
+        eps = philox.normal(samples * numel, seed, 0, x.device).to(x.dtype)
+        weight = self.weight_mu + F.softplus(self.weight_rho) * eps.view(samples, *self._weight_shape())
+        out = _conv_per_sample(x, weight, x_sampled, self.stride, self.padding, self.dilation)
+        if self.bias_mu is not None:
+            beps = philox.normal(samples * self.out_channels, seed, samples * numel, x.device).to(x.dtype)
+            bias = self.bias_mu + F.softplus(self.bias_rho) * beps.view(samples, self.out_channels)
+            out = out + bias[:, None, :, None, None]
+        return out[0] if squeeze else out
+
+    def kl(self) -> torch.Tensor:
+        bias_sigma = None if self.bias_rho is None else F.softplus(self.bias_rho)
+        return _gaussian_kl(self.weight_mu, F.softplus(self.weight_rho), self.bias_mu, bias_sigma,
+                            self.prior_std)
+
+
+class BernoulliConv2d(_StochasticConv2d):
+    """2-D convolution with Bernoulli noise: masks ``"input"`` (dropout of input elements per example),
+    ``"weight"`` (DropConnect per kernel weight per sample) or ``"symmetric"`` (``w = phi * sign``).
+
+    Runs on the reference path: masks come from ``udn_kernels.reference.philox`` with the
+    ``bernoulli_linear`` layout (input element ``(s, b, k)``, ``k`` over ``C*H*W``, at
+    ``s*B*K + b*K + k``; weight ``(s, o, k)``, ``k`` over ``C*kh*kw``, at ``s*O*K + o*K + k``) and the
+    convolution is eager ``F.conv2d``. Deterministic mode and ``kl()`` as :class:`BernoulliLinear`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, bias: bool = True, p: float = 0.5, mask: str = "input",
+                 prior_std: float = 1.0):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self.p = check_probability("p", p)
+        self.mask = check_choice("mask", mask, ("input", "weight", "symmetric"))
+        self.prior_std = float(prior_std)
+        self.weight = nn.Parameter(torch.empty(self._weight_shape()))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        _init_like_linear(self.weight, self.bias, self.weight[0].numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deterministic_mode:
+            weight = torch.zeros_like(self.weight) if self.mask == "symmetric" else self.weight
+            return self._conv(x, weight, self.bias)
+        x, samples, x_sampled, squeeze = self._unpack(x)
+        seed = _new_seed()
+        if self.mask == "input":
+            shape = x.shape[1:] if x_sampled else x.shape
+            keep = philox.uniform(samples * shape.numel(), seed, 0, x.device) >= self.p
+            x = x * (keep.to(x.dtype) / (1.0 - self.p)).view(samples, *shape)
+            out = self._conv(x.flatten(0, 1), self.weight, None)
+            out = out.view(samples, -1, *out.shape[1:])
+        else:
+            n_weights = samples * self.weight.numel()
+            if self.mask == "weight":
+                noise = (philox.uniform(n_weights, seed, 0, x.device) >= self.p).to(x.dtype) / (1.0 - self.p)
+            else:
+                noise = philox.sign_at(torch.arange(n_weights, device=x.device), seed).to(x.dtype)
+            weight = self.weight * noise.view(samples, *self._weight_shape())
+            out = _conv_per_sample(x, weight, x_sampled, self.stride, self.padding, self.dilation)
+        if self.bias is not None:
+            out = out + self.bias[:, None, None]
+        return out[0] if squeeze else out
+
+    def kl(self) -> torch.Tensor:
+        return _bernoulli_kl(self.weight, self.bias, self.p, self.mask, self.prior_std)

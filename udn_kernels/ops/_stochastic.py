@@ -1,0 +1,41 @@
+"""Shared plumbing of the stochastic-weight linear ops: input flattening and output shapes."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_samples
+
+
+def flatten_input(x: torch.Tensor, in_features: int, samples, input_has_samples) -> tuple:
+    """Validate ``x`` against ``samples`` and view it as the kernels' ``[Sx, B, K]``.
+
+    Returns ``(x3, S, lead)``: ``S`` draws (1 when ``samples`` is None) and the leading output
+    shape (without the feature axis) the ``[S, B, N]`` kernel output is reshaped to.
+    """
+    samples = check_samples(samples)
+    if not isinstance(input_has_samples, bool):
+        raise TypeError(f"input_has_samples: expected a bool, got {type(input_has_samples).__name__}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x: expected shape [..., {in_features}] (in_features of the weight), "
+                         f"got {tuple(x.shape)}")
+    S = 1 if samples is None else samples
+    if input_has_samples:
+        if samples is None:
+            raise ValueError("input_has_samples: True needs samples=S (x of shape [S, ..., K]), "
+                             "got samples=None")
+        if x.dim() < 2 or x.shape[0] != S:
+            raise ValueError(f"x: expected shape [{S}, ..., {in_features}] (input_has_samples=True, "
+                             f"samples={S}), got {tuple(x.shape)}")
+        batch_shape = tuple(x.shape[1:-1])
+    else:
+        batch_shape = tuple(x.shape[:-1])
+    x3 = x.reshape(S if input_has_samples else 1, math.prod(batch_shape), in_features).contiguous()
+    lead = batch_shape if samples is None else (S,) + batch_shape
+    return x3, S, lead
+
+
+def none_if_empty(grad: torch.Tensor, source) -> torch.Tensor | None:
+    """Kernels return an empty tensor for the gradient of a None input; autograd wants None."""
+    return None if source is None else grad

@@ -1,0 +1,107 @@
+"""``gaussian_linear``: a linear layer with mean-field Gaussian weights, sampled inside the kernel."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import get_kernel
+from ._checks import check_choice, check_float_tensor, check_same, check_shape, resolve_seed
+from ._stochastic import flatten_input, none_if_empty
+
+ESTIMATORS = ("sample", "local", "flipout")
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("udn_kernels::gaussian_linear_fwd", mutates_args=())
+def _fwd(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor, bias_mu: Optional[Tensor],
+         bias_sigma: Optional[Tensor], seed: Tensor, estimator: str, samples: int,
+         x_sampled: bool) -> Tensor:
+    kernel = get_kernel("gaussian_linear_fwd", x.device)
+    # The seed travels as a tensor so a seed drawn inside a compiled graph stays on the graph.
+    return kernel(x, weight_mu, weight_sigma, bias_mu, bias_sigma, int(seed.item()), estimator,
+                  samples, x_sampled)
+
+
+@_fwd.register_fake
+def _(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled):
+    return x.new_empty(samples, x.shape[1], weight_sigma.shape[0])
+
+
+@torch.library.custom_op("udn_kernels::gaussian_linear_bwd", mutates_args=())
+def _bwd(grad_out: Tensor, x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
+         bias_mu: Optional[Tensor], bias_sigma: Optional[Tensor], seed: Tensor, estimator: str,
+         samples: int, x_sampled: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kernel = get_kernel("gaussian_linear_bwd", x.device)
+    return tuple(kernel(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, int(seed.item()),
+                        estimator, samples, x_sampled))
+
+
+@_bwd.register_fake
+def _(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled):
+    return tuple(x.new_empty(0) if t is None else torch.empty_like(t)
+                 for t in (x, weight_mu, weight_sigma, bias_mu, bias_sigma))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled = inputs
+    # Only the inputs are saved: backward regenerates the noise from (seed, offset).
+    ctx.save_for_backward(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed)
+    ctx.options = (estimator, samples, x_sampled)
+
+
+def _backward(ctx, grad_out):
+    saved = ctx.saved_tensors
+    grads = _bwd(grad_out.contiguous(), *saved, *ctx.options)
+    return (*(none_if_empty(g, t) for g, t in zip(grads, saved[:5])), None, None, None, None)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
+                    bias_mu: Optional[Tensor] = None, bias_sigma: Optional[Tensor] = None, *,
+                    estimator: str = "sample", samples: Optional[int] = None, seed=None,
+                    input_has_samples: bool = False) -> Tensor:
+    """Linear layer with Gaussian weights ``W = weight_mu + weight_sigma * eps``, ``eps ~ N(0, 1)``.
+
+    Args:
+        x: ``[..., K]`` input (``B`` = product of the leading dims), or ``[S, ..., K]`` with
+            ``input_has_samples=True`` (each weight draw gets its own input, e.g. the output of a
+            previous stochastic layer).
+        weight_mu: ``[N_out, K]`` posterior means, or ``None`` for a zero-mean (variance) layer.
+        weight_sigma: ``[N_out, K]`` posterior standard deviations. Not checked for positivity
+            (that would cost a device sync and break ``torch.compile`` graphs); the output
+            distribution only depends on ``|weight_sigma|``.
+        bias_mu, bias_sigma: optional ``[N_out]`` bias mean and standard deviation; with
+            ``bias_sigma`` the bias is sampled too (``bias_mu=None`` means a zero-mean bias).
+        estimator: ``"sample"`` (one weight draw shared by the batch), ``"local"`` (local
+            reparameterisation: independent Gaussian pre-activations per example) or
+            ``"flipout"`` (per-example sign flips of a shared draw). All three have the same
+            per-output marginal mean and variance.
+        samples: ``S`` independent draws in one call; the output gains a leading ``S`` axis.
+        seed: int in ``[0, 2^63)``, a one-element int64 tensor, or ``None`` to draw one from
+            torch's default generator (``torch.manual_seed`` reproduces runs). The same seed gives
+            the same noise on every backend (docs/rng.md).
+        input_has_samples: ``x`` already carries the sample axis (needs ``samples``).
+
+    Returns:
+        ``[..., N_out]``, or ``[S, ..., N_out]`` when ``samples`` is given.
+    """
+    check_float_tensor("weight_sigma", weight_sigma, ndim=2)
+    out_features, in_features = weight_sigma.shape
+    check_float_tensor("x", x)
+    check_same("x", x, weight_mu=weight_mu, weight_sigma=weight_sigma, bias_mu=bias_mu,
+               bias_sigma=bias_sigma)
+    if weight_mu is not None:
+        check_shape("weight_mu", weight_mu, (out_features, in_features))
+    for name, value in (("bias_mu", bias_mu), ("bias_sigma", bias_sigma)):
+        if value is not None:
+            check_shape(name, value, (out_features,))
+    check_choice("estimator", estimator, ESTIMATORS)
+    x3, S, lead = flatten_input(x, in_features, samples, input_has_samples)
+    seed = resolve_seed(seed)
+    contiguous = [None if t is None else t.contiguous()
+                  for t in (weight_mu, weight_sigma, bias_mu, bias_sigma)]
+    out = _fwd(x3, *contiguous, seed, estimator, S, input_has_samples)
+    return out.reshape(*lead, out_features)

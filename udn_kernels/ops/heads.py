@@ -1,0 +1,237 @@
+"""Fused depth-mixture heads: per-depth log-likelihoods and their mixture over depths.
+
+``depth_loglik`` runs one kernel over every depth's output head without materialising the
+``[L, N, C]`` logits (custom ops ``udn_kernels::depth_loglik_fwd`` / ``_bwd``, dispatched by
+``udn_kernels._backend``). The combination over depths (``depth_mixture_nll``) is O(L·N) eager
+torch on top of it, so gradients reach ``log_weights`` through ordinary autograd.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference import heads as _reference
+from ._checks import check_choice, check_float_tensor, check_same, check_shape, check_tensor
+
+LIKELIHOODS = ("categorical", "gaussian")
+MODES = ("expected", "mixture")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _aux_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("udn_kernels::depth_loglik_fwd", mutates_args=())
+def _loglik_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                noise_std: Optional[Tensor], gaussian: bool, ignore_index: int) -> tuple[Tensor, Tensor]:
+    kernel = _backend.get_kernel("depth_loglik_fwd", hidden.device)
+    loglik, aux = kernel(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+    return loglik, aux
+
+
+@_loglik_fwd.register_fake
+def _(hidden, weight, bias, target, noise_std, gaussian, ignore_index):
+    L, N = hidden.shape[0], hidden.shape[1]
+    aux_shape = (0,) if gaussian else (L, N)
+    return hidden.new_empty((L, N)), hidden.new_empty(aux_shape, dtype=_aux_dtype(hidden.dtype))
+
+
+@torch.library.custom_op("udn_kernels::depth_loglik_bwd", mutates_args=())
+def _loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                target: Tensor, noise_std: Optional[Tensor], aux: Tensor, gaussian: bool,
+                ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    kernel = _backend.get_kernel("depth_loglik_bwd", hidden.device)
+    grads = kernel(grad_loglik.contiguous(), hidden, weight, bias, target, noise_std, aux, gaussian,
+                   ignore_index)
+    return tuple(grads)
+
+
+@_loglik_bwd.register_fake
+def _(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index):
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            hidden.new_empty(0) if bias is None else torch.empty_like(bias),
+            hidden.new_empty(0) if noise_std is None else torch.empty_like(noise_std))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, noise_std, gaussian, ignore_index = inputs
+    ctx.save_for_backward(hidden, weight, bias, target, noise_std, output[1])
+    ctx.gaussian = gaussian
+    ctx.ignore_index = ignore_index
+
+
+def _gaussian_target_grad(grad, hidden, weight, bias, target, noise_std):
+    """``d/d target`` of the Gaussian log-likelihood: ``-sum_l g_l (y - mu_l) / s^2`` (O(N·C) memory)."""
+    L, N, D = hidden.shape
+    gh = grad[:, :, None] * hidden
+    if weight.dim() == 2:
+        weighted_mean = gh.sum(0) @ weight.t()
+    else:  # one GEMM over the concatenated depth axis: [N, L*D] @ [L*D, C]
+        weighted_mean = gh.transpose(0, 1).reshape(N, L * D) @ weight.transpose(1, 2).reshape(L * D, -1)
+    if bias is not None:
+        weighted_mean = weighted_mean + (grad.sum(0)[:, None] * bias if bias.dim() == 1 else grad.t() @ bias)
+    return -(grad.sum(0)[:, None] * target - weighted_mean) / (noise_std * noise_std)
+
+
+def _backward(ctx, grad_loglik, grad_aux):
+    hidden, weight, bias, target, noise_std, aux = ctx.saved_tensors
+    d_hidden, d_weight, d_bias, d_noise = _loglik_bwd(grad_loglik, hidden, weight, bias, target,
+                                                      noise_std, aux, ctx.gaussian, ctx.ignore_index)
+    d_target = None
+    if ctx.gaussian and ctx.needs_input_grad[3]:
+        d_target = _gaussian_target_grad(grad_loglik, hidden, weight, bias, target, noise_std)
+    return (d_hidden, d_weight, None if bias is None else d_bias, d_target,
+            None if noise_std is None else d_noise, None, None)
+
+
+_loglik_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _eager_checks() -> bool:
+    """Data-dependent checks (value ranges) run eagerly only: under torch.compile they would
+    break the graph; the kernels still bound-check targets."""
+    return not torch.compiler.is_compiling()
+
+
+def _check_head(hidden, weight, bias):
+    """Checks ``hidden``, ``weight`` and ``bias`` agree; returns ``(L, N, D, C)``."""
+    check_float_tensor("hidden", hidden, ndim=3)
+    L, N, D = hidden.shape
+    check_tensor("weight", weight, ndim=(2, 3))
+    check_same("hidden", hidden, weight=weight)
+    C = weight.shape[-2]
+    check_shape("weight", weight, (C, D) if weight.dim() == 2 else (L, C, D))
+    if bias is not None:
+        check_tensor("bias", bias, ndim=(1, 2))
+        check_same("hidden", hidden, bias=bias)
+        check_shape("bias", bias, (C,) if bias.dim() == 1 else (L, C))
+    return L, N, D, C
+
+
+def _validate_heads(hidden, weight, bias, target, likelihood, noise_std, ignore_index):
+    """Checks the head inputs; returns contiguous tensors and ``noise_std`` as a ``[C]`` tensor or None."""
+    check_choice("likelihood", likelihood, LIKELIHOODS)
+    gaussian = likelihood == "gaussian"
+    L, N, D, C = _check_head(hidden, weight, bias)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if gaussian:
+        check_tensor("target", target, ndim=2)
+        check_same("hidden", hidden, target=target)
+        check_shape("target", target, (N, C))
+        noise_std = _normalise_noise_std(noise_std, hidden, C)
+    else:
+        check_tensor("target", target, ndim=1, dtypes=(torch.int64,))
+        if target.device != hidden.device:
+            raise ValueError(f"target: expected device {hidden.device} (as hidden), got {target.device}")
+        check_shape("target", target, (N,))
+        if noise_std is not None:
+            raise ValueError("noise_std: only used with likelihood='gaussian', expected None")
+        if _eager_checks() and N > 0:
+            bad = ((target < 0) | (target >= C)) & (target != ignore_index)
+            if bool(bad.any()):
+                value = int(target[bad][0])
+                raise IndexError(f"target: expected class indices in [0, {C}) or ignore_index="
+                                 f"{ignore_index}, got {value}")
+    return hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), \
+        target.contiguous(), noise_std, gaussian
+
+
+def _normalise_noise_std(noise_std, hidden, C):
+    """None -> unit noise; a positive number -> constant ``[C]`` tensor (no gradient); a 0-d or
+    ``[C]`` tensor is kept on the autograd graph."""
+    if noise_std is None:
+        noise_std = 1.0
+    if isinstance(noise_std, (int, float)) and not isinstance(noise_std, bool):
+        if not (math.isfinite(noise_std) and noise_std > 0):
+            raise ValueError(f"noise_std: expected a positive finite float, got {noise_std}")
+        return torch.full((C,), float(noise_std), dtype=hidden.dtype, device=hidden.device)
+    if not isinstance(noise_std, torch.Tensor):
+        raise TypeError(f"noise_std: expected a positive float or a [C] tensor, got "
+                        f"{type(noise_std).__name__}")
+    check_tensor("noise_std", noise_std, ndim=(0, 1))
+    check_same("hidden", hidden, noise_std=noise_std)
+    if noise_std.dim() == 1:
+        check_shape("noise_std", noise_std, (C,))
+    if _eager_checks() and not bool((noise_std > 0).all()):
+        raise ValueError("noise_std: expected positive values, got a non-positive entry")
+    return noise_std.expand(C).contiguous()
+
+
+def depth_loglik(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *,
+                 likelihood: str = "categorical", noise_std=None, ignore_index: int = -100) -> Tensor:
+    """Per-depth log-likelihoods ``log p(y_i | Omega_l(x_i))`` as a ``[L, N]`` tensor.
+
+    ``hidden [L, N, D]``; ``weight [C, D]`` (shared head) or ``[L, C, D]`` (a head per depth);
+    ``bias`` None, ``[C]`` or ``[L, C]``. Categorical: ``target`` int64 ``[N]`` class indices,
+    rows equal to ``ignore_index`` give 0. Gaussian: ``target`` float ``[N, C]`` and ``noise_std``
+    a positive float (default 1, no gradient) or a ``[C]`` / 0-d tensor (differentiable).
+    Never materialises the ``[L, N, C]`` logits.
+    """
+    hidden, weight, bias, target, noise_std, gaussian = _validate_heads(
+        hidden, weight, bias, target, likelihood, noise_std, ignore_index)
+    loglik, _ = _loglik_fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+    return loglik
+
+
+def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                      log_weights: Tensor, *, mode: str = "expected", likelihood: str = "categorical",
+                      noise_std=None, reduction: str = "mean", ignore_index: int = -100) -> Tensor:
+    """Negative log-likelihood of a depth mixture with weights ``w = exp(log_weights)``.
+
+    ``mode="expected"``: ``-sum_l w_l log p(y_i | l)`` (the ELBO data term);
+    ``mode="mixture"``: ``-log sum_l w_l p(y_i | l)`` (the predictive NLL).
+    ``log_weights [L]`` may hold ``-inf`` (depth outside the support: weight 0). Reduction
+    ``"mean"`` averages over non-ignored rows, ``"sum"`` sums, ``"none"`` returns ``[N]``
+    (ignored rows contribute 0, as in ``F.cross_entropy``). Other arguments as ``depth_loglik``.
+    """
+    check_choice("mode", mode, MODES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    loglik = depth_loglik(hidden, weight, bias, target, likelihood=likelihood, noise_std=noise_std,
+                          ignore_index=ignore_index)
+    check_float_tensor("log_weights", log_weights, ndim=1)
+    check_same("hidden", hidden, log_weights=log_weights)
+    check_shape("log_weights", log_weights, (hidden.shape[0],))
+    if mode == "expected":
+        loss = -(torch.exp(log_weights) @ loglik)
+    else:
+        if _eager_checks() and not bool(torch.isfinite(log_weights).any()):
+            raise ValueError("log_weights: mode='mixture' needs at least one finite log-weight, "
+                             "got all -inf")
+        loss = -torch.logsumexp(log_weights[:, None] + loglik, dim=0)
+    if likelihood == "categorical":
+        valid = target != ignore_index
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        count = valid.sum()
+    else:
+        count = loss.shape[0]
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / count
+
+
+def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_weights: Tensor,
+                          *, likelihood: str = "categorical", noise_std=None):
+    """Posterior predictive over depths with weights ``softmax(log_weights)`` (normalised).
+
+    Categorical: mixture probabilities ``[N, C]``; gaussian: ``(mean, var)``, each ``[N, C]``,
+    the mixture's mean and variance (noise included). Holds one ``[N, C]`` matrix per step.
+    """
+    check_choice("likelihood", likelihood, LIKELIHOODS)
+    gaussian = likelihood == "gaussian"
+    L, N, D, C = _check_head(hidden, weight, bias)
+    check_float_tensor("log_weights", log_weights, ndim=1)
+    check_same("hidden", hidden, log_weights=log_weights)
+    check_shape("log_weights", log_weights, (L,))
+    if gaussian:
+        noise_std = _normalise_noise_std(noise_std, hidden, C)
+    elif noise_std is not None:
+        raise ValueError("noise_std: only used with likelihood='gaussian', expected None")
+    return _reference.depth_mixture_predict(hidden, weight, bias, log_weights, gaussian, noise_std)

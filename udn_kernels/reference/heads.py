@@ -1,0 +1,132 @@
+"""Reference (eager PyTorch) depth-head kernels: the oracle for the CPU and Triton kernels.
+
+Signatures as docs/internals.md ("Depth heads"). Loops over depths so at most one ``[N, C]``
+logits matrix is alive; computes in the input dtype (float64 in, float64 out).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _head(weight: torch.Tensor, bias: torch.Tensor | None, depth: int):
+    """Weight ``[C, D]`` and bias ``[C]`` (or None) of depth ``depth``."""
+    w = weight if weight.dim() == 2 else weight[depth]
+    b = None if bias is None else (bias if bias.dim() == 1 else bias[depth])
+    return w, b
+
+
+def _logits(hidden, weight, bias, depth):
+    w, b = _head(weight, bias, depth)
+    return torch.nn.functional.linear(hidden[depth], w, b)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gaussian_loglik(mean, target, noise_std):
+    """``sum_c log N(target | mean, noise_std_c^2)`` per row."""
+    s = torch.ones_like(mean[0]) if noise_std is None else noise_std
+    z = (target - mean) / s
+    return (-0.5 * z * z - torch.log(s) - _HALF_LOG_2PI).sum(-1)
+
+
+def depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian: bool, ignore_index: int):
+    """``(loglik [L, N], aux)``; aux = logsumexp ``[L, N]`` (categorical) or empty (gaussian)."""
+    acc = _acc_dtype(hidden.dtype)
+    L = hidden.shape[0]
+    lls, lses = [], []
+    for depth in range(L):
+        logits = _logits(hidden, weight, bias, depth).to(acc)
+        if gaussian:
+            nstd = None if noise_std is None else noise_std.to(acc)
+            lls.append(_gaussian_loglik(logits, target.to(acc), nstd))
+        else:
+            valid = target != ignore_index
+            safe = torch.where(valid, target, torch.zeros_like(target))
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[:, None])[:, 0]
+            lls.append(torch.where(valid, picked - lse, torch.zeros_like(lse)))
+            lses.append(lse)
+    loglik = torch.stack(lls).to(hidden.dtype)
+    aux = torch.stack(lses) if lses else hidden.new_empty(0, dtype=acc)
+    return loglik, aux
+
+
+def depth_loglik_bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian: bool,
+                     ignore_index: int):
+    """``(d_hidden, d_weight, d_bias, d_noise_std)`` (empty tensors for None inputs).
+
+    Analytic gradients of ``depth_loglik_fwd`` per depth (custom-op impls run below autograd, so
+    no autograd here; the tests check these against autograd through ``depth_loglik_fwd``):
+    categorical ``dlogits = g (onehot - softmax)``, gaussian ``dmu = g (y - mu) / s^2``.
+    """
+    del aux  # recomputed per depth
+    acc = _acc_dtype(hidden.dtype)
+    L = hidden.shape[0]
+    d_hidden = torch.empty_like(hidden)
+    d_weight = torch.zeros_like(weight, dtype=acc)
+    d_bias = None if bias is None else torch.zeros_like(bias, dtype=acc)
+    d_noise = None
+    if gaussian:
+        s = torch.ones(weight.shape[-2], dtype=acc) if noise_std is None else noise_std.to(acc)
+        d_noise = torch.zeros_like(s)
+    for depth in range(L):
+        h = hidden[depth].to(acc)
+        w, _ = _head(weight, bias, depth)
+        w = w.to(acc)
+        logits = _logits(hidden, weight, bias, depth).to(acc)
+        g = grad_loglik[depth].to(acc)[:, None]
+        if gaussian:
+            resid = target.to(acc) - logits
+            dlogits = g * resid / (s * s)
+            d_noise += (g * (resid * resid / s**3 - 1.0 / s)).sum(0)
+        else:
+            valid = target != ignore_index
+            onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0), logits.shape[1])
+            dlogits = torch.where(valid[:, None], g * (onehot - torch.softmax(logits, dim=-1)), 0.0)
+        d_hidden[depth] = dlogits @ w
+        if weight.dim() == 2:
+            d_weight += dlogits.t() @ h
+        else:
+            d_weight[depth] = dlogits.t() @ h
+        if bias is not None:
+            if bias.dim() == 1:
+                d_bias += dlogits.sum(0)
+            else:
+                d_bias[depth] = dlogits.sum(0)
+    return (d_hidden, d_weight.to(weight.dtype),
+            hidden.new_empty(0) if d_bias is None else d_bias.to(bias.dtype),
+            hidden.new_empty(0) if noise_std is None else d_noise.to(noise_std.dtype))
+
+
+def depth_mixture_predict(hidden, weight, bias, log_weights, gaussian: bool, noise_std=None):
+    """Posterior predictive mixture over depths with weights ``softmax(log_weights)``.
+
+    categorical: probabilities ``[N, C]``; gaussian: ``(mean [N, C], var [N, C])`` of the mixture
+    (``var = sum_l w_l (s^2 + mu_l^2) - mean^2``).
+    """
+    w = torch.softmax(log_weights, dim=0)
+    L = hidden.shape[0]
+    first = None
+    second = None
+    for depth in range(L):
+        out = _logits(hidden, weight, bias, depth)
+        if not gaussian:
+            out = torch.softmax(out, dim=-1)
+        term = w[depth] * out
+        first = term if first is None else first + term
+        if gaussian:
+            sq = w[depth] * out * out
+            second = sq if second is None else second + sq
+    if not gaussian:
+        return first
+    var_noise = 1.0 if noise_std is None else noise_std * noise_std
+    return first, var_noise + second - first * first
+
+
+KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_loglik_bwd}

@@ -1,0 +1,121 @@
+"""Reference kernels of ``gaussian_linear`` and ``bernoulli_linear`` (docs/internals.md signatures).
+
+Noise is materialised from the Philox stream at the offsets of docs/rng.md; backward kernels
+regenerate it and differentiate the forward with autograd. ``x`` is ``[Sx, B, K]`` (``Sx`` is 1
+when the input is shared by the ``samples`` draws), outputs are ``[S, B, N]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .philox import normal_at, sign_at, uniform_at
+
+
+def _offsets(start: int, shape: tuple[int, ...], device) -> torch.Tensor:
+    """int64 offsets ``start + row-major index`` of a tensor of ``shape``."""
+    count = 1
+    for size in shape:
+        count *= size
+    return (torch.arange(count, dtype=torch.int64, device=device) + start).view(shape)
+
+
+def _normal(start, shape, seed, like):
+    return normal_at(_offsets(start, shape, like.device), seed).to(like.dtype)
+
+
+def _sign(start, shape, seed, like):
+    return sign_at(_offsets(start, shape, like.device), seed).to(like.dtype)
+
+
+def _keep(start, shape, p, seed, like):
+    keep = uniform_at(_offsets(start, shape, like.device), seed) >= p
+    return keep.to(like.dtype) / (1.0 - p)
+
+
+def gaussian_linear_fwd(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: int, estimator: str,
+                        samples: int, x_sampled: bool) -> torch.Tensor:
+    """``[S, B, N]`` outputs of S Gaussian weight draws (estimator "sample", "local" or "flipout")."""
+    S, N, K = samples, weight_sigma.shape[0], weight_sigma.shape[1]
+    B = x.shape[1]
+    x = x.expand(S, B, K)
+    mean = 0 if weight_mu is None else x @ weight_mu.t()
+    if bias_mu is not None:
+        mean = mean + bias_mu
+    if estimator == "local":
+        var = (x * x) @ (weight_sigma * weight_sigma).t()
+        if bias_sigma is not None:
+            var = var + bias_sigma * bias_sigma
+        # sqrt with a zero (not NaN) gradient where the variance is exactly 0
+        positive = var > 0
+        std = torch.where(positive, torch.where(positive, var, 1).sqrt(), 0)
+        return mean + std * _normal(0, (S, B, N), seed, x)
+    eps = _normal(0, (S, N, K), seed, x)
+    if estimator == "sample":
+        out = mean + x @ (weight_sigma * eps).transpose(1, 2)
+    else:  # flipout
+        base = S * N * K + S * N
+        sign_in = _sign(base, (S, B, K), seed, x)
+        sign_out = _sign(base + S * B * K, (S, B, N), seed, x)
+        out = mean + ((x * sign_in) @ (weight_sigma * eps).transpose(1, 2)) * sign_out
+    if bias_sigma is not None:
+        out = out + (bias_sigma * _normal(S * N * K, (S, N), seed, x)).unsqueeze(1)
+    return out
+
+
+def _autograd_recompute(forward, tensors, options, grad_out):
+    """Gradients of ``forward(*tensors, *options)`` w.r.t. ``tensors`` (empty tensors for None)."""
+    inputs = [None if t is None else t.detach().requires_grad_(True) for t in tensors]
+    present = [t for t in inputs if t is not None]
+    # Custom-op implementations run below the Autograd dispatch key; re-enable it to recompute.
+    with torch.enable_grad(), torch._C._SetExcludeDispatchKeyGuard(
+            torch._C.DispatchKey.AutogradFunctionality, False):
+        out = forward(*inputs, *options)
+        grads = iter(torch.autograd.grad(out, present, grad_out, allow_unused=True))
+    like = tensors[0]
+    return tuple(like.new_empty(0) if t is None else _zeros_if_none(next(grads), t) for t in inputs)
+
+
+def _zeros_if_none(grad, t):
+    return torch.zeros_like(t) if grad is None else grad
+
+
+def gaussian_linear_bwd(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: int,
+                        estimator: str, samples: int, x_sampled: bool):
+    """Gradients ``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)`` (empty for None)."""
+    return _autograd_recompute(gaussian_linear_fwd, (x, weight_mu, weight_sigma, bias_mu, bias_sigma),
+                               (seed, estimator, samples, x_sampled), grad_out)
+
+
+def _bernoulli_weights(weight, p, seed, mask, samples):
+    S, N, K = samples, weight.shape[0], weight.shape[1]
+    if mask == "weight":
+        return weight * _keep(0, (S, N, K), p, seed, weight)
+    return weight * _sign(0, (S, N, K), seed, weight)  # symmetric
+
+
+def bernoulli_linear_fwd(x, weight, bias, p: float, seed: int, mask: str, samples: int,
+                         x_sampled: bool) -> torch.Tensor:
+    """``[S, B, N]`` outputs of S Bernoulli draws (mask "input", "weight" or "symmetric")."""
+    S, K = samples, weight.shape[1]
+    B = x.shape[1]
+    x = x.expand(S, B, K)
+    if mask == "input":
+        out = (x * _keep(0, (S, B, K), p, seed, x)) @ weight.t()
+    else:
+        out = x @ _bernoulli_weights(weight, p, seed, mask, S).transpose(1, 2)
+    return out if bias is None else out + bias
+
+
+def bernoulli_linear_bwd(grad_out, x, weight, bias, p: float, seed: int, mask: str, samples: int,
+                         x_sampled: bool):
+    """Gradients ``(d_x, d_weight, d_bias)`` (``d_bias`` empty when ``bias`` is None)."""
+    return _autograd_recompute(lambda x, weight, bias: bernoulli_linear_fwd(
+        x, weight, bias, p, seed, mask, samples, x_sampled), (x, weight, bias), (), grad_out)
+
+
+KERNELS = {
+    "gaussian_linear_fwd": gaussian_linear_fwd,
+    "gaussian_linear_bwd": gaussian_linear_bwd,
+    "bernoulli_linear_fwd": bernoulli_linear_fwd,
+    "bernoulli_linear_bwd": bernoulli_linear_bwd,
+}

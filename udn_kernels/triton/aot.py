@@ -1,0 +1,139 @@
+"""Ahead-of-time compile every shipped Triton kernel config for sm_80 and sm_90 (no GPU needed).
+
+    python -m udn_kernels.triton.aot [--arch 80 90] [--only SUBSTRING] [--json FILE] [--jobs N]
+
+Collects ``AOT_SPECS`` (dicts ``name, fn, signature, constexprs`` and optional ``config``,
+``num_warps``, ``num_stages``) from the modules of ``udn_kernels/triton``, compiles each with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and prints registers,
+spills and shared memory per kernel/config/arch. Registers and spill (stack-frame) bytes come
+from the bundled ``cuobjdump -res-usage`` on the cubin; shared memory is Triton's dynamic shared
+allocation from the kernel metadata. Exit status 1 on any compile failure or any spill.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+
+MODULES = ("heads", "rng", "stochastic_linear")
+ARCHS = (80, 90)
+
+
+def collect_specs(modules=MODULES) -> list[tuple[str, int, dict]]:
+    """``(module, index, spec)`` for every ``AOT_SPECS`` entry of the existing kernel modules."""
+    found = []
+    for name in modules:
+        try:
+            module = importlib.import_module(f"udn_kernels.triton.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"udn_kernels.triton.{name}":
+                raise
+            continue
+        found += [(name, i, spec) for i, spec in enumerate(getattr(module, "AOT_SPECS", ()))]
+    return found
+
+
+def _cuobjdump() -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+    return os.path.join(os.path.dirname(get_ptxas(80).path), "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """``{"registers", "stack", "local"}`` of the (single) kernel in ``cubin`` via ``cuobjdump -res-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], check=True, capture_output=True,
+                             text=True).stdout
+    finally:
+        os.remove(f.name)
+    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
+    return {"registers": int(usage["REG"]), "stack": int(usage["STACK"]), "local": int(usage["LOCAL"])}
+
+
+def compile_one(module: str, index: int, arch: int) -> dict:
+    """Compile spec ``index`` of ``module`` for ``sm_<arch>``; a result row (``error`` set on failure)."""
+    spec = dict(importlib.import_module(f"udn_kernels.triton.{module}").AOT_SPECS[index])
+    row = {"kernel": spec["name"], "config": spec.get("config", ""), "arch": f"sm_{arch}",
+           "num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import ASTSource
+
+        source = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": row["num_warps"], "num_stages": row["num_stages"]})
+        usage = resource_usage(compiled.asm["cubin"])
+        row.update(registers=usage["registers"],
+                   # Triton kernels keep no local arrays: any stack frame / local memory is a spill.
+                   spill_bytes=max(usage["stack"], usage["local"]),
+                   shared_bytes=compiled.metadata.shared,
+                   wgmma="wgmma" in compiled.asm["ptx"], mma="mma" in compiled.asm["ptx"])
+    except Exception:  # noqa: BLE001 - reported as a failed row, the tool exits non-zero
+        row["error"] = traceback.format_exc(limit=3)
+    return row
+
+
+def run(archs=ARCHS, only: str | None = None, jobs: int | None = None, modules=MODULES) -> list[dict]:
+    """Compile every collected spec for every arch (in ``jobs`` processes); rows in spec order."""
+    tasks = [(module, i, arch) for module, i, spec in collect_specs(modules)
+             if only is None or only in f"{spec['name']} {spec.get('config', '')}"
+             for arch in archs]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1:
+        return [compile_one(*t) for t in tasks]
+    with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(compile_one, *zip(*tasks))) if tasks else []
+
+
+def format_table(rows: list[dict]) -> str:
+    """Fixed-width table: kernel, config, arch, warps/stages, registers, spills, shared memory."""
+    header = ("kernel", "config", "arch", "warps", "stages", "regs", "spill B", "shared B", "mma")
+    lines = [header]
+    for r in rows:
+        if "error" in r:
+            lines.append((r["kernel"], r["config"], r["arch"], "", "", "FAILED", "", "", ""))
+            continue
+        mma = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "fma")
+        lines.append((r["kernel"], r["config"], r["arch"], str(r["num_warps"]), str(r["num_stages"]),
+                      str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]), mma))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m udn_kernels.triton.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="SM versions (default 80 90)")
+    parser.add_argument("--only", help="compile only specs whose 'kernel config' contains this string")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPUs)")
+    args = parser.parse_args(argv)
+
+    rows = run(args.arch, args.only, args.jobs)
+    if not rows:
+        print("no AOT_SPECS found", file=sys.stderr)
+        return 1
+    print(format_table(rows))
+    failures = [r for r in rows if "error" in r]
+    spills = [r for r in rows if r.get("spill_bytes")]
+    for r in failures:
+        print(f"\nFAILED {r['kernel']} [{r['config']}] {r['arch']}:\n{r['error']}", file=sys.stderr)
+    for r in spills:
+        print(f"SPILL {r['kernel']} [{r['config']}] {r['arch']}: {r['spill_bytes']} bytes", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    print(f"\n{len(rows)} compiles, {len(failures)} failed, {len(spills)} spilling")
+    return 1 if failures or spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Triton kernels for the fused depth heads: ``depth_loglik_fwd`` / ``depth_loglik_bwd``.
+
+The ``[L, N, C]`` logits never exist in memory. Every kernel walks class tiles, recomputes a
+``[BLOCK_N, BLOCK_C]`` logits tile with ``tl.dot`` (K-loop over D) and reduces it in registers:
+
+- ``_fwd_kernel``, grid (row blocks, depths): online logsumexp + target logit (categorical) or
+  the Gaussian log-density sum.
+- ``_bwd_rows_kernel``, grid (row blocks, depths, D chunks): the ``d_hidden`` tile accumulates in
+  registers over class tiles; per-row-block column sums feed ``d_bias`` / ``d_noise_std``.
+- ``_bwd_weight_kernel``, grid (class tiles, D chunks, splits x head depths): the ``d_weight``
+  tile accumulates in registers over its share of the (depth, row block) work items.
+
+No atomics: every output element has one owner program, so gradients are bitwise reproducible
+(docs/triton.md explains the choice). Index arithmetic that can pass 2^31 is done in int64.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
+
+# Shipped launch configurations (A100 / H100). "narrow" serves the UDN case of few classes
+# (C <= 32: MNIST/CIFAR-10 heads, regression outputs); "wide" serves vocabulary-sized heads.
+# BLOCK_DO is the width of the d_hidden / d_weight register accumulator: D > BLOCK_DO costs one
+# extra logits recomputation per extra D chunk.
+CONFIGS = {
+    "fwd": {
+        "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, num_warps=4, num_stages=3),
+        "wide": dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    },
+    "bwd_rows": {
+        "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=128, num_warps=4, num_stages=2),
+        "wide": dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=2),
+    },
+    "bwd_weight": {
+        "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=128, num_warps=4, num_stages=2),
+        "wide": dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=2),
+    },
+}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers. Addressing: a 64-bit scalar base pointer per block (depth, first row, first
+# class), plus int32 offsets inside the tile. This keeps >2^31-element tensors safe without
+# carrying a 64-bit pointer per tile element in registers (which made every kernel spill).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mean_tile(h_blk, w_blk, b_blk, rows_left, cols_left, D, HAS_BIAS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+               ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """``hidden_block @ head_block^T + bias``: a [BLOCK_N, BLOCK_C] tile of logits / means.
+
+    ``h_blk`` -> hidden[depth, row0, 0], ``w_blk`` -> head[c0, 0], ``b_blk`` -> bias[depth, c0].
+    """
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_C)
+    row_ok = r < rows_left
+    col_ok = c < cols_left
+    acc = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        h = tl.load(h_blk + r[:, None] * D + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_blk + c[None, :] * D + ds[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_blk + c, mask=col_ok, other=0.0).to(ACC)[None, :]
+    return acc
+
+
+@triton.jit
+def _row_inputs(g_blk, t_blk, lse_blk, rows_left, ignore_index, GAUSSIAN: tl.constexpr,
+                BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """Upstream gradient (0 on ignored / padding rows), target class (int32) and logsumexp of a
+    row block; the ``*_blk`` pointers address its first row."""
+    r = tl.arange(0, BLOCK_N)
+    row_ok = r < rows_left
+    g = tl.load(g_blk + r, mask=row_ok, other=0.0).to(ACC)
+    if GAUSSIAN:
+        tgt = r  # unused: gaussian targets are [N, C] tiles, loaded per class tile
+        lse = g
+    else:
+        tgt = tl.load(t_blk + r, mask=row_ok, other=ignore_index)
+        g = tl.where(tgt == ignore_index, 0.0, g)
+        tgt = tgt.to(tl.int32)  # valid classes are < C; ignored rows no longer matter
+        lse = tl.load(lse_blk + r, mask=row_ok, other=0.0).to(ACC)
+    return g, tgt, lse
+
+
+@triton.jit
+def _grad_tile(mu, g, tgt, lse, y_blk, s_blk, rows_left, c0, cols_left, C,
+               GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """d loglik / d logits and (gaussian) d loglik / d noise_std per element, zero off the valid
+    tile. ``y_blk`` -> target[row0, c0] (gaussian), ``s_blk`` -> noise_std[c0]."""
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_C)
+    valid = (r < rows_left)[:, None] & (c < cols_left)[None, :]
+    if GAUSSIAN:
+        y = tl.load(y_blk + r[:, None] * C + c[None, :], mask=valid, other=0.0).to(ACC)
+        if HAS_NOISE:
+            inv_s = 1.0 / tl.load(s_blk + c, mask=c < cols_left, other=1.0).to(ACC)
+        else:
+            inv_s = tl.full((BLOCK_C,), 1.0, ACC)
+        z = (y - mu) * inv_s[None, :]
+        d_mu = tl.where(valid, g[:, None] * z * inv_s[None, :], 0.0)
+        d_s = tl.where(valid, g[:, None] * (z * z - 1.0) * inv_s[None, :], 0.0)
+    else:
+        p = tl.exp(mu - lse[:, None])
+        onehot = tl.where((c0 + c)[None, :] == tgt[:, None], 1.0, 0.0)
+        d_mu = tl.where(valid, g[:, None] * (onehot - p), 0.0)
+        d_s = d_mu
+    return d_mu, d_s
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, out_ptr, lse_ptr,
+                N, C, D, stride_wl, stride_bl, ignore_index,
+                GAUSSIAN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                ACC: tl.constexpr, PRECISION: tl.constexpr):
+    depth = tl.program_id(1).to(tl.int64)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    rows_left = tl.minimum(N - row0, BLOCK_N).to(tl.int32)
+    r = tl.arange(0, BLOCK_N)
+    row_ok = r < rows_left
+    h_blk = h_ptr + (depth * N + row0) * D
+    w_ptr += depth * stride_wl
+    b_ptr += depth * stride_bl
+    if GAUSSIAN:
+        total = tl.zeros((BLOCK_N,), ACC)
+    else:
+        tgt = tl.load(t_ptr + row0 + r, mask=row_ok, other=ignore_index)
+        ignored = tgt == ignore_index
+        tgt = tgt.to(tl.int32)
+        run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
+        run_sum = tl.zeros((BLOCK_N,), ACC)
+        tgt_logit = tl.zeros((BLOCK_N,), ACC)
+    c = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        col_ok = c < C - c0
+        mu = _mean_tile(h_blk, w_ptr, b_ptr + c0, rows_left, C - c0, D,
+                        HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION)
+        w_ptr += BLOCK_C * D  # pointer arithmetic is 64-bit: no int32 c0 * D overflow
+        if GAUSSIAN:
+            valid = row_ok[:, None] & col_ok[None, :]
+            y = tl.load(t_ptr + row0 * C + c0 + r[:, None] * C + c[None, :], mask=valid, other=0.0).to(ACC)
+            if HAS_NOISE:
+                s = tl.load(s_ptr + c0 + c, mask=col_ok, other=1.0).to(ACC)
+            else:
+                s = tl.full((BLOCK_C,), 1.0, ACC)
+            z = (y - mu) / s[None, :]
+            term = -0.5 * z * z - tl.log(s)[None, :] - _HALF_LOG_2PI
+            total += tl.sum(tl.where(valid, term, 0.0), axis=1)
+        else:
+            mu = tl.where(col_ok[None, :], mu, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(mu, axis=1))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(mu - new_max[:, None]), axis=1)
+            run_max = new_max
+            tgt_logit += tl.sum(tl.where((c0 + c)[None, :] == tgt[:, None], mu, 0.0), axis=1)
+    if GAUSSIAN:
+        loglik = total
+    else:
+        lse = run_max + tl.log(run_sum)
+        loglik = tl.where(ignored, 0.0, tgt_logit - lse)
+        tl.store(lse_ptr + depth * N + row0 + r, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(out_ptr + depth * N + row0 + r, loglik.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _bwd_rows_kernel(g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, lse_ptr, dh_ptr, col_ptr,
+                     N, C, D, stride_wl, stride_bl, ignore_index,
+                     GAUSSIAN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """d_hidden[depth, row block, D chunk] and, from the first D chunk, per-row-block column sums
+    of d_logits (-> d_bias) and d_noise_std into ``col_ptr`` laid out [2, L, n_row_blocks, C]."""
+    pid_n = tl.program_id(0)
+    depth = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(2)
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    rows_left = tl.minimum(N - row0, BLOCK_N).to(tl.int32)
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_C)
+    dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dout_ok = dout < D
+    h_blk = h_ptr + (depth * N + row0) * D
+    w_ptr += depth * stride_wl
+    b_ptr += depth * stride_bl
+    g, tgt, lse = _row_inputs(g_ptr + depth * N + row0, t_ptr + row0, lse_ptr + depth * N + row0,
+                              rows_left, ignore_index, GAUSSIAN, BLOCK_N, ACC)
+    col_blk = col_ptr + (depth * tl.num_programs(0) + pid_n) * C
+    noise_offset = tl.num_programs(1).to(tl.int64) * tl.num_programs(0) * C
+    is_first_chunk = (tl.zeros((BLOCK_C,), tl.int32) + pid_d) == 0  # column sums come from chunk 0
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC)
+    for c0 in range(0, C, BLOCK_C):
+        mu = _mean_tile(h_blk, w_ptr, b_ptr + c0, rows_left, C - c0, D,
+                        HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION)
+        d_mu, d_s = _grad_tile(mu, g, tgt, lse, t_ptr + row0 * C + c0, s_ptr + c0, rows_left, c0,
+                               C - c0, C, GAUSSIAN, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
+        col_ok = c < C - c0
+        w = tl.load(w_ptr + c[:, None] * D + dout[None, :], mask=col_ok[:, None] & dout_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(d_mu.to(w.dtype), w, acc, input_precision=PRECISION)
+        w_ptr += BLOCK_C * D
+        if HAS_BIAS:
+            tl.store(col_blk + c0 + c, tl.sum(d_mu, axis=0), mask=col_ok & is_first_chunk)
+        if GAUSSIAN and HAS_NOISE:
+            tl.store(col_blk + noise_offset + c0 + c, tl.sum(d_s, axis=0), mask=col_ok & is_first_chunk)
+    tl.store(dh_ptr + (depth * N + row0) * D + r[:, None] * D + dout[None, :],
+             acc.to(dh_ptr.dtype.element_ty), mask=(r < rows_left)[:, None] & dout_ok[None, :])
+
+
+@triton.jit
+def _bwd_weight_kernel(g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, lse_ptr, dw_ptr,
+                       N, C, D, stride_wl, stride_bl, ignore_index,
+                       n_heads, depths_per_head, items_per_split,
+                       GAUSSIAN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """Partial d_weight[head, class tile, D chunk] over work items [split * items_per_split, ...)
+    of that head; a work item is one (depth, row block). ``dw_ptr`` is laid out
+    [splits, n_heads, C, D] and program axis 2 enumerates (split, head)."""
+    c0 = tl.program_id(0) * BLOCK_C
+    c = tl.arange(0, BLOCK_C)
+    col_ok = c < C - c0
+    r = tl.arange(0, BLOCK_N)
+    dout = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dout_ok = dout < D
+    pid_z = tl.program_id(2)
+    head = pid_z % n_heads
+    w_blk = w_ptr + head.to(tl.int64) * stride_wl + c0.to(tl.int64) * D
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    start = (pid_z // n_heads) * items_per_split
+    stop = tl.minimum(start + items_per_split, depths_per_head * n_blocks)
+    acc = tl.zeros((BLOCK_C, BLOCK_DO), ACC)
+    for item in range(start, stop):
+        depth = (head + item // n_blocks).to(tl.int64)
+        row0 = (item % n_blocks).to(tl.int64) * BLOCK_N
+        rows_left = tl.minimum(N - row0, BLOCK_N).to(tl.int32)
+        h_blk = h_ptr + (depth * N + row0) * D
+        g, tgt, lse = _row_inputs(g_ptr + depth * N + row0, t_ptr + row0, lse_ptr + depth * N + row0,
+                                  rows_left, ignore_index, GAUSSIAN, BLOCK_N, ACC)
+        mu = _mean_tile(h_blk, w_blk, b_ptr + depth * stride_bl + c0, rows_left, C - c0, D,
+                        HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION)
+        d_mu, d_s = _grad_tile(mu, g, tgt, lse, t_ptr + row0 * C + c0, s_ptr + c0, rows_left, c0,
+                               C - c0, C, GAUSSIAN, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
+        h = tl.load(h_blk + r[:, None] * D + dout[None, :],
+                    mask=(r < rows_left)[:, None] & dout_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(d_mu.to(h.dtype)), h, acc, input_precision=PRECISION)
+    tl.store(dw_ptr + (pid_z.to(tl.int64) * C + c0) * D + c[:, None] * D + dout[None, :],
+             acc, mask=col_ok[:, None] & dout_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (signatures of docs/internals.md)
+# ----------------------------------------------------------------------------------------------
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's TF32 switch (off by default), so fp32 results match torch.matmul's.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def select_config(kind: str, num_classes: int, dtype: torch.dtype) -> dict:
+    """The shipped config of kernel family ``kind`` ("fwd" | "bwd_rows" | "bwd_weight") for a head."""
+    name = "narrow" if num_classes <= 32 or dtype == torch.float64 else "wide"
+    return CONFIGS[kind][name]
+
+
+def _split_config(config: dict) -> tuple[dict, dict]:
+    constexprs = {k: v for k, v in config.items() if k not in _LAUNCH_OPTIONS}
+    return constexprs, {k: config[k] for k in _LAUNCH_OPTIONS if k in config}
+
+
+def _common(hidden, weight, bias, target, noise_std, gaussian):
+    """Shared scalar arguments and pointer stand-ins (absent tensors become ``weight``, never read)."""
+    L, N, D = hidden.shape
+    C = weight.shape[-2]
+    stride_wl = C * D if weight.dim() == 3 else 0
+    stride_bl = C if bias is not None and bias.dim() == 2 else 0
+    flags = dict(GAUSSIAN=bool(gaussian), HAS_BIAS=bias is not None, HAS_NOISE=noise_std is not None,
+                 ACC=tl.float64 if hidden.dtype == torch.float64 else tl.float32,
+                 PRECISION=_precision(hidden.dtype))
+    ptrs = (weight if bias is None else bias, target, weight if noise_std is None else noise_std)
+    return (L, N, C, D, stride_wl, stride_bl), ptrs, flags
+
+
+def forward(hidden, weight, bias, target, noise_std, gaussian, ignore_index, config=None):
+    """``depth_loglik_fwd`` with an explicit launch ``config`` (default: the shipped selection)."""
+    (L, N, C, D, stride_wl, stride_bl), (b, t, s), flags = _common(hidden, weight, bias, target,
+                                                                   noise_std, gaussian)
+    acc = _acc_dtype(hidden.dtype)
+    loglik = torch.empty((L, N), dtype=hidden.dtype, device=hidden.device)
+    aux = torch.empty((0,) if gaussian else (L, N), dtype=acc, device=hidden.device)
+    if loglik.numel() == 0:
+        return loglik, aux
+    consts, launch = _split_config(config or select_config("fwd", C, hidden.dtype))
+    grid = (triton.cdiv(N, consts["BLOCK_N"]), L)
+    _fwd_kernel[grid](hidden, weight, b, t, s, loglik, loglik if gaussian else aux,
+                      N, C, D, stride_wl, stride_bl, ignore_index, **flags, **consts, **launch)
+    return loglik, aux
+
+
+def _weight_splits(work_items: int, programs: int, device: torch.device) -> int:
+    """How many programs share one d_weight tile's work items: enough to fill the GPU, deterministic."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4  # interpreter: still exercise the split path at tiny shapes
+    return max(1, min(work_items, triton.cdiv(target, programs)))
+
+
+def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
+             rows_config=None, weight_config=None):
+    """``depth_loglik_bwd`` with explicit launch configs (default: the shipped selection)."""
+    (L, N, C, D, stride_wl, stride_bl), (b, t, s), flags = _common(hidden, weight, bias, target,
+                                                                   noise_std, gaussian)
+    acc = _acc_dtype(hidden.dtype)
+    device = hidden.device
+    lse = grad_loglik if gaussian else aux
+    empty = torch.empty(0, dtype=hidden.dtype, device=device)
+    need_noise = gaussian and noise_std is not None
+    if hidden.numel() == 0 or N == 0:
+        zeros = lambda x: empty if x is None else torch.zeros_like(x)  # noqa: E731
+        return torch.zeros_like(hidden), torch.zeros_like(weight), zeros(bias), zeros(noise_std)
+
+    consts, launch = _split_config(rows_config or select_config("bwd_rows", C, hidden.dtype))
+    n_blocks = triton.cdiv(N, consts["BLOCK_N"])
+    d_hidden = torch.empty_like(hidden)
+    col_sums = torch.empty((2, L, n_blocks, C) if bias is not None or need_noise else (0,),
+                           dtype=acc, device=device)
+    grid = (n_blocks, L, triton.cdiv(D, consts["BLOCK_DO"]))
+    _bwd_rows_kernel[grid](grad_loglik, hidden, weight, b, t, s, lse, d_hidden, col_sums,
+                           N, C, D, stride_wl, stride_bl, ignore_index, **flags, **consts, **launch)
+
+    consts, launch = _split_config(weight_config or select_config("bwd_weight", C, hidden.dtype))
+    n_heads = L if weight.dim() == 3 else 1
+    depths_per_head = L // n_heads
+    work_items = depths_per_head * triton.cdiv(N, consts["BLOCK_N"])
+    tiles = triton.cdiv(C, consts["BLOCK_C"]) * triton.cdiv(D, consts["BLOCK_DO"]) * n_heads
+    splits = _weight_splits(work_items, tiles, device)
+    items_per_split = triton.cdiv(work_items, splits)
+    splits = triton.cdiv(work_items, items_per_split)
+    partial = torch.empty((splits, n_heads, C, D), dtype=acc, device=device)
+    grid = (triton.cdiv(C, consts["BLOCK_C"]), triton.cdiv(D, consts["BLOCK_DO"]), splits * n_heads)
+    _bwd_weight_kernel[grid](grad_loglik, hidden, weight, b, t, s, lse, partial,
+                             N, C, D, stride_wl, stride_bl, ignore_index,
+                             n_heads, depths_per_head, items_per_split, **flags, **consts, **launch)
+    d_weight = (partial[0] if splits == 1 else partial.sum(0)).reshape(weight.shape).to(weight.dtype)
+
+    d_bias = empty
+    if bias is not None:
+        per_depth = col_sums[0].sum(1)
+        d_bias = (per_depth if bias.dim() == 2 else per_depth.sum(0)).to(bias.dtype)
+    d_noise = col_sums[1].sum((0, 1)).to(noise_std.dtype) if need_noise else empty
+    return d_hidden, d_weight, d_bias, d_noise
+
+
+def depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index):
+    """Triton ``depth_loglik_fwd`` (docs/internals.md): ``(loglik [L, N], logsumexp [L, N] | empty)``."""
+    return forward(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+
+
+def depth_loglik_bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index):
+    """Triton ``depth_loglik_bwd`` (docs/internals.md): ``(d_hidden, d_weight, d_bias, d_noise_std)``."""
+    return backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index)
+
+
+KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_loglik_bwd}
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (python -m udn_kernels.triton.aot): every shipped config, both
+# likelihoods, bf16 storage (the GPU training dtype) with bias and per-class noise enabled.
+# ----------------------------------------------------------------------------------------------
+_AOT_POINTER_TYPES = {"lse_ptr": "*fp32", "col_ptr": "*fp32", "dw_ptr": "*fp32"}
+
+
+def _aot_spec(fn, kind: str, config_name: str, gaussian: bool) -> dict:
+    constexprs, launch = _split_config(CONFIGS[kind][config_name])
+    constexprs.update(GAUSSIAN=gaussian, HAS_BIAS=True, HAS_NOISE=gaussian, ACC=tl.float32,
+                      PRECISION="ieee")
+    signature = {}
+    for name, param in inspect.signature(fn.fn).parameters.items():
+        if "constexpr" in str(param.annotation):
+            signature[name] = "constexpr"
+        elif name == "t_ptr":
+            signature[name] = "*bf16" if gaussian else "*i64"
+        elif name.endswith("_ptr"):
+            signature[name] = _AOT_POINTER_TYPES.get(name, "*bf16")
+        else:
+            signature[name] = "i32"
+    return {"name": fn.__name__, "config": f"{config_name}/{'gaussian' if gaussian else 'categorical'}/bf16",
+            "fn": fn, "signature": signature, "constexprs": constexprs, **launch}
+
+
+AOT_SPECS = [_aot_spec(fn, kind, name, gaussian)
+             for kind, fn in (("fwd", _fwd_kernel), ("bwd_rows", _bwd_rows_kernel),
+                              ("bwd_weight", _bwd_weight_kernel))
+             for name in CONFIGS[kind]
+             for gaussian in (False, True)]
