@@ -152,7 +152,7 @@ struct Heads {
   Heads(const Tensor& hidden, const Tensor& weight_, const c10::optional<Tensor>& bias_,
         const Tensor& target, const c10::optional<Tensor>& noise_std, bool gaussian_,
         int64_t ignore_index_)
-      : weight(weight_), gaussian(gaussian_), ignore_index(ignore_index_) {
+      : weight(weight_.detach()), gaussian(gaussian_), ignore_index(ignore_index_) {
     TORCH_CHECK(hidden.dim() == 3, "depth_loglik: hidden must be [L, N, D]");
     TORCH_CHECK(weight.dim() == 2 || weight.dim() == 3, "depth_loglik: weight must be [C, D] or [L, C, D]");
     L = hidden.size(0), N = hidden.size(1), D = hidden.size(2);
@@ -161,7 +161,9 @@ struct Heads {
     C = weight.size(-2);
     TORCH_CHECK(weight.size(-1) == D && (!per_depth || weight.size(0) == L), "depth_loglik: weight shape");
     TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous(), "depth_loglik: contiguous inputs expected");
-    hidden2d = hidden.view({rows, D});
+    // detached aliases: the tile GEMMs run on worker threads, where a TLS autograd guard would not
+    // reach, and must not be recorded by autograd when the caller's tensors require grad
+    hidden2d = hidden.detach().view({rows, D});
     if (bias_.has_value() && bias_->defined()) {
       TORCH_CHECK(bias_->is_contiguous() && bias_->scalar_type() == hidden.scalar_type(), "depth_loglik: bias");
       bias_per_depth = bias_->dim() == 2;
@@ -281,7 +283,6 @@ std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& 
                                             const c10::optional<Tensor>& bias, const Tensor& target,
                                             const c10::optional<Tensor>& noise_std, bool gaussian,
                                             int64_t ignore_index) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls skip autograd
   const int64_t L = hidden.size(0), N = hidden.size(1);
   Tensor loglik = at::zeros({L, N}, hidden.options());
   Tensor aux = gaussian ? at::empty({0}, hidden.options()) : at::zeros({L, N}, hidden.options());
@@ -412,7 +413,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
     const Tensor& grad_loglik, const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
     const Tensor& target, const c10::optional<Tensor>& noise_std, const Tensor& aux, bool gaussian,
     int64_t ignore_index) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls skip autograd
   const bool has_bias = bias.has_value() && bias->defined();
   const bool has_noise = gaussian && noise_std.has_value() && noise_std->defined();
   Tensor d_hidden = at::zeros_like(hidden);

@@ -57,11 +57,15 @@ SHAPES = [(1, 1, 1, 1), (1, 7, 3, 1), (3, 37, 19, 11), (2, 257, 9, 513), (4, 33,
           (16, 20, 12, 10), (2, 3, 300, 4100)]
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+# every bias layout on small, tile-straddling and large-C shapes (the full product is slow)
+SHAPE_BIAS = [(shape, bias) for shape in SHAPES for bias in ("none", "shared", "depth")
+              if bias == "depth" or shape in SHAPES[1:5:2] or (bias == "none" and shape == SHAPES[0])]
+
+
+@pytest.mark.parametrize("shape,bias", SHAPE_BIAS)
 @pytest.mark.parametrize("per_depth", [False, True])
-@pytest.mark.parametrize("bias", ["none", "shared", "depth"])
 @pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
-def test_kernel_matches_reference_float64(shape, per_depth, bias, likelihood):
+def test_kernel_matches_reference_float64(shape, bias, per_depth, likelihood):
     L, N, D, C = shape
     gaussian = likelihood == "gaussian"
     inputs = make(L, N, D, C, per_depth=per_depth, bias=bias, likelihood=likelihood, ignore_every=3)
@@ -177,7 +181,7 @@ def test_gradcheck_depth_loglik_scalar_noise_and_predict():
     args = [t.requires_grad_() for t in (hidden, weight, log_weights)]
     with udn_kernels.backend("cpu"):
         assert torch.autograd.gradcheck(
-            lambda h, w, lw: depth_loglik(h, w, None, target, likelihood="gaussian", noise_std=0.7), args[:2])
+            lambda h, w: depth_loglik(h, w, None, target, likelihood="gaussian", noise_std=0.7), args[:2])
         assert torch.autograd.gradcheck(lambda h, w, lw: depth_mixture_predict(h, w, None, lw), args)
 
 

@@ -2,8 +2,9 @@
 
     python -m udn_kernels.triton.aot [--arch 80 90] [--only SUBSTRING] [--json FILE] [--jobs N]
 
-Collects ``AOT_SPECS`` (dicts ``name, fn, signature, constexprs`` and optional ``config``,
-``num_warps``, ``num_stages``) from the modules of ``udn_kernels/triton``, compiles each with
+Collects ``AOT_SPECS`` from the modules of ``udn_kernels/triton``: dicts ``name, fn, signature,
+constexprs`` and optionally ``config`` (a label), ``attrs`` (ASTSource argument attributes such as
+``tt.divisibility``), ``num_warps``, ``num_stages``. Compiles each with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and prints registers,
 spills and shared memory per kernel/config/arch. Registers and spill (stack-frame) bytes come
 from the bundled ``cuobjdump -res-usage`` on the cubin; shared memory is Triton's dynamic shared
@@ -46,7 +47,7 @@ def _cuobjdump() -> str:
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """``{"registers", "stack", "local"}`` of the (single) kernel in ``cubin`` via ``cuobjdump -res-usage``."""
+    """``{"registers", "stack", "local"}`` of the single kernel in ``cubin`` (``cuobjdump -res-usage``)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
@@ -68,7 +69,8 @@ def compile_one(module: str, index: int, arch: int) -> dict:
         from triton.backends.compiler import GPUTarget
         from triton.compiler.compiler import ASTSource
 
-        source = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
+        source = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
+                           attrs=spec.get("attrs"))
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": row["num_warps"], "num_stages": row["num_stages"]})
         usage = resource_usage(compiled.asm["cubin"])
@@ -76,9 +78,10 @@ def compile_one(module: str, index: int, arch: int) -> dict:
                    # Triton kernels keep no local arrays: any stack frame / local memory is a spill.
                    spill_bytes=max(usage["stack"], usage["local"]),
                    shared_bytes=compiled.metadata.shared,
-                   wgmma="wgmma" in compiled.asm["ptx"], mma="mma" in compiled.asm["ptx"])
+                   wgmma="wgmma" in compiled.asm["ptx"], mma="mma" in compiled.asm["ptx"],
+                   cp_async="cp.async" in compiled.asm["ptx"])
     except Exception:  # noqa: BLE001 - reported as a failed row, the tool exits non-zero
-        row["error"] = traceback.format_exc(limit=3)
+        row["error"] = traceback.format_exc(limit=-3)
     return row
 
 
@@ -95,27 +98,35 @@ def run(archs=ARCHS, only: str | None = None, jobs: int | None = None, modules=M
 
 
 def format_table(rows: list[dict]) -> str:
-    """Fixed-width table: kernel, config, arch, warps/stages, registers, spills, shared memory."""
-    header = ("kernel", "config", "arch", "warps", "stages", "regs", "spill B", "shared B", "mma")
+    """Fixed-width table: kernel, config, arch, warps/stages, registers, spills, shared memory,
+    MMA flavour (wgmma / mma.sync / fma) and whether loads are software-pipelined (cp.async)."""
+    header = ("kernel", "config", "arch", "warps", "stages", "regs", "spill B", "shared B", "mma",
+              "cp.async")
     lines = [header]
     for r in rows:
         if "error" in r:
-            lines.append((r["kernel"], r["config"], r["arch"], "", "", "FAILED", "", "", ""))
+            lines.append((r["kernel"], r["config"], r["arch"], "", "", "FAILED", "", "", "", ""))
             continue
         mma = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "fma")
         lines.append((r["kernel"], r["config"], r["arch"], str(r["num_warps"]), str(r["num_stages"]),
-                      str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]), mma))
+                      str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]), mma,
+                      "yes" if r["cp_async"] else "no"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m udn_kernels.triton.aot", description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="SM versions (default 80 90)")
+    parser = argparse.ArgumentParser(prog="python -m udn_kernels.triton.aot",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
+                        help="SM versions (default 80 90)")
     parser.add_argument("--only", help="compile only specs whose 'kernel config' contains this string")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPUs)")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
 
     rows = run(args.arch, args.only, args.jobs)
     if not rows:

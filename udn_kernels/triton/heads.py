@@ -24,22 +24,28 @@ import triton.language as tl
 
 _HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
 
-# Shipped launch configurations (A100 / H100). "narrow" serves the UDN case of few classes
-# (C <= 32: MNIST/CIFAR-10 heads, regression outputs); "wide" serves vocabulary-sized heads.
-# BLOCK_DO is the width of the d_hidden / d_weight register accumulator: D > BLOCK_DO costs one
-# extra logits recomputation per extra D chunk.
+# Shipped launch configurations (A100 / H100), chosen so that none spills on sm_80 / sm_90
+# (python -m udn_kernels.triton.aot). 16-bit inputs: the forward uses "narrow" for few classes
+# (C <= 32: UDN classifiers, regression outputs) and "wide" for vocabulary-sized heads; in the
+# backward BLOCK_DO is the width of the d_hidden / d_weight register accumulator, so "narrow"
+# serves D <= 128 and "wide" D <= 256 (a wider D costs one logits recomputation per extra
+# BLOCK_DO chunk). float32 / float64 inputs use "fp32": exact-fp32 tl.dot runs on FMA units with
+# operands in registers, so its tiles are smaller.
 CONFIGS = {
     "fwd": {
         "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, num_warps=4, num_stages=3),
         "wide": dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3),
+        "fp32": dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=16, num_warps=4, num_stages=3),
     },
     "bwd_rows": {
-        "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=128, num_warps=4, num_stages=2),
-        "wide": dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=2),
+        "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=128, num_warps=8, num_stages=2),
+        "wide": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=2),
+        "fp32": dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=16, BLOCK_DO=128, num_warps=8, num_stages=2),
     },
     "bwd_weight": {
-        "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=128, num_warps=4, num_stages=2),
-        "wide": dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=2),
+        "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=128, num_warps=8, num_stages=2),
+        "wide": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=2),
+        "fp32": dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=16, BLOCK_DO=128, num_warps=8, num_stages=2),
     },
 }
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -94,24 +100,36 @@ def _row_inputs(g_blk, t_blk, lse_blk, rows_left, ignore_index, GAUSSIAN: tl.con
 
 
 @triton.jit
+def _gaussian_residual(mu, y_blk, s_blk, rows_left, cols_left, C, HAS_NOISE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """``valid`` tile mask, standardised residual ``z = (y - mu) / s`` and ``1 / s`` of a tile;
+    ``y_blk`` -> target[row0, c0], ``s_blk`` -> noise_std[c0] (s = 1 without noise)."""
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_C)
+    valid = (r < rows_left)[:, None] & (c < cols_left)[None, :]
+    y = tl.load(y_blk + r[:, None] * C + c[None, :], mask=valid, other=0.0).to(ACC)
+    if HAS_NOISE:
+        inv_s = 1.0 / tl.load(s_blk + c, mask=c < cols_left, other=1.0).to(ACC)
+    else:
+        inv_s = tl.full((BLOCK_C,), 1.0, ACC)
+    return valid, (y - mu) * inv_s[None, :], inv_s
+
+
+@triton.jit
 def _grad_tile(mu, g, tgt, lse, y_blk, s_blk, rows_left, c0, cols_left, C,
                GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """d loglik / d logits and (gaussian) d loglik / d noise_std per element, zero off the valid
     tile. ``y_blk`` -> target[row0, c0] (gaussian), ``s_blk`` -> noise_std[c0]."""
-    r = tl.arange(0, BLOCK_N)
-    c = tl.arange(0, BLOCK_C)
-    valid = (r < rows_left)[:, None] & (c < cols_left)[None, :]
     if GAUSSIAN:
-        y = tl.load(y_blk + r[:, None] * C + c[None, :], mask=valid, other=0.0).to(ACC)
-        if HAS_NOISE:
-            inv_s = 1.0 / tl.load(s_blk + c, mask=c < cols_left, other=1.0).to(ACC)
-        else:
-            inv_s = tl.full((BLOCK_C,), 1.0, ACC)
-        z = (y - mu) * inv_s[None, :]
+        valid, z, inv_s = _gaussian_residual(mu, y_blk, s_blk, rows_left, cols_left, C, HAS_NOISE,
+                                             BLOCK_N, BLOCK_C, ACC)
         d_mu = tl.where(valid, g[:, None] * z * inv_s[None, :], 0.0)
         d_s = tl.where(valid, g[:, None] * (z * z - 1.0) * inv_s[None, :], 0.0)
     else:
+        r = tl.arange(0, BLOCK_N)
+        c = tl.arange(0, BLOCK_C)
+        valid = (r < rows_left)[:, None] & (c < cols_left)[None, :]
         p = tl.exp(mu - lse[:, None])
         onehot = tl.where((c0 + c)[None, :] == tgt[:, None], 1.0, 0.0)
         d_mu = tl.where(valid, g[:, None] * (onehot - p), 0.0)
@@ -147,22 +165,16 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, out_ptr, lse_ptr,
         tgt_logit = tl.zeros((BLOCK_N,), ACC)
     c = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
-        col_ok = c < C - c0
         mu = _mean_tile(h_blk, w_ptr, b_ptr + c0, rows_left, C - c0, D,
                         HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION)
         w_ptr += BLOCK_C * D  # pointer arithmetic is 64-bit: no int32 c0 * D overflow
         if GAUSSIAN:
-            valid = row_ok[:, None] & col_ok[None, :]
-            y = tl.load(t_ptr + row0 * C + c0 + r[:, None] * C + c[None, :], mask=valid, other=0.0).to(ACC)
-            if HAS_NOISE:
-                s = tl.load(s_ptr + c0 + c, mask=col_ok, other=1.0).to(ACC)
-            else:
-                s = tl.full((BLOCK_C,), 1.0, ACC)
-            z = (y - mu) / s[None, :]
-            term = -0.5 * z * z - tl.log(s)[None, :] - _HALF_LOG_2PI
+            valid, z, inv_s = _gaussian_residual(mu, t_ptr + row0 * C + c0, s_ptr + c0, rows_left,
+                                                 C - c0, C, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
+            term = -0.5 * z * z + tl.log(inv_s)[None, :] - _HALF_LOG_2PI
             total += tl.sum(tl.where(valid, term, 0.0), axis=1)
         else:
-            mu = tl.where(col_ok[None, :], mu, float("-inf"))
+            mu = tl.where((c < C - c0)[None, :], mu, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(mu, axis=1))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(mu - new_max[:, None]), axis=1)
             run_max = new_max
@@ -275,10 +287,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def select_config(kind: str, num_classes: int, dtype: torch.dtype) -> dict:
-    """The shipped config of kernel family ``kind`` ("fwd" | "bwd_rows" | "bwd_weight") for a head."""
-    name = "narrow" if num_classes <= 32 or dtype == torch.float64 else "wide"
-    return CONFIGS[kind][name]
+def select_config(kind: str, num_classes: int, dim: int, dtype: torch.dtype) -> dict:
+    """The shipped config of kernel family ``kind`` ("fwd" | "bwd_rows" | "bwd_weight") for a head
+    with ``num_classes`` classes, hidden size ``dim`` and input ``dtype``."""
+    if dtype in (torch.float32, torch.float64):
+        return CONFIGS[kind]["fp32"]
+    wide = num_classes > 32 if kind == "fwd" else dim > 128
+    return CONFIGS[kind]["wide" if wide else "narrow"]
 
 
 def _split_config(config: dict) -> tuple[dict, dict]:
@@ -308,7 +323,7 @@ def forward(hidden, weight, bias, target, noise_std, gaussian, ignore_index, con
     aux = torch.empty((0,) if gaussian else (L, N), dtype=acc, device=hidden.device)
     if loglik.numel() == 0:
         return loglik, aux
-    consts, launch = _split_config(config or select_config("fwd", C, hidden.dtype))
+    consts, launch = _split_config(config or select_config("fwd", C, D, hidden.dtype))
     grid = (triton.cdiv(N, consts["BLOCK_N"]), L)
     _fwd_kernel[grid](hidden, weight, b, t, s, loglik, loglik if gaussian else aux,
                       N, C, D, stride_wl, stride_bl, ignore_index, **flags, **consts, **launch)
@@ -324,44 +339,51 @@ def _weight_splits(work_items: int, programs: int, device: torch.device) -> int:
     return max(1, min(work_items, triton.cdiv(target, programs)))
 
 
+def _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, sizes, ignore_index, flags, config):
+    """d_weight from ``_bwd_weight_kernel``: fp32 (fp64) partials per split, summed, cast."""
+    L, N, C, D, stride_wl, stride_bl = sizes
+    if D == 0:
+        return torch.zeros_like(weight)
+    consts, launch = _split_config(config)
+    n_heads = L if weight.dim() == 3 else 1
+    depths_per_head = L // n_heads
+    work_items = depths_per_head * triton.cdiv(N, consts["BLOCK_N"])
+    grid_cd = (triton.cdiv(C, consts["BLOCK_C"]), triton.cdiv(D, consts["BLOCK_DO"]))
+    splits = _weight_splits(work_items, grid_cd[0] * grid_cd[1] * n_heads, hidden.device)
+    items_per_split = triton.cdiv(work_items, splits)
+    splits = triton.cdiv(work_items, items_per_split)
+    partial = torch.empty((splits, n_heads, C, D), dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+    _bwd_weight_kernel[grid_cd + (splits * n_heads,)](
+        grad_loglik, hidden, weight, b, t, s, lse, partial, N, C, D, stride_wl, stride_bl, ignore_index,
+        n_heads, depths_per_head, items_per_split, **flags, **consts, **launch)
+    return (partial[0] if splits == 1 else partial.sum(0)).reshape(weight.shape).to(weight.dtype)
+
+
 def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
              rows_config=None, weight_config=None):
     """``depth_loglik_bwd`` with explicit launch configs (default: the shipped selection)."""
-    (L, N, C, D, stride_wl, stride_bl), (b, t, s), flags = _common(hidden, weight, bias, target,
-                                                                   noise_std, gaussian)
+    sizes, (b, t, s), flags = _common(hidden, weight, bias, target, noise_std, gaussian)
+    L, N, C, D, stride_wl, stride_bl = sizes
     acc = _acc_dtype(hidden.dtype)
     device = hidden.device
     lse = grad_loglik if gaussian else aux
     empty = torch.empty(0, dtype=hidden.dtype, device=device)
     need_noise = gaussian and noise_std is not None
-    if hidden.numel() == 0 or N == 0:
+    if L == 0 or N == 0:
         zeros = lambda x: empty if x is None else torch.zeros_like(x)  # noqa: E731
         return torch.zeros_like(hidden), torch.zeros_like(weight), zeros(bias), zeros(noise_std)
 
-    consts, launch = _split_config(rows_config or select_config("bwd_rows", C, hidden.dtype))
+    consts, launch = _split_config(rows_config or select_config("bwd_rows", C, D, hidden.dtype))
     n_blocks = triton.cdiv(N, consts["BLOCK_N"])
     d_hidden = torch.empty_like(hidden)
     col_sums = torch.empty((2, L, n_blocks, C) if bias is not None or need_noise else (0,),
                            dtype=acc, device=device)
-    grid = (n_blocks, L, triton.cdiv(D, consts["BLOCK_DO"]))
+    grid = (n_blocks, L, max(1, triton.cdiv(D, consts["BLOCK_DO"])))  # D = 0 still needs column sums
     _bwd_rows_kernel[grid](grad_loglik, hidden, weight, b, t, s, lse, d_hidden, col_sums,
                            N, C, D, stride_wl, stride_bl, ignore_index, **flags, **consts, **launch)
 
-    consts, launch = _split_config(weight_config or select_config("bwd_weight", C, hidden.dtype))
-    n_heads = L if weight.dim() == 3 else 1
-    depths_per_head = L // n_heads
-    work_items = depths_per_head * triton.cdiv(N, consts["BLOCK_N"])
-    tiles = triton.cdiv(C, consts["BLOCK_C"]) * triton.cdiv(D, consts["BLOCK_DO"]) * n_heads
-    splits = _weight_splits(work_items, tiles, device)
-    items_per_split = triton.cdiv(work_items, splits)
-    splits = triton.cdiv(work_items, items_per_split)
-    partial = torch.empty((splits, n_heads, C, D), dtype=acc, device=device)
-    grid = (triton.cdiv(C, consts["BLOCK_C"]), triton.cdiv(D, consts["BLOCK_DO"]), splits * n_heads)
-    _bwd_weight_kernel[grid](grad_loglik, hidden, weight, b, t, s, lse, partial,
-                             N, C, D, stride_wl, stride_bl, ignore_index,
-                             n_heads, depths_per_head, items_per_split, **flags, **consts, **launch)
-    d_weight = (partial[0] if splits == 1 else partial.sum(0)).reshape(weight.shape).to(weight.dtype)
-
+    d_weight = _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, sizes, ignore_index, flags,
+                            weight_config or select_config("bwd_weight", C, D, hidden.dtype))
     d_bias = empty
     if bias is not None:
         per_depth = col_sums[0].sum(1)
@@ -384,28 +406,35 @@ KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_logli
 
 
 # ----------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (python -m udn_kernels.triton.aot): every shipped config, both
-# likelihoods, bf16 storage (the GPU training dtype) with bias and per-class noise enabled.
+# Ahead-of-time compile specs (python -m udn_kernels.triton.aot): every shipped config and both
+# likelihoods, with bias and per-class noise enabled; 16-bit configs are compiled for bf16
+# storage, "fp32" for float32 (exact fp32 dot, torch's default matmul precision).
 # ----------------------------------------------------------------------------------------------
-_AOT_POINTER_TYPES = {"lse_ptr": "*fp32", "col_ptr": "*fp32", "dw_ptr": "*fp32"}
+_AOT_FLOAT32_POINTERS = ("lse_ptr", "col_ptr", "dw_ptr")
 
 
 def _aot_spec(fn, kind: str, config_name: str, gaussian: bool) -> dict:
     constexprs, launch = _split_config(CONFIGS[kind][config_name])
     constexprs.update(GAUSSIAN=gaussian, HAS_BIAS=True, HAS_NOISE=gaussian, ACC=tl.float32,
                       PRECISION="ieee")
+    storage = "fp32" if config_name == "fp32" else "bf16"
     signature = {}
     for name, param in inspect.signature(fn.fn).parameters.items():
         if "constexpr" in str(param.annotation):
             signature[name] = "constexpr"
         elif name == "t_ptr":
-            signature[name] = "*bf16" if gaussian else "*i64"
+            signature[name] = f"*{storage}" if gaussian else "*i64"
         elif name.endswith("_ptr"):
-            signature[name] = _AOT_POINTER_TYPES.get(name, "*bf16")
+            signature[name] = "*fp32" if name in _AOT_FLOAT32_POINTERS else f"*{storage}"
         else:
             signature[name] = "i32"
-    return {"name": fn.__name__, "config": f"{config_name}/{'gaussian' if gaussian else 'categorical'}/bf16",
-            "fn": fn, "signature": signature, "constexprs": constexprs, **launch}
+    # What the JIT would specialise on at run time: 16-byte aligned tensors and D % 16 == 0 (so
+    # row strides are aligned). Without it loads are scalar and cp.async pipelining is off.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
+             if name.endswith("_ptr") or name in ("D", "stride_wl")}
+    likelihood = "gaussian" if gaussian else "categorical"
+    return {"name": fn.__name__, "config": f"{config_name}/{likelihood}/{storage}", "fn": fn,
+            "signature": signature, "constexprs": constexprs, "attrs": attrs, **launch}
 
 
 AOT_SPECS = [_aot_spec(fn, kind, name, gaussian)

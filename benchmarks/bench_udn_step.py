@@ -1,0 +1,107 @@
+"""udn-step (DESIGN §6): one UDN training step, fused heads vs an eager reference-style UDN.
+
+Both sides train the same parameters with the same ELBO: ``UDN.mlp`` computes every depth's head
+and the q-weighted likelihood in one ``depth_mixture_nll`` call; the eager side is written like the
+reference implementation (Nazaret & Blei's code): a Python loop over depths, the ``nn.Linear``
+head of each depth, ``F.cross_entropy`` per depth, per-depth prior terms. A step is
+loss + backward + Adam update. Tiny shapes by default (so the suite never rots);
+``UDN_BENCH_FULL=1`` selects DESIGN §6's width 32, ~10 depths (rate 5 -> L = 10), batch 256.
+
+Run: ``python -m pytest benchmarks/bench_udn_step.py --benchmark-enable`` (pytest-benchmark
+table) or ``python benchmarks/bench_udn_step.py`` (medians and the speed-up, one process).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from udn_kernels.data import spirals
+from udn_kernels.nn import UDN
+
+FULL = os.environ.get("UDN_BENCH_FULL") == "1"
+BATCH, WIDTH, RATE = (256, 32, 5.0) if FULL else (64, 8, 2.0)
+N_DATA = 4 * BATCH
+
+
+def make_problem():
+    """``(model, optimizer, x, y)`` with fixed seeds; 2-D spirals with three turns."""
+    torch.manual_seed(0)
+    x, y = spirals(BATCH, phase=3.0, noise=0.05, seed=0)
+    model = UDN.mlp(2, WIDTH, 2, init_rate=RATE)
+    optimizer = model.attach_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3, fused=True))
+    return model, optimizer, x, y
+
+
+def eager_loss(model: UDN, x: torch.Tensor, y: torch.Tensor, n_data: int) -> torch.Tensor:
+    """``-ELBO / n`` the way the reference implementation computes it, on ``model``'s parameters."""
+    depth = model.depth.max_depth
+    model.grow(depth)
+    rate = model.depth.rate
+    k = torch.arange(depth, dtype=x.dtype)
+    weights = (k * rate.log() - torch.lgamma(k + 1)).exp()
+    q = weights / weights.sum()
+    scale = 2.0 * model.weight_prior_std ** 2
+    h, elbo, cumulative = x, 0.0, 0.0
+    for l in range(depth):
+        h = model.blocks[l](h)
+        logits = model.heads[l](h)
+        loglik = -F.cross_entropy(logits, y, reduction="mean") * n_data
+        cumulative = cumulative + sum(-(p ** 2).sum() / scale for p in model.blocks[l].parameters())
+        head_prior = sum(-(p ** 2).sum() / scale for p in model.heads[l].parameters())
+        log_mu = model.prior.log_prob(torch.tensor(l + 1.0))
+        elbo = elbo + q[l] * (loglik + cumulative + head_prior + log_mu)
+    return -(elbo - (q * q.log()).sum()) / n_data
+
+
+def fused_step(model, optimizer, x, y):
+    optimizer.zero_grad(set_to_none=True)
+    model.loss(x, y, N_DATA).backward()
+    optimizer.step()
+
+
+def eager_step(model, optimizer, x, y):
+    optimizer.zero_grad(set_to_none=True)
+    eager_loss(model, x, y, N_DATA).backward()
+    optimizer.step()
+
+
+def test_udn_step_losses_agree():
+    model, _, x, y = make_problem()
+    torch.testing.assert_close(model.loss(x, y, N_DATA), eager_loss(model, x, y, N_DATA),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fused", "eager"])
+def test_udn_step(benchmark, method):
+    model, optimizer, x, y = make_problem()
+    step = fused_step if method == "fused" else eager_step
+    benchmark.group = "udn-step"
+    benchmark.extra_info.update(depths=model.depth.max_depth, width=WIDTH, batch=BATCH)
+    benchmark(step, model, optimizer, x, y)
+    assert torch.isfinite(model.depth.raw_rate).all()
+
+
+def _median_ms(step, repeats: int = 200) -> float:
+    model, optimizer, x, y = make_problem()
+    for _ in range(10):
+        step(model, optimizer, x, y)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(model, optimizer, x, y)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+if __name__ == "__main__":
+    model = make_problem()[0]
+    print(f"udn-step: width {WIDTH}, {model.depth.max_depth} depths, batch {BATCH}, "
+          f"torch threads {torch.get_num_threads()}")
+    fused, eager = _median_ms(fused_step), _median_ms(eager_step)
+    print(f"fused UDN.mlp step  {fused:8.3f} ms\neager reference     {eager:8.3f} ms\n"
+          f"speed-up            {eager / fused:8.2f}x")

@@ -1,0 +1,501 @@
+// CPU kernels of gaussian_linear and bernoulli_linear (docs/internals.md signatures, noise layout of
+// docs/rng.md). The random weights are never materialised whole: a block of output rows of the
+// sampled weight is generated into a cache-sized tile (Philox fills of philox.h), multiplied with
+// at::mm, and thrown away; backward regenerates the same tiles from (seed, offset).
+//
+// x arrives as [Sx, B, K] (Sx = 1: shared by the S draws), outputs are [S, B, N].
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "philox.h"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+constexpr int64_t kTileElements = 1 << 16;  // weight tile: 256 KiB of float32, L2-resident
+constexpr int64_t kFillGrain = 1 << 14;
+
+// One kind of per-element noise of the stream (docs/rng.md).
+struct Noise {
+  enum Kind { kNormal, kSign, kKeep } kind;
+  uint64_t seed;
+  float p = 0.0f, scale = 1.0f;
+
+  void fill(float* out, int64_t n, int64_t offset) const {
+    switch (kind) {
+      case kNormal: udn::philox::fill_normal(out, n, seed, offset); break;
+      case kSign: udn::philox::fill_sign(out, n, seed, offset); break;
+      case kKeep: udn::philox::fill_keep_mask(out, n, p, scale, seed, offset); break;
+    }
+  }
+
+  // Noise in the compute dtype; double goes through a float scratch buffer.
+  template <typename T>
+  void fill_as(T* out, int64_t n, int64_t offset, std::vector<float>& scratch) const {
+    if constexpr (std::is_same_v<T, float>) {
+      fill(out, n, offset);
+    } else {
+      scratch.resize(n);
+      fill(scratch.data(), n, offset);
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(scratch[i]);
+    }
+  }
+};
+
+// Stream elements offset .. offset + numel as a tensor of `options` (input/output-sized noise).
+Tensor noise_tensor(const Noise& noise, at::IntArrayRef shape, int64_t offset, const at::TensorOptions& options) {
+  Tensor out = at::empty(shape, options);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "noise_tensor", [&] {
+    scalar_t* data = out.data_ptr<scalar_t>();
+    at::parallel_for(0, out.numel(), kFillGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch;
+      noise.fill_as(data + begin, end - begin, offset + begin, scratch);
+    });
+  });
+  return out;
+}
+
+int64_t tile_rows(int64_t N, int64_t K) {
+  return std::max<int64_t>(1, std::min<int64_t>(N, kTileElements / std::max<int64_t>(K, 1)));
+}
+
+// w = a + b * r (a may be null) over n elements.
+template <typename T>
+void combine(T* w, const T* a, const T* b, const T* r, int64_t n) {
+  if (a) {
+    at::vec::map3<T>([](Vec<T> ra, Vec<T> va, Vec<T> vb) { return at::vec::fmadd(vb, ra, va); }, w, r, a, b, n);
+  } else {
+    at::vec::map2<T>([](Vec<T> ra, Vec<T> vb) { return ra * vb; }, w, r, b, n);
+  }
+}
+
+// The weight draws W_s = a + b * r_s, r_s(n, k) = noise at s*N*K + n*K + k (a optional).
+struct NoisyWeight {
+  const Tensor* a;  // [N, K] or nullptr
+  Tensor b;         // [N, K]
+  Noise noise;
+  int64_t S;
+};
+
+// Sum over the draws of the dense products x_s W_s^T, handed block by block to
+// epilogue(s, n0, rows, prod[B, rows]) so it can write out[s][:, n0:n0+rows].
+template <typename T, typename Epilogue>
+void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Epilogue epilogue) {
+  const int64_t N = nw.b.size(0), K = nw.b.size(1), Se = xe.size(0), S = nw.S;
+  const int64_t nb = tile_rows(N, K), blocks = (N + nb - 1) / nb;
+  const T* a = nw.a ? nw.a->data_ptr<T>() : nullptr;
+  const T* b = nw.b.data_ptr<T>();
+  at::parallel_for(0, S * blocks, 1, [&](int64_t begin, int64_t end) {
+    Tensor tile = at::empty({nb, K}, nw.b.options());
+    Tensor prod = at::empty({xe.size(1), nb}, nw.b.options());
+    std::vector<float> scratch;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = t / blocks, n0 = (t % blocks) * nb, rows = std::min(nb, N - n0);
+      T* w = tile.data_ptr<T>();
+      nw.noise.fill_as(w, rows * K, s * N * K + n0 * K, scratch);
+      combine(w, a ? a + n0 * K : nullptr, b + n0 * K, w, rows * K);
+      Tensor p = prod.narrow(1, 0, rows);
+      at::mm_out(p, xe[Se == 1 ? 0 : s], tile.narrow(0, 0, rows).t());
+      epilogue(s, n0, rows, p);
+    }
+  });
+}
+
+// Gradients of sum_s <ge_s, x_s W_s^T>: d_x [Se, B, K], d_a = sum_s ge_s^T x_s (if want_da),
+// d_b = sum_s (ge_s^T x_s) * r_s. Each thread regenerates the tiles of its output-row blocks and
+// keeps its own d_x partial sum.
+template <typename T>
+void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, bool want_da,
+                           Tensor& d_x, Tensor& d_a, Tensor& d_b) {
+  const int64_t N = nw.b.size(0), K = nw.b.size(1), Se = xe.size(0), S = nw.S;
+  const int64_t nb = tile_rows(N, K), blocks = (N + nb - 1) / nb;
+  const T* a = nw.a ? nw.a->data_ptr<T>() : nullptr;
+  const T* b = nw.b.data_ptr<T>();
+  d_a = want_da ? at::zeros_like(nw.b) : Tensor();
+  d_b = at::zeros_like(nw.b);
+  T* da = want_da ? d_a.data_ptr<T>() : nullptr;
+  T* db = d_b.data_ptr<T>();
+  std::vector<Tensor> partial(at::get_num_threads());
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    Tensor& acc = partial[at::get_thread_num()];
+    if (!acc.defined()) acc = at::zeros_like(xe);
+    Tensor r_tile = at::empty({nb, K}, nw.b.options());
+    Tensor w_tile = at::empty({nb, K}, nw.b.options());
+    Tensor g_tile = at::empty({nb, K}, nw.b.options());
+    std::vector<float> scratch;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * nb, rows = std::min(nb, N - n0), count = rows * K;
+      T* r = r_tile.data_ptr<T>();
+      T* w = w_tile.data_ptr<T>();
+      T* g = g_tile.data_ptr<T>();
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t se = Se == 1 ? 0 : s;
+        nw.noise.fill_as(r, count, s * N * K + n0 * K, scratch);
+        combine(w, a ? a + n0 * K : nullptr, b + n0 * K, r, count);
+        Tensor ge_blk = ge[s].narrow(1, n0, rows);  // [B, rows], row stride N
+        Tensor g_view = g_tile.narrow(0, 0, rows);
+        at::mm_out(g_view, ge_blk.t(), xe[se]);  // ge_s^T x_s for these output rows
+        if (da) at::vec::map2<T>([](Vec<T> x, Vec<T> y) { return x + y; }, da + n0 * K, da + n0 * K, g, count);
+        at::vec::map3<T>([](Vec<T> acc_b, Vec<T> gv, Vec<T> rv) { return at::vec::fmadd(gv, rv, acc_b); },
+                         db + n0 * K, db + n0 * K, g, r, count);
+        acc[se].addmm_(ge_blk, w_tile.narrow(0, 0, rows));
+      }
+    }
+  });
+  d_x = Tensor();
+  for (Tensor& p : partial) {
+    if (!p.defined()) continue;
+    if (d_x.defined()) d_x.add_(p); else d_x = p;
+  }
+  if (!d_x.defined()) d_x = at::zeros_like(xe);
+}
+
+// out[s][b, n0:n0+rows] = prod[b, :] + bias[s, n0:] (flip == nullptr), or
+// out[s][b, n0:n0+rows] += prod[b, :] * sign(s, b, n) + bias[s, n0:] (flipout output signs).
+template <typename T>
+void write_block(T* out_s, const Tensor& prod, int64_t N, int64_t n0, int64_t rows, const T* bias_s,
+                 const Noise* flip, int64_t flip_offset, std::vector<T>& sign, std::vector<float>& scratch) {
+  const int64_t B = prod.size(0), ld = prod.stride(0);
+  const T* p = prod.data_ptr<T>();
+  if (flip) sign.resize(rows);
+  for (int64_t bi = 0; bi < B; ++bi) {
+    T* o = out_s + bi * N + n0;
+    const T* pr = p + bi * ld;
+    if (flip) {
+      flip->fill_as(sign.data(), rows, flip_offset + bi * N + n0, scratch);
+      at::vec::map3<T>([](Vec<T> ov, Vec<T> pv, Vec<T> sv) { return at::vec::fmadd(pv, sv, ov); },
+                       o, o, pr, sign.data(), rows);
+    } else {
+      std::copy(pr, pr + rows, o);
+    }
+    if (bias_s) at::vec::map2<T>([](Vec<T> ov, Vec<T> bv) { return ov + bv; }, o, o, bias_s + n0, rows);
+  }
+}
+
+const Tensor* ptr_or_null(const OptTensor& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
+
+// ---------------------------------------------------------------- gaussian_linear
+
+// Per-draw bias [S, N]: bias_mu + bias_sigma * eps_s (eps at S*N*K + s*N + n); undefined if no bias.
+Tensor sampled_bias(const Tensor* bias_mu, const Tensor* bias_sigma, uint64_t seed, int64_t S, int64_t N,
+                    int64_t K, const at::TensorOptions& opt) {
+  if (!bias_mu && !bias_sigma) return Tensor();
+  Tensor bias = bias_mu ? bias_mu->expand({S, N}) : at::zeros({S, N}, opt);
+  if (bias_sigma) bias = bias + *bias_sigma * noise_tensor({Noise::kNormal, seed}, {S, N}, S * N * K, opt);
+  return bias.contiguous();
+}
+
+struct Flipout {
+  int64_t in_offset, out_offset;  // stream offsets of sign_in (0,0,0) and sign_out (0,0,0)
+};
+
+Flipout flipout_offsets(int64_t S, int64_t B, int64_t N, int64_t K) {
+  const int64_t in_offset = S * N * K + S * N;
+  return {in_offset, in_offset + S * B * K};
+}
+
+// The mean part x mu^T of local and flipout: [Sx, B, N].
+Tensor mean_product(const Tensor& x, const Tensor& mu) { return at::matmul(x, mu.t()); }
+
+Tensor gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt, const Tensor& weight_sigma,
+                           const OptTensor& bias_mu_opt, const OptTensor& bias_sigma_opt, int64_t seed_in,
+                           c10::string_view estimator, int64_t S, bool x_sampled) {
+  const Tensor* mu = ptr_or_null(weight_mu_opt);
+  const Tensor* bias_mu = ptr_or_null(bias_mu_opt);
+  const Tensor* bias_sigma = ptr_or_null(bias_sigma_opt);
+  const uint64_t seed = static_cast<uint64_t>(seed_in);
+  const int64_t B = x.size(1), K = x.size(2), N = weight_sigma.size(0);
+  const auto opt = x.options();
+  Tensor out = at::empty({S, B, N}, opt);
+  if (estimator == "local") {
+    const Tensor x2 = x * x;
+    Tensor var = at::matmul(x2, (weight_sigma * weight_sigma).t());  // [Sx, B, N]
+    Tensor mean = mu ? mean_product(x, *mu) : Tensor();
+    const Tensor bias_var = bias_sigma ? (*bias_sigma * *bias_sigma).contiguous() : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_fwd_local", [&] {
+      const scalar_t* v = var.data_ptr<scalar_t>();
+      const scalar_t* m = mu ? mean.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* bm = bias_mu ? bias_mu->data_ptr<scalar_t>() : nullptr;
+      const scalar_t* bv = bias_sigma ? bias_var.data_ptr<scalar_t>() : nullptr;
+      scalar_t* o = out.data_ptr<scalar_t>();
+      const int64_t Sx = x.size(0);
+      at::parallel_for(0, S * B, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch;
+        std::vector<scalar_t> std_row(N);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t xrow = Sx == 1 ? row % B : row;
+          scalar_t* orow = o + row * N;
+          Noise{Noise::kNormal, seed}.fill_as(orow, N, row * N, scratch);  // eps (s, b, :)
+          const scalar_t* vrow = v + xrow * N;
+          if (bv) {
+            at::vec::map2<scalar_t>([](Vec<scalar_t> a, Vec<scalar_t> c) { return (a + c).sqrt(); },
+                                    std_row.data(), vrow, bv, N);
+          } else {
+            at::vec::map<scalar_t>([](Vec<scalar_t> a) { return a.sqrt(); }, std_row.data(), vrow, N);
+          }
+          at::vec::map2<scalar_t>([](Vec<scalar_t> e, Vec<scalar_t> sd) { return e * sd; }, orow, orow,
+                                  std_row.data(), N);
+          if (m) at::vec::map2<scalar_t>([](Vec<scalar_t> a, Vec<scalar_t> c) { return a + c; }, orow, orow, m + xrow * N, N);
+          if (bm) at::vec::map2<scalar_t>([](Vec<scalar_t> a, Vec<scalar_t> c) { return a + c; }, orow, orow, bm, N);
+        }
+      });
+    });
+    return out;
+  }
+  const Tensor bias = sampled_bias(bias_mu, bias_sigma, seed, S, N, K, opt);
+  const bool flipout = estimator == "flipout";
+  TORCH_CHECK(flipout || estimator == "sample", "gaussian_linear_fwd: unknown estimator ", estimator);
+  const Flipout fo = flipout_offsets(S, B, N, K);
+  Tensor xe = x;
+  if (flipout) {
+    // out starts as the mean part; x * sign_in feeds the noisy part.
+    if (mu) out.copy_(mean_product(x, *mu).expand({S, B, N})); else out.zero_();
+    xe = x.expand({S, B, K}) * noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, opt);
+  }
+  const NoisyWeight nw{flipout ? nullptr : mu, weight_sigma, {Noise::kNormal, seed}, S};
+  const Noise flip{Noise::kSign, seed};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_fwd", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* bias_data = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    noisy_weight_forward<scalar_t>(xe, nw, [&](int64_t s, int64_t n0, int64_t rows, const Tensor& prod) {
+      thread_local std::vector<scalar_t> sign;
+      thread_local std::vector<float> scratch;
+      write_block<scalar_t>(o + s * B * N, prod, N, n0, rows, bias_data ? bias_data + s * N : nullptr,
+                            flipout ? &flip : nullptr, fo.out_offset + s * B * N, sign, scratch);
+    });
+  });
+  return out;
+}
+
+Tensor empty_like_or_none(const Tensor* t, const Tensor& like) { return t ? at::zeros_like(*t) : like.new_empty({0}); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
+    const Tensor& grad_out, const Tensor& x, const OptTensor& weight_mu_opt, const Tensor& weight_sigma,
+    const OptTensor& bias_mu_opt, const OptTensor& bias_sigma_opt, int64_t seed_in, c10::string_view estimator,
+    int64_t S, bool x_sampled) {
+  const Tensor* mu = ptr_or_null(weight_mu_opt);
+  const Tensor* bias_mu = ptr_or_null(bias_mu_opt);
+  const Tensor* bias_sigma = ptr_or_null(bias_sigma_opt);
+  const uint64_t seed = static_cast<uint64_t>(seed_in);
+  const int64_t Sx = x.size(0), B = x.size(1), K = x.size(2), N = weight_sigma.size(0);
+  const auto opt = x.options();
+  const Tensor g = grad_out.contiguous();
+  // The gradient of the deterministic mean part x mu^T + bias_mu (shared x: summed over draws).
+  const Tensor g_mean = Sx == 1 ? g.sum(0, /*keepdim=*/true) : g;
+  Tensor d_x, d_mu = mu ? Tensor() : x.new_empty({0}), d_sigma;
+  Tensor d_bias_mu = bias_mu ? g.sum({0, 1}) : x.new_empty({0});
+  Tensor d_bias_sigma = x.new_empty({0});
+  if (estimator == "local") {
+    const Tensor x2 = x * x;
+    const Tensor sigma2 = weight_sigma * weight_sigma;
+    const Tensor var = at::matmul(x2, sigma2.t());
+    const Tensor bias_var = bias_sigma ? (*bias_sigma * *bias_sigma).contiguous() : Tensor();
+    Tensor d_var = at::empty({S, B, N}, opt);  // dL/dvar per draw = g * eps / (2 std), 0 where std == 0
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd_local", [&] {
+      const scalar_t* v = var.data_ptr<scalar_t>();
+      const scalar_t* bv = bias_sigma ? bias_var.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      scalar_t* dv = d_var.data_ptr<scalar_t>();
+      at::parallel_for(0, S * B, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch;
+        for (int64_t row = begin; row < end; ++row) {
+          const scalar_t* vrow = v + (Sx == 1 ? row % B : row) * N;
+          scalar_t* drow = dv + row * N;
+          Noise{Noise::kNormal, seed}.fill_as(drow, N, row * N, scratch);
+          using V = Vec<scalar_t>;
+          const scalar_t* grow = gp + row * N;
+          int64_t n = 0;
+          for (; n + V::size() <= N; n += V::size()) {
+            V var_n = V::loadu(vrow + n);
+            if (bv) var_n = var_n + V::loadu(bv + n);
+            const V value = V::loadu(grow + n) * V::loadu(drow + n) / (V(2) * var_n.sqrt());
+            V::blendv(V(0), value, var_n > V(0)).store(drow + n);
+          }
+          for (; n < N; ++n) {
+            const scalar_t var_n = vrow[n] + (bv ? bv[n] : scalar_t(0));
+            drow[n] = var_n > 0 ? grow[n] * drow[n] / (2 * std::sqrt(var_n)) : scalar_t(0);
+          }
+        }
+      });
+    });
+    const Tensor d_var_x = Sx == 1 ? d_var.sum(0, true) : d_var;  // [Sx, B, N]
+    d_x = 2 * x * at::matmul(d_var_x, sigma2);
+    d_sigma = 2 * weight_sigma * at::mm(d_var_x.reshape({-1, N}).t(), x2.reshape({-1, K}));
+    if (bias_sigma) d_bias_sigma = 2 * *bias_sigma * d_var.sum({0, 1});
+    if (mu) {
+      d_x.add_(at::matmul(g_mean, *mu));
+      d_mu = at::mm(g_mean.reshape({-1, N}).t(), x.reshape({-1, K}));
+    }
+    return {d_x, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
+  }
+  const bool flipout = estimator == "flipout";
+  TORCH_CHECK(flipout || estimator == "sample", "gaussian_linear_bwd: unknown estimator ", estimator);
+  if (bias_sigma) {
+    const Tensor beps = noise_tensor({Noise::kNormal, seed}, {S, N}, S * N * K, opt);
+    d_bias_sigma = (g.sum(1) * beps).sum(0);
+  }
+  const NoisyWeight nw{flipout ? nullptr : mu, weight_sigma, {Noise::kNormal, seed}, S};
+  Tensor d_xe, d_a;
+  if (!flipout) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd", [&] {
+      noisy_weight_backward<scalar_t>(x, g, nw, mu != nullptr, d_xe, d_a, d_sigma);
+    });
+    if (mu) d_mu = d_a;
+    return {d_xe, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
+  }
+  const Flipout fo = flipout_offsets(S, B, N, K);
+  const Tensor sign_in = noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, opt);
+  const Tensor xe = x.expand({S, B, K}) * sign_in;
+  const Tensor ge = g * noise_tensor({Noise::kSign, seed}, {S, B, N}, fo.out_offset, opt);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd_flipout", [&] {
+    noisy_weight_backward<scalar_t>(xe, ge, nw, false, d_xe, d_a, d_sigma);
+  });
+  d_x = d_xe * sign_in;
+  if (Sx == 1) d_x = d_x.sum(0, true);
+  if (mu) {
+    d_x.add_(at::matmul(g_mean, *mu));
+    d_mu = at::mm(g_mean.reshape({-1, N}).t(), x.reshape({-1, K}));
+  }
+  return {d_x, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
+}
+
+// ---------------------------------------------------------------- bernoulli_linear
+
+Noise bernoulli_noise(c10::string_view mask, double p, uint64_t seed) {
+  if (mask == "symmetric") return {Noise::kSign, seed};
+  TORCH_CHECK(mask == "input" || mask == "weight", "bernoulli_linear: unknown mask ", mask);
+  return {Noise::kKeep, seed, static_cast<float>(p), static_cast<float>(1.0 / (1.0 - p))};
+}
+
+// Input-mask rows: masked x rows r0 .. r0+rows of the [S*B, K] stack (row r = s*B + b, mask offset r*K).
+template <typename T>
+void masked_rows(const Tensor& x, const Noise& noise, int64_t B, int64_t r0, int64_t rows, T* xm, T* keep,
+                 std::vector<float>& scratch) {
+  const int64_t K = x.size(2);
+  const bool shared = x.size(0) == 1;
+  const T* xp = x.data_ptr<T>();
+  noise.fill_as(keep, rows * K, r0 * K, scratch);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t r = r0 + i;
+    const T* xr = xp + (shared ? r % B : r) * K;
+    at::vec::map2<T>([](Vec<T> a, Vec<T> m) { return a * m; }, xm + i * K, xr, keep + i * K, K);
+  }
+}
+
+int64_t mask_rows_per_tile(int64_t K) { return std::max<int64_t>(1, kTileElements / std::max<int64_t>(K, 1)); }
+
+Tensor bernoulli_linear_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias_opt, double p,
+                            int64_t seed_in, c10::string_view mask, int64_t S, bool x_sampled) {
+  const Tensor* bias = ptr_or_null(bias_opt);
+  const uint64_t seed = static_cast<uint64_t>(seed_in);
+  const int64_t B = x.size(1), K = x.size(2), N = weight.size(0);
+  const Noise noise = bernoulli_noise(mask, p, seed);
+  Tensor out = at::empty({S, B, N}, x.options());
+  if (mask == "input") {
+    // Masked x tile (cache-resident) then one GEMM per tile of rows of the [S*B, N] output.
+    const int64_t R = S * B, rb = mask_rows_per_tile(K);
+    Tensor out2 = out.view({R, N});
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bernoulli_linear_fwd_input", [&] {
+      at::parallel_for(0, (R + rb - 1) / rb, 1, [&](int64_t begin, int64_t end) {
+        Tensor xm = at::empty({rb, K}, x.options()), keep = at::empty({rb, K}, x.options());
+        std::vector<float> scratch;
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t r0 = t * rb, rows = std::min(rb, R - r0);
+          masked_rows<scalar_t>(x, noise, B, r0, rows, xm.data_ptr<scalar_t>(), keep.data_ptr<scalar_t>(), scratch);
+          Tensor o = out2.narrow(0, r0, rows);
+          if (bias) at::addmm_out(o, *bias, xm.narrow(0, 0, rows), weight.t());
+          else at::mm_out(o, xm.narrow(0, 0, rows), weight.t());
+        }
+      });
+    });
+    return out;
+  }
+  const NoisyWeight nw{nullptr, weight, noise, S};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bernoulli_linear_fwd", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* bias_data = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    noisy_weight_forward<scalar_t>(x, nw, [&](int64_t s, int64_t n0, int64_t rows, const Tensor& prod) {
+      thread_local std::vector<scalar_t> sign;
+      thread_local std::vector<float> scratch;
+      write_block<scalar_t>(o + s * B * N, prod, N, n0, rows, bias_data, nullptr, 0, sign, scratch);
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> bernoulli_linear_bwd(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+                                                        const OptTensor& bias_opt, double p, int64_t seed_in,
+                                                        c10::string_view mask, int64_t S, bool x_sampled) {
+  const Tensor* bias = ptr_or_null(bias_opt);
+  const uint64_t seed = static_cast<uint64_t>(seed_in);
+  const int64_t Sx = x.size(0), B = x.size(1), K = x.size(2), N = weight.size(0);
+  const Noise noise = bernoulli_noise(mask, p, seed);
+  const Tensor g = grad_out.contiguous();
+  const Tensor d_bias = bias ? g.sum({0, 1}) : x.new_empty({0});
+  if (mask == "input") {
+    // d_x rows = (g rows @ W) * keep; the masked input stack feeds d_W = g^T X_masked.
+    const int64_t R = S * B, rb = mask_rows_per_tile(K);
+    const Tensor g2 = g.view({R, N});
+    Tensor xm_all = at::empty({R, K}, x.options());
+    Tensor dx_all = at::empty({R, K}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bernoulli_linear_bwd_input", [&] {
+      at::parallel_for(0, (R + rb - 1) / rb, 1, [&](int64_t begin, int64_t end) {
+        Tensor keep = at::empty({rb, K}, x.options());
+        std::vector<float> scratch;
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t r0 = t * rb, rows = std::min(rb, R - r0);
+          scalar_t* kp = keep.data_ptr<scalar_t>();
+          masked_rows<scalar_t>(x, noise, B, r0, rows, xm_all.data_ptr<scalar_t>() + r0 * K, kp, scratch);
+          Tensor dx = dx_all.narrow(0, r0, rows);
+          at::mm_out(dx, g2.narrow(0, r0, rows), weight);
+          scalar_t* d = dx.data_ptr<scalar_t>();
+          at::vec::map2<scalar_t>([](Vec<scalar_t> a, Vec<scalar_t> m) { return a * m; }, d, d, kp, rows * K);
+        }
+      });
+    });
+    Tensor d_weight = at::mm(g2.t(), xm_all);
+    Tensor d_x = dx_all.view({S, B, K});
+    if (Sx == 1) d_x = d_x.sum(0, true);
+    return {d_x, d_weight, d_bias};
+  }
+  const NoisyWeight nw{nullptr, weight, noise, S};
+  Tensor d_x, d_a, d_weight;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bernoulli_linear_bwd", [&] {
+    noisy_weight_backward<scalar_t>(x, g, nw, false, d_x, d_a, d_weight);
+  });
+  return {d_x, d_weight, d_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
+  m.def("gaussian_linear_fwd(Tensor x, Tensor? weight_mu, Tensor weight_sigma, Tensor? bias_mu, "
+        "Tensor? bias_sigma, int seed, str estimator, int samples, bool x_sampled) -> Tensor");
+  m.def("gaussian_linear_bwd(Tensor grad_out, Tensor x, Tensor? weight_mu, Tensor weight_sigma, "
+        "Tensor? bias_mu, Tensor? bias_sigma, int seed, str estimator, int samples, bool x_sampled) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("bernoulli_linear_fwd(Tensor x, Tensor weight, Tensor? bias, float p, int seed, str mask, "
+        "int samples, bool x_sampled) -> Tensor");
+  m.def("bernoulli_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, float p, int seed, "
+        "str mask, int samples, bool x_sampled) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(udn_kernels_C, CPU, m) {
+  m.impl("gaussian_linear_fwd", &gaussian_linear_fwd);
+  m.impl("gaussian_linear_bwd", &gaussian_linear_bwd);
+  m.impl("bernoulli_linear_fwd", &bernoulli_linear_fwd);
+  m.impl("bernoulli_linear_bwd", &bernoulli_linear_bwd);
+}

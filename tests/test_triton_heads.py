@@ -1,0 +1,204 @@
+"""Triton depth-head kernels (udn_kernels/triton/heads.py) vs the reference, in the Triton CPU interpreter.
+
+TRITON_INTERPRET=1 must be set before triton is first imported, and other test modules in this
+pytest process may already have imported it compiled-mode. So without the variable this module
+only holds one test that re-runs the module in a fresh interpreter subprocess; with it (that
+subprocess, or a run started with TRITON_INTERPRET=1) the real cases run.
+
+Tolerances: float64 inputs run the kernels in float64 and match the reference to 1e-10; float32
+inputs (fp32 accumulation, different summation order) match the float64 reference to
+rtol = atol = 1e-4 on O(1) values; float16 inputs to 5e-3 of the output scale.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+
+    def test_triton_heads_under_interpreter():
+        env = dict(os.environ, TRITON_INTERPRET="1", UDN_KERNELS_BACKEND="")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                               "-W", "ignore::UserWarning", __file__],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+else:
+    import torch
+
+    import udn_kernels
+    from udn_kernels.reference import heads as reference
+    from udn_kernels.triton import heads as triton_heads
+
+    # Tiny tiles so N=37, C=23, D=19 span several row blocks, class tiles, K chunks and d_hidden /
+    # d_weight chunks, all with ragged edges.
+    TINY_FWD = dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16)
+    TINY_BWD = dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, BLOCK_DO=16)
+    N, C, D = 37, 23, 19
+    IGNORE = -100
+    TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+    def make_inputs(L, C, D, *, per_depth, bias_kind, gaussian, noise, dtype, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+        hidden = randn(L, N, D)
+        weight = randn(*((L,) if per_depth else ()), C, D) / D**0.5
+        bias = {None: None, "shared": randn(C), "per_depth": randn(L, C)}[bias_kind]
+        if gaussian:
+            target = randn(N, C)
+            noise_std = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5 if noise else None
+        else:
+            target = torch.randint(0, C, (N,), generator=gen)
+            target[::4] = IGNORE  # ignored rows, including the first row of every tile
+            noise_std = None
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        grad = randn(L, N)
+        return (cast(hidden), cast(weight), cast(bias), target if not gaussian else cast(target),
+                cast(noise_std), cast(grad))
+
+    def assert_matches(actual, expected, dtype, name):
+        assert actual.shape == expected.shape, name
+        torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype], msg=name)
+
+    def check_against_reference(L, per_depth, bias_kind, gaussian, noise, dtype, fwd_config,
+                                bwd_config, C=C, D=D):
+        hidden, weight, bias, target, noise_std, grad = make_inputs(
+            L, C, D, per_depth=per_depth, bias_kind=bias_kind, gaussian=gaussian, noise=noise,
+            dtype=dtype)
+        # The oracle always runs in float64 on the same (rounded) inputs.
+        up = lambda t: None if t is None or not t.is_floating_point() else t.double()  # noqa: E731
+        ref_target = target if not gaussian else target.double()
+        ref_ll, ref_aux = reference.depth_loglik_fwd(up(hidden), up(weight), up(bias), ref_target,
+                                                     up(noise_std), gaussian, IGNORE)
+        ll, aux = triton_heads.forward(hidden, weight, bias, target, noise_std, gaussian, IGNORE,
+                                       fwd_config)
+        assert ll.dtype == dtype and aux.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert_matches(ll, ref_ll, dtype, "loglik")
+        if gaussian:
+            assert aux.numel() == 0
+        else:
+            assert_matches(aux, ref_aux, dtype, "logsumexp")
+            assert torch.all(ll[:, target == IGNORE] == 0)
+
+        ref = reference.depth_loglik_bwd(up(grad), up(hidden), up(weight), up(bias), ref_target,
+                                         up(noise_std), ref_aux, gaussian, IGNORE)
+        got = triton_heads.backward(grad, hidden, weight, bias, target, noise_std, aux, gaussian,
+                                    IGNORE, bwd_config, bwd_config)
+        for name, g, r, x in zip(("d_hidden", "d_weight", "d_bias", "d_noise_std"), got, ref,
+                                 (hidden, weight, bias, noise_std)):
+            if x is None:
+                assert g.numel() == 0, name
+            else:
+                assert g.dtype == x.dtype, name
+                assert_matches(g, r, dtype, name)
+
+    @pytest.mark.parametrize("gaussian,noise", [(False, False), (True, False), (True, True)],
+                             ids=["categorical", "gaussian-unit", "gaussian-noise"])
+    @pytest.mark.parametrize("bias_kind", [None, "shared", "per_depth"])
+    @pytest.mark.parametrize("per_depth", [False, True], ids=["shared-head", "head-per-depth"])
+    def test_float32_matches_reference(per_depth, bias_kind, gaussian, noise):
+        L = 1 + (len(str(bias_kind)) + per_depth + gaussian + noise) % 3  # L in 1..3 across the grid
+        check_against_reference(L, per_depth, bias_kind, gaussian, noise, torch.float32,
+                                TINY_FWD, TINY_BWD)
+
+    @pytest.mark.parametrize("gaussian", [False, True], ids=["categorical", "gaussian"])
+    @pytest.mark.parametrize("per_depth", [False, True], ids=["shared-head", "head-per-depth"])
+    def test_float64_matches_reference(per_depth, gaussian):
+        check_against_reference(3, per_depth, "per_depth", gaussian, gaussian, torch.float64,
+                                TINY_FWD, TINY_BWD)
+
+    @pytest.mark.parametrize("gaussian", [False, True], ids=["categorical", "gaussian"])
+    def test_float16_matches_reference(gaussian):
+        # 16-bit path: fp16 operands into tl.dot, fp32 accumulation, d_logits rounded to fp16
+        # before the second GEMM and outputs rounded to fp16 (each ~2^-11 relative), so the bound
+        # is 5e-3 of the output scale. (bf16 cannot be checked here: the interpreter's tl.dot
+        # mishandles bf16 operands; it is the same code with another storage type.)
+        hidden, weight, bias, target, noise_std, grad = make_inputs(
+            2, C, D, per_depth=True, bias_kind="shared", gaussian=gaussian, noise=gaussian,
+            dtype=torch.float16)
+        up = lambda t: None if t is None or not t.is_floating_point() else t.double()  # noqa: E731
+        ll, aux = triton_heads.forward(hidden, weight, bias, target, noise_std, gaussian, IGNORE,
+                                       TINY_FWD)
+        got = triton_heads.backward(grad, hidden, weight, bias, target, noise_std, aux, gaussian,
+                                    IGNORE, TINY_BWD, TINY_BWD)
+        ref_target = up(target) if gaussian else target
+        ref_ll, ref_aux = reference.depth_loglik_fwd(up(hidden), up(weight), up(bias), ref_target,
+                                                     up(noise_std), gaussian, IGNORE)
+        ref = reference.depth_loglik_bwd(up(grad), up(hidden), up(weight), up(bias), ref_target,
+                                         up(noise_std), ref_aux, gaussian, IGNORE)
+        names = ("loglik", "d_hidden", "d_weight", "d_bias", "d_noise_std")
+        for name, g, r in zip(names, (ll,) + tuple(got), (ref_ll,) + tuple(ref)):
+            if r.numel() == 0:
+                continue
+            assert g.dtype == torch.float16, name
+            scale = max(1.0, r.abs().max().item())
+            assert (g.double() - r).abs().max().item() <= 5e-3 * scale, name
+
+    @pytest.mark.parametrize("gaussian", [False, True], ids=["categorical", "gaussian"])
+    def test_split_weight_gradient(gaussian):
+        # One class tile and one D chunk with a shared head: the d_weight work items
+        # (3 depths x 3 row blocks) are split over several programs and summed afterwards.
+        config = dict(TINY_BWD, BLOCK_DO=32)
+        assert triton_heads._weight_splits(9, 1, torch.device("cpu")) > 1
+        check_against_reference(3, False, "shared", gaussian, gaussian, torch.float32,
+                                TINY_FWD, config, C=11)
+
+    @pytest.mark.parametrize("gaussian", [False, True], ids=["categorical", "gaussian"])
+    def test_shipped_configs_through_kernel_table(gaussian):
+        # KERNELS entries use the shipped config selection (one tile covers this whole head).
+        hidden, weight, bias, target, noise_std, grad = make_inputs(
+            2, C, D, per_depth=True, bias_kind="shared", gaussian=gaussian, noise=True,
+            dtype=torch.float32)
+        fwd = udn_kernels.triton.KERNELS["depth_loglik_fwd"]
+        bwd = udn_kernels.triton.KERNELS["depth_loglik_bwd"]
+        assert fwd is triton_heads.depth_loglik_fwd
+        ll, aux = fwd(hidden, weight, bias, target, noise_std, gaussian, IGNORE)
+        ref_ll, ref_aux = reference.depth_loglik_fwd(hidden, weight, bias, target, noise_std,
+                                                     gaussian, IGNORE)
+        assert_matches(ll, ref_ll, torch.float32, "loglik")
+        got = bwd(grad, hidden, weight, bias, target, noise_std, aux, gaussian, IGNORE)
+        ref = reference.depth_loglik_bwd(grad, hidden, weight, bias, target, noise_std, ref_aux,
+                                         gaussian, IGNORE)
+        for name, g, r in zip(("d_hidden", "d_weight", "d_bias", "d_noise_std"), got, ref):
+            assert_matches(g, r, torch.float32, name)
+
+    def test_public_op_on_triton_backend_matches_reference_backend():
+        hidden, weight, bias, target, _, grad = make_inputs(
+            3, C, D, per_depth=False, bias_kind="per_depth", gaussian=False, noise=False,
+            dtype=torch.float64)
+
+        def run(name):
+            leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+            with udn_kernels.backend(name):
+                ll = udn_kernels.depth_loglik(*leaves, target)
+                ll.backward(grad)
+            return [ll.detach()] + [t.grad for t in leaves]
+
+        for name, got, want in zip(("loglik", "d_hidden", "d_weight", "d_bias"),
+                                   run("triton"), run("reference")):
+            assert_matches(got, want, torch.float64, name)
+
+    def test_empty_batch():
+        hidden = torch.zeros(2, 0, D)
+        weight = torch.randn(C, D)
+        ll, aux = triton_heads.depth_loglik_fwd(hidden, weight, None, torch.zeros(0, dtype=torch.int64),
+                                                None, False, IGNORE)
+        assert ll.shape == (2, 0) and aux.shape == (2, 0)
+        grads = triton_heads.depth_loglik_bwd(torch.zeros(2, 0), hidden, weight, None,
+                                              torch.zeros(0, dtype=torch.int64), None, aux, False, IGNORE)
+        assert torch.equal(grads[1], torch.zeros_like(weight)) and grads[2].numel() == 0
+
+    def test_zero_hidden_size_still_has_bias_gradient():
+        # D = 0: logits are the bias alone, so d_bias is the only non-empty gradient.
+        hidden, weight, bias, target, _, grad = make_inputs(
+            2, C, 0, per_depth=False, bias_kind="per_depth", gaussian=False, noise=False,
+            dtype=torch.float64)
+        ll, aux = triton_heads.forward(hidden, weight, bias, target, None, False, IGNORE, TINY_FWD)
+        ref_ll, ref_aux = reference.depth_loglik_fwd(hidden, weight, bias, target, None, False, IGNORE)
+        assert_matches(ll, ref_ll, torch.float64, "loglik")
+        got = triton_heads.backward(grad, hidden, weight, bias, target, None, aux, False, IGNORE,
+                                    TINY_BWD, TINY_BWD)
+        ref = reference.depth_loglik_bwd(grad, hidden, weight, bias, target, None, ref_aux, False, IGNORE)
+        assert_matches(got[2], ref[2], torch.float64, "d_bias")
+        assert got[0].shape == hidden.shape and got[1].shape == weight.shape

@@ -1,0 +1,86 @@
+"""depth-vs-complexity (Nazaret & Blei 2022): the learned depth grows with the difficulty of the data.
+
+A UDN (``UDN.mlp``, MAP weights, truncated-Poisson ``q(l)``) is fitted by maximising the ELBO on
+2-D spirals of increasing winding (``udn_kernels.data.spirals``, ``phase`` = number of extra turns).
+Every phase gets the same data size, architecture, optimiser and number of epochs; the claim is
+that the posterior mean depth ``E_q[l]`` increases with the winding.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import Timer, finish, fit, mean_std, pyplot, register, table
+
+FULL = dict(phases=[0, 1, 2, 3, 4, 5, 6], seeds=1, n_train=1024, width=32, epochs=120, lr=1e-2,
+            batch_size=128)
+QUICK = dict(phases=[0, 5], seeds=1, n_train=512, width=16, epochs=25, lr=2e-2, batch_size=128)
+
+
+def fit_phase(phase: float, cfg: dict, seed: int) -> dict:
+    """Train one UDN on spirals of ``phase``; its ``E_q[l]``, ``q(l)`` and test accuracy."""
+    from .. import metrics
+    from ..data import spirals
+    from ..nn import UDN
+    torch.manual_seed(seed)
+    x, y = spirals(cfg["n_train"], phase=phase, seed=seed)
+    x_test, y_test = spirals(2048, phase=phase, seed=seed + 10_000)
+    model = UDN.mlp(2, cfg["width"], 2, init_rate=1.0)
+    optimizer = model.attach_optimizer(torch.optim.Adam(model.parameters(), lr=cfg["lr"]))
+    n = len(x)
+    fit(model, lambda m, xb, yb: m.loss(xb, yb, n_data=n), x, y, epochs=cfg["epochs"], lr=cfg["lr"],
+        batch_size=cfg["batch_size"], seed=seed, optimizer=optimizer)
+    with torch.no_grad():
+        probs = model.predict(x_test)
+        return {"phase": phase, "seed": seed, "E[l]": float(model.depth.mean()),
+                "rate": float(model.depth.rate), "q": model.depth.probs().tolist(),
+                "accuracy": float(metrics.accuracy(probs, y_test)), "nll": float(metrics.nll(probs, y_test))}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation of two equally long lists (no ties expected)."""
+    ranks = [torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b)]
+    ra, rb = (r - r.mean() for r in ranks)
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+@register("depth-vs-complexity")
+def run(args) -> dict:
+    """Fit a UDN per spiral winding; table and plot of ``q(l)`` and ``E_q[l]`` per phase."""
+    cfg = QUICK if args.quick else FULL
+    timer = Timer()
+    runs = [fit_phase(float(p), cfg, args.seed + s) for p in cfg["phases"] for s in range(cfg["seeds"])]
+    by_phase = {p: [r for r in runs if r["phase"] == p] for p in cfg["phases"]}
+    rows = []
+    for phase, group in by_phase.items():
+        depth_mean, depth_std = mean_std([r["E[l]"] for r in group])
+        acc, _ = mean_std([r["accuracy"] for r in group])
+        rows.append([phase, depth_mean, depth_std, len(group[0]["q"]), acc])
+    print(f"depth-vs-complexity: UDN.mlp width {cfg['width']}, {cfg['n_train']} training points, "
+          f"{cfg['epochs']} epochs, {cfg['seeds']} seed(s) per phase")
+    text = table(["phase", "E_q[l]", "std", "support L", "test acc"], rows, [7, 10, 8, 11, 10])
+
+    plt = pyplot()
+    fig, (ax_q, ax_d) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = plt.cm.viridis(torch.linspace(0, 0.9, len(by_phase)).numpy())
+    for colour, (phase, group) in zip(colours, by_phase.items()):
+        q = group[0]["q"]
+        ax_q.plot(range(1, len(q) + 1), q, "o-", color=colour, label=f"phase {phase:g}")
+    ax_q.set_xlabel("depth l")
+    ax_q.set_ylabel("q(l)")
+    ax_q.set_title("posterior over depth (first seed)")
+    ax_q.legend(fontsize=8)
+    phases = list(by_phase)
+    ax_d.errorbar(phases, [r[1] for r in rows], yerr=[r[2] for r in rows], fmt="o-", label="E_q[l]")
+    ax_d.set_xlabel("spiral phase (turns)")
+    ax_d.set_ylabel("posterior mean depth E_q[l]")
+    ax_acc = ax_d.twinx()
+    ax_acc.plot(phases, [r[4] for r in rows], "s--", color="tab:red", label="test accuracy")
+    ax_acc.set_ylabel("test accuracy", color="tab:red")
+    ax_acc.set_ylim(0.4, 1.02)
+    ax_d.set_title("learned depth vs winding")
+    depths = [r[1] for r in rows]
+    print(f"Spearman(phase, E_q[l]) = {spearman(phases, depths):.3f}; time {timer():.1f} s")
+    return finish(args, "depth-vs-complexity", {
+        "config": cfg, "phases": phases, "E[l]": depths, "runs": runs, "table": text,
+        "spearman_phase_depth": spearman(phases, depths),
+        "seconds": timer()}, fig)
