@@ -7,7 +7,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import udn_kernels
 from udn_kernels.data import spirals
 from udn_kernels.nn import UDN
 from udn_kernels.nn.distributed import DistributedUDN
@@ -38,17 +37,16 @@ def _worker(rank, world, port, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        with udn_kernels.backend("reference"):
-            model, opt = _build()
-            ddp = DistributedUDN(model)
-            x, y = _data()
-            shard = slice(rank * N // world, (rank + 1) * N // world)
-            depths = []
-            for _ in range(STEPS):
-                opt.zero_grad()
-                ddp.loss(x[shard], y[shard], N).backward()
-                opt.step()
-                depths.append(model.built_depth)
+        model, opt = _build()
+        ddp = DistributedUDN(model)
+        x, y = _data()
+        shard = slice(rank * N // world, (rank + 1) * N // world)
+        depths = []
+        for _ in range(STEPS):
+            opt.zero_grad()
+            ddp.loss(x[shard], y[shard], N).backward()
+            opt.step()
+            depths.append(model.built_depth)
         if rank == 0:
             torch.save({"state": model.state_dict(), "depths": depths}, out_path)
     finally:
@@ -66,15 +64,14 @@ def test_two_process_ddp_equals_single_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     result = torch.load(out)
 
-    with udn_kernels.backend("reference"):
-        model, opt = _build()
-        x, y = _data()
-        depths = []
-        for _ in range(STEPS):
-            opt.zero_grad()
-            model.loss(x, y, N).backward()
-            opt.step()
-            depths.append(model.built_depth)
+    model, opt = _build()
+    x, y = _data()
+    depths = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        model.loss(x, y, N).backward()
+        opt.step()
+        depths.append(model.built_depth)
     assert result["depths"] == depths
     assert depths[-1] > 4, depths  # the run did grow
     state = model.state_dict()

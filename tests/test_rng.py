@@ -78,13 +78,13 @@ _TRITON_SCRIPT = textwrap.dedent("""
     seeds, offsets, n = json.loads(sys.argv[1])
     results = {}
     with udn_kernels.backend("triton"):
+        assert udn_kernels._backend.kernel_backend("philox_normal", torch.device("cpu")) == "triton"
         for seed in seeds:
             for offset in offsets:
                 results[f"uint32/{seed}/{offset}"] = rng.random_uint32(n, seed, offset)
                 results[f"uniform/{seed}/{offset}"] = rng.uniform(n, seed, offset)
                 results[f"normal/{seed}/{offset}"] = rng.normal(n, seed, offset)
                 results[f"bernoulli/{seed}/{offset}"] = rng.bernoulli(n, 0.3, seed, offset)
-    assert udn_kernels._backend.kernel_backend("philox_normal", torch.device("cpu")) == "triton"
     torch.save(results, sys.argv[2])
 """)
 

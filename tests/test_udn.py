@@ -234,3 +234,16 @@ def test_learned_depth_grows_with_spiral_winding():
         torch.set_num_threads(threads)
     assert accuracies[0.0] == 1.0 and accuracies[1.5] > 0.9
     assert depths[1.5] > depths[0.0] + 0.5, depths
+
+
+def test_stochastic_resnet_trains_and_predicts_with_samples():
+    torch.manual_seed(7)
+    model = UDN.resnet(1, 3, 4, layer="bernoulli", layer_kwargs={"p": 0.2, "mask": "weight"}, init_rate=1.0)
+    x = torch.randn(5, 1, 6, 6)
+    y = torch.randint(0, 4, (5,))
+    model.loss(x, y, 50, samples=2).backward()
+    assert model.stem[0].weight.grad is not None and model.heads[0].weight.grad is not None
+    probs, per_sample = model.predict(x, samples=3, return_samples=True)
+    assert per_sample.shape == (3, 5, 4)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+    assert not torch.allclose(per_sample[0], per_sample[1])

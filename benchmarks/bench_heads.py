@@ -1,0 +1,237 @@
+"""heads-small / heads-lm (DESIGN §6): the fused depth-mixture loss vs what users write.
+
+Methods (all compute the expected-mode loss ``sum_l w_l CE(head_l(h_l), y)`` and its gradients):
+``fused`` (``udn_kernels.depth_mixture_nll`` on the C++ backend), ``eager`` (a loop of
+``nn.Linear`` heads + ``F.cross_entropy``), ``compiled`` (``torch.compile`` of that loop),
+``linear_ce`` (``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, looping depths) and
+``floor`` (the same three matrix products alone: logits, dH, dW). Passes: ``forward``,
+``backward``, ``fwd+bwd``. Tiny shapes by default (so the suite never rots); ``UDN_BENCH_FULL=1``
+selects the DESIGN sizes.
+
+Run: ``python -m pytest benchmarks/bench_heads.py --benchmark-enable`` (pytest-benchmark table),
+``python benchmarks/bench_heads.py`` (medians and ratios measured in one process) or
+``python benchmarks/bench_heads.py --memory`` (peak extra RSS of the fused fwd+bwd at L=8,
+N=4096, D=512, C=32000 in a fresh subprocess).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import udn_kernels
+
+FULL = os.environ.get("UDN_BENCH_FULL") == "1"
+CASES = {
+    # name: (L, N, D, C, head per depth)
+    "heads-small": (16, 256, 128, 10, True) if FULL else (4, 32, 16, 10, True),
+    "heads-lm": (4, 2048, 256, 16384, False) if FULL else (2, 64, 32, 1000, False),
+}
+METHODS = ("fused", "eager", "compiled", "linear_ce", "floor")
+PASSES = ("forward", "backward", "fwd+bwd")
+
+
+class Problem:
+    """Inputs of one case plus the per-depth ``nn.Linear`` heads holding the same parameters."""
+
+    def __init__(self, L, N, D, C, per_depth, seed=0):
+        torch.manual_seed(seed)
+        self.L, self.N, self.D, self.C, self.per_depth = L, N, D, C, per_depth
+        self.hidden = torch.randn(L, N, D).requires_grad_()
+        self.target = torch.randint(0, C, (N,))
+        self.log_weights = torch.log_softmax(torch.randn(L), 0).requires_grad_()
+        # heads-small has a biased head per depth (nn.Linear default); heads-lm a bias-free shared head
+        self.heads = nn.ModuleList(nn.Linear(D, C, bias=per_depth) for _ in range(L if per_depth else 1))
+        if per_depth:
+            self.weight = torch.stack([h.weight.detach() for h in self.heads]).requires_grad_()
+            self.bias = torch.stack([h.bias.detach() for h in self.heads]).requires_grad_()
+        else:
+            self.weight = self.heads[0].weight
+            self.bias = None
+        rows = L * N
+        self.grad_logits = torch.randn(L, N, C) if per_depth else torch.randn(rows, C)
+        self._compiled = None
+
+    def head(self, l):
+        return self.heads[l if self.per_depth else 0]
+
+    # ---- the methods: each returns the scalar loss
+    def fused(self):
+        with udn_kernels.backend("cpu"):
+            return udn_kernels.depth_mixture_nll(self.hidden, self.weight, self.bias, self.target,
+                                                 self.log_weights, mode="expected")
+
+    def eager(self):
+        w = self.log_weights.exp()
+        loss = 0.0
+        for l in range(self.L):
+            loss = loss + w[l] * F.cross_entropy(self.head(l)(self.hidden[l]), self.target)
+        return loss
+
+    def compiled(self):
+        if self._compiled is None:
+            self._compiled = torch.compile(self.eager)
+        return self._compiled()
+
+    def linear_ce(self):
+        w = self.log_weights.exp()
+        options = torch.nn.LinearCrossEntropyOptions()
+        loss = 0.0
+        for l in range(self.L):
+            head = self.head(l)
+            loss = loss + w[l] * F.linear_cross_entropy(self.hidden[l], head.weight, self.target,
+                                                        linear_bias=head.bias, options=options)
+        return loss
+
+    def floor_forward(self):
+        h = self.hidden.detach()
+        if self.per_depth:
+            return torch.bmm(h, self.weight.detach().transpose(1, 2))
+        return h.reshape(-1, self.D) @ self.weight.detach().t()
+
+    def floor_backward(self):
+        h, w, g = self.hidden.detach(), self.weight.detach(), self.grad_logits
+        if self.per_depth:
+            return torch.bmm(g, w), torch.bmm(g.transpose(1, 2), h)
+        return g @ w, g.t() @ h.reshape(-1, self.D)
+
+    def zero_grad(self):
+        for t in (self.hidden, self.log_weights, self.weight, self.bias, *self.heads.parameters()):
+            if t is not None:
+                t.grad = None
+
+
+def runner(problem: Problem, method: str, pass_: str):
+    """``(setup, run)``: ``run`` times one pass; ``setup`` prepares it (the forward, for backward)."""
+    if method == "floor":
+        fn = {"forward": problem.floor_forward, "backward": problem.floor_backward,
+              "fwd+bwd": lambda: (problem.floor_forward(), problem.floor_backward())}[pass_]
+        return (lambda: None), (lambda _: fn())
+    loss_fn = getattr(problem, method)
+    if pass_ == "forward":
+        return (lambda: None), (lambda _: loss_fn())
+    if pass_ == "backward":
+        def setup():
+            problem.zero_grad()
+            return loss_fn()
+        return setup, (lambda loss: loss.backward())
+
+    def both(_):
+        problem.zero_grad()
+        loss_fn().backward()
+    return (lambda: None), both
+
+
+def measure(problem, method, pass_, repeats=5):
+    """Median wall time (s) of ``repeats`` runs after one warm-up."""
+    setup, run = runner(problem, method, pass_)
+    times = []
+    for i in range(repeats + 1):
+        state = setup()
+        t0 = time.perf_counter()
+        run(state)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------ pytest-benchmark suite
+_problems: dict[str, Problem] = {}
+
+
+def _problem(case):
+    if case not in _problems:
+        _problems[case] = Problem(*CASES[case])
+    return _problems[case]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_heads_methods_agree(case):
+    """Every benchmarked method computes the same loss and hidden gradient as the fused op."""
+    problem = _problem(case)
+    results = {}
+    for method in METHODS[:-1]:
+        problem.zero_grad()
+        loss = getattr(problem, method)()
+        loss.backward()
+        results[method] = (loss.detach(), problem.hidden.grad.clone())
+    for method, (loss, grad) in results.items():
+        torch.testing.assert_close(loss, results["fused"][0], rtol=1e-4, atol=1e-5, msg=method)
+        torch.testing.assert_close(grad, results["fused"][1], rtol=1e-3, atol=1e-6, msg=method)
+
+
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_heads(benchmark, case, method, pass_):
+    benchmark.group = f"{case} {pass_}"
+    setup, run = runner(_problem(case), method, pass_)
+    benchmark.pedantic(run, setup=lambda: ((setup(),), {}), rounds=3 if FULL else 5, warmup_rounds=1)
+
+
+# ------------------------------------------------------------------ peak memory (fresh subprocess)
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_child(method, L, N, D, C):
+    """Runs in the subprocess: one fwd+bwd of ``method``, prints the peak RSS above the baseline."""
+    torch.manual_seed(0)
+    hidden = torch.randn(L, N, D).requires_grad_()
+    weight = torch.randn(C, D).mul_(D ** -0.5).requires_grad_()
+    target = torch.randint(0, C, (N,))
+    log_weights = torch.log_softmax(torch.randn(L), 0).requires_grad_()
+    warm = Problem(2, 8, 4, 16, False)  # load libraries and the kernels before the baseline
+    warm.fused().backward()
+    warm.eager().backward()
+    baseline = _rss_bytes()
+    if method == "fused":
+        with udn_kernels.backend("cpu"):
+            loss = udn_kernels.depth_mixture_nll(hidden, weight, None, target, log_weights)
+    else:  # the eager loop; materialises L [N, C] logits (and their softmax for backward)
+        w = log_weights.exp()
+        loss = sum(w[l] * F.cross_entropy(hidden[l] @ weight.t(), target) for l in range(L))
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"method": method, "peak_extra_bytes": peak - baseline}))
+
+
+def peak_extra_memory(method="fused", L=8, N=4096, D=512, C=32000) -> int:
+    """Peak extra RSS (bytes) of one fwd+bwd with a shared head, measured in a fresh subprocess
+    (sees every ATen CPU allocation; gradients of hidden and weight are included)."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import bench_heads; bench_heads._memory_child({method!r}, {L}, {N}, {D}, {C})")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def main():
+    if "--memory" in sys.argv:
+        extra = peak_extra_memory()
+        print(f"fused fwd+bwd L=8 N=4096 D=512 C=32000: peak extra RSS {extra / 2**30:.3f} GiB "
+              f"(eager logits alone: {8 * 4096 * 32000 * 4 / 2**30:.1f} GiB)")
+        return
+    print(f"threads={torch.get_num_threads()} full={FULL}")
+    for case in CASES:
+        problem = _problem(case)
+        print(f"\n{case} {CASES[case]}")
+        print(f"{'method':<10}" + "".join(f"{p:>12}" for p in PASSES) + "   fwd+bwd ratio to fused / floor")
+        table = {m: {p: measure(problem, m, p, repeats=3 if FULL else 7) for p in PASSES} for m in METHODS}
+        for m, row in table.items():
+            fb = row["fwd+bwd"]
+            print(f"{m:<10}" + "".join(f"{row[p] * 1e3:>10.2f}ms" for p in PASSES) +
+                  f"   {fb / table['fused']['fwd+bwd']:6.2f}x {fb / table['floor']['fwd+bwd']:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""rng (DESIGN §6): the Philox stream's C++ kernels vs torch's own generators.
+
+Kinds: ``normal`` (``udn_kernels.rng.normal`` vs ``torch.randn``), ``uniform`` (``rng.uniform`` vs
+``torch.rand``), ``bernoulli`` (``rng.bernoulli`` vs ``torch.empty(n).bernoulli_(p)``). Both sides
+return a fresh float32 tensor of ``n`` elements, so both pay for the allocation. ``n = 2^24`` with
+``UDN_BENCH_FULL=1``, else a tiny ``2^12`` so the suite never rots.
+
+Run: ``python -m pytest benchmarks/bench_rng.py --benchmark-enable`` (pytest-benchmark table) or
+``python benchmarks/bench_rng.py`` (medians and speed-ups measured in one process).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+import udn_kernels
+from udn_kernels import rng
+
+FULL = os.environ.get("UDN_BENCH_FULL") == "1"
+N = 2**24 if FULL else 2**12
+P = 0.5
+SEED = 1234
+KINDS = ("normal", "uniform", "bernoulli")
+METHODS = ("udn", "torch")
+
+
+def runner(kind: str, method: str, n: int = N):
+    """A zero-argument callable producing ``n`` draws of ``kind`` with ``method``."""
+    if method == "udn":
+        fn = {"normal": lambda: rng.normal(n, SEED), "uniform": lambda: rng.uniform(n, SEED),
+              "bernoulli": lambda: rng.bernoulli(n, P, SEED)}[kind]
+
+        def run():
+            with udn_kernels.backend("cpu"):
+                return fn()
+        return run
+    return {"normal": lambda: torch.randn(n), "uniform": lambda: torch.rand(n),
+            "bernoulli": lambda: torch.empty(n).bernoulli_(P)}[kind]
+
+
+def measure(kind: str, method: str, repeats: int = 7) -> float:
+    """Median wall time (seconds) of one call, after one warm-up call."""
+    run = runner(kind, method)
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------ pytest-benchmark suite
+
+needs_cpp = pytest.mark.skipif(not udn_kernels.available_backends()["cpu"], reason="C++ extension not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", KINDS)
+def test_rng_methods_agree(kind):
+    """Both methods give float32 vectors of the requested size with the same first two moments."""
+    ours, theirs = runner(kind, "udn", 2**16)(), runner(kind, "torch", 2**16)()
+    assert ours.dtype == theirs.dtype == torch.float32 and ours.shape == theirs.shape
+    # Moments of N(0,1) / U(0,1) / Bernoulli(1/2): 10 standard errors is a generous, honest bound.
+    mean, var = {"normal": (0.0, 1.0), "uniform": (0.5, 1 / 12), "bernoulli": (P, P * (1 - P))}[kind]
+    for sample in (ours, theirs):
+        assert abs(sample.double().mean().item() - mean) < 10 * (var / sample.numel()) ** 0.5
+        assert abs(sample.double().var().item() - var) < 0.05 * var
+
+
+@needs_cpp
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_rng(benchmark, kind, method):
+    benchmark.group = f"rng {kind} n={N}"
+    out = benchmark.pedantic(runner(kind, method), rounds=5 if FULL else 20, warmup_rounds=1)
+    assert out.numel() == N
+
+
+def main():
+    print(f"rng: n = {N}, {torch.get_num_threads()} threads; median of 7 calls, fresh output each call")
+    for kind in KINDS:
+        ours, theirs = measure(kind, "udn"), measure(kind, "torch")
+        print(f"  {kind:10s} udn {ours * 1e3:8.2f} ms   torch {theirs * 1e3:8.2f} ms   "
+              f"speed-up {theirs / ours:5.2f}x   ({N / ours / 1e9:.2f} G draws/s)")
+
+
+if __name__ == "__main__":
+    main()
