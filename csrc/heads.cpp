@@ -22,6 +22,9 @@ using at::Tensor;
 
 constexpr int64_t kMaxRowTile = 256;  // rows of a logits tile
 constexpr int64_t kClassTile = 512;   // classes of a logits tile (256 x 512 fp32 = 512 KiB, fits L2)
+// Up to this many classes, tiles are class-major (S^T = W H^T, [C, rows]): a GEMM with only C
+// output columns runs far below peak, and the epilogue vectorises over rows instead of classes.
+constexpr int64_t kSmallClasses = 32;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -135,6 +138,57 @@ void add_into(T* acc, const T* x, int64_t n) {
   for (; j < n; ++j) acc[j] += x[j];
 }
 
+// Row-vectorised helpers for class-major tiles (one class = one contiguous row of the tile).
+template <typename T>
+void add_scalar(T* x, T v, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) (Vec<T>::loadu(x + j) + Vec<T>(v)).store(x + j);
+  for (; j < n; ++j) x[j] += v;
+}
+
+template <typename T>
+void max_into(T* acc, const T* x, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) at::vec::maximum(Vec<T>::loadu(acc + j), Vec<T>::loadu(x + j)).store(acc + j);
+  for (; j < n; ++j) acc[j] = std::max(acc[j], x[j]);
+}
+
+// acc += exp(x - shift), elementwise.
+template <typename T>
+void add_exp_into(T* acc, const T* x, const T* shift, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W)
+    (Vec<T>::loadu(acc + j) + (Vec<T>::loadu(x + j) - Vec<T>::loadu(shift + j)).exp()).store(acc + j);
+  for (; j < n; ++j) acc[j] += std::exp(x[j] - shift[j]);
+}
+
+// x <- -g * exp(x - lse), elementwise (g, lse per row).
+template <typename T>
+void softmax_grad_rows(T* x, const T* lse, const T* g, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W)
+    (Vec<T>(0) - Vec<T>::loadu(g + j) * (Vec<T>::loadu(x + j) - Vec<T>::loadu(lse + j)).exp()).store(x + j);
+  for (; j < n; ++j) x[j] = -g[j] * std::exp(x[j] - lse[j]);
+}
+
+template <typename T>
+T sum_of(const T* x, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> acc(0);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) acc = acc + Vec<T>::loadu(x + j);
+  T lanes[W];
+  acc.store(lanes);
+  T total = 0;
+  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+  for (; j < n; ++j) total += x[j];
+  return total;
+}
+
 // ---------------------------------------------------------------- problem description
 template <typename T>
 struct Heads {
@@ -144,7 +198,7 @@ struct Heads {
   const int64_t* target_idx = nullptr;  // categorical [N]
   const T* target_val = nullptr;        // gaussian [N, C]
   int64_t L, N, D, C, rows, row_tile;
-  bool per_depth, bias_per_depth, gaussian;
+  bool per_depth, bias_per_depth, gaussian, class_major;
   int64_t ignore_index;
   std::vector<T> inv_s, inv_s2;  // gaussian 1/s and 1/s^2
   T gauss_const = 0;             // -sum_c log s_c - C/2 log(2 pi)
@@ -202,13 +256,15 @@ struct Heads {
     }
     // Row tile from the shape only (never from the thread count) so results do not depend on it
     // beyond the documented reduction order.
+    class_major = C <= kSmallClasses;
     row_tile = std::min<int64_t>(kMaxRowTile, std::max<int64_t>(16, ceil_div(ceil_div(rows, 16), 8) * 8));
   }
 
   // Row blocks [r0, r1) of the stacked rows; a per-depth head keeps each block inside one depth.
   std::vector<std::pair<int64_t, int64_t>> row_blocks() const {
     std::vector<std::pair<int64_t, int64_t>> out;
-    const int64_t segment = per_depth ? N : rows;
+    // class-major tiles add one bias row per block, so their blocks stay inside one depth too
+    const int64_t segment = per_depth || class_major ? N : rows;
     for (int64_t s0 = 0; s0 < rows; s0 += segment)
       for (int64_t r = s0; r < s0 + segment; r += row_tile) out.emplace_back(r, std::min(r + row_tile, s0 + segment));
     return out;
@@ -221,6 +277,17 @@ struct Heads {
 
   Tensor head(int64_t r0) const { return per_depth ? weight.select(0, r0 / N) : weight; }
 
+  // Class-major logits tile W H[r0:r0+m]^T ([C, m], bias added) computed into buf.
+  Tensor logits_t(Tensor& buf, int64_t r0, int64_t m) const {
+    Tensor St = buf.narrow(0, 0, C * m).view({C, m});
+    at::mm_out(St, head(r0), hidden2d.narrow(0, r0, m).t());
+    if (const T* b = bias_of_row(r0)) {
+      T* s = St.data_ptr<T>();
+      for (int64_t c = 0; c < C; ++c) add_scalar(s + c * m, b[c], m);
+    }
+    return St;
+  }
+
   // Logits tile H[r0:r0+m] W[c0:c0+ct]^T (no bias) computed into buf.
   Tensor logits(Tensor& buf, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
     Tensor S = buf.narrow(0, 0, m * ct).view({m, ct});
@@ -230,6 +297,33 @@ struct Heads {
 };
 
 // ---------------------------------------------------------------- forward
+// Class-major forward of one row block (all C classes in one tile): fills the same per-row state
+// as the class-tiled loop (max, sum of exp, picked logit; Gaussian: squared residual sum in se).
+template <typename T>
+void forward_class_major(const Heads<T>& p, Tensor& buf, int64_t r0, int64_t m, T* mx, T* se, T* picked) {
+  Tensor St = p.logits_t(buf, r0, m);
+  const T* s = St.data_ptr<T>();
+  const int64_t n0 = r0 % p.N;
+  if (p.gaussian) {
+    for (int64_t i = 0; i < m; ++i) {
+      const T* y = p.target_val + (n0 + i) * p.C;
+      T acc = 0;
+      for (int64_t c = 0; c < p.C; ++c) {
+        const T r = (y[c] - s[c * m + i]) * p.inv_s[c];
+        acc += r * r;
+      }
+      se[i] = acc;
+    }
+    return;
+  }
+  for (int64_t c = 0; c < p.C; ++c) max_into(mx, s + c * m, m);
+  for (int64_t c = 0; c < p.C; ++c) add_exp_into(se, s + c * m, mx, m);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t t = p.target_idx[n0 + i];
+    if (t != p.ignore_index) picked[i] = s[t * m + i];
+  }
+}
+
 template <typename T>
 void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
   const auto blocks = p.row_blocks();
@@ -242,7 +336,10 @@ void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
       mx.assign(m, -std::numeric_limits<T>::infinity());
       se.assign(m, T(0));
       picked.assign(m, T(0));
-      for (int64_t c0 = 0; c0 < p.C; c0 += ct_max) {
+      if (p.class_major) {
+        forward_class_major(p, buf, r0, m, mx.data(), se.data(), picked.data());
+      }
+      for (int64_t c0 = 0; c0 < p.C && !p.class_major; c0 += ct_max) {
         const int64_t ct = std::min(ct_max, p.C - c0);
         Tensor S = p.logits(buf, r0, m, c0, ct);
         T* s = S.data_ptr<T>();
@@ -303,10 +400,44 @@ struct Sinks {
   T* d_noise;         // [C] or null (gaussian partial sum of g r^2)
 };
 
+// Class-major backward of one row block: G^T [C, m], then dH += G W and dW += G^T H.
+template <typename T>
+void backward_class_major(const Heads<T>& p, const T* grad, const T* lse, Tensor& buf, int64_t r0, int64_t m,
+                          Sinks<T>& out) {
+  Tensor St = p.logits_t(buf, r0, m);
+  T* s = St.data_ptr<T>();
+  const int64_t n0 = r0 % p.N;
+  if (p.gaussian) {
+    for (int64_t c = 0; c < p.C; ++c) {
+      T dn = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        const T r = p.target_val[(n0 + i) * p.C + c] - s[c * m + i];
+        s[c * m + i] = grad[r0 + i] * r * p.inv_s2[c];
+        dn += grad[r0 + i] * r * r;
+      }
+      if (out.d_noise) out.d_noise[c] += dn;
+    }
+  } else {
+    std::vector<T> g(grad + r0, grad + r0 + m);  // 0 on ignored rows
+    for (int64_t i = 0; i < m; ++i)
+      if (p.target_idx[n0 + i] == p.ignore_index) g[i] = T(0);
+    for (int64_t c = 0; c < p.C; ++c) softmax_grad_rows(s + c * m, lse + r0, g.data(), m);
+    for (int64_t i = 0; i < m; ++i)
+      if (g[i] != T(0)) s[p.target_idx[n0 + i] * m + i] += g[i];
+  }
+  if (out.d_bias) {
+    T* db = out.d_bias + (p.bias_per_depth ? (r0 / p.N) * p.C : 0);
+    for (int64_t c = 0; c < p.C; ++c) db[c] += sum_of(s + c * m, m);
+  }
+  out.d_hidden2d.narrow(0, r0, m).addmm_(St.t(), p.head(r0));
+  (p.per_depth ? out.d_weight.select(0, r0 / p.N) : out.d_weight).addmm_(St, p.hidden2d.narrow(0, r0, m));
+}
+
 // One logits tile's backward: recompute S, turn it into G, then dH += G W_t and dW_t += G^T H.
 template <typename T>
 void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& buf, int64_t r0, int64_t m,
                    int64_t c0, int64_t ct, Sinks<T>& out) {
+  if (p.class_major) return backward_class_major(p, grad, lse, buf, r0, m, out);
   Tensor S = p.logits(buf, r0, m, c0, ct);
   T* s = S.data_ptr<T>();
   for (int64_t i = 0; i < m; ++i) {

@@ -1,5 +1,4 @@
 """DistributedUDN: two gloo CPU processes train like one process on the combined batch, growth included."""
-import math
 import os
 import socket
 

@@ -11,8 +11,8 @@ def spirals(n: int, phase: float = 1.0, noise: float = 0.05, seed: int = 0,
     """Two interleaved 2-D spirals: ``(x [n, 2], y [n] int64)`` with balanced classes.
 
     A point of class ``c`` at radius ``r ~ U(0.1, 1)`` sits at angle ``phase * 2 pi * r + c pi``,
-    so ``phase`` ``phase = 0`` gives two opposite rays (linearly
-    separable), each unit of ``phase`` adds one full turn to both arms (harder, needs more depth).
+    so ``phase`` is the number of turns of each arm: ``phase = 0`` gives two opposite rays (linearly
+    separable); every unit of ``phase`` adds one full turn (harder, needs more depth).
     Gaussian noise of std ``noise`` is added to the coordinates. Deterministic given ``seed``.
     """
     if n < 2:

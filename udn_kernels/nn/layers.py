@@ -25,6 +25,7 @@ from torch.nn import functional as F
 import udn_kernels
 from ..ops._checks import check_choice, check_probability, check_samples, resolve_seed
 from ..reference import philox
+from .depth import _softplus_inverse
 
 
 class _SamplingState(threading.local):
@@ -55,10 +56,6 @@ def active_samples() -> int | None:
 
 def _sample_axis_added() -> bool:
     return _state.origin is not None
-
-
-def _softplus_inverse(value: float) -> float:
-    return value if value > 20.0 else math.log(math.expm1(value))
 
 
 def _new_seed() -> int:

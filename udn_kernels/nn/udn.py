@@ -34,7 +34,8 @@ LAYERS = ("deterministic", "gaussian", "bernoulli", "variational_dropout")
 class _PriorPlan(NamedTuple):
     params: list            # point-estimate parameters of blocks 1..L
     segments: torch.Tensor | None  # block index of every element of their concatenation
-    stochastic: list        # (block index, StochasticLayer)
+    stochastic: list        # StochasticLayers of blocks 1..L
+    stochastic_index: torch.Tensor  # their block indices
     log_mu: torch.Tensor    # log mu(l), l = 1..L
 
 
@@ -259,7 +260,9 @@ class UDN(nn.Module):
                             segments.append(torch.full((p.numel(),), index, dtype=torch.int64))
             segments = torch.cat(segments).to(like.device) if segments else None
             depths = torch.arange(1, depth + 1, dtype=like.dtype, device=like.device)
-            plan = _PriorPlan(params, segments, stochastic, self.prior.log_prob(depths))
+            plan = _PriorPlan(params, segments, [m for _, m in stochastic],
+                              torch.tensor([i for i, _ in stochastic], dtype=torch.int64, device=like.device),
+                              self.prior.log_prob(depths))
             self._plan_cache = (key, plan)
         return self._plan_cache[1]
 
@@ -271,8 +274,8 @@ class UDN(nn.Module):
             squares = torch.cat([p.reshape(-1) for p in plan.params]).pow(2)
             terms = terms.index_add(0, plan.segments, squares, alpha=-0.5 / self.weight_prior_std ** 2)
         if plan.stochastic:
-            index = torch.tensor([i for i, _ in plan.stochastic], device=terms.device)
-            terms = terms.index_add(0, index, -torch.stack([layer.kl() for _, layer in plan.stochastic]))
+            kls = torch.stack([layer.kl() for layer in plan.stochastic])
+            terms = terms.index_add(0, plan.stochastic_index, -kls)
         return terms
 
     def _point_log_prior(self, params) -> torch.Tensor:

@@ -1,0 +1,423 @@
+"""Triton kernels of ``gaussian_linear`` and ``bernoulli_linear`` (docs/internals.md signatures).
+
+Weight noise (Gaussian eps, dropout keep masks, symmetric signs) and flipout signs are generated
+in registers from the Philox stream at the offsets of docs/rng.md, tile by tile inside the
+``tl.dot`` K-loops, and never written to memory; the backward kernels regenerate them from
+``(seed, offset)``. Three kernels serve all modes (a ``MODE`` constexpr picks the noise):
+
+- ``_fwd_kernel``: ``out[s] = x[s] W_s^T`` (+ flipout / local / bias terms) over an (M=B, N) tile grid;
+- ``_dx_kernel``: ``d_x[s] = grad[s] W_s`` (summed over draws when ``x`` is shared);
+- ``_dw_kernel``: ``d_W = sum_s grad[s]^T x[s]``, weighted per draw by that draw's weight noise.
+
+The local-reparameterisation estimator has only output noise: its backward runs ``_fwd_kernel``
+once more to form ``g_v = grad * eps / (2 std)`` and finishes with plain matrix products.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from .rng import philox_normal
+
+# MODE values (constexpr).
+SAMPLE, FLIPOUT, LOCAL, BERN_INPUT, BERN_WEIGHT, SYMMETRIC = 0, 1, 2, 3, 4, 5
+_GAUSSIAN_MODES = {"sample": SAMPLE, "flipout": FLIPOUT, "local": LOCAL}
+_BERNOULLI_MODES = {"input": BERN_INPUT, "weight": BERN_WEIGHT, "symmetric": SYMMETRIC}
+
+
+@triton.jit
+def _sign(seed, elem):
+    """+1 where the Philox word's top bit is set, else -1 (docs/rng.md sign)."""
+    return tl.where((tl.randint(seed, elem) >> 31) != 0, 1.0, -1.0)
+
+
+@triton.jit
+def _keep(seed, elem, p, scale):
+    """Dropout keep mask: ``scale`` where uniform >= p, else 0."""
+    return tl.where(tl.rand(seed, elem) >= p, scale, 0.0)
+
+
+@triton.jit
+def _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn, rk, N, K, MODE: tl.constexpr, HAS_W: tl.constexpr):
+    """The noisy weight tile ``W_s[rn, rk]`` (float32, shape of ``rn[:, None] + rk[None, :]``) for
+    modes whose weight noise enters the product directly: sample, weight, symmetric."""
+    mask = (rn < N) & (rk < K)
+    off = rn * K + rk
+    elem = s * N * K + off
+    if MODE == 0:
+        w = tl.load(sig_ptr + off, mask=mask, other=0.0).to(tl.float32) * tl.randn(seed, elem)
+        if HAS_W:
+            w += tl.load(w_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.load(w_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 4:
+            w = w * _keep(seed, elem, p, scale)
+        else:
+            w = w * _sign(seed, elem)
+    return w
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, g_ptr, out_ptr,
+                B, N, K, x_draw_stride, seed, p, scale, bias_base, sign_in_base, sign_out_base,
+                MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_BMU: tl.constexpr, HAS_BSIG: tl.constexpr,
+                OUT_GV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Grid (B tiles, N tiles, S). ``out[s, b, n]``; with ``OUT_GV`` (local backward) it writes
+    ``g_v = grad * eps / (2 std)`` instead."""
+    s = tl.program_id(2).to(tl.int64)
+    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    rk0 = tl.arange(0, BK).to(tl.int64)
+    x_base = x_ptr + s * x_draw_stride
+    dot_ty = x_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)  # flipout noise term / local variance
+    for k0 in range(0, K, BK):
+        rk = k0 + rk0
+        x_mask = (rm[:, None] < B) & (rk[None, :] < K)
+        x = tl.load(x_base + rm[:, None] * K + rk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        if MODE == 1 or MODE == 2 or MODE == 3:
+            t_mask = (rn[None, :] < N) & (rk[:, None] < K)
+            t_off = rn[None, :] * K + rk[:, None]
+            if MODE == 3:  # input dropout: mask x, deterministic weight
+                xe = s * B * K + rm[:, None] * K + rk[None, :]
+                x = x * _keep(seed, xe, p, scale)
+                w = tl.load(w_ptr + t_off, mask=t_mask, other=0.0)
+                acc += tl.dot(x.to(dot_ty), w.to(dot_ty), input_precision="ieee")
+            else:
+                if HAS_W:
+                    w = tl.load(w_ptr + t_off, mask=t_mask, other=0.0)
+                    acc += tl.dot(x.to(dot_ty), w.to(dot_ty), input_precision="ieee")
+                sig = tl.load(sig_ptr + t_off, mask=t_mask, other=0.0).to(tl.float32)
+                if MODE == 1:
+                    xe = sign_in_base + s * B * K + rm[:, None] * K + rk[None, :]
+                    eps = tl.randn(seed, s * N * K + t_off)
+                    acc2 += tl.dot((x * _sign(seed, xe)).to(dot_ty), (sig * eps).to(dot_ty), input_precision="ieee")
+                else:
+                    acc2 += tl.dot((x * x).to(dot_ty), (sig * sig).to(dot_ty), input_precision="ieee")
+        else:
+            w = _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn[None, :], rk[:, None], N, K, MODE, HAS_W)
+            acc += tl.dot(x.to(dot_ty), w.to(dot_ty), input_precision="ieee")
+
+    n_mask = rn < N
+    out_mask = (rm[:, None] < B) & n_mask[None, :]
+    out_elem = s * B * N + rm[:, None] * N + rn[None, :]
+    if MODE == 1:
+        acc += acc2 * _sign(seed, sign_out_base + out_elem)
+    if MODE == 2:
+        var = acc2
+        if HAS_BSIG:
+            bsig = tl.load(bsig_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            var += (bsig * bsig)[None, :]
+        positive = var > 0
+        std = tl.sqrt(tl.where(positive, var, 1.0))
+        eps = tl.randn(seed, out_elem)
+        if OUT_GV:
+            g = tl.load(g_ptr + out_elem, mask=out_mask, other=0.0).to(tl.float32)
+            acc = tl.where(positive, g * eps / (2.0 * std), 0.0)
+        else:
+            acc += tl.where(positive, std, 0.0) * eps
+    if not OUT_GV:
+        if HAS_BMU:
+            acc += tl.load(bmu_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BSIG and (MODE == 0 or MODE == 1):
+            bsig = tl.load(bsig_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            acc += (bsig * tl.randn(seed, bias_base + s * N + rn))[None, :]
+    tl.store(out_ptr + out_elem, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dx_kernel(g_ptr, w_ptr, sig_ptr, dx_ptr, S, B, N, K, seed, p, scale, sign_in_base, sign_out_base,
+               MODE: tl.constexpr, HAS_W: tl.constexpr, X_SAMPLED: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Grid (B tiles, K tiles, Sx). ``d_x[sx, b, k] = sum_{s in draws of sx} (grad[s] W_s)[b, k]``."""
+    sx = tl.program_id(2).to(tl.int64)
+    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rk = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
+    rn0 = tl.arange(0, BN).to(tl.int64)
+    dot_ty = g_ptr.dtype.element_ty
+    mk_mask = (rm[:, None] < B) & (rk[None, :] < K)
+    x_elem = rm[:, None] * K + rk[None, :]
+    if X_SAMPLED:
+        s_end = sx + 1
+    else:
+        s_end = S
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for s in range(sx, s_end):
+        part = tl.zeros((BM, BK), dtype=tl.float32)
+        noise = tl.zeros((BM, BK), dtype=tl.float32)  # flipout: sum_n (g * sign_out) (sigma * eps)
+        for n0 in range(0, N, BN):
+            rn = n0 + rn0
+            g_elem = s * B * N + rm[:, None] * N + rn[None, :]
+            g = tl.load(g_ptr + g_elem, mask=(rm[:, None] < B) & (rn[None, :] < N), other=0.0)
+            if MODE == 1 or MODE == 3:
+                t_mask = (rn[:, None] < N) & (rk[None, :] < K)
+                t_off = rn[:, None] * K + rk[None, :]
+                if HAS_W:
+                    w = tl.load(w_ptr + t_off, mask=t_mask, other=0.0)
+                    part += tl.dot(g, w.to(dot_ty), input_precision="ieee")
+                if MODE == 1:
+                    sig = tl.load(sig_ptr + t_off, mask=t_mask, other=0.0).to(tl.float32)
+                    w_noise = sig * tl.randn(seed, s * N * K + t_off)
+                    g_flip = g.to(tl.float32) * _sign(seed, sign_out_base + g_elem)
+                    noise += tl.dot(g_flip.to(dot_ty), w_noise.to(dot_ty), input_precision="ieee")
+            else:
+                w = _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn[:, None], rk[None, :], N, K, MODE, HAS_W)
+                part += tl.dot(g, w.to(dot_ty), input_precision="ieee")
+        if MODE == 1:
+            part += noise * _sign(seed, sign_in_base + s * B * K + x_elem)
+        if MODE == 3:
+            part = part * _keep(seed, s * B * K + x_elem, p, scale)
+        acc += part
+    tl.store(dx_ptr + sx * B * K + x_elem, acc.to(dx_ptr.dtype.element_ty), mask=mk_mask)
+
+
+@triton.jit
+def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, p, scale,
+               sign_in_base, sign_out_base, MODE: tl.constexpr, NEED_DW: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Grid (N tiles, K tiles). ``G_s = grad[s]^T x[s]``; ``d_W = sum_s G_s * m_s`` for Bernoulli
+    masks ``m_s`` (1 for input dropout, whose mask is applied to ``x``), and for Gaussian weights
+    ``d_mu = sum_s G_s``, ``d_sigma = sum_s G_s * eps_s`` (flipout: the sign-flipped product)."""
+    rn = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    rk = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
+    rb0 = tl.arange(0, BM).to(tl.int64)
+    dot_ty = g_ptr.dtype.element_ty
+    nk_mask = (rn[:, None] < N) & (rk[None, :] < K)
+    w_off = rn[:, None] * K + rk[None, :]
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    acc_sig = tl.zeros((BN, BK), dtype=tl.float32)
+    for s in range(0, S):
+        part = tl.zeros((BN, BK), dtype=tl.float32)
+        flip = tl.zeros((BN, BK), dtype=tl.float32)
+        x_base = x_ptr + s * x_draw_stride
+        for b0 in range(0, B, BM):
+            rb = b0 + rb0
+            g_elem = s * B * N + rb[None, :] * N + rn[:, None]  # [BN, BM]: grad[s]^T tile
+            g_t = tl.load(g_ptr + g_elem, mask=(rn[:, None] < N) & (rb[None, :] < B), other=0.0)
+            x_elem = rb[:, None] * K + rk[None, :]
+            x = tl.load(x_base + x_elem, mask=(rb[:, None] < B) & (rk[None, :] < K), other=0.0)
+            if MODE == 3:
+                x = (x.to(tl.float32) * _keep(seed, s * B * K + x_elem, p, scale)).to(dot_ty)
+            if MODE != 1 or NEED_DW:
+                part += tl.dot(g_t, x.to(dot_ty), input_precision="ieee")
+            if MODE == 1:
+                g_flip = g_t.to(tl.float32) * _sign(seed, sign_out_base + g_elem)
+                x_flip = x.to(tl.float32) * _sign(seed, sign_in_base + s * B * K + x_elem)
+                flip += tl.dot(g_flip.to(dot_ty), x_flip.to(dot_ty), input_precision="ieee")
+        elem = s * N * K + w_off
+        if MODE == 0:
+            acc += part
+            acc_sig += part * tl.randn(seed, elem)
+        elif MODE == 1:
+            acc += part
+            acc_sig += flip * tl.randn(seed, elem)
+        elif MODE == 4:
+            acc += part * _keep(seed, elem, p, scale)
+        elif MODE == 5:
+            acc += part * _sign(seed, elem)
+        else:
+            acc += part
+    if NEED_DW:
+        tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=nk_mask)
+    if MODE == 0 or MODE == 1:
+        tl.store(dsig_ptr + w_off, acc_sig.to(dsig_ptr.dtype.element_ty), mask=nk_mask)
+
+
+# ------------------------------------------------------------------ launchers
+
+# Tile caps and warps per kernel, chosen so the Philox work per thread stays small (each thread
+# holds BK*BN / (32 warps) noise elements per step) and nothing spills when AOT-compiled.
+CONFIGS = {
+    "fwd": {"BM": 64, "BN": 64, "BK": 16, "num_warps": 8},
+    "dx": {"BM": 64, "BN": 16, "BK": 64, "num_warps": 8},
+    "dw": {"BM": 16, "BN": 32, "BK": 64, "num_warps": 8},
+}
+
+
+def _tiles(kernel: str, B: int, N: int, K: int) -> dict:
+    """Launch constexprs of ``kernel``: its CONFIGS tiles, shrunk (to >= 16, tl.dot's minimum) for small problems."""
+    cfg = CONFIGS[kernel]
+
+    def fit(size, cap):
+        return max(16, min(cap, triton.next_power_of_2(size)))
+    return {"BM": fit(B, cfg["BM"]), "BN": fit(N, cfg["BN"]), "BK": fit(K, cfg["BK"]),
+            "num_warps": cfg["num_warps"]}
+
+
+def _bases(S, B, N, K):
+    """Stream offsets of the bias eps, flipout input signs and output signs (docs/rng.md)."""
+    bias = S * N * K
+    sign_in = bias + S * N
+    return bias, sign_in, sign_in + S * B * K
+
+
+def _forward(x, w, sig, bmu, bsig, seed, mode, S, p=0.0, grad=None):
+    Sx, B, K = x.shape
+    N = (sig if sig is not None else w).shape[0]
+    tiles = _tiles("fwd", B, N, K)
+    out = torch.empty(S, B, N, device=x.device, dtype=torch.float32 if grad is not None else x.dtype)
+    bias_base, sign_in_base, sign_out_base = _bases(S, B, N, K)
+    dummy = x
+    grid = (triton.cdiv(B, tiles["BM"]), triton.cdiv(N, tiles["BN"]), S)
+    _fwd_kernel[grid](x, dummy if w is None else w, dummy if sig is None else sig,
+                      dummy if bmu is None else bmu, dummy if bsig is None else bsig,
+                      dummy if grad is None else grad, out,
+                      B, N, K, 0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p) if p < 1 else 0.0,
+                      bias_base, sign_in_base, sign_out_base,
+                      MODE=mode, HAS_W=w is not None, HAS_BMU=bmu is not None, HAS_BSIG=bsig is not None,
+                      OUT_GV=grad is not None, **tiles)
+    return out
+
+
+def _grad_x(grad, x, w, sig, seed, mode, S, x_sampled, p=0.0):
+    Sx, B, K = x.shape
+    N = grad.shape[2]
+    tiles = _tiles("dx", B, N, K)
+    dx = torch.empty_like(x)
+    _, sign_in_base, sign_out_base = _bases(S, B, N, K)
+    grid = (triton.cdiv(B, tiles["BM"]), triton.cdiv(K, tiles["BK"]), Sx)
+    _dx_kernel[grid](grad, grad if w is None else w, grad if sig is None else sig, dx, S, B, N, K, seed, p,
+                     1.0 / (1.0 - p), sign_in_base, sign_out_base, MODE=mode, HAS_W=w is not None,
+                     X_SAMPLED=x_sampled, **tiles)
+    return dx
+
+
+def _grad_w(grad, x, like_w, seed, mode, S, need_dw, p=0.0):
+    Sx, B, K = x.shape
+    N = grad.shape[2]
+    tiles = _tiles("dw", B, N, K)
+    gaussian = mode in (SAMPLE, FLIPOUT)
+    dw = torch.empty_like(like_w) if need_dw else like_w.new_empty(0)
+    dsig = torch.empty_like(like_w) if gaussian else like_w.new_empty(0)
+    _, sign_in_base, sign_out_base = _bases(S, B, N, K)
+    grid = (triton.cdiv(N, tiles["BN"]), triton.cdiv(K, tiles["BK"]))
+    _dw_kernel[grid](grad, x, dw if need_dw else like_w, dsig if gaussian else like_w, S, B, N, K,
+                     0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p), sign_in_base, sign_out_base,
+                     MODE=mode, NEED_DW=need_dw, **tiles)
+    return dw, dsig
+
+
+def _empty(like):
+    return like.new_empty(0)
+
+
+def gaussian_linear_fwd(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: int, estimator: str,
+                        samples: int, x_sampled: bool) -> torch.Tensor:
+    """``[S, B, N]`` outputs of S Gaussian weight draws; noise drawn inside the kernel."""
+    return _forward(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, _GAUSSIAN_MODES[estimator], samples)
+
+
+def gaussian_linear_bwd(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: int,
+                        estimator: str, samples: int, x_sampled: bool):
+    """``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)``; noise regenerated."""
+    S, mode = samples, _GAUSSIAN_MODES[estimator]
+    N = weight_sigma.shape[0]
+    grad = grad_out.contiguous()
+    d_bmu = grad.sum((0, 1)).to(bias_mu.dtype) if bias_mu is not None else _empty(x)
+    if mode == LOCAL:
+        # Output noise only: g_v = grad * eps / (2 std) from one more pass of the forward kernel,
+        # then the products are noise-free.
+        g_v = _forward(x, None, weight_sigma, None, bias_sigma, seed, LOCAL, S, grad=grad)
+        xs = x.float().expand(S, -1, -1)
+        g32 = grad.float()
+        dx = 2 * xs * (g_v @ weight_sigma.float().square())
+        if weight_mu is not None:
+            dx = dx + g32 @ weight_mu.float()
+        dx = dx if x_sampled else dx.sum(0, keepdim=True)
+        d_mu = (g32.transpose(1, 2) @ xs).sum(0).to(weight_mu.dtype) if weight_mu is not None else _empty(x)
+        d_sig = 2 * weight_sigma.float() * (g_v.transpose(1, 2) @ xs.square()).sum(0)
+        d_bsig = (2 * bias_sigma.float() * g_v.sum((0, 1))).to(bias_sigma.dtype) if bias_sigma is not None \
+            else _empty(x)
+        return dx.to(x.dtype), d_mu, d_sig.to(weight_sigma.dtype), d_bmu, d_bsig
+    dx = _grad_x(grad, x, weight_mu, weight_sigma, seed, mode, S, x_sampled)
+    d_mu, d_sig = _grad_w(grad, x, weight_sigma, seed, mode, S, need_dw=weight_mu is not None)
+    if bias_sigma is not None:
+        beps = philox_normal(S * N, seed, S * N * weight_sigma.shape[1]).to(grad.device).view(S, N)
+        d_bsig = (grad.float().sum(1) * beps).sum(0).to(bias_sigma.dtype)
+    else:
+        d_bsig = _empty(x)
+    return dx, d_mu, d_sig, d_bmu, d_bsig
+
+
+def bernoulli_linear_fwd(x, weight, bias, p: float, seed: int, mask: str, samples: int,
+                         x_sampled: bool) -> torch.Tensor:
+    """``[S, B, N]`` outputs of S Bernoulli draws (mask "input", "weight" or "symmetric")."""
+    return _forward(x, weight, None, bias, None, seed, _BERNOULLI_MODES[mask], samples, p=p)
+
+
+def bernoulli_linear_bwd(grad_out, x, weight, bias, p: float, seed: int, mask: str, samples: int,
+                         x_sampled: bool):
+    """``(d_x, d_weight, d_bias)``; masks regenerated from (seed, offset)."""
+    mode = _BERNOULLI_MODES[mask]
+    grad = grad_out.contiguous()
+    dx = _grad_x(grad, x, weight, None, seed, mode, samples, x_sampled, p=p)
+    dw, _ = _grad_w(grad, x, weight, seed, mode, samples, need_dw=True, p=p)
+    d_bias = grad.sum((0, 1)).to(bias.dtype) if bias is not None else _empty(x)
+    return dx, dw, d_bias
+
+
+KERNELS = {
+    "gaussian_linear_fwd": gaussian_linear_fwd,
+    "gaussian_linear_bwd": gaussian_linear_bwd,
+    "bernoulli_linear_fwd": bernoulli_linear_fwd,
+    "bernoulli_linear_bwd": bernoulli_linear_bwd,
+}
+
+
+# ------------------------------------------------------------------ AOT specs
+
+def _ordered(fn, types: dict) -> dict:
+    """``types`` in the kernel's parameter order (what ASTSource expects)."""
+    return {name: types[name] for name in inspect.signature(fn.fn).parameters}
+
+
+def _aot_specs():
+    """Every (kernel, mode) at the CONFIGS tiles the launchers use for large shapes, float32 and bf16."""
+    scalars = {"seed": "i64", "p": "fp32", "scale": "fp32", "sign_in_base": "i64", "sign_out_base": "i64"}
+    def tiles(kernel):
+        return {k: v for k, v in CONFIGS[kernel].items() if k != "num_warps"}
+
+    def warps(kernel):
+        return CONFIGS[kernel]["num_warps"]
+    specs = []
+    mode_names = {SAMPLE: "sample", FLIPOUT: "flipout", LOCAL: "local", BERN_INPUT: "input",
+                  BERN_WEIGHT: "weight", SYMMETRIC: "symmetric"}
+    for dtype, tag in (("fp32", "fp32"), ("bf16", "bf16")):
+        ptr = f"*{dtype}"
+        for mode, mode_name in mode_names.items():
+            family = "gaussian" if mode <= LOCAL else "bernoulli"
+            for gv in ((False, True) if mode == LOCAL else (False,)):
+                sig = {"x_ptr": ptr, "w_ptr": ptr, "sig_ptr": ptr, "bmu_ptr": ptr, "bsig_ptr": ptr,
+                       "g_ptr": ptr, "out_ptr": "*fp32" if gv else ptr, "B": "i32", "N": "i32", "K": "i32",
+                       "x_draw_stride": "i64", "bias_base": "i64", **scalars}
+                consts = {"MODE": mode, "HAS_W": True, "HAS_BMU": True, "HAS_BSIG": family == "gaussian",
+                          "OUT_GV": gv, **tiles("fwd")}
+                sig.update({name: "constexpr" for name in consts})
+                name = f"{family}_linear_{'bwd_gv' if gv else 'fwd'}"
+                specs.append({"name": name, "config": f"{mode_name}/{tag}", "fn": _fwd_kernel,
+                              "signature": _ordered(_fwd_kernel, sig), "constexprs": consts,
+                              "num_warps": warps("fwd")})
+            if mode == LOCAL:
+                continue
+            sig = {"g_ptr": ptr, "w_ptr": ptr, "sig_ptr": ptr, "dx_ptr": ptr, "S": "i32", "B": "i32",
+                   "N": "i32", "K": "i32", **scalars}
+            consts = {"MODE": mode, "HAS_W": True, "X_SAMPLED": False, **tiles("dx")}
+            sig.update({name: "constexpr" for name in consts})
+            specs.append({"name": f"{family}_linear_bwd_dx", "config": f"{mode_name}/{tag}", "fn": _dx_kernel,
+                          "signature": _ordered(_dx_kernel, sig), "constexprs": consts,
+                          "num_warps": warps("dx")})
+            sig = {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": ptr, "dsig_ptr": ptr, "S": "i32", "B": "i32",
+                   "N": "i32", "K": "i32", "x_draw_stride": "i64", **scalars}
+            consts = {"MODE": mode, "NEED_DW": True, **tiles("dw")}
+            sig.update({name: "constexpr" for name in consts})
+            specs.append({"name": f"{family}_linear_bwd_dw", "config": f"{mode_name}/{tag}", "fn": _dw_kernel,
+                          "signature": _ordered(_dw_kernel, sig), "constexprs": consts,
+                          "num_warps": warps("dw")})
+    return specs
+
+
+AOT_SPECS = _aot_specs()
