@@ -18,8 +18,8 @@ import time
 
 import pytest
 import torch
-from torch.nn import functional as F
 
+from udn_kernels.bench.cases import eager_udn_loss as eager_loss
 from udn_kernels.data import spirals
 from udn_kernels.nn import UDN
 
@@ -35,27 +35,6 @@ def make_problem():
     model = UDN.mlp(2, WIDTH, 2, init_rate=RATE)
     optimizer = model.attach_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3, fused=True))
     return model, optimizer, x, y
-
-
-def eager_loss(model: UDN, x: torch.Tensor, y: torch.Tensor, n_data: int) -> torch.Tensor:
-    """``-ELBO / n`` the way the reference implementation computes it, on ``model``'s parameters."""
-    depth = model.depth.max_depth
-    model.grow(depth)
-    rate = model.depth.rate
-    k = torch.arange(depth, dtype=x.dtype)
-    weights = (k * rate.log() - torch.lgamma(k + 1)).exp()
-    q = weights / weights.sum()
-    scale = 2.0 * model.weight_prior_std ** 2
-    h, elbo, cumulative = x, 0.0, 0.0
-    for l in range(depth):
-        h = model.blocks[l](h)
-        logits = model.heads[l](h)
-        loglik = -F.cross_entropy(logits, y, reduction="mean") * n_data
-        cumulative = cumulative + sum(-(p ** 2).sum() / scale for p in model.blocks[l].parameters())
-        head_prior = sum(-(p ** 2).sum() / scale for p in model.heads[l].parameters())
-        log_mu = model.prior.log_prob(torch.tensor(l + 1.0))
-        elbo = elbo + q[l] * (loglik + cumulative + head_prior + log_mu)
-    return -(elbo - (q * q.log()).sum()) / n_data
 
 
 def fused_step(model, optimizer, x, y):

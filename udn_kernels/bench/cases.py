@@ -188,32 +188,27 @@ def rng(quick: bool) -> list[Method]:
             Method("torch.bernoulli_", lambda: torch.empty(n).bernoulli_(0.5), backward=False)]
 
 
-class EagerUDN(torch.nn.Module):
-    """A UDN step written the way the reference implementation does: a Python loop over depths,
-    one nn.Linear head and one cross-entropy per depth."""
-
-    def __init__(self, in_features: int, width: int, classes: int, depths: int):
-        super().__init__()
-        self.inp = torch.nn.Linear(in_features, width)
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depths))
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, classes) for _ in range(depths))
-        self.raw_rate = torch.nn.Parameter(torch.tensor(math.log(math.expm1(depths / 2.0))))
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor, n_data: int) -> torch.Tensor:
-        depths = len(self.layers)
-        rate = F.softplus(self.raw_rate)
-        ls = torch.arange(depths, dtype=x.dtype)
-        log_q = ls * torch.log(rate) - torch.lgamma(ls + 1)
-        log_q = log_q - torch.logsumexp(log_q, 0)
-        q = log_q.exp()
-        h = torch.relu(self.inp(x))
-        data = 0.0
-        for l in range(depths):
-            h = torch.relu(self.layers[l](h))
-            data = data + q[l] * F.cross_entropy(self.heads[l](h), y, reduction="sum")
-        prior = sum((p ** 2).sum() for p in self.parameters()) * 0.5
-        entropy = -(q * log_q).sum()
-        return (data * n_data / x.shape[0] + prior - entropy) / n_data
+def eager_udn_loss(model, x: torch.Tensor, y: torch.Tensor, n_data: int) -> torch.Tensor:
+    """``-ELBO / n`` of a ``UDN.mlp`` computed the way the reference implementation does (Nazaret &
+    Blei's code): a Python loop over depths, each depth's ``nn.Linear`` head and cross-entropy,
+    per-depth prior terms. Same parameters and same value as ``model.loss``."""
+    depth = model.depth.max_depth
+    model.grow(depth)
+    rate = model.depth.rate
+    k = torch.arange(depth, dtype=x.dtype)
+    weights = (k * rate.log() - torch.lgamma(k + 1)).exp()
+    q = weights / weights.sum()
+    scale = 2.0 * model.weight_prior_std ** 2
+    h, elbo, cumulative = x, 0.0, 0.0
+    for l in range(depth):
+        h = model.blocks[l](h)
+        logits = model.heads[l](h)
+        loglik = -F.cross_entropy(logits, y, reduction="mean") * n_data
+        cumulative = cumulative + sum(-(p ** 2).sum() / scale for p in model.blocks[l].parameters())
+        head_prior = sum(-(p ** 2).sum() / scale for p in model.heads[l].parameters())
+        log_mu = model.prior.log_prob(torch.tensor(l + 1.0))
+        elbo = elbo + q[l] * (loglik + cumulative + head_prior + log_mu)
+    return -(elbo - (q * q.log()).sum()) / n_data
 
 
 @case("udn-step")
@@ -221,9 +216,8 @@ def udn_step(quick: bool) -> list[Method]:
     """One training step (loss, backward) of a width-32 UDN MLP with ~10 depths, batch 256, spirals."""
     from udn_kernels.nn import UDN
     from udn_kernels.data import spirals
-    x, y = spirals(256, phase=3, seed=0)
+    x, y = spirals(256, phase=3.0, noise=0.05, seed=0)
     model = UDN.mlp(2, 32, 2, init_rate=5.0)
     depths = model.depth.max_depth
-    eager = EagerUDN(2, 32, 2, depths)
-    return [Method(f"UDN.mlp ({depths} depths)", lambda: model.loss(x, y, n_data=1024), role="ours"),
-            Method("eager UDN", lambda: eager.loss(x, y, n_data=1024))]
+    return [Method(f"UDN.mlp ({depths} depths)", lambda: model.loss(x, y, 1024), role="ours"),
+            Method("eager UDN", lambda: eager_udn_loss(model, x, y, 1024))]
