@@ -28,6 +28,10 @@ using Vec = at::vec::Vectorized<T>;
 constexpr int64_t kTileElements = 1 << 16;  // weight tile: 256 KiB of float32, L2-resident
 constexpr int64_t kFillGrain = 1 << 14;
 
+// Kernels run below autograd, but OpenMP workers do not inherit the dispatch-key TLS: without
+// this, at::mm_out on a worker would see inputs that require grad and refuse the out= variant.
+using WorkerGuard = at::AutoDispatchBelowADInplaceOrView;
+
 // One kind of per-element noise of the stream (docs/rng.md).
 struct Noise {
   enum Kind { kNormal, kSign, kKeep } kind;
@@ -99,6 +103,7 @@ void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Epilogue epil
   const T* a = nw.a ? nw.a->data_ptr<T>() : nullptr;
   const T* b = nw.b.data_ptr<T>();
   at::parallel_for(0, S * blocks, 1, [&](int64_t begin, int64_t end) {
+    const WorkerGuard guard;
     Tensor tile = at::empty({nb, K}, nw.b.options());
     Tensor prod = at::empty({xe.size(1), nb}, nw.b.options());
     std::vector<float> scratch;
@@ -130,6 +135,7 @@ void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight
   T* db = d_b.data_ptr<T>();
   std::vector<Tensor> partial(at::get_num_threads());
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const WorkerGuard guard;
     Tensor& acc = partial[at::get_thread_num()];
     if (!acc.defined()) acc = at::zeros_like(xe);
     Tensor r_tile = at::empty({nb, K}, nw.b.options());
@@ -410,6 +416,7 @@ Tensor bernoulli_linear_fwd(const Tensor& x, const Tensor& weight, const OptTens
     Tensor out2 = out.view({R, N});
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bernoulli_linear_fwd_input", [&] {
       at::parallel_for(0, (R + rb - 1) / rb, 1, [&](int64_t begin, int64_t end) {
+        const WorkerGuard guard;
         Tensor xm = at::empty({rb, K}, x.options()), keep = at::empty({rb, K}, x.options());
         std::vector<float> scratch;
         for (int64_t t = begin; t < end; ++t) {
@@ -453,6 +460,7 @@ std::tuple<Tensor, Tensor, Tensor> bernoulli_linear_bwd(const Tensor& grad_out, 
     Tensor dx_all = at::empty({R, K}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bernoulli_linear_bwd_input", [&] {
       at::parallel_for(0, (R + rb - 1) / rb, 1, [&](int64_t begin, int64_t end) {
+        const WorkerGuard guard;
         Tensor keep = at::empty({rb, K}, x.options());
         std::vector<float> scratch;
         for (int64_t t = begin; t < end; ++t) {

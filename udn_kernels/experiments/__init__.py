@@ -35,4 +35,4 @@ def add_experiment_parser(sub) -> None:
 
 
 # Experiment modules register themselves into EXPERIMENTS on import.
-from . import depth_complexity, diffusion_resnet, udn_vs_fixed  # noqa: E402,F401
+from . import depth_complexity, diffusion_resnet, mc_dropout, udn_vs_fixed, variance_network  # noqa: E402,F401

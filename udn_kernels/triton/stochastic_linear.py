@@ -64,7 +64,7 @@ def _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn, rk, N, K, MODE: tl.const
 def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, g_ptr, out_ptr,
                 B, N, K, x_draw_stride, seed, p, scale, bias_base, sign_in_base, sign_out_base,
                 MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_BMU: tl.constexpr, HAS_BSIG: tl.constexpr,
-                OUT_GV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                OUT_GV: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Grid (B tiles, N tiles, S). ``out[s, b, n]``; with ``OUT_GV`` (local backward) it writes
     ``g_v = grad * eps / (2 std)`` instead."""
     s = tl.program_id(2).to(tl.int64)
@@ -86,21 +86,21 @@ def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, g_ptr, out_ptr,
                 xe = s * B * K + rm[:, None] * K + rk[None, :]
                 x = x * _keep(seed, xe, p, scale)
                 w = tl.load(w_ptr + t_off, mask=t_mask, other=0.0)
-                acc += tl.dot(x.to(dot_ty), w.to(dot_ty), input_precision="ieee")
+                acc += tl.dot(x.to(dot_ty), w.to(dot_ty), input_precision=PRECISION)
             else:
                 if HAS_W:
                     w = tl.load(w_ptr + t_off, mask=t_mask, other=0.0)
-                    acc += tl.dot(x.to(dot_ty), w.to(dot_ty), input_precision="ieee")
+                    acc += tl.dot(x.to(dot_ty), w.to(dot_ty), input_precision=PRECISION)
                 sig = tl.load(sig_ptr + t_off, mask=t_mask, other=0.0).to(tl.float32)
                 if MODE == 1:
                     xe = sign_in_base + s * B * K + rm[:, None] * K + rk[None, :]
                     eps = tl.randn(seed, s * N * K + t_off)
-                    acc2 += tl.dot((x * _sign(seed, xe)).to(dot_ty), (sig * eps).to(dot_ty), input_precision="ieee")
+                    acc2 += tl.dot((x * _sign(seed, xe)).to(dot_ty), (sig * eps).to(dot_ty), input_precision=PRECISION)
                 else:
-                    acc2 += tl.dot((x * x).to(dot_ty), (sig * sig).to(dot_ty), input_precision="ieee")
+                    acc2 += tl.dot((x * x).to(dot_ty), (sig * sig).to(dot_ty), input_precision=PRECISION)
         else:
             w = _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn[None, :], rk[:, None], N, K, MODE, HAS_W)
-            acc += tl.dot(x.to(dot_ty), w.to(dot_ty), input_precision="ieee")
+            acc += tl.dot(x.to(dot_ty), w.to(dot_ty), input_precision=PRECISION)
 
     n_mask = rn < N
     out_mask = (rm[:, None] < B) & n_mask[None, :]
@@ -132,7 +132,7 @@ def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, g_ptr, out_ptr,
 @triton.jit
 def _dx_kernel(g_ptr, w_ptr, sig_ptr, dx_ptr, S, B, N, K, seed, p, scale, sign_in_base, sign_out_base,
                MODE: tl.constexpr, HAS_W: tl.constexpr, X_SAMPLED: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+               PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Grid (B tiles, K tiles, Sx). ``d_x[sx, b, k] = sum_{s in draws of sx} (grad[s] W_s)[b, k]``."""
     sx = tl.program_id(2).to(tl.int64)
     rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
@@ -147,8 +147,8 @@ def _dx_kernel(g_ptr, w_ptr, sig_ptr, dx_ptr, S, B, N, K, seed, p, scale, sign_i
         s_end = S
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for s in range(sx, s_end):
-        part = tl.zeros((BM, BK), dtype=tl.float32)
-        noise = tl.zeros((BM, BK), dtype=tl.float32)  # flipout: sum_n (g * sign_out) (sigma * eps)
+        # Flipout's noise term and input dropout need a per-draw factor on d_x after the N-sum.
+        per_draw = tl.zeros((BM, BK), dtype=tl.float32)
         for n0 in range(0, N, BN):
             rn = n0 + rn0
             g_elem = s * B * N + rm[:, None] * N + rn[None, :]
@@ -156,29 +156,31 @@ def _dx_kernel(g_ptr, w_ptr, sig_ptr, dx_ptr, S, B, N, K, seed, p, scale, sign_i
             if MODE == 1 or MODE == 3:
                 t_mask = (rn[:, None] < N) & (rk[None, :] < K)
                 t_off = rn[:, None] * K + rk[None, :]
-                if HAS_W:
+                if MODE == 3:
                     w = tl.load(w_ptr + t_off, mask=t_mask, other=0.0)
-                    part += tl.dot(g, w.to(dot_ty), input_precision="ieee")
-                if MODE == 1:
+                    per_draw += tl.dot(g, w.to(dot_ty), input_precision=PRECISION)
+                else:
+                    if HAS_W:
+                        w = tl.load(w_ptr + t_off, mask=t_mask, other=0.0)
+                        acc += tl.dot(g, w.to(dot_ty), input_precision=PRECISION)
                     sig = tl.load(sig_ptr + t_off, mask=t_mask, other=0.0).to(tl.float32)
                     w_noise = sig * tl.randn(seed, s * N * K + t_off)
                     g_flip = g.to(tl.float32) * _sign(seed, sign_out_base + g_elem)
-                    noise += tl.dot(g_flip.to(dot_ty), w_noise.to(dot_ty), input_precision="ieee")
+                    per_draw += tl.dot(g_flip.to(dot_ty), w_noise.to(dot_ty), input_precision=PRECISION)
             else:
                 w = _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn[:, None], rk[None, :], N, K, MODE, HAS_W)
-                part += tl.dot(g, w.to(dot_ty), input_precision="ieee")
+                acc += tl.dot(g, w.to(dot_ty), input_precision=PRECISION)
         if MODE == 1:
-            part += noise * _sign(seed, sign_in_base + s * B * K + x_elem)
+            acc += per_draw * _sign(seed, sign_in_base + s * B * K + x_elem)
         if MODE == 3:
-            part = part * _keep(seed, s * B * K + x_elem, p, scale)
-        acc += part
+            acc += per_draw * _keep(seed, s * B * K + x_elem, p, scale)
     tl.store(dx_ptr + sx * B * K + x_elem, acc.to(dx_ptr.dtype.element_ty), mask=mk_mask)
 
 
 @triton.jit
 def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, p, scale,
                sign_in_base, sign_out_base, MODE: tl.constexpr, NEED_DW: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+               PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Grid (N tiles, K tiles). ``G_s = grad[s]^T x[s]``; ``d_W = sum_s G_s * m_s`` for Bernoulli
     masks ``m_s`` (1 for input dropout, whose mask is applied to ``x``), and for Gaussian weights
     ``d_mu = sum_s G_s``, ``d_sigma = sum_s G_s * eps_s`` (flipout: the sign-flipped product)."""
@@ -191,8 +193,7 @@ def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, 
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     acc_sig = tl.zeros((BN, BK), dtype=tl.float32)
     for s in range(0, S):
-        part = tl.zeros((BN, BK), dtype=tl.float32)
-        flip = tl.zeros((BN, BK), dtype=tl.float32)
+        per_draw = tl.zeros((BN, BK), dtype=tl.float32)  # the part weighted by this draw's noise
         x_base = x_ptr + s * x_draw_stride
         for b0 in range(0, B, BM):
             rb = b0 + rb0
@@ -200,27 +201,27 @@ def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, 
             g_t = tl.load(g_ptr + g_elem, mask=(rn[:, None] < N) & (rb[None, :] < B), other=0.0)
             x_elem = rb[:, None] * K + rk[None, :]
             x = tl.load(x_base + x_elem, mask=(rb[:, None] < B) & (rk[None, :] < K), other=0.0)
-            if MODE == 3:
-                x = (x.to(tl.float32) * _keep(seed, s * B * K + x_elem, p, scale)).to(dot_ty)
-            if MODE != 1 or NEED_DW:
-                part += tl.dot(g_t, x.to(dot_ty), input_precision="ieee")
             if MODE == 1:
+                if NEED_DW:
+                    acc += tl.dot(g_t, x.to(dot_ty), input_precision=PRECISION)
                 g_flip = g_t.to(tl.float32) * _sign(seed, sign_out_base + g_elem)
                 x_flip = x.to(tl.float32) * _sign(seed, sign_in_base + s * B * K + x_elem)
-                flip += tl.dot(g_flip.to(dot_ty), x_flip.to(dot_ty), input_precision="ieee")
+                per_draw += tl.dot(g_flip.to(dot_ty), x_flip.to(dot_ty), input_precision=PRECISION)
+            elif MODE == 3:
+                x_kept = x.to(tl.float32) * _keep(seed, s * B * K + x_elem, p, scale)
+                acc += tl.dot(g_t, x_kept.to(dot_ty), input_precision=PRECISION)
+            else:
+                per_draw += tl.dot(g_t, x.to(dot_ty), input_precision=PRECISION)
         elem = s * N * K + w_off
         if MODE == 0:
-            acc += part
-            acc_sig += part * tl.randn(seed, elem)
+            acc += per_draw
+            acc_sig += per_draw * tl.randn(seed, elem)
         elif MODE == 1:
-            acc += part
-            acc_sig += flip * tl.randn(seed, elem)
+            acc_sig += per_draw * tl.randn(seed, elem)
         elif MODE == 4:
-            acc += part * _keep(seed, elem, p, scale)
+            acc += per_draw * _keep(seed, elem, p, scale)
         elif MODE == 5:
-            acc += part * _sign(seed, elem)
-        else:
-            acc += part
+            acc += per_draw * _sign(seed, elem)
     if NEED_DW:
         tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=nk_mask)
     if MODE == 0 or MODE == 1:
@@ -248,6 +249,11 @@ def _tiles(kernel: str, B: int, N: int, K: int) -> dict:
             "num_warps": cfg["num_warps"]}
 
 
+def _precision(x: torch.Tensor) -> str:
+    """tl.dot input precision: float32 products use TF32 only where torch's matmuls would."""
+    return "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def _bases(S, B, N, K):
     """Stream offsets of the bias eps, flipout input signs and output signs (docs/rng.md)."""
     bias = S * N * K
@@ -269,7 +275,7 @@ def _forward(x, w, sig, bmu, bsig, seed, mode, S, p=0.0, grad=None):
                       B, N, K, 0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p) if p < 1 else 0.0,
                       bias_base, sign_in_base, sign_out_base,
                       MODE=mode, HAS_W=w is not None, HAS_BMU=bmu is not None, HAS_BSIG=bsig is not None,
-                      OUT_GV=grad is not None, **tiles)
+                      OUT_GV=grad is not None, PRECISION=_precision(x), **tiles)
     return out
 
 
@@ -282,7 +288,7 @@ def _grad_x(grad, x, w, sig, seed, mode, S, x_sampled, p=0.0):
     grid = (triton.cdiv(B, tiles["BM"]), triton.cdiv(K, tiles["BK"]), Sx)
     _dx_kernel[grid](grad, grad if w is None else w, grad if sig is None else sig, dx, S, B, N, K, seed, p,
                      1.0 / (1.0 - p), sign_in_base, sign_out_base, MODE=mode, HAS_W=w is not None,
-                     X_SAMPLED=x_sampled, **tiles)
+                     X_SAMPLED=x_sampled, PRECISION=_precision(x), **tiles)
     return dx
 
 
@@ -297,7 +303,7 @@ def _grad_w(grad, x, like_w, seed, mode, S, need_dw, p=0.0):
     grid = (triton.cdiv(N, tiles["BN"]), triton.cdiv(K, tiles["BK"]))
     _dw_kernel[grid](grad, x, dw if need_dw else like_w, dsig if gaussian else like_w, S, B, N, K,
                      0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p), sign_in_base, sign_out_base,
-                     MODE=mode, NEED_DW=need_dw, **tiles)
+                     MODE=mode, NEED_DW=need_dw, PRECISION=_precision(x), **tiles)
     return dw, dsig
 
 
@@ -386,7 +392,7 @@ def _aot_specs():
     specs = []
     mode_names = {SAMPLE: "sample", FLIPOUT: "flipout", LOCAL: "local", BERN_INPUT: "input",
                   BERN_WEIGHT: "weight", SYMMETRIC: "symmetric"}
-    for dtype, tag in (("fp32", "fp32"), ("bf16", "bf16")):
+    for dtype, precision, tag in (("fp32", "ieee", "fp32"), ("fp32", "tf32", "fp32-tf32"), ("bf16", "ieee", "bf16")):
         ptr = f"*{dtype}"
         for mode, mode_name in mode_names.items():
             family = "gaussian" if mode <= LOCAL else "bernoulli"
@@ -395,7 +401,7 @@ def _aot_specs():
                        "g_ptr": ptr, "out_ptr": "*fp32" if gv else ptr, "B": "i32", "N": "i32", "K": "i32",
                        "x_draw_stride": "i64", "bias_base": "i64", **scalars}
                 consts = {"MODE": mode, "HAS_W": True, "HAS_BMU": True, "HAS_BSIG": family == "gaussian",
-                          "OUT_GV": gv, **tiles("fwd")}
+                          "OUT_GV": gv, "PRECISION": precision, **tiles("fwd")}
                 sig.update({name: "constexpr" for name in consts})
                 name = f"{family}_linear_{'bwd_gv' if gv else 'fwd'}"
                 specs.append({"name": name, "config": f"{mode_name}/{tag}", "fn": _fwd_kernel,
@@ -405,14 +411,14 @@ def _aot_specs():
                 continue
             sig = {"g_ptr": ptr, "w_ptr": ptr, "sig_ptr": ptr, "dx_ptr": ptr, "S": "i32", "B": "i32",
                    "N": "i32", "K": "i32", **scalars}
-            consts = {"MODE": mode, "HAS_W": True, "X_SAMPLED": False, **tiles("dx")}
+            consts = {"MODE": mode, "HAS_W": True, "X_SAMPLED": False, "PRECISION": precision, **tiles("dx")}
             sig.update({name: "constexpr" for name in consts})
             specs.append({"name": f"{family}_linear_bwd_dx", "config": f"{mode_name}/{tag}", "fn": _dx_kernel,
                           "signature": _ordered(_dx_kernel, sig), "constexprs": consts,
                           "num_warps": warps("dx")})
             sig = {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": ptr, "dsig_ptr": ptr, "S": "i32", "B": "i32",
                    "N": "i32", "K": "i32", "x_draw_stride": "i64", **scalars}
-            consts = {"MODE": mode, "NEED_DW": True, **tiles("dw")}
+            consts = {"MODE": mode, "NEED_DW": True, "PRECISION": precision, **tiles("dw")}
             sig.update({name: "constexpr" for name in consts})
             specs.append({"name": f"{family}_linear_bwd_dw", "config": f"{mode_name}/{tag}", "fn": _dw_kernel,
                           "signature": _ordered(_dw_kernel, sig), "constexprs": consts,

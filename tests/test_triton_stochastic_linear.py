@@ -1,0 +1,98 @@
+"""Triton stochastic-linear kernels (udn_kernels/triton/stochastic_linear.py) vs the reference, in
+the Triton CPU interpreter, at tiny shapes (ragged against the 16-wide tiles).
+
+TRITON_INTERPRET=1 must be set before triton is first imported, and other test modules in this
+pytest process may already have imported it compiled-mode. So without the variable this module
+only holds one test that re-runs the module in a fresh interpreter subprocess; with it the real
+cases run.
+
+The noise is the same Philox stream on both sides (weights/masks/signs bit-identical, normals
+within 1e-6), so outputs and gradients agree up to float32 summation order: rtol = atol = 1e-4.
+"""
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+
+    def test_triton_stochastic_linear_under_interpreter():
+        env = dict(os.environ, TRITON_INTERPRET="1", UDN_KERNELS_BACKEND="")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                               "-W", "ignore::UserWarning", __file__],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+else:
+    import torch
+
+    import udn_kernels
+    from udn_kernels import reference
+    from udn_kernels import triton as triton_backend
+
+    S, B, K, N = 2, 5, 19, 7  # K > 16 exercises the K-loop and its masked tail
+    TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+    def _check(name, args_fwd, args_bwd_tail, grad):
+        out = triton_backend.KERNELS[f"{name}_fwd"](*args_fwd)
+        want = reference.KERNELS[f"{name}_fwd"](*args_fwd)
+        torch.testing.assert_close(out, want, **TOL)
+        got = triton_backend.KERNELS[f"{name}_bwd"](grad, *args_bwd_tail)
+        want = reference.KERNELS[f"{name}_bwd"](grad, *args_bwd_tail)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, **TOL)
+
+    @pytest.mark.parametrize("estimator, has_mu, has_bias, x_sampled", list(itertools.product(
+        ("sample", "flipout", "local"), (True, False), ("none", "mu", "both", "sigma"), (False, True))))
+    def test_gaussian_linear_matches_reference(estimator, has_mu, has_bias, x_sampled):
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(S if x_sampled else 1, B, K, generator=gen)
+        mu = torch.randn(N, K, generator=gen) if has_mu else None
+        sigma = torch.rand(N, K, generator=gen) + 0.1
+        bias_mu = torch.randn(N, generator=gen) if has_bias in ("mu", "both") else None
+        bias_sigma = torch.rand(N, generator=gen) + 0.1 if has_bias in ("sigma", "both") else None
+        grad = torch.randn(S, B, N, generator=gen)
+        args = (x, mu, sigma, bias_mu, bias_sigma, 2**40 + 3, estimator, S, x_sampled)
+        _check("gaussian_linear", args, args, grad)
+
+    @pytest.mark.parametrize("mask, has_bias, x_sampled", list(itertools.product(
+        ("input", "weight", "symmetric"), (True, False), (False, True))))
+    def test_bernoulli_linear_matches_reference(mask, has_bias, x_sampled):
+        gen = torch.Generator().manual_seed(8)
+        x = torch.randn(S if x_sampled else 1, B, K, generator=gen)
+        weight = torch.randn(N, K, generator=gen)
+        bias = torch.randn(N, generator=gen) if has_bias else None
+        grad = torch.randn(S, B, N, generator=gen)
+        args = (x, weight, bias, 0.3, 2**32 - 5, mask, S, x_sampled)
+        _check("bernoulli_linear", args, args, grad)
+
+    def test_noise_offsets_are_64_bit():
+        """A seed/offset past 2^32 and a different seed give different, reference-exact noise."""
+        x = torch.randn(1, 3, 17)
+        sigma = torch.rand(5, 17) + 0.1
+        a = triton_backend.KERNELS["gaussian_linear_fwd"](x, None, sigma, None, None, 2**63 - 1, "sample", 3, False)
+        b = triton_backend.KERNELS["gaussian_linear_fwd"](x, None, sigma, None, None, 1, "sample", 3, False)
+        torch.testing.assert_close(a, reference.KERNELS["gaussian_linear_fwd"](
+            x, None, sigma, None, None, 2**63 - 1, "sample", 3, False), **TOL)
+        assert not torch.allclose(a, b)
+
+    def test_public_ops_run_on_triton_backend_with_autograd():
+        """udn_kernels.gaussian_linear / bernoulli_linear dispatch here and backprop through it."""
+        gen = torch.Generator().manual_seed(9)
+        x = torch.randn(4, 18, generator=gen, requires_grad=True)
+        mu = torch.randn(6, 18, generator=gen, requires_grad=True)
+        sigma = (torch.rand(6, 18, generator=gen) + 0.1).requires_grad_()
+        w = torch.randn(6, 18, generator=gen, requires_grad=True)
+        grads = {}
+        for name in ("triton", "reference"):
+            with udn_kernels.backend(name):
+                assert udn_kernels._backend.kernel_backend("gaussian_linear_fwd", x.device) == name
+                out = udn_kernels.gaussian_linear(x, mu, sigma, estimator="flipout", samples=2, seed=5)
+                out = out + udn_kernels.bernoulli_linear(x, w, mask="weight", p=0.25, samples=2, seed=6)
+                grads[name] = (out, *torch.autograd.grad(out.square().sum(), (x, mu, sigma, w)))
+        for got, want in zip(grads["triton"], grads["reference"]):
+            torch.testing.assert_close(got, want, **TOL)
