@@ -9,7 +9,7 @@ Methods (all compute the expected-mode loss ``sum_l w_l CE(head_l(h_l), y)`` and
 selects the DESIGN sizes.
 
 Run: ``python -m pytest benchmarks/bench_heads.py --benchmark-enable`` (pytest-benchmark table),
-``python benchmarks/bench_heads.py`` (medians and ratios measured in one process) or
+``python benchmarks/bench_heads.py [--threads N]`` (medians and ratios measured in one process) or
 ``python benchmarks/bench_heads.py --memory`` (peak extra RSS of the fused fwd+bwd at L=8,
 N=4096, D=512, C=32000 in a fresh subprocess).
 """
@@ -221,6 +221,8 @@ def main():
         print(f"fused fwd+bwd L=8 N=4096 D=512 C=32000: peak extra RSS {extra / 2**30:.3f} GiB "
               f"(eager logits alone: {8 * 4096 * 32000 * 4 / 2**30:.1f} GiB)")
         return
+    if "--threads" in sys.argv:
+        torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
     print(f"threads={torch.get_num_threads()} full={FULL}")
     for case in CASES:
         problem = _problem(case)

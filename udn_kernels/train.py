@@ -81,7 +81,7 @@ def evaluate(model, x, y, likelihood: str, samples: int | None) -> dict:
     from . import metrics
     with torch.no_grad():
         pred = model.predict(x, samples=samples)
-    out = {"E[depth]": float(model.depth.mean()), "max depth": int(model.depth.max_depth)}
+    out = {"E[depth]": model.depth.mean().item(), "max depth": int(model.depth.max_depth)}
     if likelihood == "categorical":
         out.update(accuracy=float(metrics.accuracy(pred, y)), nll=float(metrics.nll(pred, y)),
                    ece=float(metrics.ece(pred, y)))
@@ -121,7 +121,7 @@ def cmd_train(args) -> int:
             loss.backward()
             optimizer.step()
         history.append(model.depth.probs().detach().clone())
-        progress(epoch, {"loss": float(loss), "E[depth]": float(model.depth.mean())})
+        progress(epoch, {"loss": loss.item(), "E[depth]": model.depth.mean().item()})
     samples = args.samples if args.layer != "deterministic" else None
     result = evaluate(model, x_te, y_te, likelihood, samples)
     print()
