@@ -36,8 +36,8 @@ def test_bench_every_case_builds_and_ours_matches_eager_value():
     # The peers must compute the same loss as ours, or the comparison is meaningless.
     for name in ("heads-small", "heads-lm"):
         methods = {m.name: m for m in cases.build(name, quick=True)}
-        ours, eager = methods["udn_kernels"].forward(), methods["eager"].forward()
-        assert abs(float(ours) - float(eager)) <= 1e-4 * abs(float(eager)), name
+        ours, eager = methods["udn_kernels"].forward().item(), methods["eager"].forward().item()
+        assert abs(ours - eager) <= 1e-4 * abs(eager), name
 
 
 def test_memory_probe_measures_a_known_allocation():

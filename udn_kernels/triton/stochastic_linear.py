@@ -234,7 +234,7 @@ def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, 
 # holds BK*BN / (32 warps) noise elements per step) and nothing spills when AOT-compiled.
 CONFIGS = {
     "fwd": {"BM": 64, "BN": 64, "BK": 16, "num_warps": 8},
-    "dx": {"BM": 32, "BN": 16, "BK": 64, "num_warps": 4},
+    "dx": {"BM": 32, "BN": 16, "BK": 64, "num_warps": 8},
     "dw": {"BM": 16, "BN": 32, "BK": 64, "num_warps": 8},
 }
 
