@@ -36,25 +36,28 @@ using WorkerGuard = at::AutoDispatchBelowADInplaceOrView;
 struct Noise {
   enum Kind { kNormal, kSign, kKeep } kind;
   uint64_t seed;
-  float p = 0.0f, scale = 1.0f;
+  float p = 0.0f;
+  double scale = 1.0;  // kept value of kKeep: 1 / (1 - p)
 
-  void fill(float* out, int64_t n, int64_t offset) const {
+  void fill(float* out, int64_t n, int64_t offset, float keep_scale) const {
     switch (kind) {
       case kNormal: udn::philox::fill_normal(out, n, seed, offset); break;
       case kSign: udn::philox::fill_sign(out, n, seed, offset); break;
-      case kKeep: udn::philox::fill_keep_mask(out, n, p, scale, seed, offset); break;
+      case kKeep: udn::philox::fill_keep_mask(out, n, p, keep_scale, seed, offset); break;
     }
   }
 
-  // Noise in the compute dtype; double goes through a float scratch buffer.
+  // Noise in the compute dtype; double goes through a float scratch buffer and applies the keep
+  // scale in double, so float64 masks are exactly 0 or 1 / (1 - p).
   template <typename T>
   void fill_as(T* out, int64_t n, int64_t offset, std::vector<float>& scratch) const {
     if constexpr (std::is_same_v<T, float>) {
-      fill(out, n, offset);
+      fill(out, n, offset, static_cast<float>(scale));
     } else {
       scratch.resize(n);
-      fill(scratch.data(), n, offset);
-      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(scratch[i]);
+      fill(scratch.data(), n, offset, 1.0f);
+      const T factor = kind == kKeep ? static_cast<T>(scale) : T(1);
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(scratch[i]) * factor;
     }
   }
 };
@@ -383,7 +386,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
 Noise bernoulli_noise(c10::string_view mask, double p, uint64_t seed) {
   if (mask == "symmetric") return {Noise::kSign, seed};
   TORCH_CHECK(mask == "input" || mask == "weight", "bernoulli_linear: unknown mask ", mask);
-  return {Noise::kKeep, seed, static_cast<float>(p), static_cast<float>(1.0 / (1.0 - p))};
+  return {Noise::kKeep, seed, static_cast<float>(p), 1.0 / (1.0 - p)};
 }
 
 // Input-mask rows: masked x rows r0 .. r0+rows of the [S*B, K] stack (row r = s*B + b, mask offset r*K).

@@ -9,6 +9,7 @@ import udn_kernels
 from udn_kernels import _backend
 from udn_kernels.reference import stochastic_linear as ref
 
+_backend.load_extension()  # registers torch.ops.udn_kernels_C.*
 C = torch.ops.udn_kernels_C
 MASKS = ("input", "weight", "symmetric")
 # The masks are exact (uniforms and signs are bit-identical across backends); only the GEMM

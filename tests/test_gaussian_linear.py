@@ -9,6 +9,7 @@ import udn_kernels
 from udn_kernels import _backend
 from udn_kernels.reference import stochastic_linear as ref
 
+_backend.load_extension()  # registers torch.ops.udn_kernels_C.*
 C = torch.ops.udn_kernels_C
 ESTIMATORS = ("sample", "local", "flipout")
 # Both dtypes draw the noise in float32; C++ and reference normals agree within 4e-6 (docs/rng.md)

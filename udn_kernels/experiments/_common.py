@@ -8,7 +8,6 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from . import EXPERIMENTS
 
@@ -110,11 +109,6 @@ def fit(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *
         if on_epoch is not None:
             on_epoch(epoch, float(loss.detach()))
     return model
-
-
-def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Plain classification loss of a model returning logits."""
-    return F.cross_entropy(model(x), y)
 
 
 class Timer:

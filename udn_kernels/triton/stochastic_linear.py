@@ -233,9 +233,9 @@ def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, 
 # Tile caps and warps per kernel, chosen so the Philox work per thread stays small (each thread
 # holds BK*BN / (32 warps) noise elements per step) and nothing spills when AOT-compiled.
 CONFIGS = {
-    "fwd": {"BM": 64, "BN": 64, "BK": 16, "num_warps": 8},
-    "dx": {"BM": 32, "BN": 16, "BK": 64, "num_warps": 8},
-    "dw": {"BM": 16, "BN": 32, "BK": 64, "num_warps": 8},
+    "fwd": {"BM": 64, "BN": 64, "BK": 16, "num_warps": 8, "num_stages": 2},
+    "dx": {"BM": 64, "BN": 16, "BK": 32, "num_warps": 8, "num_stages": 2},
+    "dw": {"BM": 16, "BN": 32, "BK": 64, "num_warps": 8, "num_stages": 2},
 }
 
 
@@ -246,7 +246,7 @@ def _tiles(kernel: str, B: int, N: int, K: int) -> dict:
     def fit(size, cap):
         return max(16, min(cap, triton.next_power_of_2(size)))
     return {"BM": fit(B, cfg["BM"]), "BN": fit(N, cfg["BN"]), "BK": fit(K, cfg["BK"]),
-            "num_warps": cfg["num_warps"]}
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -385,10 +385,10 @@ def _aot_specs():
     """Every (kernel, mode) at the CONFIGS tiles the launchers use for large shapes, float32 and bf16."""
     scalars = {"seed": "i64", "p": "fp32", "scale": "fp32", "sign_in_base": "i64", "sign_out_base": "i64"}
     def tiles(kernel):
-        return {k: v for k, v in CONFIGS[kernel].items() if k != "num_warps"}
+        return {k: CONFIGS[kernel][k] for k in ("BM", "BN", "BK")}
 
-    def warps(kernel):
-        return CONFIGS[kernel]["num_warps"]
+    def launch(kernel):
+        return {k: CONFIGS[kernel][k] for k in ("num_warps", "num_stages")}
     specs = []
     mode_names = {SAMPLE: "sample", FLIPOUT: "flipout", LOCAL: "local", BERN_INPUT: "input",
                   BERN_WEIGHT: "weight", SYMMETRIC: "symmetric"}
@@ -406,7 +406,7 @@ def _aot_specs():
                 name = f"{family}_linear_{'bwd_gv' if gv else 'fwd'}"
                 specs.append({"name": name, "config": f"{mode_name}/{tag}", "fn": _fwd_kernel,
                               "signature": _ordered(_fwd_kernel, sig), "constexprs": consts,
-                              "num_warps": warps("fwd")})
+                              **launch("fwd")})
             if mode == LOCAL:
                 continue
             sig = {"g_ptr": ptr, "w_ptr": ptr, "sig_ptr": ptr, "dx_ptr": ptr, "S": "i32", "B": "i32",
@@ -415,14 +415,14 @@ def _aot_specs():
             sig.update({name: "constexpr" for name in consts})
             specs.append({"name": f"{family}_linear_bwd_dx", "config": f"{mode_name}/{tag}", "fn": _dx_kernel,
                           "signature": _ordered(_dx_kernel, sig), "constexprs": consts,
-                          "num_warps": warps("dx")})
+                          **launch("dx")})
             sig = {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": ptr, "dsig_ptr": ptr, "S": "i32", "B": "i32",
                    "N": "i32", "K": "i32", "x_draw_stride": "i64", **scalars}
             consts = {"MODE": mode, "NEED_DW": True, "PRECISION": precision, **tiles("dw")}
             sig.update({name: "constexpr" for name in consts})
             specs.append({"name": f"{family}_linear_bwd_dw", "config": f"{mode_name}/{tag}", "fn": _dw_kernel,
                           "signature": _ordered(_dw_kernel, sig), "constexprs": consts,
-                          "num_warps": warps("dw")})
+                          **launch("dw")})
     return specs
 
 
