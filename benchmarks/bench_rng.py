@@ -42,16 +42,21 @@ def runner(kind: str, method: str, n: int = N):
             "bernoulli": lambda: torch.empty(n).bernoulli_(P)}[kind]
 
 
-def measure(kind: str, method: str, repeats: int = 7) -> float:
-    """Median wall time (seconds) of one call, after one warm-up call."""
-    run = runner(kind, method)
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def measure(kind: str, repeats: int = 7) -> dict[str, float]:
+    """Median wall time (seconds) of one call per method, after a warm-up call.
+
+    Calls of the two methods alternate, so load from other processes hits both alike.
+    """
+    runs = {method: runner(kind, method) for method in METHODS}
+    times = {method: [] for method in METHODS}
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for method, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[method].append(time.perf_counter() - start)
+    return {method: statistics.median(t) for method, t in times.items()}
 
 
 # ------------------------------------------------------------------ pytest-benchmark suite
@@ -84,7 +89,8 @@ def test_rng(benchmark, kind, method):
 def main():
     print(f"rng: n = {N}, {torch.get_num_threads()} threads; median of 7 calls, fresh output each call")
     for kind in KINDS:
-        ours, theirs = measure(kind, "udn"), measure(kind, "torch")
+        medians = measure(kind)
+        ours, theirs = medians["udn"], medians["torch"]
         print(f"  {kind:10s} udn {ours * 1e3:8.2f} ms   torch {theirs * 1e3:8.2f} ms   "
               f"speed-up {theirs / ours:5.2f}x   ({N / ours / 1e9:.2f} G draws/s)")
 

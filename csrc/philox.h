@@ -96,6 +96,7 @@ namespace detail {
 template <typename T, typename Vec8, typename Scalar>
 inline void fill(T* out, int64_t n, int64_t offset, Vec8 vec, Scalar scalar) {
   int64_t i = 0;
+  (void)vec;  // unused without AVX2
 #ifdef UDN_PHILOX_AVX2
   for (; i + 8 <= n; i += 8) {
     const uint64_t e = static_cast<uint64_t>(offset + i);

@@ -552,8 +552,8 @@ def _nonfinite_rows_only(out, bad_rows):
 
 _CPU_NAN_BUG = pytest.mark.xfail(strict=True, reason=(
     "csrc/heads.cpp forward_impl (class-tiled path, C > 32): std::max drops a NaN tile maximum, "
-    "`if (new_max == -inf) continue` then skips the whole class tile, so a NaN bias in one tile "
-    "gives a FINITE wrong loss (lse over the other tiles only)"))
+    "`if (new_max == -inf) continue` then skips the whole class tile, so a NaN bias gives a loss of "
+    "-inf (C=40) or a FINITE wrong loss (C=600: lse over the other class tile only)"))
 
 
 @pytest.mark.parametrize("backend, C_", [

@@ -26,10 +26,10 @@ def cmd_experiment(args) -> int:
 def add_experiment_parser(sub) -> None:
     """Register the ``experiment`` subcommand."""
     parser = sub.add_parser("experiment", help="reproduce a seed paper's claim")
-    parser.add_argument("name", help="experiment name")
+    parser.add_argument("name", help="one of: " + ", ".join(sorted(EXPERIMENTS)))
     parser.add_argument("--quick", action="store_true", help="tiny version (seconds)")
     parser.add_argument("--out", default=".", help="directory for the PNG and JSON")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data splits, init and noise")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.set_defaults(run=cmd_experiment)
 
