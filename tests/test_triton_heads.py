@@ -9,20 +9,14 @@ Tolerances: float64 inputs run the kernels in float64 and match the reference to
 inputs (fp32 accumulation, different summation order) match the float64 reference to
 rtol = atol = 1e-4 on O(1) values; float16 inputs to 5e-3 of the output scale.
 """
-import os
-import subprocess
-import sys
 
 import pytest
+from triton_interpreter import interpreted, rerun_under_interpreter
 
-if os.environ.get("TRITON_INTERPRET") != "1":
+if not interpreted():
 
     def test_triton_heads_under_interpreter():
-        env = dict(os.environ, TRITON_INTERPRET="1", UDN_KERNELS_BACKEND="")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                               "-W", "ignore::UserWarning", __file__],
-                              env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+        rerun_under_interpreter(__file__)
 
 else:
     import torch

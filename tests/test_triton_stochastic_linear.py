@@ -10,20 +10,14 @@ The noise is the same Philox stream on both sides (weights/masks/signs bit-ident
 within 1e-6), so outputs and gradients agree up to float32 summation order: rtol = atol = 1e-4.
 """
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
+from triton_interpreter import interpreted, rerun_under_interpreter
 
-if os.environ.get("TRITON_INTERPRET") != "1":
+if not interpreted():
 
     def test_triton_stochastic_linear_under_interpreter():
-        env = dict(os.environ, TRITON_INTERPRET="1", UDN_KERNELS_BACKEND="")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                               "-W", "ignore::UserWarning", __file__],
-                              env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+        rerun_under_interpreter(__file__)
 
 else:
     import torch

@@ -6,9 +6,11 @@ Collects ``AOT_SPECS`` from the modules of ``udn_kernels/triton``: dicts ``name,
 constexprs`` and optionally ``config`` (a label), ``attrs`` (ASTSource argument attributes such as
 ``tt.divisibility``), ``num_warps``, ``num_stages``. Compiles each with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and prints registers,
-spills and shared memory per kernel/config/arch. Registers and spill (stack-frame) bytes come
-from the bundled ``cuobjdump -res-usage`` on the cubin; shared memory is Triton's dynamic shared
-allocation from the kernel metadata. Exit status 1 on any compile failure or any spill.
+spill stores/loads, stack frame and shared memory per kernel/config/arch. Registers, spills and
+stack frame come from the bundled ``ptxas -v`` on the compiled PTX (a stack frame alone is not a
+spill: ``tl.randn``'s libdevice ``cosf`` keeps a 28-byte local array); shared memory is Triton's
+dynamic shared allocation from the kernel metadata. Exit status 1 on any compile failure or any
+spill store.
 """
 from __future__ import annotations
 
@@ -41,22 +43,29 @@ def collect_specs(modules=MODULES) -> list[tuple[str, int, dict]]:
     return found
 
 
-def _cuobjdump() -> str:
-    from triton.backends.nvidia.compiler import get_ptxas
-    return os.path.join(os.path.dirname(get_ptxas(80).path), "cuobjdump")
+def ptxas_usage(ptx: str, arch: int, fp_fusion: bool = True) -> dict:
+    """``{"registers", "spill_stores", "spill_loads", "stack"}`` (bytes) of the kernel in ``ptx``.
 
-
-def resource_usage(cubin: bytes) -> dict:
-    """``{"registers", "stack", "local"}`` of the single kernel in ``cubin`` (``cuobjdump -res-usage``)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], check=True, capture_output=True,
-                             text=True).stdout
-    finally:
-        os.remove(f.name)
-    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
-    return {"registers": int(usage["REG"]), "stack": int(usage["STACK"]), "local": int(usage["LOCAL"])}
+    Re-runs the bundled ptxas with the flags Triton's ``make_cubin`` uses (Triton deletes its own
+    ``-v`` log, and ``CompiledKernel.n_spills`` is only filled in when a GPU loads the cubin).
+    Spills come from ptxas's "spill stores/loads" counts, not from the stack frame: libdevice
+    functions such as ``cosf`` (used by ``tl.randn``) keep a local array on the stack.
+    """
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-lineinfo", *([] if fp_fusion else ["--fmad=false"]), "-v",
+               "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+               "-o", os.path.join(tmp, "kernel.cubin")]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    registers = re.search(r"Used (\d+) registers", log)
+    if frame is None or registers is None:
+        raise RuntimeError(f"unparsed ptxas -v output:\n{log}")
+    return {"registers": int(registers[1]), "stack": int(frame[1]), "spill_stores": int(frame[2]),
+            "spill_loads": int(frame[3])}
 
 
 def compile_one(module: str, index: int, arch: int) -> dict:
@@ -73,10 +82,7 @@ def compile_one(module: str, index: int, arch: int) -> dict:
                            attrs=spec.get("attrs"))
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": row["num_warps"], "num_stages": row["num_stages"]})
-        usage = resource_usage(compiled.asm["cubin"])
-        row.update(registers=usage["registers"],
-                   # Triton kernels keep no local arrays: any stack frame / local memory is a spill.
-                   spill_bytes=max(usage["stack"], usage["local"]),
+        row.update(ptxas_usage(compiled.asm["ptx"], arch, compiled.metadata.enable_fp_fusion),
                    shared_bytes=compiled.metadata.shared,
                    wgmma="wgmma" in compiled.asm["ptx"], mma="mma" in compiled.asm["ptx"],
                    cp_async="cp.async" in compiled.asm["ptx"])
@@ -98,18 +104,20 @@ def run(archs=ARCHS, only: str | None = None, jobs: int | None = None, modules=M
 
 
 def format_table(rows: list[dict]) -> str:
-    """Fixed-width table: kernel, config, arch, warps/stages, registers, spills, shared memory,
+    """Fixed-width table: kernel, config, arch, warps/stages, registers, spill stores/loads, stack
+    frame, shared memory,
     MMA flavour (wgmma / mma.sync / fma) and whether loads are software-pipelined (cp.async)."""
-    header = ("kernel", "config", "arch", "warps", "stages", "regs", "spill B", "shared B", "mma",
-              "cp.async")
+    header = ("kernel", "config", "arch", "warps", "stages", "regs", "spill st B", "spill ld B",
+              "stack B", "shared B", "mma", "cp.async")
     lines = [header]
     for r in rows:
         if "error" in r:
-            lines.append((r["kernel"], r["config"], r["arch"], "", "", "FAILED", "", "", "", ""))
+            lines.append((r["kernel"], r["config"], r["arch"], "", "", "FAILED") + ("",) * 6)
             continue
         mma = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "fma")
         lines.append((r["kernel"], r["config"], r["arch"], str(r["num_warps"]), str(r["num_stages"]),
-                      str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]), mma,
+                      str(r["registers"]), str(r["spill_stores"]), str(r["spill_loads"]),
+                      str(r["stack"]), str(r["shared_bytes"]), mma,
                       "yes" if r["cp_async"] else "no"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
@@ -134,11 +142,12 @@ def main(argv=None) -> int:
         return 1
     print(format_table(rows))
     failures = [r for r in rows if "error" in r]
-    spills = [r for r in rows if r.get("spill_bytes")]
+    spills = [r for r in rows if r.get("spill_stores")]
     for r in failures:
         print(f"\nFAILED {r['kernel']} [{r['config']}] {r['arch']}:\n{r['error']}", file=sys.stderr)
     for r in spills:
-        print(f"SPILL {r['kernel']} [{r['config']}] {r['arch']}: {r['spill_bytes']} bytes", file=sys.stderr)
+        print(f"SPILL {r['kernel']} [{r['config']}] {r['arch']}: {r['spill_stores']} bytes stored, "
+              f"{r['spill_loads']} bytes loaded", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
