@@ -351,8 +351,6 @@ def test_truncated_poisson_nonfinite_rate_does_not_hang(rate):
 
 # ---------------------------------------------------------------- value bugs (finite wrong numbers)
 
-@pytest.mark.xfail(strict=True, reason="udn_kernels/_checks.py resolve_seed: a negative int64 seed *tensor* "
-                   "is accepted (ints are range-checked, tensors are not)")
 def test_negative_seed_tensor_rejected():
     with pytest.raises(ValueError, match="^seed"):
         gaussian_linear(X, MU, SIG, seed=torch.tensor(-5))

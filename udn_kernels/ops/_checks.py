@@ -98,6 +98,9 @@ def resolve_seed(seed) -> torch.Tensor:
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed: expected an int or a one-element int64 tensor, got "
                             f"{seed.dtype} tensor of shape {tuple(seed.shape)}")
+        # Eager calls check the value; a compiled graph cannot read it without a graph break.
+        if not torch.compiler.is_compiling() and not 0 <= int(seed) <= MAX_SEED:
+            raise ValueError(f"seed: expected a value in [0, 2^63), got {int(seed)}")
         return seed.reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int in [0, 2^63) or None, got {type(seed).__name__}")

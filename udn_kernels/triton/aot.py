@@ -1,6 +1,6 @@
 """Ahead-of-time compile every shipped Triton kernel config for sm_80 and sm_90 (no GPU needed).
 
-    python -m udn_kernels.triton.aot [--arch 80 90] [--only SUBSTRING] [--json FILE] [--jobs N]
+    python -m udn_kernels.triton.aot [--arch 80 90] [--only SUBSTRING ...] [--json FILE] [--jobs N]
 
 Collects ``AOT_SPECS`` from the modules of ``udn_kernels/triton``: dicts ``name, fn, signature,
 constexprs`` and optionally ``config`` (a label), ``attrs`` (ASTSource argument attributes such as
@@ -91,10 +91,17 @@ def compile_one(module: str, index: int, arch: int) -> dict:
     return row
 
 
-def run(archs=ARCHS, only: str | None = None, jobs: int | None = None, modules=MODULES) -> list[dict]:
-    """Compile every collected spec for every arch (in ``jobs`` processes); rows in spec order."""
+def label(spec: dict) -> str:
+    """``"name [config]"``: what ``--only`` substrings match (brackets pin a whole config)."""
+    return f"{spec['name']} [{spec.get('config', '')}]"
+
+
+def run(archs=ARCHS, only=None, jobs: int | None = None, modules=MODULES) -> list[dict]:
+    """Compile every collected spec (whose label contains one of the ``only`` substrings, if
+    given) for every arch, in ``jobs`` processes; rows in spec order."""
+    only = [only] if isinstance(only, str) else only
     tasks = [(module, i, arch) for module, i, spec in collect_specs(modules)
-             if only is None or only in f"{spec['name']} {spec.get('config', '')}"
+             if not only or any(o in label(spec) for o in only)
              for arch in archs]
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
@@ -128,7 +135,8 @@ def main(argv=None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
                         help="SM versions (default 80 90)")
-    parser.add_argument("--only", help="compile only specs whose 'kernel config' contains this string")
+    parser.add_argument("--only", nargs="+", metavar="SUBSTRING",
+                        help="compile only specs whose 'kernel [config]' contains one of these")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPUs)")
     args = parser.parse_args(argv)
