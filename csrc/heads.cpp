@@ -32,7 +32,13 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// s += b (b may be null); returns max(s).
+// max(a, b) that returns NaN if either is NaN (std::max(a, NaN) is a: it would drop a NaN logit).
+template <typename T>
+inline T max_nan(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// s += b (b may be null); returns max(s), NaN if any s is NaN.
 template <typename T>
 T add_bias_max(T* s, const T* b, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
@@ -49,10 +55,10 @@ T add_bias_max(T* s, const T* b, int64_t n) {
   T lanes[W];
   vmax.store(lanes);
   T m = lanes[0];
-  for (int64_t k = 1; k < W; ++k) m = std::max(m, lanes[k]);
+  for (int64_t k = 1; k < W; ++k) m = max_nan(m, lanes[k]);
   for (; j < n; ++j) {
     if (b) s[j] += b[j];
-    m = std::max(m, s[j]);
+    m = max_nan(m, s[j]);
   }
   return m;
 }
@@ -152,7 +158,7 @@ void max_into(T* acc, const T* x, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
   int64_t j = 0;
   for (; j + W <= n; j += W) at::vec::maximum(Vec<T>::loadu(acc + j), Vec<T>::loadu(x + j)).store(acc + j);
-  for (; j < n; ++j) acc[j] = std::max(acc[j], x[j]);
+  for (; j < n; ++j) acc[j] = max_nan(acc[j], x[j]);
 }
 
 // acc += exp(x - shift), elementwise.
@@ -352,12 +358,15 @@ void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
             se[i] += gauss_sq(srow, b, p.target_val + (r % p.N) * p.C + c0, p.inv_s.data() + c0, ct);
             continue;
           }
-          // online logsumexp: rescale the running sum to the new maximum
+          // online logsumexp: rescale the running sum to the new maximum (a NaN maximum sticks).
+          // While every logit so far is -inf there is nothing to add (exp(-inf - -inf) is NaN);
+          // the picked logit is still taken, so all -inf logits give -inf - -inf = NaN.
           const T tile_max = add_bias_max(srow, b, ct);
-          const T new_max = std::max(mx[i], tile_max);
-          if (new_max == -std::numeric_limits<T>::infinity()) continue;
-          se[i] = se[i] * std::exp(mx[i] - new_max) + sum_exp(srow, new_max, ct);
-          mx[i] = new_max;
+          const T new_max = max_nan(mx[i], tile_max);
+          if (new_max != -std::numeric_limits<T>::infinity()) {
+            se[i] = se[i] * std::exp(mx[i] - new_max) + sum_exp(srow, new_max, ct);
+            mx[i] = new_max;
+          }
           const int64_t t = p.target_idx[r % p.N];
           if (t >= c0 && t < c0 + ct) picked[i] = srow[t - c0];
         }

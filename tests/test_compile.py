@@ -148,9 +148,6 @@ def test_udn_training_step_compiles_fullgraph(layer):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="udn_kernels/nn/depth.py TruncatedPoisson.max_depth reads the rate as a "
-                   "Python float (poisson_quantile), so UDN.loss / UDN.predict cannot be traced with "
-                   "fullgraph=True or torch.export; an explicit depth= argument would let callers fix L eagerly")
 def test_udn_loss_fullgraph():
     torch.manual_seed(0)
     model = unn.UDN.mlp(2, 8, 3)

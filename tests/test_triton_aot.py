@@ -62,12 +62,13 @@ def test_ptxas_usage_separates_stack_frame_from_spills():
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
-    from udn_kernels.triton import aot, rng
+    from udn_kernels.triton import aot, stochastic_linear as sl
 
-    spec = next(s for s in rng.AOT_SPECS if s["name"] == "philox_normal")
+    spec = next(s for s in sl.AOT_SPECS if aot.label(s) == "gaussian_linear_bwd_dw [flipout/fp32]")
     compiled = triton.compile(ASTSource(fn=spec["fn"], signature=spec["signature"],
                                         constexprs=spec["constexprs"], attrs=spec.get("attrs")),
-                              target=GPUTarget("cuda", 80, 32))
+                              target=GPUTarget("cuda", 80, 32),
+                              options={k: spec[k] for k in ("num_warps", "num_stages")})
     usage = aot.ptxas_usage(compiled.asm["ptx"], 80)
     assert usage["stack"] > 0 and usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
     # The register count matches the cubin Triton built with the same ptxas flags.

@@ -14,6 +14,9 @@ def _softplus_inverse(value: float) -> float:
 
 def poisson_quantile(rate: float, quantile: float) -> int:
     """Smallest ``k`` with ``P(Poisson(rate) <= k) >= quantile`` (log-space pmf, no scipy)."""
+    # A NaN rate would never reach the quantile (e.g. once training diverged): fail loudly instead.
+    if not 0.0 < rate < math.inf:
+        raise ValueError(f"rate: expected a finite positive float, got {rate}")
     log_rate, cdf, k = math.log(rate), 0.0, 0
     while True:
         cdf += math.exp(k * log_rate - rate - math.lgamma(k + 1))
@@ -33,12 +36,14 @@ class TruncatedPoisson(nn.Module):
 
     def __init__(self, init_rate: float = 1.0, quantile: float = 0.95):
         super().__init__()
-        if not init_rate > 0:
-            raise ValueError(f"init_rate: expected a positive float, got {init_rate}")
+        if not 0 < init_rate < math.inf:
+            raise ValueError(f"init_rate: expected a finite positive float, got {init_rate}")
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"quantile: expected a float in (0, 1), got {quantile}")
         self.quantile = float(quantile)
         self.raw_rate = nn.Parameter(torch.tensor(_softplus_inverse(float(init_rate))))
+        self._max_depth = self.max_depth
+        self.register_load_state_dict_post_hook(lambda module, _: module.max_depth)
 
     @property
     def rate(self) -> torch.Tensor:
@@ -47,13 +52,25 @@ class TruncatedPoisson(nn.Module):
 
     @property
     def max_depth(self) -> int:
-        """``L``: the largest depth with non-zero mass under the current rate."""
+        """``L``: the largest depth with non-zero mass under the current rate.
+
+        An eager read computes ``L`` from the rate and remembers it. Inside ``torch.compile`` the rate
+        cannot become a Python number without a graph break, so the remembered ``L`` is returned: the
+        compiled graph is specialised on it and guarded, and a new ``L`` recompiles. After changing the
+        rate outside an optimizer attached with ``UDN.attach_optimizer`` (which refreshes it after every
+        step), read ``max_depth`` eagerly once before calling compiled code.
+        """
+        if torch.compiler.is_compiling():
+            return self._max_depth
         rate = float(self.rate.detach())
-        return max(poisson_quantile(rate, self.quantile), math.floor(rate) + 1) + 1
+        self._max_depth = max(poisson_quantile(rate, self.quantile), math.floor(rate) + 1) + 1
+        return self._max_depth
 
     def log_probs(self, max_depth: int | None = None) -> torch.Tensor:
         """``[log q(1), ..., log q(L)]`` (``L = max_depth`` or the current truncation)."""
         depth = self.max_depth if max_depth is None else int(max_depth)
+        if depth < 1:
+            raise ValueError(f"max_depth: expected an int >= 1, got {max_depth}")
         k = torch.arange(depth, dtype=self.raw_rate.dtype, device=self.raw_rate.device)
         return torch.log_softmax(k * torch.log(self.rate) - torch.lgamma(k + 1), dim=0)
 

@@ -17,13 +17,14 @@ extra layer a data-independent price); a stochastic layer contributes ``-KL(q ||
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
 import udn_kernels
-from ..ops._checks import check_choice
+from ..ops._checks import check_choice, check_float_tensor, check_same
 from .depth import PositivePoisson, TruncatedPoisson
 from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear,
                      StochasticLayer, VariationalDropoutLinear, _sample_axis_added, sampling)
@@ -37,6 +38,15 @@ class _PriorPlan(NamedTuple):
     stochastic: list        # StochasticLayers of blocks 1..L
     stochastic_index: torch.Tensor  # their block indices
     log_mu: torch.Tensor    # log mu(l), l = 1..L
+
+
+def _check_n_data(n_data) -> int:
+    """``n_data`` (the dataset size the ELBO is scaled to) is an int >= 1."""
+    if isinstance(n_data, bool) or not isinstance(n_data, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"n_data: expected an int >= 1 (the dataset size), got {type(n_data).__name__}")
+    if n_data < 1:
+        raise ValueError(f"n_data: expected an int >= 1 (the dataset size), got {n_data}")
+    return n_data
 
 
 class _Block(nn.Module):
@@ -93,13 +103,20 @@ class UDN(nn.Module):
         init_rate, quantile: the truncated-Poisson posterior ``q``.
         prior_rate: ``mu(l) = 1 + Poisson(prior_rate)``.
         weight_prior_std: ``s`` of the Gaussian prior on point-estimate weights (heads, deterministic layers).
+        in_features, feature_dim: when given, ``x.shape[feature_dim]`` must equal ``in_features``
+            (checked with ``x``'s dtype and device before the forward).
     """
 
     def __init__(self, block_factory: Callable[[int], nn.Module], hidden_features: int, out_features: int,
                  *, stem: nn.Module | None = None, readout: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  likelihood: str = "categorical", init_rate: float = 1.0, prior_rate: float = 0.5,
-                 weight_prior_std: float = 1.0, quantile: float = 0.95, noise_std: float = 1.0):
+                 weight_prior_std: float = 1.0, quantile: float = 0.95, noise_std: float = 1.0,
+                 in_features: int | None = None, feature_dim: int = -1):
         super().__init__()
+        # math.log below would only say "math domain error"
+        if not 0 < noise_std < math.inf:
+            raise ValueError(f"noise_std: expected a finite positive float, got {noise_std}")
+        self.in_features, self.feature_dim = in_features, feature_dim
         self.block_factory = block_factory
         self.hidden_features, self.out_features = hidden_features, out_features
         self.likelihood = check_choice("likelihood", likelihood, ("categorical", "gaussian"))
@@ -141,7 +158,7 @@ class UDN(nn.Module):
 
         return cls(block_factory, hidden_features, out_features, likelihood=likelihood,
                    init_rate=init_rate, prior_rate=prior_rate, weight_prior_std=weight_prior_std,
-                   quantile=quantile, noise_std=noise_std)
+                   quantile=quantile, noise_std=noise_std, in_features=in_features)
 
     @classmethod
     def resnet(cls, in_channels: int, channels: int, out_features: int, *,
@@ -164,7 +181,8 @@ class UDN(nn.Module):
         stem = nn.Sequential(make(in_channels, channels), nn.ReLU())
         return cls(block_factory, channels, out_features, stem=stem, readout=_spatial_mean,
                    likelihood=likelihood, init_rate=init_rate, prior_rate=prior_rate,
-                   weight_prior_std=weight_prior_std, quantile=quantile, noise_std=noise_std)
+                   weight_prior_std=weight_prior_std, quantile=quantile, noise_std=noise_std,
+                   in_features=in_channels, feature_dim=-3)
 
     # ----------------------------------------------------------------- growth
     @property
@@ -176,10 +194,12 @@ class UDN(nn.Module):
         """Register ``optimizer``: parameters created by later growth join it as a new param group
         (hyper-parameters copied from its first group; Adam/SGD state starts lazily). Parameters of
         this model missing from it are added now. LR schedulers created before a growth do not see
-        the new groups."""
+        the new groups. After every step the truncation is re-read eagerly and the model grown to
+        it, so a compiled loss sees the new depth (see ``TruncatedPoisson.max_depth``)."""
         self._optimizer = optimizer
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._add_to_optimizer([p for p in self.parameters() if id(p) not in known])
+        optimizer.register_step_post_hook(lambda *_: self.grow(self.depth.max_depth))
         return optimizer
 
     def _add_to_optimizer(self, params: list[nn.Parameter]) -> None:
@@ -219,6 +239,7 @@ class UDN(nn.Module):
 
     def hidden_states(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Stacked read-out hidden states ``[L, ..., D]`` of depths ``1..L`` (grows if needed)."""
+        self._check_input(x)
         depth = self.depth.max_depth if depth is None else int(depth)
         self.grow(depth)
         h = x if self.stem is None else self.stem(x)
@@ -228,6 +249,14 @@ class UDN(nn.Module):
             states.append(h if self.readout is None else self.readout(h))
         # Under sampling(S) early depths may lack the sample axis that later stochastic blocks add.
         return torch.stack(torch.broadcast_tensors(*states))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_float_tensor("x", x)
+        check_same("the model parameters", self.depth.raw_rate, x=x)
+        if self.in_features is not None and (x.dim() < -self.feature_dim
+                                             or x.shape[self.feature_dim] != self.in_features):
+            raise ValueError(f"x: expected {self.in_features} features on dim {self.feature_dim}, "
+                             f"got shape {tuple(x.shape)}")
 
     def head_parameters(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked head weights ``[L, C, D]`` and biases ``[L, C]`` of depths ``1..L``."""
@@ -302,7 +331,9 @@ class UDN(nn.Module):
 
         The data term is exact over the depth support (one fused ``depth_mixture_nll`` call) and
         scaled by ``n_data / B``; with ``samples=S`` it averages ``S`` weight draws in the same call.
+        An empty batch has a zero data term (only the weight-space and depth terms remain).
         """
+        _check_n_data(n_data)
         depth = self.depth.max_depth
         hidden, draws = self._hidden_flat(x, depth, samples)
         weight, bias = self.head_parameters(depth)
@@ -311,7 +342,7 @@ class UDN(nn.Module):
         nll_sum = udn_kernels.depth_mixture_nll(hidden, weight, bias, target, log_q, mode="expected",
                                                 likelihood=self.likelihood, noise_std=self.noise_std,
                                                 reduction="sum")
-        expected_loglik = -nll_sum * (n_data / (draws * y.shape[0]))
+        expected_loglik = -nll_sum * (n_data / max(draws * y.shape[0], 1))
 
         q = log_q.exp()
         head_terms = -(weight.pow(2).sum((1, 2)) + bias.pow(2).sum(1)) / (2.0 * self.weight_prior_std ** 2)

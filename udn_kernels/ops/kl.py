@@ -14,7 +14,8 @@ def gaussian_kl(mu: Optional[torch.Tensor], sigma: torch.Tensor, prior_std) -> t
     """Summed ``KL(N(mu, sigma^2) || N(0, prior_std^2))`` over all elements (0-d tensor).
 
     ``mu=None`` is a zero-mean posterior (variance layer). ``prior_std`` is a positive float or
-    a tensor broadcastable to ``sigma``. ``sigma`` must be positive (not checked: a device sync).
+    a tensor broadcastable to ``sigma`` (its values are checked in eager calls only). ``sigma``
+    must be positive (not checked: a device sync on a weight-sized tensor).
     """
     check_float_tensor("sigma", sigma)
     if mu is not None:
@@ -29,6 +30,9 @@ def gaussian_kl(mu: Optional[torch.Tensor], sigma: torch.Tensor, prior_std) -> t
         except RuntimeError:
             raise ValueError(f"prior_std: expected a shape broadcastable to {tuple(sigma.shape)}, "
                              f"got {tuple(prior_std.shape)}") from None
+        # Eager calls check the values (one sync on a small tensor); a compiled graph cannot branch on them.
+        if not torch.compiler.is_compiling() and not bool((prior_std > 0).all()):
+            raise ValueError(f"prior_std: expected positive values, got min {prior_std.min().item()}")
     elif isinstance(prior_std, bool) or not isinstance(prior_std, numbers.Real):
         raise TypeError(f"prior_std: expected a positive float or a tensor, got {type(prior_std).__name__}")
     elif not prior_std > 0:

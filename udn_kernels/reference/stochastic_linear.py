@@ -45,9 +45,9 @@ def gaussian_linear_fwd(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: i
         var = (x * x) @ (weight_sigma * weight_sigma).t()
         if bias_sigma is not None:
             var = var + bias_sigma * bias_sigma
-        # sqrt with a zero (not NaN) gradient where the variance is exactly 0
-        positive = var > 0
-        std = torch.where(positive, torch.where(positive, var, 1).sqrt(), 0)
+        # sqrt with a zero (not NaN) gradient where the variance is exactly 0; a NaN variance stays NaN
+        zero = var == 0
+        std = torch.where(zero, 0, torch.where(zero, 1, var).sqrt())
         return mean + std * _normal(0, (S, B, N), seed, x)
     eps = _normal(0, (S, N, K), seed, x)
     if estimator == "sample":
