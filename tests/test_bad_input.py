@@ -349,12 +349,12 @@ def test_gaussian_kl_negative_prior_tensor():
 
 
 def test_nonpositive_sigma_behaviour():
-    """Documented: weight_sigma is not checked; the draws depend on sigma only through sigma*eps, so
-    ``local`` (which uses sigma^2) is exactly invariant to the sign; sigma = 0 is a point mass.
-    The KL of a non-positive sigma is non-finite (never a finite wrong number)."""
-    a = gaussian_linear(X, MU, SIG, BMU, BSIG, estimator="local", seed=3)
-    b = gaussian_linear(X, MU, -SIG, BMU, -BSIG, estimator="local", seed=3)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    """Negative standard deviations are rejected (eager); sigma = 0 is a point mass; the KL of a
+    non-positive sigma is non-finite (never a finite wrong number)."""
+    with pytest.raises(ValueError, match="^weight_sigma: expected standard deviations >= 0"):
+        gaussian_linear(X, MU, -SIG, BMU, BSIG, estimator="local", seed=3)
+    with pytest.raises(ValueError, match="^bias_sigma: expected standard deviations >= 0"):
+        gaussian_linear(X, MU, SIG, BMU, -BSIG, seed=3)
     zero = gaussian_linear(X, MU, torch.zeros_like(SIG), BMU, None, seed=3)
     torch.testing.assert_close(zero, F.linear(X, MU, BMU), rtol=1e-6, atol=1e-6)
     assert torch.isnan(gaussian_kl(MU, -SIG, 1.0))

@@ -70,9 +70,9 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
             ``input_has_samples=True`` (each weight draw gets its own input, e.g. the output of a
             previous stochastic layer).
         weight_mu: ``[N_out, K]`` posterior means, or ``None`` for a zero-mean (variance) layer.
-        weight_sigma: ``[N_out, K]`` posterior standard deviations. Not checked for positivity
-            (that would cost a device sync and break ``torch.compile`` graphs); the output
-            distribution only depends on ``|weight_sigma|``.
+        weight_sigma: ``[N_out, K]`` posterior standard deviations, ``>= 0`` (0 is a point mass).
+            Eager calls reject negative entries (one reduction over sigma); compiled graphs skip
+            the check, since it would need a graph break.
         bias_mu, bias_sigma: optional ``[N_out]`` bias mean and standard deviation; with
             ``bias_sigma`` the bias is sampled too (``bias_mu=None`` means a zero-mean bias).
         estimator: ``"sample"`` (one weight draw shared by the batch), ``"local"`` (local
@@ -99,6 +99,11 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
         if value is not None:
             check_shape(name, value, (out_features,))
     check_choice("estimator", estimator, ESTIMATORS)
+    if not torch.compiler.is_compiling():
+        for name, value in (("weight_sigma", weight_sigma), ("bias_sigma", bias_sigma)):
+            if value is not None and value.numel() and bool((value < 0).any()):
+                raise ValueError(f"{name}: expected standard deviations >= 0, got a minimum of "
+                                 f"{value.min().item():g}")
     x3, S, lead = flatten_input(x, in_features, samples, input_has_samples)
     seed = resolve_seed(seed)
     contiguous = [None if t is None else t.contiguous()
