@@ -533,15 +533,9 @@ def _nonfinite_rows_only(out, bad_rows):
             assert finite[r].all(), f"row {r} should be finite: {out[r]}"
 
 
-_CPU_NAN_BUG = pytest.mark.xfail(strict=True, reason=(
-    "csrc/heads.cpp forward_impl (class-tiled path, C > 32): std::max drops a NaN tile maximum, "
-    "`if (new_max == -inf) continue` then skips the whole class tile, so a NaN bias gives a loss of "
-    "-inf (C=40) or a FINITE wrong loss (C=600: lse over the other class tile only)"))
-
-
 @pytest.mark.parametrize("backend, C_", [
     ("reference", C), ("reference", 40), ("reference", 600), ("cpu", C),
-    pytest.param("cpu", 40, marks=_CPU_NAN_BUG), pytest.param("cpu", 600, marks=_CPU_NAN_BUG)])
+    ("cpu", 40), ("cpu", 600)])
 def test_heads_nan_in_inputs_poisons_outputs(backend, C_):
     h, w, b, y, lw = heads_inputs(C=C_)
     with udn_kernels.backend(backend):
@@ -593,10 +587,6 @@ def test_heads_inf_in_inputs_is_nonfinite(backend):
             assert (ll[:, y == y[0]] == -INF).all() and torch.isfinite(ll[:, y != y[0]]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="csrc/heads.cpp forward_impl (class-tiled path, C > 32): a NaN logit "
-                   "is dropped by std::max in add_bias_max / the running max, the row is skipped by "
-                   "`if (new_max == -inf) continue` and loglik becomes +inf instead of NaN; all -inf logits "
-                   "likewise give +inf (reference: NaN)")
 @pytest.mark.parametrize("case", ["nan_hidden", "all_minus_inf_logits"])
 def test_heads_cpu_class_tiled_nan_is_nan(case):
     h, w, b, y, lw = heads_inputs(C=40)

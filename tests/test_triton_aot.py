@@ -36,7 +36,7 @@ def test_one_config_per_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_pat
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert 0 < r["registers"] <= 255 and r["stack"] >= 0, r
     heads = [r for r in rows if not r["kernel"].startswith(("philox", "gaussian", "bernoulli"))]
-    assert len(heads) == 6 and all(r["shared_bytes"] > 0 and r["mma"] for r in heads)
+    assert len(heads) == 6 and all(r["shared_bytes"] > 0 for r in heads)
     assert "0 spilling" in proc.stdout
 
 

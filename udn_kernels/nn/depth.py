@@ -42,8 +42,8 @@ class TruncatedPoisson(nn.Module):
             raise ValueError(f"quantile: expected a float in (0, 1), got {quantile}")
         self.quantile = float(quantile)
         self.raw_rate = nn.Parameter(torch.tensor(_softplus_inverse(float(init_rate))))
-        self._max_depth = self.max_depth
-        self.register_load_state_dict_post_hook(lambda module, _: module.max_depth)
+        self._refresh_max_depth()
+        self.register_load_state_dict_post_hook(TruncatedPoisson._after_load)
 
     @property
     def rate(self) -> torch.Tensor:
@@ -60,8 +60,14 @@ class TruncatedPoisson(nn.Module):
         rate outside an optimizer attached with ``UDN.attach_optimizer`` (which refreshes it after every
         step), read ``max_depth`` eagerly once before calling compiled code.
         """
-        if torch.compiler.is_compiling():
-            return self._max_depth
+        return self._max_depth if torch.compiler.is_compiling() else self._refresh_max_depth()
+
+    @staticmethod
+    def _after_load(module, incompatible_keys) -> None:
+        # a loaded rate changes L: remember the new one for compiled code
+        module._refresh_max_depth()
+
+    def _refresh_max_depth(self) -> int:
         rate = float(self.rate.detach())
         self._max_depth = max(poisson_quantile(rate, self.quantile), math.floor(rate) + 1) + 1
         return self._max_depth

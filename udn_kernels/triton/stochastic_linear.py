@@ -231,12 +231,12 @@ def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, 
 # ------------------------------------------------------------------ launchers
 
 # Tile caps, warps and stages per kernel. Every noise element costs a Philox call in registers, so
-# tiles are small per thread (8 warps); chosen so every AOT_SPECS build has zero ptxas spill stores
-# on sm_80 and sm_90 (`python -m udn_kernels.triton.aot`). Single-stage fwd/dw and BK=16 dx: two
-# stages spilled flipout fp32 fwd and tf32 dw on sm_90, BK=32 dx spilled flipout bf16 on sm_80.
+# tiles are small per thread; chosen so every AOT_SPECS build has zero ptxas spill stores
+# on sm_80 and sm_90 (`python -m udn_kernels.triton.aot`). Single-stage kernels and BK=16 dx: two
+# stages spilled flipout fp32 fwd and tf32 dw on sm_90; 8-warp / BK=32 dx spilled bf16 or fp32.
 CONFIGS = {
     "fwd": {"BM": 64, "BN": 64, "BK": 16, "num_warps": 8, "num_stages": 1},
-    "dx": {"BM": 64, "BN": 16, "BK": 16, "num_warps": 8, "num_stages": 2},
+    "dx": {"BM": 64, "BN": 16, "BK": 16, "num_warps": 4, "num_stages": 1},
     "dw": {"BM": 16, "BN": 32, "BK": 64, "num_warps": 8, "num_stages": 1},
 }
 
