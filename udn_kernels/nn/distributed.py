@@ -46,6 +46,7 @@ class DistributedUDN:
         self.module = model
         self.ddp_kwargs = {"find_unused_parameters": True, **ddp_kwargs}
         self.ddp: DistributedDataParallel | None = None
+        self._wrapped_depth = -1
         self.sync()
 
     def sync(self) -> DistributedDataParallel:
@@ -54,13 +55,16 @@ class DistributedUDN:
         device = reference.device if dist.get_backend() == "nccl" else torch.device("cpu")
         depth = torch.tensor([self.module.depth.max_depth], dtype=torch.int64, device=device)
         dist.all_reduce(depth, op=dist.ReduceOp.MAX)
-        grown = self.module.grow(int(depth))
-        if grown or self.ddp is None:
+        self.module.grow(int(depth))
+        # Compare with the depth DDP was built for: the optimizer hook of ``attach_optimizer`` may
+        # have grown the model after the last step, outside this method.
+        if self.ddp is None or self.module.built_depth != self._wrapped_depth:
             if self.ddp is not None:
                 # Drop the old reducer (and its gradient hooks) before the new one registers its own.
                 self.ddp = None
                 gc.collect()
             self.ddp = DistributedDataParallel(self.module, **self.ddp_kwargs)
+            self._wrapped_depth = self.module.built_depth
         return self.ddp
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, n_data: int) -> torch.Tensor:
