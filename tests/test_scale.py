@@ -78,8 +78,7 @@ def test_cpp_sources_use_int64_index_arithmetic():
     import re
 
     root = pathlib.Path(udn_kernels.__file__).resolve().parent.parent / "csrc"
-    if not root.is_dir():
-        pytest.skip("csrc/ not shipped")
+    assert root.is_dir(), f"the C++ sources must sit beside the package (editable install): {root}"
     for path in sorted(root.glob("*.cpp")) + sorted(root.glob("*.h")):
         text = re.sub(r"//.*", "", path.read_text())
         bad = re.findall(r"\b(?:int|unsigned|long|int32_t|size_t)\s+\w+\s*=\s*[^;]*(?:size|numel|stride|offset)\b",
