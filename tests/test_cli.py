@@ -84,3 +84,18 @@ def test_train_csv(tmp_path):
     out = run_cli("train", str(path), "--epochs", "1", "--width", "8")
     assert out.returncode == 0, out.stderr
     assert "accuracy" in out.stdout
+
+
+def test_bench_cuda_device_without_gpu_is_a_clear_error():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present: this checks the error on machines without one")
+    out = run_cli("bench", "--cases", "rng", "--device", "cuda")
+    assert out.returncode == 2 and "no CUDA device is available" in out.stderr
+
+
+def test_bench_inputs_follow_the_device():
+    # On CUDA the same cases must build their inputs on the GPU (so the Triton kernels run);
+    # the meta device shows that every tensor factory follows the device context.
+    methods = cases.build("gauss-linear", quick=True, device="meta")
+    out = next(m for m in methods if m.name == "eager sample").forward()
+    assert out.device.type == "meta"

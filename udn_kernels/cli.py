@@ -67,6 +67,8 @@ def cmd_bench(args) -> int:
     from .bench import cases, harness
     _check_writable(args.json, "--json")
     _check_writable(args.plot, "--plot")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device: {args.device!r} requested but no CUDA device is available")
     names = args.cases or list(cases.CASES)
     for name in names:
         if name not in cases.CASES:
@@ -76,10 +78,11 @@ def cmd_bench(args) -> int:
     print(header)
     print("-" * len(header))
     for name in names:
-        timings = [harness.time_method(m, repeats=args.repeats) for m in cases.build(name, args.quick)]
+        methods = cases.build(name, args.quick, args.device)
+        timings = [harness.time_method(m, repeats=args.repeats) for m in methods]
         if args.memory:
             for t in timings:
-                t.peak_mb = harness.measure_peak(name, t.method, args.quick)
+                t.peak_mb = harness.measure_peak(name, t.method, args.quick, args.device)
         results[name] = timings
         ratios = harness.speedups(timings)
         floor = next((t for t in timings if t.role == "floor"), None)
@@ -91,7 +94,7 @@ def cmd_bench(args) -> int:
         sys.stdout.flush()
     print("ours x: total time of that method / total time of ours (>1: ours is faster). "
           "/floor: total time / the GEMM floor's.")
-    meta = {"quick": args.quick, "info": info_lines()}
+    meta = {"quick": args.quick, "device": args.device, "info": info_lines()}
     if args.json:
         harness.to_json(results, args.json, meta)
         print(f"wrote {args.json}")
@@ -132,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write results as JSON")
     bench.add_argument("--plot", help="write a PNG chart of speed-ups")
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per method")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="device of the inputs (default: cuda when available, which runs the "
+                            "Triton kernels; else cpu, which runs the C++ kernels)")
     bench.add_argument("--no-memory", dest="memory", action="store_false",
                        help="skip the per-method peak-memory subprocesses")
     bench.set_defaults(run=cmd_bench)

@@ -1,6 +1,6 @@
 """The benchmark cases of DESIGN §6, each a list of methods on shared inputs.
 
-``build(case, quick)`` returns the methods: ours first, then the peers a user would otherwise
+``build(case, quick, device)`` returns the methods: ours first, then the peers a user would otherwise
 write, then the GEMM floor (the same matrix products alone). ``quick`` shrinks the shapes so the
 whole set runs in minutes on 2 cores; the full shapes are DESIGN §6's.
 """
@@ -25,17 +25,19 @@ def case(name: str):
     return register
 
 
-def build(name: str, quick: bool) -> list[Method]:
-    """Methods of case ``name``; raises ValueError for an unknown case."""
+def build(name: str, quick: bool, device: str = "cpu") -> list[Method]:
+    """Methods of case ``name`` with inputs on ``device`` (tensor factories follow the device
+    context, so on CUDA the ops dispatch to the Triton kernels); ValueError for an unknown case."""
     if name not in CASES:
         raise ValueError(f"case: expected one of {tuple(CASES)}, got {name!r}")
     torch.manual_seed(0)
-    return CASES[name](quick)
+    with torch.device(device):
+        return CASES[name](quick)
 
 
-def method_by_name(case_name: str, method: str, quick: bool) -> Method:
+def method_by_name(case_name: str, method: str, quick: bool, device: str = "cpu") -> Method:
     """One method of a case (used by the memory probe subprocess)."""
-    return next(m for m in build(case_name, quick) if m.name == method)
+    return next(m for m in build(case_name, quick, device) if m.name == method)
 
 
 def _depth_log_weights(depths: int) -> torch.Tensor:
@@ -180,11 +182,12 @@ def rng(quick: bool) -> list[Method]:
     """2^24 normals / uniforms / bernoullis (quick: 2^22)."""
     from udn_kernels import rng as urng
     n = 1 << (22 if quick else 24)
-    return [Method("udn normal", lambda: urng.normal(n, seed=1), backward=False, role="ours"),
+    device = torch.empty(0).device  # the device context build() entered
+    return [Method("udn normal", lambda: urng.normal(n, seed=1, device=device), backward=False, role="ours"),
             Method("torch.randn", lambda: torch.randn(n), backward=False),
-            Method("udn uniform", lambda: urng.uniform(n, seed=1), backward=False),
+            Method("udn uniform", lambda: urng.uniform(n, seed=1, device=device), backward=False),
             Method("torch.rand", lambda: torch.rand(n), backward=False),
-            Method("udn bernoulli", lambda: urng.bernoulli(n, 0.5, seed=1), backward=False),
+            Method("udn bernoulli", lambda: urng.bernoulli(n, 0.5, seed=1, device=device), backward=False),
             Method("torch.bernoulli_", lambda: torch.empty(n).bernoulli_(0.5), backward=False)]
 
 
@@ -216,8 +219,9 @@ def udn_step(quick: bool) -> list[Method]:
     """One training step (loss, backward) of a width-32 UDN MLP with ~10 depths, batch 256, spirals."""
     from udn_kernels.nn import UDN
     from udn_kernels.data import spirals
-    x, y = spirals(256, phase=3.0, noise=0.05, seed=0)
-    model = UDN.mlp(2, 32, 2, init_rate=5.0)
+    device = torch.empty(0).device
+    x, y = (t.to(device) for t in spirals(256, phase=3.0, noise=0.05, seed=0))
+    model = UDN.mlp(2, 32, 2, init_rate=5.0).to(device)
     depths = model.depth.max_depth
     return [Method(f"UDN.mlp ({depths} depths)", lambda: model.loss(x, y, 1024), role="ours"),
             Method("eager UDN", lambda: eager_udn_loss(model, x, y, 1024))]

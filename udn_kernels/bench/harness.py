@@ -43,12 +43,20 @@ def _first_tensor(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _sync() -> None:
+    # CUDA launches are asynchronous: wait for them so wall time covers the kernels.
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _median_ms(fn: Callable[[], None], repeats: int, min_time: float) -> float:
     samples = []
     started = time.perf_counter()
     while len(samples) < repeats or (time.perf_counter() - started < min_time and len(samples) < 100):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
 
@@ -75,8 +83,10 @@ def time_method(method: Method, *, warmup: int = 2, repeats: int = 5, min_time: 
     samples = []
     for _ in range(repeats):
         out = _first_tensor(method.forward()).sum()
+        _sync()
         t0 = time.perf_counter()
         out.backward()
+        _sync()
         samples.append((time.perf_counter() - t0) * 1e3)
     return Timing(method.name, method.role, fwd, statistics.median(samples), total)
 
@@ -104,11 +114,25 @@ def measure_peak_in_this_process(method: Method) -> float:
     return (_rss_kib("VmHWM") - before) / 1024.0
 
 
-def measure_peak(case: str, method: str, quick: bool) -> float | None:
-    """Run :func:`measure_peak_in_this_process` for one method of a case in a fresh interpreter."""
+def measure_peak_cuda(method: Method) -> float:
+    """Peak CUDA memory (MB) allocated by one forward+backward of ``method`` beyond its inputs."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = _first_tensor(method.forward())
+    if method.backward:
+        out.sum().backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def measure_peak(case: str, method: str, quick: bool, device: str = "cpu") -> float | None:
+    """Peak extra memory of one method of a case, measured in a fresh interpreter: resident
+    memory on CPU (:func:`measure_peak_in_this_process`), the caching allocator's peak on CUDA."""
+    probe = "measure_peak_cuda" if device.startswith("cuda") else "measure_peak_in_this_process"
     code = ("import sys; from udn_kernels.bench import cases, harness; "
-            f"m = cases.method_by_name({case!r}, {method!r}, quick={quick}); "
-            "print(harness.measure_peak_in_this_process(m))")
+            f"m = cases.method_by_name({case!r}, {method!r}, quick={quick}, device={device!r}); "
+            f"print(harness.{probe}(m))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if result.returncode != 0:
         return None
