@@ -1,4 +1,4 @@
-"""Tiny workload for valgrind / LeakSanitizer over the C++ extension (docs/hardening.md):
+"""Tiny workload for valgrind / LeakSanitizer over the C++ extension (commands in docs/hardening.md):
 
     PYTHONMALLOC=malloc valgrind --leak-check=full --show-leak-kinds=definite \
         --num-callers=30 python tests/leak_check_script.py

@@ -146,7 +146,8 @@ def _dx_kernel(g_ptr, w_ptr, sig_ptr, dx_ptr, S, B, N, K, seed, p, scale, sign_i
     else:
         s_end = S
     acc = tl.zeros((BM, BK), dtype=tl.float32)
-    for s in range(sx, s_end):
+    for draw in range(sx, s_end):
+        s = tl.cast(draw, tl.int64)  # the interpreter hands loop indices over as (int32) Python ints
         # Flipout's noise term and input dropout need a per-draw factor on d_x after the N-sum.
         per_draw = tl.zeros((BM, BK), dtype=tl.float32)
         for n0 in range(0, N, BN):
@@ -192,7 +193,8 @@ def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, 
     w_off = rn[:, None] * K + rk[None, :]
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     acc_sig = tl.zeros((BN, BK), dtype=tl.float32)
-    for s in range(0, S):
+    for draw in range(0, S):
+        s = tl.cast(draw, tl.int64)  # an int32 index would wrap in s * N * K once S * N * K > 2^31
         per_draw = tl.zeros((BN, BK), dtype=tl.float32)  # the part weighted by this draw's noise
         x_base = x_ptr + s * x_draw_stride
         for b0 in range(0, B, BM):
