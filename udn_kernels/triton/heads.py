@@ -367,10 +367,11 @@ def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian
     acc = _acc_dtype(hidden.dtype)
     device = hidden.device
     lse = grad_loglik if gaussian else aux
-    empty = torch.empty(0, dtype=hidden.dtype, device=device)
+    # A fresh empty tensor per absent gradient: custom-op outputs may not alias each other.
+    empty = lambda: torch.empty(0, dtype=hidden.dtype, device=device)  # noqa: E731
     need_noise = gaussian and noise_std is not None
     if L == 0 or N == 0:
-        zeros = lambda x: empty if x is None else torch.zeros_like(x)  # noqa: E731
+        zeros = lambda x: empty() if x is None else torch.zeros_like(x)  # noqa: E731
         return torch.zeros_like(hidden), torch.zeros_like(weight), zeros(bias), zeros(noise_std)
 
     consts, launch = _split_config(rows_config or select_config("bwd_rows", C, D, hidden.dtype))
@@ -384,11 +385,11 @@ def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian
 
     d_weight = _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, sizes, ignore_index, flags,
                             weight_config or select_config("bwd_weight", C, D, hidden.dtype))
-    d_bias = empty
+    d_bias = empty()
     if bias is not None:
         per_depth = col_sums[0].sum(1)
         d_bias = (per_depth if bias.dim() == 2 else per_depth.sum(0)).to(bias.dtype)
-    d_noise = col_sums[1].sum((0, 1)).to(noise_std.dtype) if need_noise else empty
+    d_noise = col_sums[1].sum((0, 1)).to(noise_std.dtype) if need_noise else empty()
     return d_hidden, d_weight, d_bias, d_noise
 
 
