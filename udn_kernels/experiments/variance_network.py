@@ -32,9 +32,9 @@ FULL = dict(hidden=512, samples=20,
             train={"dropout": dict(epochs=30, lr=3e-3, draws=1, batch_size=64),
                    "gaussian": dict(epochs=90, lr=3e-2, draws=4, batch_size=64),
                    "bernoulli": dict(epochs=60, lr=3e-3, draws=8, batch_size=32)})
-QUICK = dict(hidden=64, samples=8,
+QUICK = dict(hidden=128, samples=8,
              train={"dropout": dict(epochs=3, lr=1e-2, draws=1, batch_size=64),
-                    "gaussian": dict(epochs=3, lr=3e-2, draws=2, batch_size=64),
+                    "gaussian": dict(epochs=6, lr=3e-2, draws=2, batch_size=64),
                     "bernoulli": dict(epochs=3, lr=3e-3, draws=2, batch_size=64)})
 MODELS = {"dropout": "MC dropout p=0.2/0.5", "gaussian": "Gaussian variance layers",
           "bernoulli": "symmetric Bernoulli variance layers"}
