@@ -82,6 +82,13 @@ def test_udn_vs_fixed_reports_every_model(outputs):
     # Standardised targets: a useful regressor has RMSE below the target std of 1 (plus slack).
     assert all(0 < r["rmse"] < 1.2 for runs in diabetes["runs"].values() for r in runs)
     assert "digits 8x8 (ResNet)" in data["results"]
+    # Every model is scored at its best-validation-NLL epoch, within the trained epochs.
+    epochs = data["config"]["diabetes"]["epochs"]
+    for runs in diabetes["runs"].values():
+        assert all(1 <= r["epoch"] <= epochs and math.isfinite(r["val_nll"]) for r in runs)
+    verdict = data["verdicts"]["diabetes (MLP)"]["rmse"]
+    paired, _ = verdict["udn minus best (paired)"]
+    assert math.isclose(paired, verdict["udn"] - verdict["best fixed value"], abs_tol=1e-6)
 
 
 def test_mc_averaging_lowers_the_nll(outputs):
@@ -101,3 +108,6 @@ def test_variance_networks_mean_prediction_is_constant(outputs):
     for kind in ("gaussian", "bernoulli"):
         assert results[kind]["deterministic"]["accuracy"] < 0.15
     assert results["dropout"]["deterministic"]["accuracy"] > 0.8
+    # ... while sampling reads the information stored in the variances (6 epochs: MC 0.47).
+    gaussian = results["gaussian"]
+    assert gaussian["MC 8"]["accuracy"] > gaussian["deterministic"]["accuracy"] + 0.2

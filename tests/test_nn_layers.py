@@ -87,6 +87,16 @@ def test_deterministic_mode_uses_mean_weights_and_restores():
     assert v.sparsity() == pytest.approx(2 / 8)
 
 
+def test_variance_layer_draws_distinct_sigmas_with_rms_init_sigma():
+    # A constant init makes every unit of a zero-mean layer identical in distribution: only sampling
+    # noise breaks the symmetry and training stalls near chance (the variance-network experiment).
+    torch.manual_seed(0)
+    sigma = unn.GaussianLinear(400, 300, zero_mean=True).weight_sigma.detach()
+    assert sigma.min() > 0 and sigma.max() <= math.sqrt(3.0) / 20 * (1 + 1e-5)
+    assert sigma.pow(2).mean().sqrt().item() == pytest.approx(1 / 20, rel=0.02)  # RMS 1/sqrt(in)
+    assert sigma.std() > 0.4 * sigma.mean()  # uniform spread (0.58), not a constant
+
+
 @pytest.mark.parametrize("estimator", ["sample", "local", "flipout"])
 def test_gaussian_output_moments(estimator):
     torch.manual_seed(1)

@@ -11,10 +11,12 @@ import torch
 from .cli import CLIError, _check_writable, _require
 
 
-def load_dataset(name: str, *, phase: int = 3, target: str | None = None, seed: int = 0):
+def load_dataset(name: str, *, phase: int = 3, target: str | None = None, seed: int = 0,
+                 standardise: bool = True):
     """(x_train, y_train, x_test, y_test, likelihood) for spirals, digits, diabetes or a CSV path.
 
-    Features are standardised with training statistics; regression targets too.
+    Features are standardised with training statistics (unless ``standardise=False``); regression
+    targets too.
     """
     if name == "spirals":
         from .data import spirals
@@ -36,8 +38,8 @@ def load_dataset(name: str, *, phase: int = 3, target: str | None = None, seed: 
     order = torch.randperm(len(x), generator=generator)
     cut = int(0.8 * len(x))
     tr, te = order[:cut], order[cut:]
-    mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-6)
-    x = (x - mean) / std
+    if standardise:
+        x = (x - x[tr].mean(0)) / x[tr].std(0).clamp_min(1e-6)
     if likelihood == "categorical":
         y = y.long()
     else:

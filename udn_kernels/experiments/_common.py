@@ -82,10 +82,10 @@ def pm(values: list[float], spec: str = ".3f") -> str:
     return f"{m:{spec}} ± {s:{spec}}"
 
 
-def sklearn_dataset(name: str, seed: int):
+def sklearn_dataset(name: str, seed: int, standardise: bool = True):
     """``(x_tr, y_tr, x_te, y_te, likelihood)`` of a bundled scikit-learn set, 80/20 split by ``seed``."""
     from ..train import load_dataset
-    return load_dataset(name, seed=seed)
+    return load_dataset(name, seed=seed, standardise=standardise)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator):

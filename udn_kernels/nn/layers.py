@@ -165,7 +165,8 @@ class GaussianLinear(StochasticLayer):
     ``"local"`` (local reparameterisation) or ``"flipout"`` — see ``udn_kernels.gaussian_linear``.
     ``zero_mean=True`` gives the variance layer of Neklyudov et al. (``mu ≡ 0``; its mean-weight
     prediction is the bias alone). Prior ``N(0, prior_std^2)`` on every weight and bias.
-    ``init_sigma`` defaults to 1e-2 (``1/sqrt(in_features)`` for the variance layer).
+    ``init_sigma`` defaults to 1e-2; the variance layer draws its sigmas uniformly from
+    ``(0, sqrt(3) init_sigma]`` (RMS ``init_sigma``, default ``1/sqrt(in_features)``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, prior_std: float = 1.0,
@@ -187,8 +188,15 @@ class GaussianLinear(StochasticLayer):
             self.register_parameter("bias_rho", None)
         if self.weight_mu is not None:
             _init_like_linear(self.weight_mu, self.bias_mu, in_features)
-        elif self.bias_mu is not None:
-            nn.init.zeros_(self.bias_mu)
+        else:
+            # Random sigmas with RMS init_sigma: from a constant init every unit of a variance layer
+            # has the same output distribution, only sampling noise breaks the symmetry, and
+            # training stalls near chance (docs/experiments.md, variance-network).
+            with torch.no_grad():
+                sigma = init_sigma * math.sqrt(3.0) * torch.rand(out_features, in_features).clamp_min(1e-3)
+                self.weight_rho.copy_(sigma.expm1().log())
+            if self.bias_mu is not None:
+                nn.init.zeros_(self.bias_mu)
 
     @property
     def weight_sigma(self) -> torch.Tensor:
