@@ -77,6 +77,23 @@ def test_kernel_matches_reference_float64(shape, bias, per_depth, likelihood):
         assert_close_rel(a, b, 1e-11, name)
 
 
+# C <= 32 runs the batched class-major path in chunks of at most 2^18 logits: several depth groups
+# (L*N*C above the chunk) and row ranges inside one depth (N*C above it)
+@pytest.mark.parametrize("shape", [(40, 700, 3, 10), (2, 27000, 2, 10)])
+@pytest.mark.parametrize("per_depth", [False, True])
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+def test_small_c_chunks_match_reference(shape, per_depth, likelihood):
+    L, N, D, C = shape
+    gaussian = likelihood == "gaussian"
+    inputs = make(L, N, D, C, per_depth=per_depth, bias="depth" if per_depth else "shared",
+                  likelihood=likelihood, ignore_every=7)
+    grad = torch.randn(L, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = kernel_outputs("cpu", *inputs, gaussian, grad)
+    want = kernel_outputs("reference", *inputs, gaussian, grad)
+    for name, a, b in zip(("loglik", "aux", "d_hidden", "d_weight", "d_bias", "d_noise"), got, want):
+        assert_close_rel(a, b, 1e-10, name)
+
+
 @pytest.mark.parametrize("shape", [(3, 37, 19, 11), (4, 300, 64, 1100), (2, 5, 300, 5000)])
 @pytest.mark.parametrize("per_depth", [False, True])
 @pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
