@@ -11,6 +11,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "heads_epilogue.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -19,6 +21,7 @@
 namespace {
 
 using at::Tensor;
+using namespace udn_heads;
 
 constexpr int64_t kMaxRowTile = 256;  // rows of a logits tile
 constexpr int64_t kClassTile = 512;   // classes of a logits tile (256 x 512 fp32 = 512 KiB, fits L2)
@@ -29,56 +32,6 @@ constexpr int64_t kSmallClasses = 32;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------- vectorised tile epilogues
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
-
-// max(a, b) that returns NaN if either is NaN (std::max(a, NaN) is a: it would drop a NaN logit).
-template <typename T>
-inline T max_nan(T a, T b) {
-  return (a > b || a != a) ? a : b;
-}
-
-// s += b (b may be null); returns max(s), NaN if any s is NaN.
-template <typename T>
-T add_bias_max(T* s, const T* b, int64_t n) {
-  constexpr int64_t W = Vec<T>::size();
-  Vec<T> vmax(-std::numeric_limits<T>::infinity());
-  int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    Vec<T> v = Vec<T>::loadu(s + j);
-    if (b) {
-      v = v + Vec<T>::loadu(b + j);
-      v.store(s + j);
-    }
-    vmax = at::vec::maximum(vmax, v);
-  }
-  T lanes[W];
-  vmax.store(lanes);
-  T m = lanes[0];
-  for (int64_t k = 1; k < W; ++k) m = max_nan(m, lanes[k]);
-  for (; j < n; ++j) {
-    if (b) s[j] += b[j];
-    m = max_nan(m, s[j]);
-  }
-  return m;
-}
-
-// sum_j exp(s_j - shift).
-template <typename T>
-T sum_exp(const T* s, T shift, int64_t n) {
-  constexpr int64_t W = Vec<T>::size();
-  const Vec<T> vshift(shift);
-  Vec<T> acc(0);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) acc = acc + (Vec<T>::loadu(s + j) - vshift).exp();
-  T lanes[W];
-  acc.store(lanes);
-  T total = 0;
-  for (int64_t k = 0; k < W; ++k) total += lanes[k];
-  for (; j < n; ++j) total += std::exp(s[j] - shift);
-  return total;
-}
-
 // sum_j ((y_j - s_j - b_j) * inv_j)^2.
 template <typename T>
 T gauss_sq(const T* s, const T* b, const T* y, const T* inv, int64_t n) {

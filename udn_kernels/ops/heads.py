@@ -217,12 +217,89 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     return loss.sum() / count
 
 
+@torch.library.custom_op("udn_kernels::depth_mixture_predict", mutates_args=())
+def _predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_weights: Tensor, gaussian: bool,
+             noise_std: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    kernel = _backend.get_kernel("depth_mixture_predict", hidden.device)
+    out1, out2 = kernel(hidden, weight, bias, log_weights, gaussian, noise_std)
+    return out1, out2
+
+
+@_predict.register_fake
+def _(hidden, weight, bias, log_weights, gaussian, noise_std):
+    N, C = hidden.shape[1], weight.shape[-2]
+    return hidden.new_empty((N, C)), hidden.new_empty((N, C) if gaussian else (0,))
+
+
+def _predict_setup_context(ctx, inputs, output):
+    hidden, weight, bias, log_weights, gaussian, noise_std = inputs
+    ctx.save_for_backward(hidden, weight, bias, log_weights, noise_std, output[0])
+    ctx.gaussian = gaussian
+
+
+def _predict_backward(ctx, grad1, grad2):
+    """Recomputes each depth's logits (one ``[N, C]`` matrix alive at a time, never ``[L, N, C]``).
+
+    Categorical ``P = sum_l w_l p_l``: ``dz_l = w_l p_l (g - <g, p_l>)``, ``dw_l = sum <g, p_l>``.
+    Gaussian ``mean = sum_l w_l mu_l``, ``var = s^2 + sum_l w_l mu_l^2 - mean^2``: with
+    ``g' = g_mean - 2 mean g_var``, ``dmu_l = w_l (g' + 2 g_var mu_l)``, ``dw_l = sum g' mu_l + g_var mu_l^2``,
+    ``ds = 2 s sum_rows g_var``. Then the softmax backward from ``w`` to ``log_weights``.
+    """
+    hidden, weight, bias, log_weights, noise_std, out1 = ctx.saved_tensors
+    gaussian = ctx.gaussian
+    w = torch.softmax(log_weights, dim=0)
+    per_depth = weight.dim() == 3
+    d_hidden = torch.empty_like(hidden)
+    d_weight = torch.empty_like(weight) if per_depth else torch.zeros_like(weight)
+    d_bias = None
+    if bias is not None:
+        d_bias = torch.empty_like(bias) if bias.dim() == 2 else torch.zeros_like(bias)
+    d_w = []
+    if gaussian:
+        g_var = grad2
+        g_mean = grad1 - 2.0 * out1 * g_var
+    for depth in range(hidden.shape[0]):
+        h = hidden[depth]
+        wl = weight[depth] if per_depth else weight
+        bl = None if bias is None else (bias[depth] if bias.dim() == 2 else bias)
+        z = torch.nn.functional.linear(h, wl, bl)
+        if gaussian:
+            dz = w[depth] * (g_mean + 2.0 * g_var * z)
+            d_w.append((g_mean * z + g_var * z * z).sum())
+        else:
+            p = torch.softmax(z, dim=-1)
+            gp = (grad1 * p).sum(-1, keepdim=True)
+            dz = w[depth] * p * (grad1 - gp)
+            d_w.append(gp.sum())
+        d_hidden[depth] = dz @ wl
+        if per_depth:
+            d_weight[depth] = dz.t() @ h
+        else:
+            d_weight += dz.t() @ h
+        if bias is not None:
+            if bias.dim() == 2:
+                d_bias[depth] = dz.sum(0)
+            else:
+                d_bias += dz.sum(0)
+    d_w = torch.stack(d_w)
+    d_log_weights = w * (d_w - (w * d_w).sum())
+    d_noise = None
+    if gaussian and noise_std is not None:
+        d_noise = 2.0 * noise_std * grad2.sum(0)
+    return d_hidden, d_weight, d_bias, d_log_weights, None, d_noise
+
+
+_predict.register_autograd(_predict_backward, setup_context=_predict_setup_context)
+
+
 def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_weights: Tensor,
                           *, likelihood: str = "categorical", noise_std=None):
     """Posterior predictive over depths with weights ``softmax(log_weights)`` (normalised).
 
     Categorical: mixture probabilities ``[N, C]``; gaussian: ``(mean, var)``, each ``[N, C]``,
-    the mixture's mean and variance (noise included). Holds one ``[N, C]`` matrix per step.
+    the mixture's mean and variance (noise included). One fused kernel (custom op
+    ``udn_kernels::depth_mixture_predict``) writes only the ``[N, C]`` outputs; the backward
+    recomputes one depth's ``[N, C]`` logits at a time.
     """
     check_choice("likelihood", likelihood, LIKELIHOODS)
     gaussian = likelihood == "gaussian"
@@ -234,4 +311,7 @@ def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         noise_std = _normalise_noise_std(noise_std, hidden, C)
     elif noise_std is not None:
         raise ValueError("noise_std: only used with likelihood='gaussian', expected None")
-    return _reference.depth_mixture_predict(hidden, weight, bias, log_weights, gaussian, noise_std)
+    out1, out2 = _predict(hidden.contiguous(), weight.contiguous(),
+                          None if bias is None else bias.contiguous(), log_weights.contiguous(), gaussian,
+                          noise_std)
+    return (out1, out2) if gaussian else out1
