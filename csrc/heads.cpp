@@ -209,8 +209,8 @@ struct Heads {
       target_idx = target.data_ptr<int64_t>();
       for (int64_t i = 0; i < N; ++i) {
         const int64_t t = target_idx[i];
-        TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < C), "depth_loglik: target ", t,
-                          " out of range [0, ", C, ")");
+        TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < C), "target: expected class indices in [0, ", C,
+                          ") or ignore_index=", ignore_index, ", got ", t);
       }
     }
     // Row tile from the shape only (never from the thread count) so results do not depend on it

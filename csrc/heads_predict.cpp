@@ -5,9 +5,10 @@
 //
 // Row blocks run in parallel (each owns its output rows: no reduction, so the result does not
 // depend on the thread count). Per depth, logits tiles (rows x class tile) come from at::mm_out
-// into a per-thread buffer. Categorical: pass 1 folds the class tiles into an online logsumexp per
-// row, pass 2 recomputes each tile and adds w_l exp(s - lse) to the output rows; with a single
-// class tile (C <= 512) pass 2 reuses pass 1's tile, so the GEMM runs once.
+// into a per-thread buffer. Categorical with C <= kOneTileClasses: one tile holds every class, so
+// one GEMM and one exp per logit (exp(s - max) stored in place, then out += w/sum * e). Larger C:
+// pass 1 folds 512-class tiles into an online logsumexp per row, pass 2 recomputes each tile and
+// adds w_l exp(s - lse) to the output rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,8 +23,39 @@ namespace {
 using at::Tensor;
 using namespace udn_heads;
 
-constexpr int64_t kRowTile = 128;    // rows of a logits tile
-constexpr int64_t kClassTile = 512;  // classes of a logits tile (128 x 512 fp32 = 256 KiB)
+constexpr int64_t kRowTile = 128;          // rows of a logits tile
+constexpr int64_t kClassTile = 512;        // classes of a logits tile (128 x 512 fp32 = 256 KiB)
+constexpr int64_t kOneTileClasses = 2048;  // up to here one tile of all classes (<= 1 MiB fp32)
+
+// s <- exp(s - shift); returns the sum.
+template <typename T>
+T exp_sum_inplace(T* s, T shift, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vshift(shift);
+  Vec<T> acc(0);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec<T> e = (Vec<T>::loadu(s + j) - vshift).exp();
+    e.store(s + j);
+    acc = acc + e;
+  }
+  T lanes[W];
+  acc.store(lanes);
+  T total = 0;
+  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+  for (; j < n; ++j) total += (s[j] = std::exp(s[j] - shift));
+  return total;
+}
+
+// out += a x.
+template <typename T>
+void axpy(T* out, const T* x, T a, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> va(a);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) at::vec::fmadd(va, Vec<T>::loadu(x + j), Vec<T>::loadu(out + j)).store(out + j);
+  for (; j < n; ++j) out[j] += a * x[j];
+}
 
 // out += w exp(s - lse).
 template <typename T>
@@ -88,11 +120,11 @@ void predict_impl(const Tensor& hidden, const Tensor& weight, const T* bias, boo
                   const std::vector<T>& w, bool gaussian, const T* s2, T* out1, T* out2) {
   const int64_t L = hidden.size(0), N = hidden.size(1), C = weight.size(-2);
   const bool per_depth = weight.dim() == 3;
-  const int64_t ct_max = std::min<int64_t>(kClassTile, std::max<int64_t>(C, 1));
+  const int64_t ct_max = C <= kOneTileClasses ? std::max<int64_t>(C, 1) : kClassTile;
   const int64_t nct = (C + ct_max - 1) / ct_max;
   const int64_t nblocks = (N + kRowTile - 1) / kRowTile;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    Tensor buf = at::empty({kRowTile * ct_max}, hidden.options());
+    Tensor buf = at::empty({std::min(kRowTile, N) * ct_max}, hidden.options());
     std::vector<T> mx(kRowTile), se(kRowTile);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * kRowTile, m = std::min(kRowTile, N - n0);
@@ -119,12 +151,21 @@ void predict_impl(const Tensor& hidden, const Tensor& weight, const T* bias, boo
           }
           continue;
         }
+        if (nct == 1) {
+          // an all -inf (or NaN) row gives NaN probabilities, as torch.softmax
+          T* s = tile(0, C);
+          for (int64_t i = 0; i < m; ++i) {
+            const T row_max = add_bias_max(s + i * C, bl, C);
+            const T total = exp_sum_inplace(s + i * C, row_max, C);
+            axpy(o1 + i * C, s + i * C, w[l] / total, C);
+          }
+          continue;
+        }
         std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
         std::fill(se.begin(), se.end(), T(0));
-        T* s = nullptr;
         for (int64_t c0 = 0; c0 < C; c0 += ct_max) {
           const int64_t ct = std::min(ct_max, C - c0);
-          s = tile(c0, ct);
+          T* s = tile(c0, ct);
           for (int64_t i = 0; i < m; ++i) {
             // online logsumexp (a NaN maximum sticks; nothing to add while every logit is -inf,
             // so an all -inf row gives lse = -inf and NaN probabilities, as torch.softmax)
@@ -139,10 +180,8 @@ void predict_impl(const Tensor& hidden, const Tensor& weight, const T* bias, boo
         for (int64_t i = 0; i < m; ++i) se[i] = mx[i] + std::log(se[i]);  // se <- lse
         for (int64_t c0 = 0; c0 < C; c0 += ct_max) {
           const int64_t ct = std::min(ct_max, C - c0);
-          if (nct > 1) {
-            s = tile(c0, ct);
-            for (int64_t i = 0; i < m; ++i) add_bias_max(s + i * ct, bl ? bl + c0 : nullptr, ct);
-          }
+          T* s = tile(c0, ct);
+          for (int64_t i = 0; i < m; ++i) add_bias_max(s + i * ct, bl ? bl + c0 : nullptr, ct);
           for (int64_t i = 0; i < m; ++i) add_weighted_exp(o1 + i * C + c0, s + i * ct, se[i], w[l], ct);
         }
       }

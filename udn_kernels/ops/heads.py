@@ -41,14 +41,19 @@ def _(hidden, weight, bias, target, noise_std, gaussian, ignore_index):
     return hidden.new_empty((L, N)), hidden.new_empty(aux_shape, dtype=_aux_dtype(hidden.dtype))
 
 
-@torch.library.custom_op("udn_kernels::depth_loglik_bwd", mutates_args=())
-def _loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                target: Tensor, noise_std: Optional[Tensor], aux: Tensor, gaussian: bool,
-                ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _loglik_bwd_kernel(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index):
     kernel = _backend.get_kernel("depth_loglik_bwd", hidden.device)
     grads = kernel(grad_loglik.contiguous(), hidden, weight, bias, target, noise_std, aux, gaussian,
                    ignore_index)
     return tuple(grads)
+
+
+@torch.library.custom_op("udn_kernels::depth_loglik_bwd", mutates_args=())
+def _loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                target: Tensor, noise_std: Optional[Tensor], aux: Tensor, gaussian: bool,
+                ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _loglik_bwd_kernel(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian,
+                              ignore_index)
 
 
 @_loglik_bwd.register_fake
@@ -80,8 +85,9 @@ def _gaussian_target_grad(grad, hidden, weight, bias, target, noise_std):
 
 def _backward(ctx, grad_loglik, grad_aux):
     hidden, weight, bias, target, noise_std, aux = ctx.saved_tensors
-    d_hidden, d_weight, d_bias, d_noise = _loglik_bwd(grad_loglik, hidden, weight, bias, target,
-                                                      noise_std, aux, ctx.gaussian, ctx.ignore_index)
+    bwd = _loglik_bwd_kernel if getattr(ctx, "eager", False) else _loglik_bwd
+    d_hidden, d_weight, d_bias, d_noise = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux,
+                                              ctx.gaussian, ctx.ignore_index)
     d_target = None
     if ctx.gaussian and ctx.needs_input_grad[3]:
         d_target = _gaussian_target_grad(grad_loglik, hidden, weight, bias, target, noise_std)
@@ -90,6 +96,23 @@ def _backward(ctx, grad_loglik, grad_aux):
 
 
 _loglik_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoglik(torch.autograd.Function):
+    """Eager twin of the custom op: the same kernels, context and backward without the custom-op
+    dispatch layers, which cost more than the kernels themselves at small shapes (udn-step's
+    heads). torch.compile / export trace the custom op instead (``depth_loglik``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, noise_std, gaussian, ignore_index):
+        inputs = (hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+        output = _backend.get_kernel("depth_loglik_fwd", hidden.device)(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+        ctx.mark_non_differentiable(output[1])
+        return tuple(output)
+
+    backward = staticmethod(_backward)
 
 
 def _eager_checks() -> bool:
@@ -132,7 +155,8 @@ def _validate_heads(hidden, weight, bias, target, likelihood, noise_std, ignore_
         check_shape("target", target, (N,))
         if noise_std is not None:
             raise ValueError("noise_std: only used with likelihood='gaussian', expected None")
-        if _eager_checks() and N > 0:
+        # the C++ kernel bound-checks targets itself (IndexError naming target)
+        if _eager_checks() and N > 0 and _backend.kernel_backend("depth_loglik_fwd", hidden.device) != "cpu":
             bad = ((target < 0) | (target >= C)) & (target != ignore_index)
             if bool(bad.any()):
                 value = int(target[bad][0])
@@ -175,7 +199,8 @@ def depth_loglik(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     """
     hidden, weight, bias, target, noise_std, gaussian = _validate_heads(
         hidden, weight, bias, target, likelihood, noise_std, ignore_index)
-    loglik, _ = _loglik_fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+    op = _loglik_fwd if torch.compiler.is_compiling() else _EagerLoglik.apply
+    loglik, _ = op(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
     return loglik
 
 
@@ -311,7 +336,11 @@ def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         noise_std = _normalise_noise_std(noise_std, hidden, C)
     elif noise_std is not None:
         raise ValueError("noise_std: only used with likelihood='gaussian', expected None")
-    out1, out2 = _predict(hidden.contiguous(), weight.contiguous(),
-                          None if bias is None else bias.contiguous(), log_weights.contiguous(), gaussian,
-                          noise_std)
+    args = (hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            log_weights.contiguous(), gaussian, noise_std)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4] + args[5:])
+    if grad or torch.compiler.is_compiling():
+        out1, out2 = _predict(*args)
+    else:  # eager inference: the kernel without the custom-op dispatch layers
+        out1, out2 = _backend.get_kernel("depth_mixture_predict", hidden.device)(*args)
     return (out1, out2) if gaussian else out1
