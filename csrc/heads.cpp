@@ -25,8 +25,8 @@ using namespace udn_heads;
 
 constexpr int64_t kMaxRowTile = 256;  // rows of a logits tile
 constexpr int64_t kClassTile = 512;   // classes of a logits tile (256 x 512 fp32 = 512 KiB, fits L2)
-// Up to this many classes, tiles are class-major (S^T = W H^T, [C, rows]): a GEMM with only C
-// output columns runs far below peak, and the epilogue vectorises over rows instead of classes.
+// Up to this many classes the batched class-major path runs (small_forward / small_backward):
+// row-major tiles with only C output columns run far below GEMM peak.
 constexpr int64_t kSmallClasses = 32;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
