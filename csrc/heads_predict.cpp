@@ -5,10 +5,11 @@
 //
 // Row blocks run in parallel (each owns its output rows: no reduction, so the result does not
 // depend on the thread count). Per depth, logits tiles (rows x class tile) come from at::mm_out
-// into a per-thread buffer. Categorical with C <= kOneTileClasses: one tile holds every class, so
-// one GEMM and one exp per logit (exp(s - max) stored in place, then out += w/sum * e). Larger C:
-// pass 1 folds 512-class tiles into an online logsumexp per row, pass 2 recomputes each tile and
-// adds w_l exp(s - lse) to the output rows.
+// into a per-thread buffer. Categorical with C <= kOneTileClasses: one tile holds every class of
+// its rows (rows per block shrink with C so the tile stays <= 2 MiB fp32), so one GEMM and one exp
+// per logit (exp(s - max) stored in place, then out += w/sum * e). Larger C: pass 1 folds
+// 512-class tiles into an online logsumexp per row, pass 2 recomputes each tile and adds
+// w_l exp(s - lse) to the output rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,9 +24,11 @@ namespace {
 using at::Tensor;
 using namespace udn_heads;
 
-constexpr int64_t kRowTile = 128;          // rows of a logits tile
-constexpr int64_t kClassTile = 512;        // classes of a logits tile (128 x 512 fp32 = 256 KiB)
-constexpr int64_t kOneTileClasses = 2048;  // up to here one tile of all classes (<= 1 MiB fp32)
+constexpr int64_t kRowTile = 128;            // max rows of a logits tile
+constexpr int64_t kClassTile = 512;          // classes of a two-pass tile (128 x 512 fp32 = 256 KiB)
+constexpr int64_t kOneTileElems = 1 << 19;   // one-pass tile budget (2 MiB fp32)
+constexpr int64_t kOneTileMinRows = 16;      // fewer rows per GEMM would re-read W too often
+constexpr int64_t kOneTileClasses = kOneTileElems / kOneTileMinRows;  // 32768
 
 // s <- exp(s - shift); returns the sum.
 template <typename T>
@@ -120,14 +123,16 @@ void predict_impl(const Tensor& hidden, const Tensor& weight, const T* bias, boo
                   const std::vector<T>& w, bool gaussian, const T* s2, T* out1, T* out2) {
   const int64_t L = hidden.size(0), N = hidden.size(1), C = weight.size(-2);
   const bool per_depth = weight.dim() == 3;
-  const int64_t ct_max = C <= kOneTileClasses ? std::max<int64_t>(C, 1) : kClassTile;
+  const bool one_tile = C <= kOneTileClasses;
+  const int64_t ct_max = one_tile ? std::max<int64_t>(C, 1) : kClassTile;
   const int64_t nct = (C + ct_max - 1) / ct_max;
-  const int64_t nblocks = (N + kRowTile - 1) / kRowTile;
+  const int64_t row_tile = one_tile ? std::clamp<int64_t>(kOneTileElems / ct_max, kOneTileMinRows, kRowTile) : kRowTile;
+  const int64_t nblocks = (N + row_tile - 1) / row_tile;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    Tensor buf = at::empty({std::min(kRowTile, N) * ct_max}, hidden.options());
-    std::vector<T> mx(kRowTile), se(kRowTile);
+    Tensor buf = at::empty({std::min(row_tile, N) * ct_max}, hidden.options());
+    std::vector<T> mx(row_tile), se(row_tile);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t n0 = blk * kRowTile, m = std::min(kRowTile, N - n0);
+      const int64_t n0 = blk * row_tile, m = std::min(row_tile, N - n0);
       T* o1 = out1 + n0 * C;
       T* o2 = gaussian ? out2 + n0 * C : nullptr;
       std::fill(o1, o1 + m * C, T(0));

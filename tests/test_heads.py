@@ -203,7 +203,10 @@ def test_gradcheck_depth_loglik_scalar_noise_and_predict():
 
 
 # ------------------------------------------------------------------ depth_mixture_predict kernel
-PREDICT_SHAPES = [(1, 1, 1, 1), (1, 5, 3, 7), (4, 1, 6, 10), (3, 130, 9, 513), (2, 9, 300, 4100), (5, 0, 4, 3)]
+# one-tile path (C <= 32768; rows per block shrink with C: 20000 classes -> 26-row blocks) and the
+# two-pass class-tiled path (C > 32768, not a multiple of the 512-class tile)
+PREDICT_SHAPES = [(1, 1, 1, 1), (1, 5, 3, 7), (4, 1, 6, 10), (3, 130, 9, 513), (2, 9, 300, 4100),
+                  (2, 40, 5, 20000), (2, 5, 3, 33000), (5, 0, 4, 3)]
 
 
 def predict_outputs(backend, hidden, weight, bias, log_weights, gaussian, noise):
