@@ -11,6 +11,8 @@ selects the DESIGN sizes.
 Run: ``python -m pytest benchmarks/bench_heads.py --benchmark-enable`` (pytest-benchmark table),
 ``python benchmarks/bench_heads.py [--threads N] [--cases a,b] [--methods a,b]`` (medians and
 ratios to ``fused`` measured in one process) or
+``python benchmarks/bench_heads.py --predict`` (``depth_mixture_predict``: fused vs the eager loop
+vs the L logits GEMMs alone, interleaved) or
 ``python benchmarks/bench_heads.py --memory`` (peak extra RSS of the fused fwd+bwd at L=8,
 N=4096, D=512, C=32000 in a fresh subprocess).
 """
@@ -179,6 +181,70 @@ def test_heads(benchmark, case, method, pass_):
     benchmark.pedantic(run, setup=lambda: ((setup(),), {}), rounds=3 if FULL else 5, warmup_rounds=1)
 
 
+# ------------------------------------------------------------------ depth_mixture_predict (no backward)
+PREDICT_CASES = {
+    # name: (L, N, D, C, head per depth)
+    "predict-small": (16, 256, 128, 10, True) if FULL else (4, 32, 16, 10, True),
+    "predict-lm": (8, 2048, 256, 16384, False) if FULL else (2, 64, 32, 1000, False),
+}
+PREDICT_METHODS = ("fused", "eager", "floor")
+
+
+def predict_methods(L, N, D, C, per_depth, seed=0):
+    """``{method: fn}``: fused op, the eager loop over depths, the L logits GEMMs alone."""
+    torch.manual_seed(seed)
+    hidden = torch.randn(L, N, D)
+    weight = torch.randn(*((L, C, D) if per_depth else (C, D))) / D ** 0.5
+    bias = torch.randn(L, C) if per_depth else None
+    log_weights = torch.log_softmax(torch.randn(L), 0)
+
+    def fused():
+        with udn_kernels.backend("cpu"):
+            return udn_kernels.depth_mixture_predict(hidden, weight, bias, log_weights)
+
+    def eager():
+        w = log_weights.exp()
+        out = 0.0
+        for l in range(L):
+            wl, bl = (weight[l], bias[l]) if per_depth else (weight, None)
+            out = out + w[l] * torch.softmax(F.linear(hidden[l], wl, bl), dim=-1)
+        return out
+
+    def floor():
+        for l in range(L):
+            hidden[l] @ (weight[l] if per_depth else weight).t()
+    return {"fused": fused, "eager": eager, "floor": floor}
+
+
+@pytest.mark.parametrize("case", list(PREDICT_CASES))
+def test_predict_methods_agree(case):
+    methods = predict_methods(*PREDICT_CASES[case])
+    torch.testing.assert_close(methods["fused"](), methods["eager"](), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", PREDICT_METHODS)
+@pytest.mark.parametrize("case", list(PREDICT_CASES))
+def test_predict(benchmark, case, method):
+    benchmark.group = case
+    benchmark.pedantic(predict_methods(*PREDICT_CASES[case])[method], rounds=3 if FULL else 5, warmup_rounds=1)
+
+
+def predict_ratios(rounds=7):
+    """Median ms per method, the methods interleaved round by round."""
+    for case, shape in PREDICT_CASES.items():
+        methods = predict_methods(*shape)
+        times = {m: [] for m in methods}
+        for _ in range(rounds + 1):
+            for m, fn in methods.items():
+                t0 = time.perf_counter()
+                fn()
+                times[m].append(time.perf_counter() - t0)
+        med = {m: statistics.median(v[1:]) for m, v in times.items()}
+        print(f"\n{case} {shape}")
+        for m, t in med.items():
+            print(f"{m:<8}{t * 1e3:>10.2f}ms   eager / {m}: {med['eager'] / t:6.2f}x", flush=True)
+
+
 # ------------------------------------------------------------------ peak memory (fresh subprocess)
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -225,6 +291,9 @@ def main():
     if "--threads" in sys.argv:
         torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
     print(f"threads={torch.get_num_threads()} full={FULL}")
+    if "--predict" in sys.argv:
+        predict_ratios()
+        return
     cases = _option("--cases", list(CASES))
     methods = ["fused"] + [m for m in _option("--methods", list(METHODS)) if m != "fused"]
     for case in cases:

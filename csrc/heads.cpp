@@ -11,6 +11,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "heads_epilogue.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -19,66 +21,17 @@
 namespace {
 
 using at::Tensor;
+using namespace udn_heads;
 
 constexpr int64_t kMaxRowTile = 256;  // rows of a logits tile
 constexpr int64_t kClassTile = 512;   // classes of a logits tile (256 x 512 fp32 = 512 KiB, fits L2)
-// Up to this many classes, tiles are class-major (S^T = W H^T, [C, rows]): a GEMM with only C
-// output columns runs far below peak, and the epilogue vectorises over rows instead of classes.
+// Up to this many classes the batched class-major path runs (small_forward / small_backward):
+// row-major tiles with only C output columns run far below GEMM peak.
 constexpr int64_t kSmallClasses = 32;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------- vectorised tile epilogues
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
-
-// max(a, b) that returns NaN if either is NaN (std::max(a, NaN) is a: it would drop a NaN logit).
-template <typename T>
-inline T max_nan(T a, T b) {
-  return (a > b || a != a) ? a : b;
-}
-
-// s += b (b may be null); returns max(s), NaN if any s is NaN.
-template <typename T>
-T add_bias_max(T* s, const T* b, int64_t n) {
-  constexpr int64_t W = Vec<T>::size();
-  Vec<T> vmax(-std::numeric_limits<T>::infinity());
-  int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    Vec<T> v = Vec<T>::loadu(s + j);
-    if (b) {
-      v = v + Vec<T>::loadu(b + j);
-      v.store(s + j);
-    }
-    vmax = at::vec::maximum(vmax, v);
-  }
-  T lanes[W];
-  vmax.store(lanes);
-  T m = lanes[0];
-  for (int64_t k = 1; k < W; ++k) m = max_nan(m, lanes[k]);
-  for (; j < n; ++j) {
-    if (b) s[j] += b[j];
-    m = max_nan(m, s[j]);
-  }
-  return m;
-}
-
-// sum_j exp(s_j - shift).
-template <typename T>
-T sum_exp(const T* s, T shift, int64_t n) {
-  constexpr int64_t W = Vec<T>::size();
-  const Vec<T> vshift(shift);
-  Vec<T> acc(0);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) acc = acc + (Vec<T>::loadu(s + j) - vshift).exp();
-  T lanes[W];
-  acc.store(lanes);
-  T total = 0;
-  for (int64_t k = 0; k < W; ++k) total += lanes[k];
-  for (; j < n; ++j) total += std::exp(s[j] - shift);
-  return total;
-}
-
 // sum_j ((y_j - s_j - b_j) * inv_j)^2.
 template <typename T>
 T gauss_sq(const T* s, const T* b, const T* y, const T* inv, int64_t n) {
@@ -256,8 +209,8 @@ struct Heads {
       target_idx = target.data_ptr<int64_t>();
       for (int64_t i = 0; i < N; ++i) {
         const int64_t t = target_idx[i];
-        TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < C), "depth_loglik: target ", t,
-                          " out of range [0, ", C, ")");
+        TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < C), "target: expected class indices in [0, ", C,
+                          ") or ignore_index=", ignore_index, ", got ", t);
       }
     }
     // Row tile from the shape only (never from the thread count) so results do not depend on it
@@ -269,8 +222,7 @@ struct Heads {
   // Row blocks [r0, r1) of the stacked rows; a per-depth head keeps each block inside one depth.
   std::vector<std::pair<int64_t, int64_t>> row_blocks() const {
     std::vector<std::pair<int64_t, int64_t>> out;
-    // class-major tiles add one bias row per block, so their blocks stay inside one depth too
-    const int64_t segment = per_depth || class_major ? N : rows;
+    const int64_t segment = per_depth ? N : rows;
     for (int64_t s0 = 0; s0 < rows; s0 += segment)
       for (int64_t r = s0; r < s0 + segment; r += row_tile) out.emplace_back(r, std::min(r + row_tile, s0 + segment));
     return out;
@@ -283,17 +235,6 @@ struct Heads {
 
   Tensor head(int64_t r0) const { return per_depth ? weight.select(0, r0 / N) : weight; }
 
-  // Class-major logits tile W H[r0:r0+m]^T ([C, m], bias added) computed into buf.
-  Tensor logits_t(Tensor& buf, int64_t r0, int64_t m) const {
-    Tensor St = buf.narrow(0, 0, C * m).view({C, m});
-    at::mm_out(St, head(r0), hidden2d.narrow(0, r0, m).t());
-    if (const T* b = bias_of_row(r0)) {
-      T* s = St.data_ptr<T>();
-      for (int64_t c = 0; c < C; ++c) add_scalar(s + c * m, b[c], m);
-    }
-    return St;
-  }
-
   // Logits tile H[r0:r0+m] W[c0:c0+ct]^T (no bias) computed into buf.
   Tensor logits(Tensor& buf, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
     Tensor S = buf.narrow(0, 0, m * ct).view({m, ct});
@@ -302,34 +243,225 @@ struct Heads {
   }
 };
 
-// ---------------------------------------------------------------- forward
-// Class-major forward of one row block (all C classes in one tile): fills the same per-row state
-// as the class-tiled loop (max, sum of exp, picked logit; Gaussian: squared residual sum in se).
+// d/ds_c sum_r g_r [-(y-mu)^2 / (2 s^2) - log s] = (sum_r g_r r^2) / s^3 - (sum_r g_r) / s,
+// from the per-class sums A_c = sum_r g_r r^2.
 template <typename T>
-void forward_class_major(const Heads<T>& p, Tensor& buf, int64_t r0, int64_t m, T* mx, T* se, T* picked) {
-  Tensor St = p.logits_t(buf, r0, m);
-  const T* s = St.data_ptr<T>();
-  const int64_t n0 = r0 % p.N;
-  if (p.gaussian) {
-    for (int64_t i = 0; i < m; ++i) {
-      const T* y = p.target_val + (n0 + i) * p.C;
-      T acc = 0;
-      for (int64_t c = 0; c < p.C; ++c) {
-        const T r = (y[c] - s[c * m + i]) * p.inv_s[c];
-        acc += r * r;
-      }
-      se[i] = acc;
-    }
-    return;
-  }
-  for (int64_t c = 0; c < p.C; ++c) max_into(mx, s + c * m, m);
-  for (int64_t c = 0; c < p.C; ++c) add_exp_into(se, s + c * m, mx, m);
-  for (int64_t i = 0; i < m; ++i) {
-    const int64_t t = p.target_idx[n0 + i];
-    if (t != p.ignore_index) picked[i] = s[t * m + i];
+void finish_noise_grad(const Heads<T>& p, const T* grad, const T* sq_sums, T* d_noise) {
+  double gsum = 0;
+  for (int64_t r = 0; r < p.rows; ++r) gsum += grad[r];
+  for (int64_t c = 0; c < p.C; ++c) {
+    const T inv = p.inv_s[c];
+    d_noise[c] = sq_sums[c] * inv * inv * inv - static_cast<T>(gsum) * inv;
   }
 }
 
+// ---------------------------------------------------------------- small C: batched class-major path
+// With C <= kSmallClasses the per-tile GEMMs are tiny (K = C for dH) and per-call overhead rules
+// (heads-small, the udn-step heads). So the logits are computed class-major for a whole chunk of
+// depths with ONE GEMM -- bmm over depths for per-depth heads, S^T = W H^T over the stacked rows
+// for a shared head -- into a buffer of at most kSmallChunkElems; one parallel_for runs the
+// row-vectorised epilogue, and the backward writes dH and dW with one GEMM each (dH directly into
+// the output, dW without per-thread partials). Chunking depends on the shape only.
+constexpr int64_t kSmallChunkElems = 1 << 18;  // 1 MiB of fp32 logits per chunk
+constexpr int64_t kSmallRowTask = 256;         // rows per forward epilogue task
+
+// Depths [l0, l0 + g) and rows [n0, n0 + m) of each: full depths, or part of one depth (g = 1).
+struct SmallChunk {
+  int64_t l0, g, n0, m;
+};
+
+template <typename T>
+std::vector<SmallChunk> small_chunks(const Heads<T>& p) {
+  std::vector<SmallChunk> out;
+  const int64_t depth_elems = std::max<int64_t>(1, p.C * p.N);
+  if (depth_elems <= kSmallChunkElems) {
+    const int64_t g = kSmallChunkElems / depth_elems;
+    for (int64_t l0 = 0; l0 < p.L; l0 += g) out.push_back({l0, std::min(g, p.L - l0), 0, p.N});
+  } else {
+    const int64_t m = kSmallChunkElems / std::max<int64_t>(1, p.C);
+    for (int64_t l = 0; l < p.L; ++l)
+      for (int64_t n0 = 0; n0 < p.N; n0 += m) out.push_back({l, 1, n0, std::min(m, p.N - n0)});
+  }
+  return out;
+}
+
+// Class-major logits of a chunk (no bias) in buf. Class row c of depth l0 + lr starts at
+// data + lr * ls + c * cs; per-depth heads lay it out [g, C, m], a shared head [C, g * m].
+template <typename T>
+struct SmallTile {
+  Tensor S;
+  T* data;
+  int64_t ls, cs;
+  T* row(int64_t lr, int64_t c) const { return data + lr * ls + c * cs; }
+};
+
+template <typename T>
+SmallTile<T> small_logits(const Heads<T>& p, Tensor& buf, const SmallChunk& k) {
+  const int64_t n = k.g * p.C * k.m;
+  if (p.per_depth) {
+    Tensor S = buf.narrow(0, 0, n).view({k.g, p.C, k.m});
+    Tensor H = p.hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
+    at::bmm_out(S, p.weight.narrow(0, k.l0, k.g), H.transpose(1, 2));
+    return {S, S.data_ptr<T>(), p.C * k.m, k.m};
+  }
+  Tensor S = buf.narrow(0, 0, n).view({p.C, k.g * k.m});
+  at::mm_out(S, p.weight, p.hidden2d.narrow(0, k.l0 * p.N + k.n0, k.g * k.m).t());
+  return {S, S.data_ptr<T>(), k.m, k.g * k.m};
+}
+
+template <typename T>
+const T* small_bias(const Heads<T>& p, int64_t l) {
+  return p.bias ? p.bias + (p.bias_per_depth ? l * p.C : 0) : nullptr;
+}
+
+// acc += ((y - x) * inv)^2, elementwise.
+template <typename T>
+void add_gauss_sq_into(T* acc, const T* y, const T* x, T inv, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vinv(inv);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec<T> r = (Vec<T>::loadu(y + j) - Vec<T>::loadu(x + j)) * vinv;
+    at::vec::fmadd(r, r, Vec<T>::loadu(acc + j)).store(acc + j);
+  }
+  for (; j < n; ++j) {
+    const T r = (y[j] - x[j]) * inv;
+    acc[j] += r * r;
+  }
+}
+
+// r = y - x; x <- g r inv2; returns sum g r^2 (the Gaussian mean and noise gradients of one class row).
+template <typename T>
+T gauss_grad_rows(T* x, const T* y, const T* g, T inv2, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vinv2(inv2);
+  Vec<T> acc(0);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec<T> r = Vec<T>::loadu(y + j) - Vec<T>::loadu(x + j);
+    const Vec<T> gr = Vec<T>::loadu(g + j) * r;
+    (gr * vinv2).store(x + j);
+    acc = at::vec::fmadd(gr, r, acc);
+  }
+  T lanes[W];
+  acc.store(lanes);
+  T total = 0;
+  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+  for (; j < n; ++j) {
+    const T r = y[j] - x[j], gr = g[j] * r;
+    x[j] = gr * inv2;
+    total += gr * r;
+  }
+  return total;
+}
+
+// Gaussian targets class-major ([C, N]) so the epilogues vectorise over rows.
+template <typename T>
+Tensor small_target_t(const Heads<T>& p) {
+  return at::from_blob(const_cast<T*>(p.target_val), {p.N, p.C}, p.hidden2d.options()).t().contiguous();
+}
+
+template <typename T>
+void small_forward(const Heads<T>& p, T* loglik, T* aux) {
+  const auto chunks = small_chunks(p);
+  Tensor buf = at::empty({std::min(kSmallChunkElems, std::max<int64_t>(1, p.L * p.C * p.N))}, p.hidden2d.options());
+  const Tensor yt = p.gaussian ? small_target_t(p) : Tensor();
+  const T* y = p.gaussian ? yt.data_ptr<T>() : nullptr;
+  for (const SmallChunk& k : chunks) {
+    const SmallTile<T> S = small_logits(p, buf, k);
+    const int64_t per_depth_tasks = ceil_div(k.m, kSmallRowTask);
+    at::parallel_for(0, k.g * per_depth_tasks, 1, [&](int64_t t0, int64_t t1) {
+      T mx[kSmallRowTask], se[kSmallRowTask];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t lr = t / per_depth_tasks, i0 = (t % per_depth_tasks) * kSmallRowTask;
+        const int64_t m = std::min(kSmallRowTask, k.m - i0), l = k.l0 + lr, n0 = k.n0 + i0;
+        const T* b = small_bias(p, l);
+        std::fill(mx, mx + m, -std::numeric_limits<T>::infinity());
+        std::fill(se, se + m, T(0));
+        for (int64_t c = 0; c < p.C; ++c) {
+          T* s = S.row(lr, c) + i0;
+          if (b) add_scalar(s, b[c], m);
+          if (p.gaussian)
+            add_gauss_sq_into(se, y + c * p.N + n0, s, p.inv_s[c], m);
+          else
+            max_into(mx, s, m);
+        }
+        T* out = loglik + l * p.N + n0;
+        if (p.gaussian) {
+          for (int64_t i = 0; i < m; ++i) out[i] = T(-0.5) * se[i] + p.gauss_const;
+          continue;
+        }
+        // all -inf logits give lse = -inf + log(NaN) = NaN, as on the class-tiled path
+        for (int64_t c = 0; c < p.C; ++c) add_exp_into(se, S.row(lr, c) + i0, mx, m);
+        for (int64_t i = 0; i < m; ++i) {
+          const T lse = mx[i] + std::log(se[i]);
+          const int64_t target = p.target_idx[n0 + i];
+          aux[l * p.N + n0 + i] = lse;
+          out[i] = target == p.ignore_index ? T(0) : S.row(lr, target)[i0 + i] - lse;
+        }
+      }
+    });
+  }
+}
+
+// Backward: G^T overwrites the chunk's logits, one (depth, class) row per task, so d_bias and the
+// noise sums are per-row sums reduced afterwards in (chunk, depth) order.
+template <typename T>
+void small_backward(const Heads<T>& p, const T* grad, const T* lse, Tensor& d_hidden2d, Tensor& d_weight,
+                    T* d_bias, T* d_noise_sum) {
+  const auto chunks = small_chunks(p);
+  Tensor buf = at::empty({std::min(kSmallChunkElems, std::max<int64_t>(1, p.L * p.C * p.N))}, p.hidden2d.options());
+  const Tensor yt = p.gaussian ? small_target_t(p) : Tensor();
+  const T* y = p.gaussian ? yt.data_ptr<T>() : nullptr;
+  // upstream gradient with ignored rows zeroed
+  std::vector<T> g(grad, grad + p.rows);
+  if (!p.gaussian)
+    for (int64_t r = 0; r < p.rows; ++r)
+      if (p.target_idx[r % p.N] == p.ignore_index) g[r] = T(0);
+  std::vector<T> row_sums;  // [g, C, 2]: sum of G, sum of g r^2
+  for (const SmallChunk& k : chunks) {
+    const SmallTile<T> S = small_logits(p, buf, k);
+    row_sums.assign(k.g * p.C * 2, T(0));
+    at::parallel_for(0, k.g * p.C, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t lr = t / p.C, c = t % p.C, l = k.l0 + lr, r0 = l * p.N + k.n0;
+        T* s = S.row(lr, c);
+        const T* b = small_bias(p, l);
+        if (b) add_scalar(s, b[c], k.m);
+        if (p.gaussian) {
+          row_sums[2 * t + 1] = gauss_grad_rows(s, y + c * p.N + k.n0, g.data() + r0, p.inv_s2[c], k.m);
+        } else {
+          softmax_grad_rows(s, lse + r0, g.data() + r0, k.m);
+          const int64_t* target = p.target_idx + k.n0;
+          for (int64_t i = 0; i < k.m; ++i)
+            if (target[i] == c) s[i] += g[r0 + i];
+        }
+        if (d_bias) row_sums[2 * t] = sum_of(s, k.m);
+      }
+    });
+    for (int64_t lr = 0; lr < k.g; ++lr) {
+      for (int64_t c = 0; c < p.C; ++c) {
+        const int64_t t = lr * p.C + c;
+        if (d_bias) d_bias[(p.bias_per_depth ? (k.l0 + lr) * p.C : 0) + c] += row_sums[2 * t];
+        if (d_noise_sum) d_noise_sum[c] += row_sums[2 * t + 1];
+      }
+    }
+    if (p.per_depth) {
+      Tensor H = p.hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
+      Tensor W = p.weight.narrow(0, k.l0, k.g);
+      Tensor dH = d_hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
+      at::bmm_out(dH, S.S.transpose(1, 2), W);
+      d_weight.narrow(0, k.l0, k.g).baddbmm_(S.S, H);
+    } else {
+      const int64_t r0 = k.l0 * p.N + k.n0, m = k.g * k.m;
+      Tensor dH = d_hidden2d.narrow(0, r0, m);
+      at::mm_out(dH, S.S.t(), p.weight);
+      d_weight.addmm_(S.S, p.hidden2d.narrow(0, r0, m));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- forward
 template <typename T>
 void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
   const auto blocks = p.row_blocks();
@@ -342,10 +474,7 @@ void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
       mx.assign(m, -std::numeric_limits<T>::infinity());
       se.assign(m, T(0));
       picked.assign(m, T(0));
-      if (p.class_major) {
-        forward_class_major(p, buf, r0, m, mx.data(), se.data(), picked.data());
-      }
-      for (int64_t c0 = 0; c0 < p.C && !p.class_major; c0 += ct_max) {
+      for (int64_t c0 = 0; c0 < p.C; c0 += ct_max) {
         const int64_t ct = std::min(ct_max, p.C - c0);
         Tensor S = p.logits(buf, r0, m, c0, ct);
         T* s = S.data_ptr<T>();
@@ -394,7 +523,12 @@ std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& 
   Tensor aux = gaussian ? at::empty({0}, hidden.options()) : at::zeros({L, N}, hidden.options());
   AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd", [&] {
     Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
-    if (p.rows > 0) forward_impl<scalar_t>(p, loglik.data_ptr<scalar_t>(), gaussian ? nullptr : aux.data_ptr<scalar_t>());
+    if (p.rows == 0) return;
+    scalar_t* aux_ptr = gaussian ? nullptr : aux.data_ptr<scalar_t>();
+    if (p.class_major)
+      small_forward<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr);
+    else
+      forward_impl<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr);
   });
   return {loglik, aux};
 }
@@ -409,44 +543,10 @@ struct Sinks {
   T* d_noise;         // [C] or null (gaussian partial sum of g r^2)
 };
 
-// Class-major backward of one row block: G^T [C, m], then dH += G W and dW += G^T H.
-template <typename T>
-void backward_class_major(const Heads<T>& p, const T* grad, const T* lse, Tensor& buf, int64_t r0, int64_t m,
-                          Sinks<T>& out) {
-  Tensor St = p.logits_t(buf, r0, m);
-  T* s = St.data_ptr<T>();
-  const int64_t n0 = r0 % p.N;
-  if (p.gaussian) {
-    for (int64_t c = 0; c < p.C; ++c) {
-      T dn = 0;
-      for (int64_t i = 0; i < m; ++i) {
-        const T r = p.target_val[(n0 + i) * p.C + c] - s[c * m + i];
-        s[c * m + i] = grad[r0 + i] * r * p.inv_s2[c];
-        dn += grad[r0 + i] * r * r;
-      }
-      if (out.d_noise) out.d_noise[c] += dn;
-    }
-  } else {
-    std::vector<T> g(grad + r0, grad + r0 + m);  // 0 on ignored rows
-    for (int64_t i = 0; i < m; ++i)
-      if (p.target_idx[n0 + i] == p.ignore_index) g[i] = T(0);
-    for (int64_t c = 0; c < p.C; ++c) softmax_grad_rows(s + c * m, lse + r0, g.data(), m);
-    for (int64_t i = 0; i < m; ++i)
-      if (g[i] != T(0)) s[p.target_idx[n0 + i] * m + i] += g[i];
-  }
-  if (out.d_bias) {
-    T* db = out.d_bias + (p.bias_per_depth ? (r0 / p.N) * p.C : 0);
-    for (int64_t c = 0; c < p.C; ++c) db[c] += sum_of(s + c * m, m);
-  }
-  out.d_hidden2d.narrow(0, r0, m).addmm_(St.t(), p.head(r0));
-  (p.per_depth ? out.d_weight.select(0, r0 / p.N) : out.d_weight).addmm_(St, p.hidden2d.narrow(0, r0, m));
-}
-
 // One logits tile's backward: recompute S, turn it into G, then dH += G W_t and dW_t += G^T H.
 template <typename T>
 void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& buf, int64_t r0, int64_t m,
                    int64_t c0, int64_t ct, Sinks<T>& out) {
-  if (p.class_major) return backward_class_major(p, grad, lse, buf, r0, m, out);
   Tensor S = p.logits(buf, r0, m, c0, ct);
   T* s = S.data_ptr<T>();
   for (int64_t i = 0; i < m; ++i) {
@@ -538,15 +638,7 @@ void backward_impl(const Heads<T>& p, const T* grad, const T* lse, Tensor& d_hid
   const T* sp = small.data_ptr<T>();
   for (int64_t k = 0; k < ntasks; ++k) add_into(totals.data(), sp + k * width, width);
   if (bias_numel) std::copy(totals.begin(), totals.begin() + bias_numel, d_bias);
-  if (want_noise) {
-    // d/ds_c sum_r g_r [-(y-mu)^2 / (2 s^2) - log s] = (sum_r g_r r^2) / s^3 - (sum_r g_r) / s
-    double gsum = 0;
-    for (int64_t r = 0; r < p.rows; ++r) gsum += grad[r];
-    for (int64_t c = 0; c < p.C; ++c) {
-      const T inv = p.inv_s[c];
-      d_noise[c] = totals[bias_numel + c] * inv * inv * inv - static_cast<T>(gsum) * inv;
-    }
-  }
+  if (want_noise) finish_noise_grad(p, grad, totals.data() + bias_numel, d_noise);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
@@ -555,7 +647,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
     int64_t ignore_index) {
   const bool has_bias = bias.has_value() && bias->defined();
   const bool has_noise = gaussian && noise_std.has_value() && noise_std->defined();
-  Tensor d_hidden = at::zeros_like(hidden);
+  Tensor d_hidden = at::empty_like(hidden);  // zeroed by the class-tiled path only
   Tensor d_weight = at::zeros_like(weight);
   Tensor d_bias = has_bias ? at::zeros_like(*bias) : at::empty({0}, hidden.options());
   Tensor d_noise = has_noise ? at::zeros_like(*noise_std) : at::empty({0}, hidden.options());
@@ -565,8 +657,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
                     grad_loglik.scalar_type() == hidden.scalar_type(),
                 "depth_loglik_bwd: grad_loglik must be a contiguous [L, N] tensor of the hidden dtype");
     TORCH_CHECK(gaussian || (aux.numel() == p.rows && aux.is_contiguous()), "depth_loglik_bwd: aux must be [L, N]");
-    if (p.rows == 0 || p.C == 0) return;
+    if (p.rows == 0) return;
     Tensor d_hidden2d = d_hidden.view({p.rows, p.D});
+    if (p.class_major) {  // writes every dH row once: d_hidden needs no zero fill
+      std::vector<scalar_t> sq_sums(has_noise ? p.C : 0, scalar_t(0));
+      small_backward<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), gaussian ? nullptr : aux.data_ptr<scalar_t>(),
+                               d_hidden2d, d_weight, has_bias ? d_bias.data_ptr<scalar_t>() : nullptr,
+                               has_noise ? sq_sums.data() : nullptr);
+      if (has_noise) finish_noise_grad(p, grad_loglik.data_ptr<scalar_t>(), sq_sums.data(), d_noise.data_ptr<scalar_t>());
+      return;
+    }
+    d_hidden2d.zero_();
     backward_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), gaussian ? nullptr : aux.data_ptr<scalar_t>(),
                             d_hidden2d, d_weight, has_bias ? d_bias.data_ptr<scalar_t>() : nullptr,
                             has_bias ? d_bias.numel() : 0, has_noise ? d_noise.data_ptr<scalar_t>() : nullptr);

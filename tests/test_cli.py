@@ -1,5 +1,7 @@
 """The `udn` command, each subcommand run small."""
 import json
+
+import torch
 import subprocess
 import sys
 
@@ -38,6 +40,8 @@ def test_bench_every_case_builds_and_ours_matches_eager_value():
         methods = {m.name: m for m in cases.build(name, quick=True)}
         ours, eager = methods["udn_kernels"].forward().item(), methods["eager"].forward().item()
         assert abs(ours - eager) <= 1e-4 * abs(eager), name
+    methods = {m.name: m for m in cases.build("heads-predict", quick=True)}
+    torch.testing.assert_close(methods["udn_kernels"].forward(), methods["eager"].forward(), rtol=1e-5, atol=1e-7)
 
 
 def test_memory_probe_measures_a_known_allocation():

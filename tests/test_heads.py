@@ -77,6 +77,23 @@ def test_kernel_matches_reference_float64(shape, bias, per_depth, likelihood):
         assert_close_rel(a, b, 1e-11, name)
 
 
+# C <= 32 runs the batched class-major path in chunks of at most 2^18 logits: several depth groups
+# (L*N*C above the chunk) and row ranges inside one depth (N*C above it)
+@pytest.mark.parametrize("shape", [(40, 700, 3, 10), (2, 27000, 2, 10)])
+@pytest.mark.parametrize("per_depth", [False, True])
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+def test_small_c_chunks_match_reference(shape, per_depth, likelihood):
+    L, N, D, C = shape
+    gaussian = likelihood == "gaussian"
+    inputs = make(L, N, D, C, per_depth=per_depth, bias="depth" if per_depth else "shared",
+                  likelihood=likelihood, ignore_every=7)
+    grad = torch.randn(L, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = kernel_outputs("cpu", *inputs, gaussian, grad)
+    want = kernel_outputs("reference", *inputs, gaussian, grad)
+    for name, a, b in zip(("loglik", "aux", "d_hidden", "d_weight", "d_bias", "d_noise"), got, want):
+        assert_close_rel(a, b, 1e-10, name)
+
+
 @pytest.mark.parametrize("shape", [(3, 37, 19, 11), (4, 300, 64, 1100), (2, 5, 300, 5000)])
 @pytest.mark.parametrize("per_depth", [False, True])
 @pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
@@ -183,6 +200,75 @@ def test_gradcheck_depth_loglik_scalar_noise_and_predict():
         assert torch.autograd.gradcheck(
             lambda h, w: depth_loglik(h, w, None, target, likelihood="gaussian", noise_std=0.7), args[:2])
         assert torch.autograd.gradcheck(lambda h, w, lw: depth_mixture_predict(h, w, None, lw), args)
+
+
+# ------------------------------------------------------------------ depth_mixture_predict kernel
+# one-tile path (C <= 32768; rows per block shrink with C: 20000 classes -> 26-row blocks) and the
+# two-pass class-tiled path (C > 32768, not a multiple of the 512-class tile)
+PREDICT_SHAPES = [(1, 1, 1, 1), (1, 5, 3, 7), (4, 1, 6, 10), (3, 130, 9, 513), (2, 9, 300, 4100),
+                  (2, 40, 5, 20000), (2, 5, 3, 33000), (5, 0, 4, 3)]
+
+
+def predict_outputs(backend, hidden, weight, bias, log_weights, gaussian, noise):
+    return udn_kernels._backend._kernels_of(backend).get("depth_mixture_predict")(
+        hidden, weight, bias, log_weights, gaussian, noise)
+
+
+@pytest.mark.parametrize("shape", PREDICT_SHAPES)
+@pytest.mark.parametrize("per_depth,bias", [(False, "none"), (False, "shared"), (True, "depth")])
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_predict_kernel_matches_reference(shape, per_depth, bias, likelihood, dtype):
+    L, N, D, C = shape
+    gaussian = likelihood == "gaussian"
+    hidden, weight, b, _, noise = make(L, N, D, C, per_depth=per_depth, bias=bias, likelihood="gaussian")
+    lw = torch.randn(L, dtype=torch.float64)
+    if L > 2:
+        lw[1] = -math.inf  # a depth outside the support
+    noise = noise if gaussian else None
+    want = predict_outputs("reference", hidden, weight, b, lw, gaussian, noise)
+    cast = [None if t is None else t.to(dtype) for t in (hidden, weight, b, lw, noise)]
+    got = predict_outputs("cpu", *cast[:4], gaussian, cast[4])
+    assert got[0].shape == (N, C) and got[1].shape == ((N, C) if gaussian else (0,))
+    for name, a, e in zip(("out1", "out2"), got, want):
+        assert a.dtype == dtype, name
+        assert_close_rel(a.double(), e, 1e-12 if dtype == torch.float64 else 2e-5, name)
+
+
+def test_predict_kernel_nan_and_infinite_weights():
+    assert udn_kernels._backend.kernel_backend("depth_mixture_predict", torch.device("cpu")) == "cpu"
+    hidden, weight, bias, _, _ = make(3, 6, 4, 700, bias="shared")
+    lw = torch.zeros(3, dtype=torch.float64)
+    h = hidden.clone()
+    h[1, 2, 0] = math.nan  # one depth's row: that output row is NaN, the others finite
+    probs, _ = predict_outputs("cpu", h, weight, bias, lw, False, None)
+    assert torch.isnan(probs[2]).all() and torch.isfinite(probs[[0, 1, 3, 4, 5]]).all()
+    mean, var = predict_outputs("cpu", h, weight, bias, lw, True, None)
+    assert torch.isnan(mean[2]).all() and torch.isnan(var[2]).all() and torch.isfinite(mean[:2]).all()
+    for bad in (torch.full((3,), -math.inf), torch.tensor([0.0, math.nan, 0.0])):  # softmax weights NaN
+        probs, _ = predict_outputs("cpu", hidden, weight, bias, bad.double(), False, None)
+        assert torch.isnan(probs).all()
+    all_masked = torch.full_like(bias, -math.inf)  # every logit -inf: softmax is NaN, as torch's
+    probs, _ = predict_outputs("cpu", hidden, weight, all_masked, lw, False, None)
+    want, _ = predict_outputs("reference", hidden, weight, all_masked, lw, False, None)
+    assert torch.isnan(probs).all() and torch.isnan(want).all()
+
+
+@pytest.mark.parametrize("per_depth", [False, True])
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+def test_gradcheck_predict_cpu(per_depth, likelihood):
+    gaussian = likelihood == "gaussian"
+    hidden, weight, bias, _, noise = make(3, 4, 3, 5, per_depth=per_depth, bias="depth" if per_depth else "shared",
+                                          likelihood="gaussian")
+    lw = torch.randn(3, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (hidden, weight, bias, lw, noise)]
+
+    def f(h, w, b, lw, s):
+        out = depth_mixture_predict(h, w, b, lw, likelihood=likelihood, noise_std=s if gaussian else None)
+        return torch.cat([out[0], out[1]]) if gaussian else out
+
+    with udn_kernels.backend("cpu"):
+        assert torch.autograd.gradcheck(f, args if gaussian else args[:4] + [None])
 
 
 # ------------------------------------------------------------------ hand-derived values

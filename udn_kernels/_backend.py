@@ -111,22 +111,29 @@ def _kernels_of(name: str) -> dict[str, Callable]:
     ext = load_extension()
     if ext is None:
         return {}
-    ops = torch.ops.udn_kernels_C
-    return _CppKernels(ops)
+    return _cpp_kernels()
 
 
 class _CppKernels(dict):
-    """Dict view over ``torch.ops.udn_kernels_C``: a kernel is present once C++ registers it."""
+    """Dict view over ``torch.ops.udn_kernels_C``: a kernel is present once C++ registers it
+    (found ops are cached: the op lookup costs microseconds on every small call)."""
 
     def __init__(self, ops):
         super().__init__()
         self._ops = ops
 
     def get(self, name, default=None):
-        try:
-            return getattr(self._ops, name)
-        except (AttributeError, RuntimeError):
-            return default
+        if name not in self:
+            try:
+                self[name] = getattr(self._ops, name)
+            except (AttributeError, RuntimeError):
+                return default
+        return self[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_kernels() -> _CppKernels:
+    return _CppKernels(torch.ops.udn_kernels_C)
 
 
 def get_kernel(name: str, device: torch.device) -> Callable:

@@ -115,6 +115,36 @@ def heads_lm(quick: bool) -> list[Method]:
     return _heads_methods(4, 512 if quick else 2048, 256, 4096 if quick else 16384, shared=True)
 
 
+@case("heads-predict")
+def heads_predict(quick: bool) -> list[Method]:
+    """Posterior predictive ``sum_l w_l softmax(H_l W^T)``: L=8, N=2048, D=256, C=16384, shared
+    head (quick: N=512, C=4096); no backward."""
+    L, N, D, C = (8, 512, 256, 4096) if quick else (8, 2048, 256, 16384)
+    hidden = torch.randn(L, N, D)
+    weight = torch.randn(C, D) / math.sqrt(D)
+    log_w = _depth_log_weights(L)
+    w = log_w.exp()
+
+    def ours():
+        return udn_kernels.depth_mixture_predict(hidden, weight, None, log_w)
+
+    def eager_loop():
+        total = 0.0
+        for l in range(L):
+            total = total + w[l] * torch.softmax(hidden[l] @ weight.t(), dim=-1)
+        return total
+
+    def gemm_floor():
+        for l in range(L):
+            torch.mm(hidden[l], weight.t())
+        return hidden.sum()
+
+    return [Method("udn_kernels", ours, backward=False, role="ours"),
+            Method("eager", eager_loop, backward=False),
+            Method("torch.compile(eager)", torch.compile(eager_loop), backward=False),
+            Method("1-GEMM floor", gemm_floor, backward=False, role="floor")]
+
+
 def _linear_floor(x: torch.Tensor, weight: torch.Tensor, samples: int) -> Callable:
     grad_out = torch.randn(samples, x.shape[0], weight.shape[0])
 

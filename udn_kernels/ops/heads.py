@@ -41,14 +41,19 @@ def _(hidden, weight, bias, target, noise_std, gaussian, ignore_index):
     return hidden.new_empty((L, N)), hidden.new_empty(aux_shape, dtype=_aux_dtype(hidden.dtype))
 
 
-@torch.library.custom_op("udn_kernels::depth_loglik_bwd", mutates_args=())
-def _loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                target: Tensor, noise_std: Optional[Tensor], aux: Tensor, gaussian: bool,
-                ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _loglik_bwd_kernel(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index):
     kernel = _backend.get_kernel("depth_loglik_bwd", hidden.device)
     grads = kernel(grad_loglik.contiguous(), hidden, weight, bias, target, noise_std, aux, gaussian,
                    ignore_index)
     return tuple(grads)
+
+
+@torch.library.custom_op("udn_kernels::depth_loglik_bwd", mutates_args=())
+def _loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                target: Tensor, noise_std: Optional[Tensor], aux: Tensor, gaussian: bool,
+                ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _loglik_bwd_kernel(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian,
+                              ignore_index)
 
 
 @_loglik_bwd.register_fake
@@ -80,8 +85,9 @@ def _gaussian_target_grad(grad, hidden, weight, bias, target, noise_std):
 
 def _backward(ctx, grad_loglik, grad_aux):
     hidden, weight, bias, target, noise_std, aux = ctx.saved_tensors
-    d_hidden, d_weight, d_bias, d_noise = _loglik_bwd(grad_loglik, hidden, weight, bias, target,
-                                                      noise_std, aux, ctx.gaussian, ctx.ignore_index)
+    bwd = _loglik_bwd_kernel if getattr(ctx, "eager", False) else _loglik_bwd
+    d_hidden, d_weight, d_bias, d_noise = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux,
+                                              ctx.gaussian, ctx.ignore_index)
     d_target = None
     if ctx.gaussian and ctx.needs_input_grad[3]:
         d_target = _gaussian_target_grad(grad_loglik, hidden, weight, bias, target, noise_std)
@@ -90,6 +96,23 @@ def _backward(ctx, grad_loglik, grad_aux):
 
 
 _loglik_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoglik(torch.autograd.Function):
+    """Eager twin of the custom op: the same kernels, context and backward without the custom-op
+    dispatch layers, which cost more than the kernels themselves at small shapes (udn-step's
+    heads). torch.compile / export trace the custom op instead (``depth_loglik``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, noise_std, gaussian, ignore_index):
+        inputs = (hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+        output = _backend.get_kernel("depth_loglik_fwd", hidden.device)(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+        ctx.mark_non_differentiable(output[1])
+        return tuple(output)
+
+    backward = staticmethod(_backward)
 
 
 def _eager_checks() -> bool:
@@ -132,7 +155,8 @@ def _validate_heads(hidden, weight, bias, target, likelihood, noise_std, ignore_
         check_shape("target", target, (N,))
         if noise_std is not None:
             raise ValueError("noise_std: only used with likelihood='gaussian', expected None")
-        if _eager_checks() and N > 0:
+        # the C++ kernel bound-checks targets itself (IndexError naming target)
+        if _eager_checks() and N > 0 and _backend.kernel_backend("depth_loglik_fwd", hidden.device) != "cpu":
             bad = ((target < 0) | (target >= C)) & (target != ignore_index)
             if bool(bad.any()):
                 value = int(target[bad][0])
@@ -175,7 +199,8 @@ def depth_loglik(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     """
     hidden, weight, bias, target, noise_std, gaussian = _validate_heads(
         hidden, weight, bias, target, likelihood, noise_std, ignore_index)
-    loglik, _ = _loglik_fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+    op = _loglik_fwd if torch.compiler.is_compiling() else _EagerLoglik.apply
+    loglik, _ = op(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
     return loglik
 
 
@@ -217,12 +242,89 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     return loss.sum() / count
 
 
+@torch.library.custom_op("udn_kernels::depth_mixture_predict", mutates_args=())
+def _predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_weights: Tensor, gaussian: bool,
+             noise_std: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    kernel = _backend.get_kernel("depth_mixture_predict", hidden.device)
+    out1, out2 = kernel(hidden, weight, bias, log_weights, gaussian, noise_std)
+    return out1, out2
+
+
+@_predict.register_fake
+def _(hidden, weight, bias, log_weights, gaussian, noise_std):
+    N, C = hidden.shape[1], weight.shape[-2]
+    return hidden.new_empty((N, C)), hidden.new_empty((N, C) if gaussian else (0,))
+
+
+def _predict_setup_context(ctx, inputs, output):
+    hidden, weight, bias, log_weights, gaussian, noise_std = inputs
+    ctx.save_for_backward(hidden, weight, bias, log_weights, noise_std, output[0])
+    ctx.gaussian = gaussian
+
+
+def _predict_backward(ctx, grad1, grad2):
+    """Recomputes each depth's logits (one ``[N, C]`` matrix alive at a time, never ``[L, N, C]``).
+
+    Categorical ``P = sum_l w_l p_l``: ``dz_l = w_l p_l (g - <g, p_l>)``, ``dw_l = sum <g, p_l>``.
+    Gaussian ``mean = sum_l w_l mu_l``, ``var = s^2 + sum_l w_l mu_l^2 - mean^2``: with
+    ``g' = g_mean - 2 mean g_var``, ``dmu_l = w_l (g' + 2 g_var mu_l)``, ``dw_l = sum g' mu_l + g_var mu_l^2``,
+    ``ds = 2 s sum_rows g_var``. Then the softmax backward from ``w`` to ``log_weights``.
+    """
+    hidden, weight, bias, log_weights, noise_std, out1 = ctx.saved_tensors
+    gaussian = ctx.gaussian
+    w = torch.softmax(log_weights, dim=0)
+    per_depth = weight.dim() == 3
+    d_hidden = torch.empty_like(hidden)
+    d_weight = torch.empty_like(weight) if per_depth else torch.zeros_like(weight)
+    d_bias = None
+    if bias is not None:
+        d_bias = torch.empty_like(bias) if bias.dim() == 2 else torch.zeros_like(bias)
+    d_w = []
+    if gaussian:
+        g_var = grad2
+        g_mean = grad1 - 2.0 * out1 * g_var
+    for depth in range(hidden.shape[0]):
+        h = hidden[depth]
+        wl = weight[depth] if per_depth else weight
+        bl = None if bias is None else (bias[depth] if bias.dim() == 2 else bias)
+        z = torch.nn.functional.linear(h, wl, bl)
+        if gaussian:
+            dz = w[depth] * (g_mean + 2.0 * g_var * z)
+            d_w.append((g_mean * z + g_var * z * z).sum())
+        else:
+            p = torch.softmax(z, dim=-1)
+            gp = (grad1 * p).sum(-1, keepdim=True)
+            dz = w[depth] * p * (grad1 - gp)
+            d_w.append(gp.sum())
+        d_hidden[depth] = dz @ wl
+        if per_depth:
+            d_weight[depth] = dz.t() @ h
+        else:
+            d_weight += dz.t() @ h
+        if bias is not None:
+            if bias.dim() == 2:
+                d_bias[depth] = dz.sum(0)
+            else:
+                d_bias += dz.sum(0)
+    d_w = torch.stack(d_w)
+    d_log_weights = w * (d_w - (w * d_w).sum())
+    d_noise = None
+    if gaussian and noise_std is not None:
+        d_noise = 2.0 * noise_std * grad2.sum(0)
+    return d_hidden, d_weight, d_bias, d_log_weights, None, d_noise
+
+
+_predict.register_autograd(_predict_backward, setup_context=_predict_setup_context)
+
+
 def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_weights: Tensor,
                           *, likelihood: str = "categorical", noise_std=None):
     """Posterior predictive over depths with weights ``softmax(log_weights)`` (normalised).
 
     Categorical: mixture probabilities ``[N, C]``; gaussian: ``(mean, var)``, each ``[N, C]``,
-    the mixture's mean and variance (noise included). Holds one ``[N, C]`` matrix per step.
+    the mixture's mean and variance (noise included). One fused kernel (custom op
+    ``udn_kernels::depth_mixture_predict``) writes only the ``[N, C]`` outputs; the backward
+    recomputes one depth's ``[N, C]`` logits at a time.
     """
     check_choice("likelihood", likelihood, LIKELIHOODS)
     gaussian = likelihood == "gaussian"
@@ -234,4 +336,11 @@ def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         noise_std = _normalise_noise_std(noise_std, hidden, C)
     elif noise_std is not None:
         raise ValueError("noise_std: only used with likelihood='gaussian', expected None")
-    return _reference.depth_mixture_predict(hidden, weight, bias, log_weights, gaussian, noise_std)
+    args = (hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            log_weights.contiguous(), gaussian, noise_std)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4] + args[5:])
+    if grad or torch.compiler.is_compiling():
+        out1, out2 = _predict(*args)
+    else:  # eager inference: the kernel without the custom-op dispatch layers
+        out1, out2 = _backend.get_kernel("depth_mixture_predict", hidden.device)(*args)
+    return (out1, out2) if gaussian else out1

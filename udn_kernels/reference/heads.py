@@ -107,8 +107,8 @@ def depth_loglik_bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, 
 def depth_mixture_predict(hidden, weight, bias, log_weights, gaussian: bool, noise_std=None):
     """Posterior predictive mixture over depths with weights ``softmax(log_weights)``.
 
-    categorical: probabilities ``[N, C]``; gaussian: ``(mean [N, C], var [N, C])`` of the mixture
-    (``var = sum_l w_l (s^2 + mu_l^2) - mean^2``).
+    ``(out1 [N, C], out2)``: categorical ``(probs, empty)``; gaussian ``(mean, var)`` of the mixture
+    (``var = s^2 + sum_l w_l mu_l^2 - mean^2``, unit noise when ``noise_std`` is None).
     """
     w = torch.softmax(log_weights, dim=0)
     L = hidden.shape[0]
@@ -124,9 +124,10 @@ def depth_mixture_predict(hidden, weight, bias, log_weights, gaussian: bool, noi
             sq = w[depth] * out * out
             second = sq if second is None else second + sq
     if not gaussian:
-        return first
+        return first, hidden.new_empty(0)
     var_noise = 1.0 if noise_std is None else noise_std * noise_std
     return first, var_noise + second - first * first
 
 
-KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_loglik_bwd}
+KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_loglik_bwd,
+           "depth_mixture_predict": depth_mixture_predict}

@@ -1,0 +1,61 @@
+// Vectorised row epilogues shared by the depth-head kernels (heads.cpp, heads_predict.cpp).
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+
+namespace udn_heads {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// max(a, b) that returns NaN if either is NaN (std::max(a, NaN) is a: it would drop a NaN logit).
+template <typename T>
+inline T max_nan(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// s += b (b may be null); returns max(s), NaN if any s is NaN.
+template <typename T>
+T add_bias_max(T* s, const T* b, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> vmax(-std::numeric_limits<T>::infinity());
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    Vec<T> v = Vec<T>::loadu(s + j);
+    if (b) {
+      v = v + Vec<T>::loadu(b + j);
+      v.store(s + j);
+    }
+    vmax = at::vec::maximum(vmax, v);
+  }
+  T lanes[W];
+  vmax.store(lanes);
+  T m = lanes[0];
+  for (int64_t k = 1; k < W; ++k) m = max_nan(m, lanes[k]);
+  for (; j < n; ++j) {
+    if (b) s[j] += b[j];
+    m = max_nan(m, s[j]);
+  }
+  return m;
+}
+
+// sum_j exp(s_j - shift).
+template <typename T>
+T sum_exp(const T* s, T shift, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vshift(shift);
+  Vec<T> acc(0);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) acc = acc + (Vec<T>::loadu(s + j) - vshift).exp();
+  T lanes[W];
+  acc.store(lanes);
+  T total = 0;
+  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+  for (; j < n; ++j) total += std::exp(s[j] - shift);
+  return total;
+}
+
+}  // namespace udn_heads
