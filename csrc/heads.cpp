@@ -6,6 +6,9 @@
 // target-logit pick (forward) or into the logits gradient G (backward), which feeds two more
 // GEMMs: dH += G W_tile and dW_tile += G^T H. With a shared head the depths are stacked into the
 // row dimension (rows = L*N), so every GEMM is as large as the problem allows.
+// depth_loglik_fwd_bwd (upstream gradient known before the forward, e.g. the expected-mode NLL)
+// keeps a row block's logits tiles after its forward and turns them into G in place: 3 GEMMs
+// instead of the 4 of forward + recomputing backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -32,16 +35,14 @@ constexpr int64_t kSmallClasses = 32;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------- vectorised tile epilogues
-// sum_j ((y_j - s_j - b_j) * inv_j)^2.
+// sum_j ((y_j - s_j) * inv_j)^2.
 template <typename T>
-T gauss_sq(const T* s, const T* b, const T* y, const T* inv, int64_t n) {
+T gauss_sq(const T* s, const T* y, const T* inv, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
   Vec<T> acc(0);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    Vec<T> r = Vec<T>::loadu(y + j) - Vec<T>::loadu(s + j);
-    if (b) r = r - Vec<T>::loadu(b + j);
-    r = r * Vec<T>::loadu(inv + j);
+    const Vec<T> r = (Vec<T>::loadu(y + j) - Vec<T>::loadu(s + j)) * Vec<T>::loadu(inv + j);
     acc = at::vec::fmadd(r, r, acc);
   }
   T lanes[W];
@@ -49,41 +50,36 @@ T gauss_sq(const T* s, const T* b, const T* y, const T* inv, int64_t n) {
   T total = 0;
   for (int64_t k = 0; k < W; ++k) total += lanes[k];
   for (; j < n; ++j) {
-    T r = (y[j] - s[j] - (b ? b[j] : T(0))) * inv[j];
+    const T r = (y[j] - s[j]) * inv[j];
     total += r * r;
   }
   return total;
 }
 
-// s <- -g * exp(s + b - lse): the softmax part of the categorical logits gradient.
+// s <- -g * exp(s - lse): the softmax part of the categorical logits gradient.
 template <typename T>
-void softmax_grad(T* s, const T* b, T lse, T g, int64_t n) {
+void softmax_grad(T* s, T lse, T g, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> vlse(lse), vng(-g);
   int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    Vec<T> v = Vec<T>::loadu(s + j);
-    if (b) v = v + Vec<T>::loadu(b + j);
-    (vng * (v - vlse).exp()).store(s + j);
-  }
-  for (; j < n; ++j) s[j] = -g * std::exp(s[j] + (b ? b[j] : T(0)) - lse);
+  for (; j + W <= n; j += W) (vng * (Vec<T>::loadu(s + j) - vlse).exp()).store(s + j);
+  for (; j < n; ++j) s[j] = -g * std::exp(s[j] - lse);
 }
 
-// r = y - s - b; s <- g r inv2; dn += g r^2 (dn may be null): the Gaussian mean and noise gradients.
+// r = y - s; s <- g r inv2; dn += g r^2 (dn may be null): the Gaussian mean and noise gradients.
 template <typename T>
-void gauss_grad(T* s, const T* b, const T* y, const T* inv2, T g, T* dn, int64_t n) {
+void gauss_grad(T* s, const T* y, const T* inv2, T g, T* dn, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> vg(g);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    Vec<T> r = Vec<T>::loadu(y + j) - Vec<T>::loadu(s + j);
-    if (b) r = r - Vec<T>::loadu(b + j);
-    Vec<T> gr = vg * r;
+    const Vec<T> r = Vec<T>::loadu(y + j) - Vec<T>::loadu(s + j);
+    const Vec<T> gr = vg * r;
     (gr * Vec<T>::loadu(inv2 + j)).store(s + j);
     if (dn) at::vec::fmadd(gr, r, Vec<T>::loadu(dn + j)).store(dn + j);
   }
   for (; j < n; ++j) {
-    T r = y[j] - s[j] - (b ? b[j] : T(0));
+    const T r = y[j] - s[j];
     s[j] = g * r * inv2[j];
     if (dn) dn[j] += g * r * r;
   }
@@ -156,7 +152,7 @@ struct Heads {
   const T* bias = nullptr;
   const int64_t* target_idx = nullptr;  // categorical [N]
   const T* target_val = nullptr;        // gaussian [N, C]
-  int64_t L, N, D, C, rows, row_tile;
+  int64_t L, N, D, C, rows, row_tile, class_tile;
   bool per_depth, bias_per_depth, gaussian, class_major;
   int64_t ignore_index;
   std::vector<T> inv_s, inv_s2;  // gaussian 1/s and 1/s^2
@@ -216,6 +212,7 @@ struct Heads {
     // Row tile from the shape only (never from the thread count) so results do not depend on it
     // beyond the documented reduction order.
     class_major = C <= kSmallClasses;
+    class_tile = std::min<int64_t>(kClassTile, std::max<int64_t>(C, 1));
     row_tile = std::min<int64_t>(kMaxRowTile, std::max<int64_t>(16, ceil_div(ceil_div(rows, 16), 8) * 8));
   }
 
@@ -235,10 +232,15 @@ struct Heads {
 
   Tensor head(int64_t r0) const { return per_depth ? weight.select(0, r0 / N) : weight; }
 
-  // Logits tile H[r0:r0+m] W[c0:c0+ct]^T (no bias) computed into buf.
-  Tensor logits(Tensor& buf, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
-    Tensor S = buf.narrow(0, 0, m * ct).view({m, ct});
+  // The prologue of every class-tiled pass: logits tile H[r0:r0+m] W[c0:c0+ct]^T plus bias,
+  // computed into `slot` (at least m * ct elements).
+  Tensor logits(const Tensor& slot, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
+    Tensor S = slot.narrow(0, 0, m * ct).view({m, ct});
     at::mm_out(S, hidden2d.narrow(0, r0, m), head(r0).narrow(0, c0, ct).t());
+    if (bias) {
+      T* s = S.data_ptr<T>();
+      for (int64_t i = 0; i < m; ++i) add_into(s + i * ct, bias_of_row(r0 + i) + c0, ct);
+    }
     return S;
   }
 };
@@ -462,73 +464,88 @@ void small_backward(const Heads<T>& p, const T* grad, const T* lse, Tensor& d_hi
 }
 
 // ---------------------------------------------------------------- forward
+// Forward epilogue of one class tile S ([m, ct], bias included): online logsumexp and target pick
+// (categorical) or squared residual sum (Gaussian) into the per-row state.
+template <typename T>
+void forward_tile(const Heads<T>& p, T* s, int64_t r0, int64_t m, int64_t c0, int64_t ct, T* mx, T* se,
+                  T* picked) {
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t r = r0 + i;
+    T* srow = s + i * ct;
+    if (p.gaussian) {
+      se[i] += gauss_sq(srow, p.target_val + (r % p.N) * p.C + c0, p.inv_s.data() + c0, ct);
+      continue;
+    }
+    // online logsumexp: rescale the running sum to the new maximum (a NaN maximum sticks).
+    // While every logit so far is -inf there is nothing to add (exp(-inf - -inf) is NaN);
+    // the picked logit is still taken, so all -inf logits give -inf - -inf = NaN.
+    const T new_max = max_nan(mx[i], add_bias_max(srow, static_cast<const T*>(nullptr), ct));
+    if (new_max != -std::numeric_limits<T>::infinity()) {
+      se[i] = se[i] * std::exp(mx[i] - new_max) + sum_exp(srow, new_max, ct);
+      mx[i] = new_max;
+    }
+    const int64_t t = p.target_idx[r % p.N];
+    if (t >= c0 && t < c0 + ct) picked[i] = srow[t - c0];
+  }
+}
+
+// Forward of one row block into loglik / aux. `keep` leaves logits tile
+// c0 at offset c0 * m of buf, so the whole [m, C] block survives for a fused backward loop;
+// otherwise every tile reuses the start of buf.
+template <typename T>
+void forward_block(const Heads<T>& p, Tensor& buf, bool keep, int64_t r0, int64_t m, T* loglik, T* aux) {
+  std::vector<T> mx(m, -std::numeric_limits<T>::infinity()), se(m, T(0)), picked(m, T(0));
+  for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
+    const int64_t ct = std::min(p.class_tile, p.C - c0);
+    Tensor S = p.logits(buf.narrow(0, keep ? c0 * m : 0, m * ct), r0, m, c0, ct);
+    forward_tile(p, S.data_ptr<T>(), r0, m, c0, ct, mx.data(), se.data(), picked.data());
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t r = r0 + i;
+    if (p.gaussian) {
+      loglik[r] = T(-0.5) * se[i] + p.gauss_const;
+    } else {
+      const T lse = mx[i] + std::log(se[i]);
+      aux[r] = lse;
+      loglik[r] = p.target_idx[r % p.N] == p.ignore_index ? T(0) : picked[i] - lse;
+    }
+  }
+}
+
 template <typename T>
 void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
   const auto blocks = p.row_blocks();
-  const int64_t ct_max = std::min<int64_t>(kClassTile, std::max<int64_t>(p.C, 1));
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
-    Tensor buf = at::empty({p.row_tile * ct_max}, p.hidden2d.options());
-    std::vector<T> mx, se, picked;
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const int64_t r0 = blocks[bi].first, m = blocks[bi].second - r0;
-      mx.assign(m, -std::numeric_limits<T>::infinity());
-      se.assign(m, T(0));
-      picked.assign(m, T(0));
-      for (int64_t c0 = 0; c0 < p.C; c0 += ct_max) {
-        const int64_t ct = std::min(ct_max, p.C - c0);
-        Tensor S = p.logits(buf, r0, m, c0, ct);
-        T* s = S.data_ptr<T>();
-        for (int64_t i = 0; i < m; ++i) {
-          const int64_t r = r0 + i;
-          T* srow = s + i * ct;
-          const T* b = p.bias_of_row(r);
-          if (b) b += c0;
-          if (p.gaussian) {
-            se[i] += gauss_sq(srow, b, p.target_val + (r % p.N) * p.C + c0, p.inv_s.data() + c0, ct);
-            continue;
-          }
-          // online logsumexp: rescale the running sum to the new maximum (a NaN maximum sticks).
-          // While every logit so far is -inf there is nothing to add (exp(-inf - -inf) is NaN);
-          // the picked logit is still taken, so all -inf logits give -inf - -inf = NaN.
-          const T tile_max = add_bias_max(srow, b, ct);
-          const T new_max = max_nan(mx[i], tile_max);
-          if (new_max != -std::numeric_limits<T>::infinity()) {
-            se[i] = se[i] * std::exp(mx[i] - new_max) + sum_exp(srow, new_max, ct);
-            mx[i] = new_max;
-          }
-          const int64_t t = p.target_idx[r % p.N];
-          if (t >= c0 && t < c0 + ct) picked[i] = srow[t - c0];
-        }
-      }
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t r = r0 + i;
-        if (p.gaussian) {
-          loglik[r] = T(-0.5) * se[i] + p.gauss_const;
-        } else {
-          const T lse = mx[i] + std::log(se[i]);
-          aux[r] = lse;
-          loglik[r] = p.target_idx[r % p.N] == p.ignore_index ? T(0) : picked[i] - lse;
-        }
-      }
-    }
+    Tensor buf = at::empty({p.row_tile * p.class_tile}, p.hidden2d.options());
+    for (int64_t bi = b0; bi < b1; ++bi)
+      forward_block(p, buf, false, blocks[bi].first, blocks[bi].second - blocks[bi].first, loglik, aux);
   });
+}
+
+// loglik [L, N] and aux (categorical logsumexp [L, N], Gaussian empty).
+std::tuple<Tensor, Tensor> forward_outputs(const Tensor& hidden, bool gaussian) {
+  const int64_t L = hidden.size(0), N = hidden.size(1);
+  return {at::zeros({L, N}, hidden.options()),
+          gaussian ? at::empty({0}, hidden.options()) : at::zeros({L, N}, hidden.options())};
+}
+
+template <typename T>
+T* aux_ptr(Tensor& aux, bool gaussian) {
+  return gaussian ? nullptr : aux.data_ptr<T>();
 }
 
 std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& weight,
                                             const c10::optional<Tensor>& bias, const Tensor& target,
                                             const c10::optional<Tensor>& noise_std, bool gaussian,
                                             int64_t ignore_index) {
-  const int64_t L = hidden.size(0), N = hidden.size(1);
-  Tensor loglik = at::zeros({L, N}, hidden.options());
-  Tensor aux = gaussian ? at::empty({0}, hidden.options()) : at::zeros({L, N}, hidden.options());
+  auto [loglik, aux] = forward_outputs(hidden, gaussian);
   AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd", [&] {
     Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
     if (p.rows == 0) return;
-    scalar_t* aux_ptr = gaussian ? nullptr : aux.data_ptr<scalar_t>();
     if (p.class_major)
-      small_forward<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr);
+      small_forward<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian));
     else
-      forward_impl<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr);
+      forward_impl<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian));
   });
   return {loglik, aux};
 }
@@ -543,20 +560,18 @@ struct Sinks {
   T* d_noise;         // [C] or null (gaussian partial sum of g r^2)
 };
 
-// One logits tile's backward: recompute S, turn it into G, then dH += G W_t and dW_t += G^T H.
+// Backward of one logits tile S ([m, ct], bias included; overwritten): G = dloglik/dS, then
+// dH += G W_t and dW_t += G^T H, plus the d_bias / d_noise column sums.
 template <typename T>
-void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& buf, int64_t r0, int64_t m,
-                   int64_t c0, int64_t ct, Sinks<T>& out) {
-  Tensor S = p.logits(buf, r0, m, c0, ct);
+void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& S, int64_t r0, int64_t m, int64_t c0,
+                   int64_t ct, Sinks<T>& out) {
   T* s = S.data_ptr<T>();
   for (int64_t i = 0; i < m; ++i) {
     const int64_t r = r0 + i;
     T* srow = s + i * ct;
-    const T* b = p.bias_of_row(r);
-    if (b) b += c0;
     const T g = grad[r];
     if (p.gaussian) {
-      gauss_grad(srow, b, p.target_val + (r % p.N) * p.C + c0, p.inv_s2.data() + c0, g,
+      gauss_grad(srow, p.target_val + (r % p.N) * p.C + c0, p.inv_s2.data() + c0, g,
                  out.d_noise ? out.d_noise + c0 : nullptr, ct);
     } else {
       const int64_t t = p.target_idx[r % p.N];
@@ -564,7 +579,7 @@ void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& buf, 
         std::fill(srow, srow + ct, T(0));
         continue;
       }
-      softmax_grad(srow, b, lse[r], g, ct);
+      softmax_grad(srow, lse[r], g, ct);
       if (t >= c0 && t < c0 + ct) srow[t - c0] += g;
     }
     if (out.d_bias) add_into(out.d_bias + (p.bias_per_depth ? (r / p.N) * p.C : 0) + c0, srow, ct);
@@ -576,6 +591,14 @@ void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& buf, 
   dW.addmm_(S.t(), p.hidden2d.narrow(0, r0, m));
 }
 
+// Backward of one tile that recomputes its logits into buf.
+template <typename T>
+void backward_recompute(const Heads<T>& p, const T* grad, const T* lse, Tensor& buf, int64_t r0, int64_t m,
+                        int64_t c0, int64_t ct, Sinks<T>& out) {
+  Tensor S = p.logits(buf, r0, m, c0, ct);
+  backward_tile(p, grad, lse, S, r0, m, c0, ct, out);
+}
+
 // Sums partial buffers into dst in a fixed order (partials[0] first), in parallel over elements.
 template <typename T>
 void reduce_into(T* dst, const std::vector<T*>& partials, int64_t n) {
@@ -584,95 +607,195 @@ void reduce_into(T* dst, const std::vector<T*>& partials, int64_t n) {
   });
 }
 
+// Gradient outputs and their per-task sinks. A task owns either a class range (its dW rows are
+// exclusive, dH is shared) or a row range (dH exclusive, dW shared). Task 0 accumulates the
+// shared gradient in the output, the others in zeroed partials; bias / noise column sums are
+// per task. finish() adds everything up in task order: same thread count -> bit-identical.
 template <typename T>
-void backward_impl(const Heads<T>& p, const T* grad, const T* lse, Tensor& d_hidden2d, Tensor& d_weight,
-                   T* d_bias, int64_t bias_numel, T* d_noise) {
+struct Gradients {
+  Tensor d_hidden2d, d_weight;  // outputs
+  T* d_bias;                    // output or null
+  int64_t bias_numel;
+  T* d_noise;                   // output or null
+  bool by_class = false;
+  std::vector<Tensor> shared_parts;
+  Tensor small;                 // [tasks, bias_numel (+ C)]
+
+  void plan(bool by_class_, int64_t ntasks) {
+    by_class = by_class_;
+    d_hidden2d.zero_();  // the class-tiled passes accumulate into it
+    Tensor& shared_out = by_class ? d_hidden2d : d_weight;
+    shared_parts.assign(ntasks, Tensor());
+    shared_parts[0] = shared_out;
+    for (int64_t k = 1; k < ntasks; ++k) shared_parts[k] = at::zeros_like(shared_out);
+    small = at::zeros({ntasks, bias_numel + (d_noise ? d_weight.size(-2) : 0)}, d_hidden2d.options());
+  }
+
+  Sinks<T> sinks(int64_t k) {
+    T* small_k = small.select(0, k).data_ptr<T>();
+    return {by_class ? shared_parts[k] : d_hidden2d, by_class ? d_weight : shared_parts[k],
+            bias_numel ? small_k : nullptr, d_noise ? small_k + bias_numel : nullptr};
+  }
+
+  void finish(const Heads<T>& p, const T* grad) {
+    std::vector<T*> parts;
+    for (size_t k = 1; k < shared_parts.size(); ++k) parts.push_back(shared_parts[k].data_ptr<T>());
+    reduce_into(shared_parts[0].data_ptr<T>(), parts, shared_parts[0].numel());
+    // bias and noise partials: sum tasks in order (small vectors)
+    const int64_t width = small.size(1);
+    std::vector<T> totals(width, T(0));
+    const T* sp = small.data_ptr<T>();
+    for (int64_t k = 0; k < small.size(0); ++k) add_into(totals.data(), sp + k * width, width);
+    if (bias_numel) std::copy(totals.begin(), totals.begin() + bias_numel, d_bias);
+    if (d_noise) finish_noise_grad(p, grad, totals.data() + bias_numel, d_noise);
+  }
+};
+
+template <typename T>
+void backward_impl(const Heads<T>& p, const T* grad, const T* lse, Gradients<T>& out) {
   const auto blocks = p.row_blocks();
   const int64_t nblocks = blocks.size();
-  const int64_t ct_max = std::min<int64_t>(kClassTile, std::max<int64_t>(p.C, 1));
+  const int64_t ct_max = p.class_tile;
   const int64_t nctiles = ceil_div(p.C, ct_max);
   const int64_t threads = at::get_num_threads();
   // Split classes among tasks (each owns its dW rows, dH is reduced) when there are enough class
   // tiles and dH is the smaller buffer to replicate; otherwise split rows (dW is reduced).
   const bool by_class = nctiles >= threads && threads > 1 &&
-                        (nblocks < threads || d_hidden2d.numel() < d_weight.numel());
+                        (nblocks < threads || out.d_hidden2d.numel() < out.d_weight.numel());
   const int64_t ntasks = std::max<int64_t>(1, std::min(threads, by_class ? nctiles : nblocks));
-  const bool want_noise = d_noise != nullptr;
-
-  // Task 0 writes the shared gradient into the output; other tasks into zeroed partials.
-  Tensor& shared_out = by_class ? d_hidden2d : d_weight;
-  std::vector<Tensor> shared_parts(ntasks);
-  shared_parts[0] = shared_out;
-  for (int64_t k = 1; k < ntasks; ++k) shared_parts[k] = at::zeros_like(shared_out);
-  Tensor small = at::zeros({ntasks, bias_numel + (want_noise ? p.C : 0)}, d_hidden2d.options());
+  out.plan(by_class, ntasks);
 
   at::parallel_for(0, ntasks, 1, [&](int64_t k0, int64_t k1) {
     Tensor buf = at::empty({p.row_tile * ct_max}, p.hidden2d.options());
     for (int64_t k = k0; k < k1; ++k) {
-      T* small_k = small.select(0, k).data_ptr<T>();
-      Sinks<T> sinks{by_class ? shared_parts[k] : d_hidden2d, by_class ? d_weight : shared_parts[k],
-                     bias_numel ? small_k : nullptr, want_noise ? small_k + bias_numel : nullptr};
+      Sinks<T> sinks = out.sinks(k);
       if (by_class) {
         for (int64_t ci = k * nctiles / ntasks; ci < (k + 1) * nctiles / ntasks; ++ci) {
           const int64_t c0 = ci * ct_max, ct = std::min(ct_max, p.C - c0);
-          for (const auto& blk : blocks) backward_tile(p, grad, lse, buf, blk.first, blk.second - blk.first, c0, ct, sinks);
+          for (const auto& blk : blocks)
+            backward_recompute(p, grad, lse, buf, blk.first, blk.second - blk.first, c0, ct, sinks);
         }
       } else {
         for (int64_t bi = k * nblocks / ntasks; bi < (k + 1) * nblocks / ntasks; ++bi) {
           for (int64_t c0 = 0; c0 < p.C; c0 += ct_max) {
-            backward_tile(p, grad, lse, buf, blocks[bi].first, blocks[bi].second - blocks[bi].first, c0,
-                          std::min(ct_max, p.C - c0), sinks);
+            backward_recompute(p, grad, lse, buf, blocks[bi].first, blocks[bi].second - blocks[bi].first, c0,
+                               std::min(ct_max, p.C - c0), sinks);
           }
         }
       }
     }
   });
+  out.finish(p, grad);
+}
 
-  std::vector<T*> parts;
-  for (int64_t k = 1; k < ntasks; ++k) parts.push_back(shared_parts[k].data_ptr<T>());
-  reduce_into(shared_out.data_ptr<T>(), parts, shared_out.numel());
+// Backward of the small-C path into the gradient outputs (dH written once: no zero fill needed).
+template <typename T>
+void small_gradients(const Heads<T>& p, const T* grad, const T* lse, Gradients<T>& out) {
+  std::vector<T> sq_sums(out.d_noise ? p.C : 0, T(0));
+  small_backward(p, grad, lse, out.d_hidden2d, out.d_weight, out.d_bias, out.d_noise ? sq_sums.data() : nullptr);
+  if (out.d_noise) finish_noise_grad(p, grad, sq_sums.data(), out.d_noise);
+}
 
-  // bias and noise partials: sum tasks in order (small vectors)
-  const int64_t width = small.size(1);
-  std::vector<T> totals(width, T(0));
-  const T* sp = small.data_ptr<T>();
-  for (int64_t k = 0; k < ntasks; ++k) add_into(totals.data(), sp + k * width, width);
-  if (bias_numel) std::copy(totals.begin(), totals.begin() + bias_numel, d_bias);
-  if (want_noise) finish_noise_grad(p, grad, totals.data() + bias_numel, d_noise);
+// Forward with the gradient of sum(grad * loglik) in the same pass (grad known up front, e.g.
+// the expected-mode weights): each task owns row blocks; per block the forward keeps its whole
+// [m, C] logits (one buffer per task, never [L, N, C]) and the backward loop turns the stored tiles
+// into G in place, so the logits are computed once: 3 GEMMs in all instead of 4.
+// Small-C heads and problems with fewer row blocks than threads use forward + recompute.
+template <typename T>
+void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T>& out) {
+  if (p.class_major) {
+    small_forward(p, loglik, aux);
+    return small_gradients(p, grad, aux, out);
+  }
+  const auto blocks = p.row_blocks();
+  const int64_t nblocks = blocks.size();
+  const int64_t threads = at::get_num_threads();
+  if (nblocks < threads) {
+    forward_impl(p, loglik, aux);
+    return backward_impl(p, grad, aux, out);
+  }
+  const int64_t ntasks = threads;
+  out.plan(false, ntasks);
+  at::parallel_for(0, ntasks, 1, [&](int64_t k0, int64_t k1) {
+    Tensor buf = at::empty({p.row_tile * p.C}, p.hidden2d.options());
+    for (int64_t k = k0; k < k1; ++k) {
+      Sinks<T> sinks = out.sinks(k);
+      for (int64_t bi = k * nblocks / ntasks; bi < (k + 1) * nblocks / ntasks; ++bi) {
+        const int64_t r0 = blocks[bi].first, m = blocks[bi].second - r0;
+        forward_block(p, buf, true, r0, m, loglik, aux);
+        for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
+          const int64_t ct = std::min(p.class_tile, p.C - c0);
+          Tensor S = buf.narrow(0, c0 * m, m * ct).view({m, ct});
+          backward_tile(p, grad, aux, S, r0, m, c0, ct, sinks);
+        }
+      }
+    }
+  });
+  out.finish(p, grad);
+}
+
+// Gradient outputs (empty d_bias / d_noise when the input is None); d_hidden is filled by the paths.
+struct GradTensors {
+  Tensor d_hidden, d_weight, d_bias, d_noise;
+  GradTensors(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
+              const c10::optional<Tensor>& noise_std, bool gaussian)
+      : d_hidden(at::empty_like(hidden)), d_weight(at::zeros_like(weight)) {
+    has_bias = bias.has_value() && bias->defined();
+    has_noise = gaussian && noise_std.has_value() && noise_std->defined();
+    d_bias = has_bias ? at::zeros_like(*bias) : at::empty({0}, hidden.options());
+    d_noise = has_noise ? at::zeros_like(*noise_std) : at::empty({0}, hidden.options());
+  }
+  bool has_bias, has_noise;
+
+  template <typename T>
+  Gradients<T> sinks(int64_t rows, int64_t D) {
+    return {d_hidden.view({rows, D}), d_weight, has_bias ? d_bias.data_ptr<T>() : nullptr,
+            has_bias ? d_bias.numel() : 0, has_noise ? d_noise.data_ptr<T>() : nullptr};
+  }
+};
+
+template <typename T>
+void check_grad(const Heads<T>& p, const Tensor& grad, const char* op) {
+  TORCH_CHECK(grad.is_contiguous() && grad.numel() == p.rows && grad.scalar_type() == p.hidden2d.scalar_type(),
+              op, ": grad_loglik must be a contiguous [L, N] tensor of the hidden dtype, got ", grad.sizes(), " ",
+              grad.scalar_type());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
     const Tensor& grad_loglik, const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
     const Tensor& target, const c10::optional<Tensor>& noise_std, const Tensor& aux, bool gaussian,
     int64_t ignore_index) {
-  const bool has_bias = bias.has_value() && bias->defined();
-  const bool has_noise = gaussian && noise_std.has_value() && noise_std->defined();
-  Tensor d_hidden = at::empty_like(hidden);  // zeroed by the class-tiled path only
-  Tensor d_weight = at::zeros_like(weight);
-  Tensor d_bias = has_bias ? at::zeros_like(*bias) : at::empty({0}, hidden.options());
-  Tensor d_noise = has_noise ? at::zeros_like(*noise_std) : at::empty({0}, hidden.options());
+  GradTensors g(hidden, weight, bias, noise_std, gaussian);
   AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_bwd", [&] {
     Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
-    TORCH_CHECK(grad_loglik.is_contiguous() && grad_loglik.numel() == p.rows &&
-                    grad_loglik.scalar_type() == hidden.scalar_type(),
-                "depth_loglik_bwd: grad_loglik must be a contiguous [L, N] tensor of the hidden dtype");
+    check_grad(p, grad_loglik, "depth_loglik_bwd");
     TORCH_CHECK(gaussian || (aux.numel() == p.rows && aux.is_contiguous()), "depth_loglik_bwd: aux must be [L, N]");
     if (p.rows == 0) return;
-    Tensor d_hidden2d = d_hidden.view({p.rows, p.D});
-    if (p.class_major) {  // writes every dH row once: d_hidden needs no zero fill
-      std::vector<scalar_t> sq_sums(has_noise ? p.C : 0, scalar_t(0));
-      small_backward<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), gaussian ? nullptr : aux.data_ptr<scalar_t>(),
-                               d_hidden2d, d_weight, has_bias ? d_bias.data_ptr<scalar_t>() : nullptr,
-                               has_noise ? sq_sums.data() : nullptr);
-      if (has_noise) finish_noise_grad(p, grad_loglik.data_ptr<scalar_t>(), sq_sums.data(), d_noise.data_ptr<scalar_t>());
-      return;
-    }
-    d_hidden2d.zero_();
-    backward_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), gaussian ? nullptr : aux.data_ptr<scalar_t>(),
-                            d_hidden2d, d_weight, has_bias ? d_bias.data_ptr<scalar_t>() : nullptr,
-                            has_bias ? d_bias.numel() : 0, has_noise ? d_noise.data_ptr<scalar_t>() : nullptr);
+    Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
+    const scalar_t* lse = gaussian ? nullptr : aux.data_ptr<scalar_t>();
+    if (p.class_major)
+      small_gradients<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), lse, out);
+    else
+      backward_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), lse, out);
   });
-  return {d_hidden, d_weight, d_bias, d_noise};
+  return {g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
+}
+
+// depth_loglik_fwd and depth_loglik_bwd(grad_loglik, ...) in one pass (see fused_impl).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_fwd_bwd(
+    const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
+    const c10::optional<Tensor>& noise_std, const Tensor& grad_loglik, bool gaussian, int64_t ignore_index) {
+  auto [loglik, aux] = forward_outputs(hidden, gaussian);
+  GradTensors g(hidden, weight, bias, noise_std, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd_bwd", [&] {
+    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+    check_grad(p, grad_loglik, "depth_loglik_fwd_bwd");
+    if (p.rows == 0) return;
+    Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
+    fused_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), loglik.data_ptr<scalar_t>(),
+                         aux_ptr<scalar_t>(aux, gaussian), out);
+  });
+  return {loglik, aux, g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
 }
 
 }  // namespace
@@ -682,9 +805,12 @@ TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
         "bool gaussian, int ignore_index) -> (Tensor, Tensor)");
   m.def("depth_loglik_bwd(Tensor grad_loglik, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
         "Tensor? noise_std, Tensor aux, bool gaussian, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("depth_loglik_fwd_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
+        "Tensor grad_loglik, bool gaussian, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(udn_kernels_C, CPU, m) {
   m.impl("depth_loglik_fwd", &depth_loglik_fwd);
   m.impl("depth_loglik_bwd", &depth_loglik_bwd);
+  m.impl("depth_loglik_fwd_bwd", &depth_loglik_fwd_bwd);
 }

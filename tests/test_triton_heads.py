@@ -173,6 +173,23 @@ else:
                                    run("triton"), run("reference")):
             assert_matches(got, want, torch.float64, name)
 
+    def test_expected_nll_gradient_in_forward_matches_reference_backend():
+        # Triton has no fused kernel: depth_loglik_fwd_bwd is its forward + recomputing backward.
+        hidden, weight, bias, target, _, _ = make_inputs(
+            3, C, D, per_depth=True, bias_kind="shared", gaussian=False, noise=False, dtype=torch.float64)
+        log_weights = torch.log(torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
+
+        def run(name):
+            leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias, log_weights)]
+            with udn_kernels.backend(name):
+                loss = udn_kernels.depth_mixture_nll(*leaves[:3], target, leaves[3], ignore_index=IGNORE)
+                loss.backward()
+            return [loss.detach()] + [t.grad for t in leaves]
+
+        for name, got, want in zip(("loss", "d_hidden", "d_weight", "d_bias", "d_log_weights"),
+                                   run("triton"), run("reference")):
+            assert_matches(got, want, torch.float64, name)
+
     def test_empty_batch():
         hidden = torch.zeros(2, 0, D)
         weight = torch.randn(C, D)

@@ -4,6 +4,12 @@
 ``[L, N, C]`` logits (custom ops ``udn_kernels::depth_loglik_fwd`` / ``_bwd``, dispatched by
 ``udn_kernels._backend``). The combination over depths (``depth_mixture_nll``) is O(L·N) eager
 torch on top of it, so gradients reach ``log_weights`` through ordinary autograd.
+
+Expected mode with a mean/sum reduction is a fixed linear function of the log-likelihoods,
+``sum_{l,n} coef[l, n] loglik[l, n]``, so when gradients are wanted its upstream gradient is known
+before the forward: ``udn_kernels::depth_loglik_dot`` then computes the parameter gradients in the
+forward pass (kernel ``depth_loglik_fwd_bwd``, no logits recompute) and its backward only scales
+them (docs/heads.md, "Gradient in the forward").
 """
 from __future__ import annotations
 
@@ -56,11 +62,16 @@ def _loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optio
                               ignore_index)
 
 
-@_loglik_bwd.register_fake
-def _(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index):
+def _empty_grads(hidden, weight, bias, noise_std):
+    """Uninitialised ``(d_hidden, d_weight, d_bias, d_noise_std)`` (empty for None inputs)."""
     return (torch.empty_like(hidden), torch.empty_like(weight),
             hidden.new_empty(0) if bias is None else torch.empty_like(bias),
             hidden.new_empty(0) if noise_std is None else torch.empty_like(noise_std))
+
+
+@_loglik_bwd.register_fake
+def _(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index):
+    return _empty_grads(hidden, weight, bias, noise_std)
 
 
 def _setup_context(ctx, inputs, output):
@@ -113,6 +124,69 @@ class _EagerLoglik(torch.autograd.Function):
         return tuple(output)
 
     backward = staticmethod(_backward)
+
+
+def _loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, gaussian, ignore_index):
+    kernel = _backend.get_kernel("depth_loglik_fwd_bwd", hidden.device)
+    loglik, _, d_hidden, d_weight, d_bias, d_noise = kernel(
+        hidden, weight, bias, target, noise_std, coef.contiguous(), gaussian, ignore_index)
+    return (coef * loglik).sum(), loglik, d_hidden, d_weight, d_bias, d_noise
+
+
+@torch.library.custom_op("udn_kernels::depth_loglik_dot", mutates_args=())
+def _loglik_dot(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                noise_std: Optional[Tensor], coef: Tensor, gaussian: bool,
+                ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(total, loglik, d_hidden, d_weight, d_bias, d_noise)``: ``total = sum(coef * loglik)`` and
+    its gradients, computed in the forward pass; only ``total`` is differentiable."""
+    return _loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, gaussian, ignore_index)
+
+
+@_loglik_dot.register_fake
+def _(hidden, weight, bias, target, noise_std, coef, gaussian, ignore_index):
+    L, N = hidden.shape[0], hidden.shape[1]
+    return (hidden.new_empty(()), hidden.new_empty((L, N))) + _empty_grads(hidden, weight, bias, noise_std)
+
+
+def _setup_dot(ctx, inputs, output):
+    hidden, weight, bias, target, noise_std, coef, gaussian, ignore_index = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(hidden, weight, bias, target, noise_std, coef, *output[1:])
+    ctx.gaussian = gaussian
+
+
+def _backward_dot(ctx, grad_total, *unused):
+    if torch.is_grad_enabled():
+        raise RuntimeError("depth_mixture_nll: double backward (create_graph=True) is not supported "
+                           "by the fused expected-mode gradient; the gradients are computed in the "
+                           "forward pass")
+    hidden, weight, bias, target, noise_std, coef, loglik, d_hidden, d_weight, d_bias, d_noise = \
+        ctx.saved_tensors
+    d_target = None
+    if ctx.gaussian and ctx.needs_input_grad[3]:
+        d_target = _gaussian_target_grad(grad_total * coef, hidden, weight, bias, target, noise_std)
+    return (grad_total * d_hidden, grad_total * d_weight, None if bias is None else grad_total * d_bias,
+            d_target, None if noise_std is None else grad_total * d_noise, grad_total * loglik, None, None)
+
+
+_loglik_dot.register_autograd(_backward_dot, setup_context=_setup_dot)
+
+
+class _EagerLoglikDot(torch.autograd.Function):
+    """Eager twin of ``_loglik_dot`` (see ``_EagerLoglik``): the same kernel, context and backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _loglik_dot_kernel(*inputs)
+        _setup_dot(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward_dot)
+
+
+def _eager_or_custom_op(custom_op, eager_twin):
+    """The custom op inside torch.compile / export, its cheaper autograd.Function twin in eager mode."""
+    return custom_op if torch.compiler.is_compiling() else eager_twin.apply
 
 
 def _eager_checks() -> bool:
@@ -199,8 +273,8 @@ def depth_loglik(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     """
     hidden, weight, bias, target, noise_std, gaussian = _validate_heads(
         hidden, weight, bias, target, likelihood, noise_std, ignore_index)
-    op = _loglik_fwd if torch.compiler.is_compiling() else _EagerLoglik.apply
-    loglik, _ = op(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+    loglik, _ = _eager_or_custom_op(_loglik_fwd, _EagerLoglik)(hidden, weight, bias, target, noise_std,
+                                                               gaussian, ignore_index)
     return loglik
 
 
@@ -214,14 +288,24 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     ``log_weights [L]`` may hold ``-inf`` (depth outside the support: weight 0). Reduction
     ``"mean"`` averages over non-ignored rows, ``"sum"`` sums, ``"none"`` returns ``[N]``
     (ignored rows contribute 0, as in ``F.cross_entropy``). Other arguments as ``depth_loglik``.
+
+    Expected mode with ``"mean"`` / ``"sum"``, when a head input requires grad: the head gradients
+    are computed during the forward pass (one logits GEMM fewer); the backward only scales them.
+    Double backward is not supported on any path.
     """
     check_choice("mode", mode, MODES)
     check_choice("reduction", reduction, REDUCTIONS)
-    loglik = depth_loglik(hidden, weight, bias, target, likelihood=likelihood, noise_std=noise_std,
-                          ignore_index=ignore_index)
+    hidden, weight, bias, target, noise_std, gaussian = _validate_heads(
+        hidden, weight, bias, target, likelihood, noise_std, ignore_index)
     check_float_tensor("log_weights", log_weights, ndim=1)
     check_same("hidden", hidden, log_weights=log_weights)
     check_shape("log_weights", log_weights, (hidden.shape[0],))
+    if mode == "expected" and reduction != "none" and _wants_head_grad(hidden, weight, bias, target,
+                                                                        noise_std, gaussian):
+        return _expected_nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian,
+                                             log_weights, reduction, ignore_index)
+    loglik, _ = _eager_or_custom_op(_loglik_fwd, _EagerLoglik)(hidden, weight, bias, target, noise_std,
+                                                               gaussian, ignore_index)
     if mode == "expected":
         loss = -(torch.exp(log_weights) @ loglik)
     else:
@@ -315,6 +399,35 @@ def _predict_backward(ctx, grad1, grad2):
 
 
 _predict.register_autograd(_predict_backward, setup_context=_predict_setup_context)
+
+
+def _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian) -> bool:
+    """Whether autograd will ask for a gradient of the head inputs (not only of ``log_weights``)."""
+    inputs = (hidden, weight, bias, noise_std) + ((target,) if gaussian else ())
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+
+
+def _expected_nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights,
+                                  reduction, ignore_index):
+    """Expected-mode NLL with mean/sum reduction as ``sum(coef * loglik)``,
+    ``coef[l, n] = -exp(lw_l) * scale_n`` (``scale_n``: 1 or 1/count on kept rows, 0 on ignored
+    ones): the head gradients come out of the forward pass; ``log_weights`` gets its gradient
+    through ``coef``."""
+    N = hidden.shape[1]
+    if gaussian:
+        valid = torch.ones(N, dtype=torch.bool, device=hidden.device)
+    else:
+        valid = target != ignore_index
+    scale = valid.to(hidden.dtype)
+    count = valid.sum()
+    if reduction == "mean":
+        scale = scale / count.clamp(min=1)
+    coef = -(torch.exp(log_weights)[:, None] * scale)
+    total = _eager_or_custom_op(_loglik_dot, _EagerLoglikDot)(hidden, weight, bias, target, noise_std, coef,
+                                                              gaussian, ignore_index)[0]
+    if reduction == "mean":  # no kept row: NaN like F.cross_entropy (and like the eager path)
+        total = torch.where(count > 0, total, torch.full_like(total, math.nan))
+    return total
 
 
 def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_weights: Tensor,

@@ -129,5 +129,17 @@ def depth_mixture_predict(hidden, weight, bias, log_weights, gaussian: bool, noi
     return first, var_noise + second - first * first
 
 
+def fwd_bwd_from(fwd, bwd):
+    """``depth_loglik_fwd_bwd`` (forward plus the gradient of ``sum(grad_loglik * loglik)``) of a
+    backend without a fused kernel: its forward, then its (recomputing) backward."""
+    def depth_loglik_fwd_bwd(hidden, weight, bias, target, noise_std, grad_loglik, gaussian: bool,
+                             ignore_index: int):
+        loglik, aux = fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+        grads = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index)
+        return (loglik, aux) + tuple(grads)
+    return depth_loglik_fwd_bwd
+
+
 KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_loglik_bwd,
+           "depth_loglik_fwd_bwd": fwd_bwd_from(depth_loglik_fwd, depth_loglik_bwd),
            "depth_mixture_predict": depth_mixture_predict}

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.heads import fwd_bwd_from
+
 _HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
 
 # Shipped launch configurations (A100 / H100), chosen so that none spills on sm_80 / sm_90
@@ -403,7 +405,9 @@ def depth_loglik_bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, 
     return backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index)
 
 
-KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_loglik_bwd}
+# No fused gradient-in-forward kernel on Triton yet: forward, then the recomputing backward.
+KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_loglik_bwd,
+           "depth_loglik_fwd_bwd": fwd_bwd_from(depth_loglik_fwd, depth_loglik_bwd)}
 
 
 # ----------------------------------------------------------------------------------------------
