@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -292,6 +293,67 @@ __attribute__((noinline)) inline void philox_words512(uint64_t seed, uint64_t e,
     }
   }
 }
+
+// Box-Muller on 16 lanes: the operations of words_to_normal8 (below) one for one, with mask
+// registers for its compares and blends, so both ISAs give bit-identical normals.
+inline __m512 uniform16(__m512i w) {
+  const __m512i x = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(kUniformScale));
+}
+
+inline __m512 log16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(126)));
+  const __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007FFFFF)),
+                                                       _mm512_set1_epi32(0x3F000000)));
+  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm512_mask_sub_ps(e, small, e, _mm512_set1_ps(1.0f));
+  const __m512 f = _mm512_sub_ps(_mm512_mask_add_ps(m, small, m, m), _mm512_set1_ps(1.0f));
+  const __m512 z = _mm512_mul_ps(f, f);
+  __m512 p = _mm512_set1_ps(7.0376836292e-2f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.1514610310e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.1676998740e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.2420140846e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.4249322787e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.6668057665e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.0000714765e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-2.4999993993e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(3.3333331174e-1f));
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, f), z);
+  y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, y);
+  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
+}
+
+inline __m512 cos16(__m512 x) {
+  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.636619772367581343f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 y = _mm512_fnmadd_ps(q, _mm512_set1_ps(1.57079637050628662109375f), x);
+  y = _mm512_fnmadd_ps(q, _mm512_set1_ps(-4.37113900018624283e-8f), y);
+  y = _mm512_fnmadd_ps(q, _mm512_set1_ps(-1.7151245100059144e-15f), y);
+  const __m512 z = _mm512_mul_ps(y, y);
+  __m512 s = _mm512_fmadd_ps(_mm512_set1_ps(-1.9515295891e-4f), z, _mm512_set1_ps(8.3321608736e-3f));
+  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(-1.6666654611e-1f));
+  s = _mm512_fmadd_ps(_mm512_mul_ps(s, z), y, y);
+  __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(2.443315711809948e-5f), z, _mm512_set1_ps(-1.388731625493765e-3f));
+  c = _mm512_fmadd_ps(c, z, _mm512_set1_ps(4.166664568298827e-2f));
+  c = _mm512_fmadd_ps(_mm512_mul_ps(c, z), z, _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, _mm512_set1_ps(1.0f)));
+  const __m512i qi = _mm512_cvtps_epi32(q);
+  const __mmask16 odd = _mm512_test_epi32_mask(qi, _mm512_set1_epi32(1));
+  const __m512i sign =
+      _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(qi, _mm512_set1_epi32(1)), _mm512_set1_epi32(2)), 30);
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mask_blend_ps(odd, c, s)), sign));
+}
+
+// out[i] = normal from words w0[i], w1[i] for i < n (n a multiple of 16).
+__attribute__((noinline)) inline void normals512(float* out, const uint32_t* w0, const uint32_t* w1, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 u1 = _mm512_max_ps(uniform16(_mm512_loadu_si512(w0 + i)), _mm512_set1_ps(kMinUniform));
+    const __m512 theta = _mm512_mul_ps(_mm512_set1_ps(kTwoPi), uniform16(_mm512_loadu_si512(w1 + i)));
+    const __m512 radius = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log16(u1)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(radius, cos16(theta)));
+  }
+}
 #pragma GCC pop_options
 #endif
 
@@ -326,8 +388,13 @@ inline void philox_words(uint64_t seed, uint64_t e, int64_t blocks, uint32_t* w0
 // the long latency chains of Box-Muller (log / cos polynomials) unoverlapped and doubled the
 // cost of a normal; separate loops give the out-of-order core independent iterations.
 constexpr int64_t kChunk = 256;
-template <typename T, typename Emit, typename Scalar>
-inline void fill_words(T* out, int64_t n, uint64_t seed, int64_t offset, Emit emit, Scalar scalar) {
+//
+// `emit_chunk(out, w0, w1, count)`, when given, replaces the emit loop of a whole chunk (count a
+// multiple of 16): the AVX-512 normals use it.
+struct NoChunkEmit {};
+template <typename T, typename Emit, typename Scalar, typename ChunkEmit = NoChunkEmit>
+inline void fill_words(T* out, int64_t n, uint64_t seed, int64_t offset, Emit emit, Scalar scalar,
+                       ChunkEmit emit_chunk = {}) {
   alignas(64) uint32_t w0[kChunk], w1[kChunk];
   int64_t i = 0;
   while (i + 16 <= n) {
@@ -337,7 +404,9 @@ inline void fill_words(T* out, int64_t n, uint64_t seed, int64_t offset, Emit em
     const int64_t count = std::min({kChunk, (n - i) & ~int64_t{15}, room & ~int64_t{15}});
     if (count == 0) break;
     philox_words(seed, e, count / 16, w0, w1);
-    for (int64_t j = 0; j < count; j += 8) {
+    bool done = false;
+    if constexpr (!std::is_same_v<ChunkEmit, NoChunkEmit>) done = emit_chunk(out + i, w0, w1, count);
+    for (int64_t j = 0; j < count && !done; j += 8) {
       emit(out + i + j, _mm256_load_si256(reinterpret_cast<const __m256i*>(w0 + j)),
            _mm256_load_si256(reinterpret_cast<const __m256i*>(w1 + j)));
     }
@@ -383,7 +452,15 @@ inline void fill_normal(float* out, int64_t n, uint64_t seed, int64_t offset) {
 #ifdef UDN_PHILOX_AVX2
   detail::fill_words(out, n, seed, offset, [](float* o, __m256i w0, __m256i w1) {
     _mm256_storeu_ps(o, detail::words_to_normal8(w0, w1));
-  }, scalar);
+  }, scalar, [](float* o, const uint32_t* w0, const uint32_t* w1, int64_t count) {
+#ifdef UDN_PHILOX_AVX512
+    if (detail::use_avx512()) {
+      detail::normals512(o, w0, w1, count);
+      return true;
+    }
+#endif
+    return false;
+  });
 #else
   detail::fill(out, n, offset, nullptr, scalar);
 #endif
