@@ -207,14 +207,11 @@ void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight
       }
     }
   });
-  // Sum the partials; a draw no thread touched (only when N == 0) gets zeros.
+  // A thread that ran did every draw of its tiles, so each defined partial is fully written.
   d_x = Tensor();
-  for (size_t t = 0; t < partial.size(); ++t) {
-    if (!partial[t].defined()) continue;
-    for (int64_t se = 0; se < Se; ++se) {
-      if (!touched[t][se]) partial[t][se].zero_();
-    }
-    if (d_x.defined()) d_x.add_(partial[t]); else d_x = partial[t];
+  for (Tensor& p : partial) {
+    if (!p.defined()) continue;
+    if (d_x.defined()) d_x.add_(p); else d_x = p;
   }
   if (!d_x.defined()) d_x = at::zeros_like(xe);
 }
