@@ -59,10 +59,12 @@ def test_kernel_matches_reference(dtype, estimator):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_kernel_matches_reference_across_weight_tiles(estimator):
-    # K=2000 gives 32-row weight tiles: several tiles per draw, a ragged last one.
-    x, mu, sigma, bmu, bsig = _inputs(torch.float32, 2, False, True, "both", B=7, K=2000, N=70)
-    args = (x, mu, sigma, bmu, bsig, 7, estimator, 2, False)
+@pytest.mark.parametrize("S, sampled, with_mu", [(2, False, True), (3, True, True), (3, False, False), (1, False, True)])
+def test_kernel_matches_reference_across_weight_tiles(estimator, S, sampled, with_mu):
+    # K=2000 gives 32-row weight tiles: several tiles per draw, a ragged last one, so backward's
+    # per-thread d_x partials, first-draw direct writes and later-draw accumulation all run.
+    x, mu, sigma, bmu, bsig = _inputs(torch.float32, S, sampled, with_mu, "both", B=7, K=2000, N=70)
+    args = (x, mu, sigma, bmu, bsig, 7, estimator, S, sampled)
     out = C.gaussian_linear_fwd(*args)
     _close(out, ref.gaussian_linear_fwd(*args), "out")
     grad = torch.randn_like(out)
