@@ -42,6 +42,8 @@ class TruncatedPoisson(nn.Module):
             raise ValueError(f"quantile: expected a float in (0, 1), got {quantile}")
         self.quantile = float(quantile)
         self.raw_rate = nn.Parameter(torch.tensor(_softplus_inverse(float(init_rate))))
+        self._depth_key: tuple | None = None  # (raw rate, quantile) ``_max_depth`` was computed from
+        self._support_cache = None
         self._refresh_max_depth()
         self.register_load_state_dict_post_hook(TruncatedPoisson._after_load)
 
@@ -68,17 +70,35 @@ class TruncatedPoisson(nn.Module):
         module._refresh_max_depth()
 
     def _refresh_max_depth(self) -> int:
-        rate = float(self.rate.detach())
-        self._max_depth = max(poisson_quantile(rate, self.quantile), math.floor(rate) + 1) + 1
+        # Read every call (an in-place edit of ``raw_rate.data`` leaves no trace to cache on), but
+        # cheaply: one scalar read, softplus in Python, the quantile search only when it changed.
+        key = (self.raw_rate.item(), self.quantile)
+        if key != self._depth_key:  # a NaN rate never equals: poisson_quantile rejects it
+            raw = key[0]
+            rate = raw if raw > 20.0 else math.log1p(math.exp(raw))  # F.softplus, threshold 20
+            self._max_depth = max(poisson_quantile(rate, self.quantile), math.floor(rate) + 1) + 1
+            self._depth_key = key
         return self._max_depth
+
+    def _support(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k, lgamma(k + 1))`` for ``k = 0..depth-1``: constants of the support, cached eagerly."""
+        like = self.raw_rate
+        key = (depth, like.dtype, like.device)
+        if self._support_cache is not None and self._support_cache[0] == key:
+            return self._support_cache[1]
+        k = torch.arange(depth, dtype=like.dtype, device=like.device)
+        support = (k, torch.lgamma(k + 1))
+        if not torch.compiler.is_compiling():  # a compiled graph folds them itself
+            self._support_cache = (key, support)
+        return support
 
     def log_probs(self, max_depth: int | None = None) -> torch.Tensor:
         """``[log q(1), ..., log q(L)]`` (``L = max_depth`` or the current truncation)."""
         depth = self.max_depth if max_depth is None else int(max_depth)
         if depth < 1:
             raise ValueError(f"max_depth: expected an int >= 1, got {max_depth}")
-        k = torch.arange(depth, dtype=self.raw_rate.dtype, device=self.raw_rate.device)
-        return torch.log_softmax(k * torch.log(self.rate) - torch.lgamma(k + 1), dim=0)
+        k, log_factorial = self._support(depth)
+        return torch.log_softmax(k * torch.log(self.rate) - log_factorial, dim=0)
 
     def probs(self, max_depth: int | None = None) -> torch.Tensor:
         """``[q(1), ..., q(L)]``."""

@@ -26,18 +26,41 @@ from torch import nn
 import udn_kernels
 from ..ops._checks import check_choice, check_float_tensor, check_same
 from .depth import PositivePoisson, TruncatedPoisson
-from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear,
-                     StochasticLayer, VariationalDropoutLinear, _sample_axis_added, sampling)
+from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear, StochasticLayer,
+                     VariationalDropoutLinear, _sample_axis_added, active_samples, sampling)
 
 LAYERS = ("deterministic", "gaussian", "bernoulli", "variational_dropout")
 
 
 class _PriorPlan(NamedTuple):
-    params: list            # point-estimate parameters of blocks 1..L
-    segments: torch.Tensor | None  # block index of every element of their concatenation
-    stochastic: list        # StochasticLayers of blocks 1..L
-    stochastic_index: torch.Tensor  # their block indices
-    log_mu: torch.Tensor    # log mu(l), l = 1..L
+    params: list                 # point-estimate parameters of blocks 1..L
+    coef: torch.Tensor           # [P, L]: 1 where depth l uses parameter p (its block j <= l), else 0
+    stochastic: list             # StochasticLayers of blocks 1..L
+    stochastic_coef: torch.Tensor | None  # [K, L]: 1 where depth l uses stochastic layer k
+    log_mu: torch.Tensor         # log mu(l), l = 1..L
+
+
+class _DepthSquares(torch.autograd.Function):
+    """``sum_{p in blocks 1..l} ||p||^2 + ||head_l||^2`` for every depth ``l`` as ONE autograd node.
+
+    Inputs: ``coef [P, L]`` (``coef[p, l] = 1`` if depth ``l`` uses block parameter ``p``), the
+    stacked head ``weight [L, C, D]`` and ``bias [L, C]``, then the ``P`` block parameters. The
+    step is dispatch-bound: per-parameter autograd nodes would cost more than the arithmetic, so
+    the forward is one foreach norm and the backward one foreach multiply.
+    """
+
+    @staticmethod
+    def forward(ctx, coef, weight, bias, *params):
+        ctx.save_for_backward(coef, weight, bias, *params)
+        blocks = torch.stack(torch._foreach_norm(params)).square() @ coef if params else 0.0
+        return blocks + weight.square().sum((1, 2)) + bias.square().sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        coef, weight, bias, *params = ctx.saved_tensors
+        grad = 2.0 * grad
+        block_grads = torch._foreach_mul(params, (coef @ grad).unbind()) if params else []
+        return (None, grad[:, None, None] * weight, grad[:, None] * bias, *block_grads)
 
 
 def _check_n_data(n_data) -> int:
@@ -244,11 +267,13 @@ class UDN(nn.Module):
         self.grow(depth)
         h = x if self.stem is None else self.stem(x)
         states = []
-        for block in self.blocks[:depth]:
+        for block in list(self.blocks)[:depth]:  # (slicing the ModuleList would build a new one)
             h = block(h)
             states.append(h if self.readout is None else self.readout(h))
-        # Under sampling(S) early depths may lack the sample axis that later stochastic blocks add.
-        return torch.stack(torch.broadcast_tensors(*states))
+        if active_samples() is not None:
+            # Under sampling(S) early depths may lack the sample axis that later stochastic blocks add.
+            states = torch.broadcast_tensors(*states)
+        return torch.stack(states)
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_float_tensor("x", x)
@@ -260,7 +285,7 @@ class UDN(nn.Module):
 
     def head_parameters(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked head weights ``[L, C, D]`` and biases ``[L, C]`` of depths ``1..L``."""
-        heads = self.heads[:depth]
+        heads = list(self.heads)[:depth]
         return torch.stack([h.weight for h in heads]), torch.stack([h.bias for h in heads])
 
     def _hidden_flat(self, x: torch.Tensor, depth: int, samples: int | None):
@@ -275,37 +300,30 @@ class UDN(nn.Module):
         return hidden.reshape(depth, -1, hidden.shape[-1]), samples
 
     def _prior_plan(self, depth: int, like: torch.Tensor) -> "_PriorPlan":
-        """Per-depth bookkeeping of the weight-space terms, cached until the model grows."""
+        """Which weight-space terms enter which depth, cached until the model grows (or is converted)."""
         key = (depth, len(self.blocks), like.dtype, like.device)
-        if self._plan_cache is None or self._plan_cache[0] != key:
-            params, segments, stochastic = [], [], []
-            for index, block in enumerate(self.blocks[:depth]):
-                for m in block.modules():
-                    if isinstance(m, StochasticLayer):
-                        stochastic.append((index, m))
-                    else:
-                        for p in m.parameters(recurse=False):
-                            params.append(p)
-                            segments.append(torch.full((p.numel(),), index, dtype=torch.int64))
-            segments = torch.cat(segments).to(like.device) if segments else None
-            depths = torch.arange(1, depth + 1, dtype=like.dtype, device=like.device)
-            plan = _PriorPlan(params, segments, [m for _, m in stochastic],
-                              torch.tensor([i for i, _ in stochastic], dtype=torch.int64, device=like.device),
-                              self.prior.log_prob(depths))
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        params, first, stochastic, stochastic_first = [], [], [], []
+        for index, block in enumerate(list(self.blocks)[:depth]):
+            for m in block.modules():
+                if isinstance(m, StochasticLayer):
+                    stochastic.append(m)
+                    stochastic_first.append(index)
+                else:
+                    own = list(m.parameters(recurse=False))
+                    params += own
+                    first += [index] * len(own)
+        depths = torch.arange(depth)
+        used = (torch.tensor(first, dtype=torch.int64)[:, None] <= depths).to(like.dtype)
+        stochastic_coef = None
+        if stochastic:
+            stochastic_coef = (torch.tensor(stochastic_first)[:, None] <= depths).to(like.dtype).to(like.device)
+        plan = _PriorPlan(params, used.to(like.device), stochastic, stochastic_coef,
+                          self.prior.log_prob(depths.to(like.dtype) + 1).to(like.device))
+        if not torch.compiler.is_compiling():
             self._plan_cache = (key, plan)
-        return self._plan_cache[1]
-
-    def _block_log_priors(self, depth: int, plan: "_PriorPlan") -> torch.Tensor:
-        """``[log p(f_1), ..., log p(f_L)]``: Gaussian log-prior of point weights minus KL of stochastic layers."""
-        terms = plan.log_mu.new_zeros(depth)
-        if plan.params:
-            # One concatenation instead of a reduction per parameter: the step is dispatch-bound.
-            squares = torch.cat([p.reshape(-1) for p in plan.params]).pow(2)
-            terms = terms.index_add(0, plan.segments, squares, alpha=-0.5 / self.weight_prior_std ** 2)
-        if plan.stochastic:
-            kls = torch.stack([layer.kl() for layer in plan.stochastic])
-            terms = terms.index_add(0, plan.stochastic_index, -kls)
-        return terms
+        return plan
 
     def _point_log_prior(self, params) -> torch.Tensor:
         return -sum(p.pow(2).sum() for p in params) / (2.0 * self.weight_prior_std ** 2)
@@ -329,9 +347,10 @@ class UDN(nn.Module):
     def elbo(self, x: torch.Tensor, y: torch.Tensor, n_data: int, samples: int | None = None) -> torch.Tensor:
         """The ELBO of DESIGN §1 for a dataset of ``n_data`` points estimated from the batch ``(x, y)``.
 
-        The data term is exact over the depth support (one fused ``depth_mixture_nll`` call) and
-        scaled by ``n_data / B``; with ``samples=S`` it averages ``S`` weight draws in the same call.
-        An empty batch has a zero data term (only the weight-space and depth terms remain).
+        The data term is exact over the depth support (one fused ``depth_loglik`` call for all
+        depths) and scaled by ``n_data / B``; with ``samples=S`` it averages ``S`` weight draws in
+        the same call. An empty batch has a zero data term (only the weight-space and depth terms
+        remain). Every term is a per-depth vector; they meet ``q`` in one dot product.
         """
         _check_n_data(n_data)
         depth = self.depth.max_depth
@@ -339,18 +358,17 @@ class UDN(nn.Module):
         weight, bias = self.head_parameters(depth)
         log_q = self.depth.log_probs(depth)
         target = y if draws == 1 else y.repeat(draws, *([1] * (y.dim() - 1)))
-        nll_sum = udn_kernels.depth_mixture_nll(hidden, weight, bias, target, log_q, mode="expected",
-                                                likelihood=self.likelihood, noise_std=self.noise_std,
-                                                reduction="sum")
-        expected_loglik = -nll_sum * (n_data / max(draws * y.shape[0], 1))
-
-        q = log_q.exp()
-        head_terms = -(weight.pow(2).sum((1, 2)) + bias.pow(2).sum(1)) / (2.0 * self.weight_prior_std ** 2)
-        plan = self._prior_plan(depth, q)
-        per_depth = self._block_log_priors(depth, plan).cumsum(0) + head_terms + plan.log_mu
-        stem_term = self.log_prior(self.stem) if self.stem is not None else 0.0
-        entropy = -(q * log_q).sum()
-        return expected_loglik + (q * per_depth).sum() + stem_term + entropy
+        # [L, B*S] log-likelihoods; rows of ignore_index targets give 0 (as depth_mixture_nll's sum)
+        loglik = udn_kernels.depth_loglik(hidden, weight, bias, target, likelihood=self.likelihood,
+                                          noise_std=self.noise_std)
+        per_depth = loglik.sum(1) * (n_data / max(draws * y.shape[0], 1))
+        plan = self._prior_plan(depth, log_q)
+        squares = _DepthSquares.apply(plan.coef, weight, bias, *plan.params)
+        per_depth = per_depth - squares / (2.0 * self.weight_prior_std ** 2) + plan.log_mu - log_q
+        if plan.stochastic:
+            per_depth = per_depth - torch.stack([m.kl() for m in plan.stochastic]) @ plan.stochastic_coef
+        elbo = log_q.exp() @ per_depth
+        return elbo if self.stem is None else elbo + self.log_prior(self.stem)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, n_data: int, samples: int | None = None) -> torch.Tensor:
         """``-ELBO / n_data`` (the quantity to minimise; see :meth:`elbo`)."""
