@@ -100,6 +100,31 @@ def test_elbo_matches_eager_resnet():
     _compare_elbo_and_grads(model, x, y, n_data=40, prior_rate=0.5)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_relu_trunk_matches_the_module_path(residual):
+    """UDN.mlp's one-node relu trunk (used when gradients are needed) against the blocks run one by
+    one, which a forward hook forces: hidden states and the gradients of x and every parameter."""
+    torch.manual_seed(8)
+    model = UDN.mlp(3, 5, 4, init_rate=2.3, residual=residual, depth_scale=4.0).double()
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(model.depth.max_depth, 7, 5, dtype=torch.float64)
+    inputs = [x, *model.blocks.parameters()]
+
+    def run():
+        hidden = model.hidden_states(x)
+        return hidden, torch.autograd.grad((hidden * probe).sum(), inputs)
+
+    fast, fast_grads = run()
+    assert type(fast.grad_fn).__name__ == "_ReluTrunkBackward"
+    calls = []
+    model.blocks[1].branch[1].register_forward_hook(lambda *_: calls.append(1))
+    slow, slow_grads = run()
+    assert calls and type(slow.grad_fn).__name__ == "StackBackward0"
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_residual_branch_scaling():
     torch.manual_seed(0)
     model = UDN.mlp(2, 3, 2, residual=True, depth_scale=4.0)

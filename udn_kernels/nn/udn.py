@@ -22,6 +22,8 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as nn_module
 
 import udn_kernels
 from ..ops._checks import check_choice, check_float_tensor, check_same
@@ -86,6 +88,86 @@ class _Block(nn.Module):
         if not self.residual:
             return out
         return h + out if self.scale == 1.0 else h + self.scale * out
+
+
+def _plain_relu_layout(blocks) -> tuple | None:
+    """``((residual, scale), ...)`` when every block is ``_Block(Sequential(nn.Linear, nn.ReLU))``
+    without hooks (what ``UDN.mlp`` builds by default), else None."""
+    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+            or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
+        return None
+    layout = []
+    for block in blocks:
+        branch = block._modules.get("branch") if type(block) is _Block else None
+        parts = tuple(branch._modules.values()) if type(branch) is nn.Sequential else ()
+        if len(parts) != 2 or type(parts[0]) is not nn.Linear or type(parts[1]) is not nn.ReLU \
+                or parts[0].bias is None:
+            return None
+        for m in (block, branch, *parts):
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return None
+        layout.append((block.residual, block.scale))
+    return tuple(layout)
+
+
+class _ReluTrunk(torch.autograd.Function):
+    """Hidden states ``[L, N, D]`` of a chain of ``relu(linear)`` blocks and each block's squared
+    parameter norm ``||W_j||^2 + ||b_j||^2`` (``[L]``, for the weight prior) as ONE autograd node.
+
+    Block ``j``: ``a_j = relu(h_{j-1} W_j^T + b_j)``, ``h_j = a_j`` or (residual) ``h_{j-1} + s_j a_j``.
+    Same ATen GEMMs as the module path without an autograd node per op (the UDN step at width 32
+    is dispatch-bound): the backward runs the chain in reverse, batches the weight gradients of
+    blocks ``2..L`` (all ``D x D``) into one ``bmm`` and adds the prior's gradient in place of a
+    separate accumulation per parameter. Inputs: ``x [N, K]``, the layout from
+    :func:`_plain_relu_layout`, then ``W_1, b_1, ..., W_L, b_L``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layout, *params):
+        n, rows, width = len(layout), x.shape[0], params[0].shape[0]
+        weights, biases = params[0::2], torch.stack(params[1::2])
+        rest = torch.stack(weights[1:]) if n > 1 else params[0].new_empty(0, width, width)
+        acts = x.new_empty(n, rows, width)
+        any_residual = any(res for res, _ in layout)
+        hidden = x.new_empty(n, rows, width) if any_residual else acts
+        h = x
+        for j, (res, scale) in enumerate(layout):
+            a = torch.addmm(biases[j], h, weights[j].t(), out=acts[j]).relu_()
+            if res:
+                h = torch.add(h, a, alpha=scale, out=hidden[j])
+            else:
+                h = hidden[j].copy_(a) if any_residual else a
+        squares = biases.square().sum(1)
+        squares[0] += weights[0].square().sum()
+        squares[1:] += rest.square().sum((1, 2))
+        ctx.layout = layout
+        ctx.save_for_backward(x, acts, hidden, weights[0], rest, biases, *weights)
+        return hidden, squares
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, grad_squares):
+        x, acts, hidden, first, rest, biases, *weights = ctx.saved_tensors
+        layout, n = ctx.layout, len(ctx.layout)
+        grad_z = torch.empty_like(acts)  # d/d pre-activations
+        carry = None  # d/d h_j from block j + 1
+        for j in reversed(range(n)):
+            res, scale = layout[j]
+            g_h = grad[j] if carry is None else grad[j] + carry
+            g_a = g_h * scale if res and scale != 1.0 else g_h
+            torch.ops.aten.threshold_backward.grad_input(g_a, acts[j], 0, grad_input=grad_z[j])
+            if j > 0 or ctx.needs_input_grad[0]:
+                carry = grad_z[j].mm(weights[j])
+                if res:
+                    carry += g_h
+        two_g = 2.0 * grad_squares
+        grad_first = torch.addmm(first, grad_z[0].t(), x, beta=0.0).add_(first * two_g[0])
+        grad_rest = torch.bmm(grad_z[1:].transpose(1, 2), hidden[:-1]).addcmul_(rest, two_g[1:, None, None])
+        grad_bias = grad_z.sum(1).addcmul_(biases, two_g[:, None])
+        grads = [None] * (2 * n)
+        grads[0::2] = (grad_first, *grad_rest.unbind())
+        grads[1::2] = grad_bias.unbind()
+        return (carry if ctx.needs_input_grad[0] else None, None, *grads)
 
 
 def _linear_factory(layer: str, prior_std: float, kwargs: dict) -> Callable[[int, int], nn.Module]:
@@ -262,18 +344,34 @@ class UDN(nn.Module):
 
     def hidden_states(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Stacked read-out hidden states ``[L, ..., D]`` of depths ``1..L`` (grows if needed)."""
+        return self._hidden_and_squares(x, depth)[0]
+
+    def _hidden_and_squares(self, x: torch.Tensor, depth: int | None):
+        """``(hidden [L, ..., D], block_squares [L] or None)``.
+
+        A plain ``relu(linear)`` chain (``UDN.mlp``'s default blocks, no hooks) that needs
+        gradients runs as one :class:`_ReluTrunk` node, which also returns every block's squared
+        parameter norm for the weight prior; other models run their modules one by one.
+        """
         self._check_input(x)
         depth = self.depth.max_depth if depth is None else int(depth)
         self.grow(depth)
+        blocks = list(self.blocks)[:depth]  # (slicing the ModuleList would build a new one)
+        if (self.stem is None and self.readout is None and active_samples() is None and x.dim() == 2
+                and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            layout = _plain_relu_layout(blocks)
+            if layout is not None:
+                linears = [b.branch._modules["0"] for b in blocks]
+                return _ReluTrunk.apply(x, layout, *[p for m in linears for p in (m.weight, m.bias)])
         h = x if self.stem is None else self.stem(x)
         states = []
-        for block in list(self.blocks)[:depth]:  # (slicing the ModuleList would build a new one)
+        for block in blocks:
             h = block(h)
             states.append(h if self.readout is None else self.readout(h))
         if active_samples() is not None:
             # Under sampling(S) early depths may lack the sample axis that later stochastic blocks add.
             states = torch.broadcast_tensors(*states)
-        return torch.stack(states)
+        return torch.stack(states), None
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_float_tensor("x", x)
@@ -289,15 +387,16 @@ class UDN(nn.Module):
         return torch.stack([h.weight for h in heads]), torch.stack([h.bias for h in heads])
 
     def _hidden_flat(self, x: torch.Tensor, depth: int, samples: int | None):
-        """``(hidden [L, S*N, D], S)``: hidden states with any MC sample axis folded into rows."""
+        """``(hidden [L, S*N, D], S, block_squares)``: hidden states with any MC sample axis folded
+        into rows; ``block_squares`` as in :meth:`_hidden_and_squares`."""
         if samples is None:
-            return self.hidden_states(x, depth), 1
+            return (*self._hidden_and_squares(x, depth), 1)
         with sampling(samples):
-            hidden = self.hidden_states(x, depth)
+            hidden, squares = self._hidden_and_squares(x, depth)
             sampled = _sample_axis_added()
         if not sampled:  # no stochastic layer: every sample is identical
-            return hidden, 1
-        return hidden.reshape(depth, -1, hidden.shape[-1]), samples
+            return hidden, squares, 1
+        return hidden.reshape(depth, -1, hidden.shape[-1]), squares, samples
 
     def _prior_plan(self, depth: int, like: torch.Tensor) -> "_PriorPlan":
         """Which weight-space terms enter which depth, cached until the model grows (or is converted)."""
@@ -354,17 +453,20 @@ class UDN(nn.Module):
         """
         _check_n_data(n_data)
         depth = self.depth.max_depth
-        hidden, draws = self._hidden_flat(x, depth, samples)
+        hidden, block_squares, draws = self._hidden_flat(x, depth, samples)
         weight, bias = self.head_parameters(depth)
         log_q = self.depth.log_probs(depth)
         target = y if draws == 1 else y.repeat(draws, *([1] * (y.dim() - 1)))
         # [L, B*S] log-likelihoods; rows of ignore_index targets give 0 (as depth_mixture_nll's sum)
         loglik = udn_kernels.depth_loglik(hidden, weight, bias, target, likelihood=self.likelihood,
                                           noise_std=self.noise_std)
-        per_depth = loglik.sum(1) * (n_data / max(draws * y.shape[0], 1))
         plan = self._prior_plan(depth, log_q)
-        squares = _DepthSquares.apply(plan.coef, weight, bias, *plan.params)
-        per_depth = per_depth - squares / (2.0 * self.weight_prior_std ** 2) + plan.log_mu - log_q
+        if block_squares is None:
+            squares = _DepthSquares.apply(plan.coef, weight, bias, *plan.params)
+        else:  # the trunk already has its blocks' squares: depth l sums blocks 1..l
+            squares = _DepthSquares.apply(None, weight, bias) + block_squares.cumsum(0)
+        per_depth = torch.add(plan.log_mu - log_q, squares, alpha=-0.5 / self.weight_prior_std ** 2)
+        per_depth = torch.add(per_depth, loglik.sum(1), alpha=n_data / max(draws * y.shape[0], 1))
         if plan.stochastic:
             per_depth = per_depth - torch.stack([m.kl() for m in plan.stochastic]) @ plan.stochastic_coef
         elbo = log_q.exp() @ per_depth
@@ -383,7 +485,7 @@ class UDN(nn.Module):
         predictions (``[S, N, C]``, or a ``(means, vars)`` pair).
         """
         depth = self.depth.max_depth
-        hidden, draws = self._hidden_flat(x, depth, samples)
+        hidden, _, draws = self._hidden_flat(x, depth, samples)
         weight, bias = self.head_parameters(depth)
         out = udn_kernels.depth_mixture_predict(hidden, weight, bias, self.depth.log_probs(depth),
                                                 likelihood=self.likelihood, noise_std=self.noise_std)
