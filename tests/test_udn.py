@@ -238,27 +238,33 @@ def test_state_dict_of_grown_model_loads_into_fresh_model(layer):
 
 
 def test_learned_depth_grows_with_spiral_winding():
-    """A strongly wound spiral ends with a larger E_q[depth] than two straight rays (same seeds)."""
+    """Issue 5's property in miniature: a two-turn spiral ends at least 1.5 layers deeper in E_q[l]
+    than two straight rays, both at >= 95% test accuracy. Same ingredients as the
+    depth-vs-complexity experiment (inputs x3, cosine learning-rate decay), full-batch Adam."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny GEMMs: threading only adds overhead on a shared CPU
     try:
         depths, accuracies = {}, {}
-        for phase in (0.0, 1.5):
+        for phase in (0.0, 2.0):
             torch.manual_seed(0)
             x, y = spirals(256, phase, noise=0.03, seed=0)
-            model = UDN.mlp(2, 16, 2, init_rate=1.0, prior_rate=0.5)
-            opt = model.attach_optimizer(torch.optim.Adam(model.parameters(), lr=1e-2))
-            for _ in range(200):
+            x_test, y_test = spirals(1024, phase, noise=0.03, seed=1)
+            model = UDN.mlp(2, 32, 2, init_rate=1.0, prior_rate=0.5)
+            opt = model.attach_optimizer(torch.optim.Adam(model.parameters(), lr=2e-2))
+            steps = 200
+            for step in range(steps):
+                for group in opt.param_groups:
+                    group["lr"] = 2e-2 * 0.5 * (1 + math.cos(math.pi * step / steps))
                 opt.zero_grad()
-                model.loss(x, y, len(x)).backward()
+                model.loss(3 * x, y, len(x)).backward()
                 opt.step()
             with torch.no_grad():
                 depths[phase] = float(model.depth.mean())
-                accuracies[phase] = float(metrics.accuracy(model.predict(x), y))
+                accuracies[phase] = float(metrics.accuracy(model.predict(3 * x_test), y_test))
     finally:
         torch.set_num_threads(threads)
-    assert accuracies[0.0] == 1.0 and accuracies[1.5] > 0.9
-    assert depths[1.5] > depths[0.0] + 0.5, depths
+    assert min(accuracies.values()) >= 0.95, accuracies
+    assert depths[2.0] >= depths[0.0] + 1.5, depths
 
 
 def test_stochastic_resnet_trains_and_predicts_with_samples():
