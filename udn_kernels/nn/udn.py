@@ -9,7 +9,7 @@ kernel under ``depth_mixture_nll``) over the stacked hidden states ``[L, N, D]``
 
 Speed (the udn-step benchmark: width 32, ~10 depths, batch 256 is dispatch-bound, every ATen op
 and autograd node costs about as much as the arithmetic): all ELBO terms are per-depth ``[L]``
-vectors that meet ``q`` in one dot product; the Gaussian weight prior is one autograd node
+vectors that meet ``q`` in one node (``TruncatedPoisson.expectation_plus_entropy``); the Gaussian weight prior is one autograd node
 (:class:`_DepthSquares`); ``UDN.mlp``'s default ``relu(linear)`` blocks run as one autograd node
 (:class:`_ReluTrunk`) that also yields the blocks' squared norms.
 
@@ -456,27 +456,26 @@ class UDN(nn.Module):
         The data term is exact over the depth support (one fused ``depth_loglik`` call for all
         depths) and scaled by ``n_data / B``; with ``samples=S`` it averages ``S`` weight draws in
         the same call. An empty batch has a zero data term (only the weight-space and depth terms
-        remain). Every term is a per-depth vector; they meet ``q`` in one dot product.
+        remain). Every term is a per-depth vector ``v``; the result is ``E_q[v] + H[q]``.
         """
         _check_n_data(n_data)
         depth = self.depth.max_depth
         hidden, block_squares, draws = self._hidden_flat(x, depth, samples)
         weight, bias = self.head_parameters(depth)
-        log_q = self.depth.log_probs(depth)
         target = y if draws == 1 else y.repeat(draws, *([1] * (y.dim() - 1)))
         # [L, B*S] log-likelihoods; rows of ignore_index targets give 0 (as depth_mixture_nll's sum)
         loglik = udn_kernels.depth_loglik(hidden, weight, bias, target, likelihood=self.likelihood,
                                           noise_std=self.noise_std)
-        plan = self._prior_plan(depth, log_q)
+        plan = self._prior_plan(depth, weight)
         if block_squares is None:
             squares = _DepthSquares.apply(plan.coef, weight, bias, *plan.params)
         else:  # the trunk already has its blocks' squares: depth l sums blocks 1..l
             squares = _DepthSquares.apply(None, weight, bias) + block_squares.cumsum(0)
-        per_depth = torch.add(plan.log_mu - log_q, squares, alpha=-0.5 / self.weight_prior_std ** 2)
+        per_depth = torch.add(plan.log_mu, squares, alpha=-0.5 / self.weight_prior_std ** 2)
         per_depth = torch.add(per_depth, loglik.sum(1), alpha=n_data / max(draws * y.shape[0], 1))
         if plan.stochastic:
             per_depth = per_depth - torch.stack([m.kl() for m in plan.stochastic]) @ plan.stochastic_coef
-        elbo = log_q.exp() @ per_depth
+        elbo = self.depth.expectation_plus_entropy(per_depth)
         return elbo if self.stem is None else elbo + self.log_prior(self.stem)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, n_data: int, samples: int | None = None) -> torch.Tensor:
