@@ -9,7 +9,7 @@ Choices that make the hard windings learnable in a CPU budget (measured, see doc
 coordinates scaled by 3 (ReLU nets at default init fit high-frequency targets faster), spiral
 noise 0.02, small batches (more Adam steps), ``init_rate=3`` so the first layers get trained
 before ``q(l)`` can collapse onto depth 1-2 while the data term is still flat, and a cosine
-learning-rate decay to 1% over 300 epochs (a constant rate stalls phases 4-5 below 90%).
+learning-rate decay to 1% over 400 epochs (a constant rate stalls phases 4-5 below 90%).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from ._common import Timer, finish, fit, mean_std, pyplot, register, table
 
-FULL = dict(phases=[0, 1, 2, 3, 4, 5, 6], seeds=1, n_train=1024, width=64, epochs=300, lr=3e-3,
+FULL = dict(phases=[0, 1, 2, 3, 4, 5, 6], seeds=1, n_train=1024, width=64, epochs=400, lr=3e-3,
             final_lr=0.01, batch_size=64, init_rate=3.0, input_scale=3.0, noise=0.02)
 QUICK = dict(phases=[0, 3], seeds=1, n_train=256, width=16, epochs=12, lr=1e-2, final_lr=0.01,
              batch_size=64, init_rate=3.0, input_scale=3.0, noise=0.02)

@@ -9,9 +9,10 @@ kernel under ``depth_mixture_nll``) over the stacked hidden states ``[L, N, D]``
 
 Speed (the udn-step benchmark: width 32, ~10 depths, batch 256 is dispatch-bound, every ATen op
 and autograd node costs about as much as the arithmetic): all ELBO terms are per-depth ``[L]``
-vectors that meet ``q`` in one node (``TruncatedPoisson.expectation_plus_entropy``); the Gaussian weight prior is one autograd node
-(:class:`_DepthSquares`); ``UDN.mlp``'s default ``relu(linear)`` blocks run as one autograd node
-(:class:`_ReluTrunk`) that also yields the blocks' squared norms.
+vectors that meet ``q`` in one node (``TruncatedPoisson.expectation_plus_entropy``); the Gaussian
+weight prior is one autograd node (:class:`_DepthSquares`); ``UDN.mlp``'s default
+``relu(linear)`` blocks run as one autograd node (:class:`_ReluTrunk`) that also yields the
+blocks' squared norms. See docs/udn.md.
 
 Weight-space terms (the reference implementation's convention): for depth ``l`` the model uses
 blocks ``1..l`` and head ``l``, so ``log p(theta_{<=l}) = sum_{j<=l} log p(f_j) + log p(o_l)``. A
@@ -103,12 +104,16 @@ def _plain_relu_layout(blocks) -> tuple | None:
     if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
             or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
         return None
-    layout = []
+    layout, width = [], None
     for block in blocks:
         branch = block._modules.get("branch") if type(block) is _Block else None
         parts = tuple(branch._modules.values()) if type(branch) is nn.Sequential else ()
         if len(parts) != 2 or type(parts[0]) is not nn.Linear or type(parts[1]) is not nn.ReLU \
                 or parts[0].bias is None:
+            return None
+        if width is None:
+            width = parts[0].out_features
+        elif parts[0].in_features != width or parts[0].out_features != width:  # blocks 2..L: D -> D
             return None
         for m in (block, branch, *parts):
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
@@ -424,7 +429,7 @@ class UDN(nn.Module):
         used = (torch.tensor(first, dtype=torch.int64)[:, None] <= depths).to(like.dtype)
         stochastic_coef = None
         if stochastic:
-            stochastic_coef = (torch.tensor(stochastic_first)[:, None] <= depths).to(like.dtype).to(like.device)
+            stochastic_coef = (torch.tensor(stochastic_first)[:, None] <= depths).to(like.device, like.dtype)
         plan = _PriorPlan(params, used.to(like.device), stochastic, stochastic_coef,
                           self.prior.log_prob(depths.to(like.dtype) + 1).to(like.device))
         if not torch.compiler.is_compiling():
