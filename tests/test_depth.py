@@ -6,6 +6,7 @@ import torch
 from scipy import stats
 
 from udn_kernels.nn import PositivePoisson, TruncatedPoisson, poisson_quantile
+from udn_kernels.nn.depth import _ExpectationPlusEntropy
 
 
 def test_rate_one_and_five_match_the_reference_rule():
@@ -84,3 +85,21 @@ def test_bad_arguments_raise():
         TruncatedPoisson(quantile=1.0)
     with pytest.raises(ValueError, match="rate"):
         PositivePoisson(-1.0)
+
+
+def test_expectation_plus_entropy_value_and_exact_gradients():
+    """The one-node ELBO depth part against autograd through log_probs, and float64 gradcheck."""
+    q = TruncatedPoisson(init_rate=2.7).double()
+    L = q.max_depth
+    values = torch.randn(L, dtype=torch.float64, requires_grad=True)
+    fused = q.expectation_plus_entropy(values)
+    log_q = q.log_probs(L)
+    explicit = (log_q.exp() * (values - log_q)).sum()
+    torch.testing.assert_close(fused, explicit, rtol=1e-12, atol=1e-12)
+    inputs = (q.raw_rate, values)
+    for a, b in zip(torch.autograd.grad(fused, inputs), torch.autograd.grad(explicit, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    raw = q.raw_rate.detach().clone().requires_grad_(True)
+    k, log_factorial = q._support(L)
+    assert torch.autograd.gradcheck(lambda r, v: _ExpectationPlusEntropy.apply(r, v, k, log_factorial),
+                                    (raw, values.detach().clone().requires_grad_(True)))

@@ -100,6 +100,31 @@ def test_elbo_matches_eager_resnet():
     _compare_elbo_and_grads(model, x, y, n_data=40, prior_rate=0.5)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_relu_trunk_matches_the_module_path(residual):
+    """UDN.mlp's one-node relu trunk (used when gradients are needed) against the blocks run one by
+    one, which a forward hook forces: hidden states and the gradients of x and every parameter."""
+    torch.manual_seed(8)
+    model = UDN.mlp(3, 5, 4, init_rate=2.3, residual=residual, depth_scale=4.0).double()
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(model.depth.max_depth, 7, 5, dtype=torch.float64)
+    inputs = [x, *model.blocks.parameters()]
+
+    def run():
+        hidden = model.hidden_states(x)
+        return hidden, torch.autograd.grad((hidden * probe).sum(), inputs)
+
+    fast, fast_grads = run()
+    assert type(fast.grad_fn).__name__ == "_ReluTrunkBackward"
+    calls = []
+    model.blocks[1].branch[1].register_forward_hook(lambda *_: calls.append(1))
+    slow, slow_grads = run()
+    assert calls and type(slow.grad_fn).__name__ == "StackBackward0"
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_residual_branch_scaling():
     torch.manual_seed(0)
     model = UDN.mlp(2, 3, 2, residual=True, depth_scale=4.0)
@@ -213,27 +238,33 @@ def test_state_dict_of_grown_model_loads_into_fresh_model(layer):
 
 
 def test_learned_depth_grows_with_spiral_winding():
-    """A strongly wound spiral ends with a larger E_q[depth] than two straight rays (same seeds)."""
+    """Issue 5's property in miniature: a two-turn spiral ends at least 1.5 layers deeper in E_q[l]
+    than two straight rays, both at >= 95% test accuracy. Same ingredients as the
+    depth-vs-complexity experiment (inputs x3, cosine learning-rate decay), full-batch Adam."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny GEMMs: threading only adds overhead on a shared CPU
     try:
         depths, accuracies = {}, {}
-        for phase in (0.0, 1.5):
+        for phase in (0.0, 2.0):
             torch.manual_seed(0)
             x, y = spirals(256, phase, noise=0.03, seed=0)
-            model = UDN.mlp(2, 16, 2, init_rate=1.0, prior_rate=0.5)
-            opt = model.attach_optimizer(torch.optim.Adam(model.parameters(), lr=1e-2))
-            for _ in range(200):
+            x_test, y_test = spirals(1024, phase, noise=0.03, seed=1)
+            model = UDN.mlp(2, 32, 2, init_rate=1.0, prior_rate=0.5)
+            opt = model.attach_optimizer(torch.optim.Adam(model.parameters(), lr=2e-2))
+            steps = 200
+            for step in range(steps):
+                for group in opt.param_groups:
+                    group["lr"] = 2e-2 * 0.5 * (1 + math.cos(math.pi * step / steps))
                 opt.zero_grad()
-                model.loss(x, y, len(x)).backward()
+                model.loss(3 * x, y, len(x)).backward()
                 opt.step()
             with torch.no_grad():
                 depths[phase] = float(model.depth.mean())
-                accuracies[phase] = float(metrics.accuracy(model.predict(x), y))
+                accuracies[phase] = float(metrics.accuracy(model.predict(3 * x_test), y_test))
     finally:
         torch.set_num_threads(threads)
-    assert accuracies[0.0] == 1.0 and accuracies[1.5] > 0.9
-    assert depths[1.5] > depths[0.0] + 0.5, depths
+    assert min(accuracies.values()) >= 0.95, accuracies
+    assert depths[2.0] >= depths[0.0] + 1.5, depths
 
 
 def test_stochastic_resnet_trains_and_predicts_with_samples():

@@ -5,6 +5,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
@@ -42,6 +43,8 @@ class TruncatedPoisson(nn.Module):
             raise ValueError(f"quantile: expected a float in (0, 1), got {quantile}")
         self.quantile = float(quantile)
         self.raw_rate = nn.Parameter(torch.tensor(_softplus_inverse(float(init_rate))))
+        self._depth_key: tuple | None = None  # (raw rate, quantile) ``_max_depth`` was computed from
+        self._support_cache = None
         self._refresh_max_depth()
         self.register_load_state_dict_post_hook(TruncatedPoisson._after_load)
 
@@ -68,17 +71,46 @@ class TruncatedPoisson(nn.Module):
         module._refresh_max_depth()
 
     def _refresh_max_depth(self) -> int:
-        rate = float(self.rate.detach())
-        self._max_depth = max(poisson_quantile(rate, self.quantile), math.floor(rate) + 1) + 1
+        # Read every call (an in-place edit of ``raw_rate.data`` leaves no trace to cache on), but
+        # cheaply: one scalar read, softplus in Python, the quantile search only when it changed.
+        key = (self.raw_rate.item(), self.quantile)
+        if key != self._depth_key:  # a NaN rate never equals: poisson_quantile rejects it
+            raw = key[0]
+            rate = raw if raw > 20.0 else math.log1p(math.exp(raw))  # F.softplus, threshold 20
+            self._max_depth = max(poisson_quantile(rate, self.quantile), math.floor(rate) + 1) + 1
+            self._depth_key = key
         return self._max_depth
+
+    def _support(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k, lgamma(k + 1))`` for ``k = 0..depth-1``: constants of the support, cached eagerly."""
+        like = self.raw_rate
+        key = (depth, like.dtype, like.device)
+        if self._support_cache is not None and self._support_cache[0] == key:
+            return self._support_cache[1]
+        k = torch.arange(depth, dtype=like.dtype, device=like.device)
+        support = (k, torch.lgamma(k + 1))
+        if not torch.compiler.is_compiling():  # a compiled graph folds them itself
+            self._support_cache = (key, support)
+        return support
 
     def log_probs(self, max_depth: int | None = None) -> torch.Tensor:
         """``[log q(1), ..., log q(L)]`` (``L = max_depth`` or the current truncation)."""
         depth = self.max_depth if max_depth is None else int(max_depth)
         if depth < 1:
             raise ValueError(f"max_depth: expected an int >= 1, got {max_depth}")
-        k = torch.arange(depth, dtype=self.raw_rate.dtype, device=self.raw_rate.device)
-        return torch.log_softmax(k * torch.log(self.rate) - torch.lgamma(k + 1), dim=0)
+        k, log_factorial = self._support(depth)
+        return torch.log_softmax(k * torch.log(self.rate) - log_factorial, dim=0)
+
+    def expectation_plus_entropy(self, values: torch.Tensor) -> torch.Tensor:
+        """``sum_l q(l) values[l] + H[q]`` over the support ``l = 1..L`` with ``L = len(values)``.
+
+        The ELBO's depth part in one autograd node (the UDN step is dispatch-bound). With
+        ``a_k = k log nu - log k!`` and ``F`` the result, ``dF/dvalues = q`` and
+        ``dF/da_k = q_k (values_k - log q_k - F)``, chained to ``raw_rate`` through
+        ``da_k/draw = k sigmoid(raw) / nu``.
+        """
+        k, log_factorial = self._support(values.shape[0])
+        return _ExpectationPlusEntropy.apply(self.raw_rate, values, k, log_factorial)
 
     def probs(self, max_depth: int | None = None) -> torch.Tensor:
         """``[q(1), ..., q(L)]``."""
@@ -97,6 +129,27 @@ class TruncatedPoisson(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rate={float(self.rate.detach()):.4g}, quantile={self.quantile}, max_depth={self.max_depth}"
+
+
+class _ExpectationPlusEntropy(torch.autograd.Function):
+    """See :meth:`TruncatedPoisson.expectation_plus_entropy`."""
+
+    @staticmethod
+    def forward(ctx, raw_rate, values, k, log_factorial):
+        rate = F.softplus(raw_rate)
+        log_q = torch.log_softmax(k * rate.log() - log_factorial, dim=0)
+        q = log_q.exp()
+        out = q @ (values - log_q)
+        ctx.save_for_backward(raw_rate, rate, values, k, log_q, q, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        raw_rate, rate, values, k, log_q, q, out = ctx.saved_tensors
+        grad_a = q * (values - log_q - out)
+        grad_raw = grad * (k @ grad_a) * torch.sigmoid(raw_rate) / rate
+        return grad_raw, grad * q, None, None
 
 
 class PositivePoisson:

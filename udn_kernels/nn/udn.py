@@ -3,8 +3,16 @@
 A :class:`UDN` holds hidden blocks ``f_1, f_2, ...`` (built lazily), one linear head per depth, the
 variational depth posterior ``q(l)`` (:class:`TruncatedPoisson`, ``model.depth``) and the prior
 ``mu(l)`` (:class:`PositivePoisson`). Its loss is ``-ELBO / n`` (DESIGN §1) where the data term
-``sum_l q(l) sum_i log p(y_i | Omega_l(x_i))`` is ONE ``udn_kernels.depth_mixture_nll`` call over
-the stacked hidden states ``[L, N, D]`` and stacked heads ``[L, C, D]``.
+``sum_l q(l) sum_i log p(y_i | Omega_l(x_i))`` is ONE fused ``udn_kernels.depth_loglik`` call (the
+kernel under ``depth_mixture_nll``) over the stacked hidden states ``[L, N, D]`` and stacked heads
+``[L, C, D]``.
+
+Speed (the udn-step benchmark: width 32, ~10 depths, batch 256 is dispatch-bound, every ATen op
+and autograd node costs about as much as the arithmetic): all ELBO terms are per-depth ``[L]``
+vectors that meet ``q`` in one node (``TruncatedPoisson.expectation_plus_entropy``); the Gaussian
+weight prior is one autograd node (:class:`_DepthSquares`); ``UDN.mlp``'s default
+``relu(linear)`` blocks run as one autograd node (:class:`_ReluTrunk`) that also yields the
+blocks' squared norms. See docs/udn.md.
 
 Weight-space terms (the reference implementation's convention): for depth ``l`` the model uses
 blocks ``1..l`` and head ``l``, so ``log p(theta_{<=l}) = sum_{j<=l} log p(f_j) + log p(o_l)``. A
@@ -22,22 +30,47 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as nn_module
 
 import udn_kernels
 from ..ops._checks import check_choice, check_float_tensor, check_same
 from .depth import PositivePoisson, TruncatedPoisson
-from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear,
-                     StochasticLayer, VariationalDropoutLinear, _sample_axis_added, sampling)
+from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear, StochasticLayer,
+                     VariationalDropoutLinear, _sample_axis_added, active_samples, sampling)
 
 LAYERS = ("deterministic", "gaussian", "bernoulli", "variational_dropout")
 
 
 class _PriorPlan(NamedTuple):
-    params: list            # point-estimate parameters of blocks 1..L
-    segments: torch.Tensor | None  # block index of every element of their concatenation
-    stochastic: list        # StochasticLayers of blocks 1..L
-    stochastic_index: torch.Tensor  # their block indices
-    log_mu: torch.Tensor    # log mu(l), l = 1..L
+    params: list                 # point-estimate parameters of blocks 1..L
+    coef: torch.Tensor           # [P, L]: 1 where depth l uses parameter p (its block j <= l), else 0
+    stochastic: list             # StochasticLayers of blocks 1..L
+    stochastic_coef: torch.Tensor | None  # [K, L]: 1 where depth l uses stochastic layer k
+    log_mu: torch.Tensor         # log mu(l), l = 1..L
+
+
+class _DepthSquares(torch.autograd.Function):
+    """``sum_{p in blocks 1..l} ||p||^2 + ||head_l||^2`` for every depth ``l`` as ONE autograd node.
+
+    Inputs: ``coef [P, L]`` (``coef[p, l] = 1`` if depth ``l`` uses block parameter ``p``), the
+    stacked head ``weight [L, C, D]`` and ``bias [L, C]``, then the ``P`` block parameters. The
+    step is dispatch-bound: per-parameter autograd nodes would cost more than the arithmetic, so
+    the forward is one foreach norm and the backward one foreach multiply.
+    """
+
+    @staticmethod
+    def forward(ctx, coef, weight, bias, *params):
+        ctx.save_for_backward(coef, weight, bias, *params)
+        blocks = torch.stack(torch._foreach_norm(params)).square() @ coef if params else 0.0
+        return blocks + weight.square().sum((1, 2)) + bias.square().sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        coef, weight, bias, *params = ctx.saved_tensors
+        grad = 2.0 * grad
+        block_grads = torch._foreach_mul(params, (coef @ grad).unbind()) if params else []
+        return (None, grad[:, None, None] * weight, grad[:, None] * bias, *block_grads)
 
 
 def _check_n_data(n_data) -> int:
@@ -63,6 +96,90 @@ class _Block(nn.Module):
         if not self.residual:
             return out
         return h + out if self.scale == 1.0 else h + self.scale * out
+
+
+def _plain_relu_layout(blocks) -> tuple | None:
+    """``((residual, scale), ...)`` when every block is ``_Block(Sequential(nn.Linear, nn.ReLU))``
+    without hooks (what ``UDN.mlp`` builds by default), else None."""
+    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+            or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
+        return None
+    layout, width = [], None
+    for block in blocks:
+        branch = block._modules.get("branch") if type(block) is _Block else None
+        parts = tuple(branch._modules.values()) if type(branch) is nn.Sequential else ()
+        if len(parts) != 2 or type(parts[0]) is not nn.Linear or type(parts[1]) is not nn.ReLU \
+                or parts[0].bias is None:
+            return None
+        if width is None:
+            width = parts[0].out_features
+        elif parts[0].in_features != width or parts[0].out_features != width:  # blocks 2..L: D -> D
+            return None
+        for m in (block, branch, *parts):
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return None
+        layout.append((block.residual, block.scale))
+    return tuple(layout)
+
+
+class _ReluTrunk(torch.autograd.Function):
+    """Hidden states ``[L, N, D]`` of a chain of ``relu(linear)`` blocks and each block's squared
+    parameter norm ``||W_j||^2 + ||b_j||^2`` (``[L]``, for the weight prior) as ONE autograd node.
+
+    Block ``j``: ``a_j = relu(h_{j-1} W_j^T + b_j)``, ``h_j = a_j`` or (residual) ``h_{j-1} + s_j a_j``.
+    Same ATen GEMMs as the module path without an autograd node per op (the UDN step at width 32
+    is dispatch-bound): the backward runs the chain in reverse, batches the weight gradients of
+    blocks ``2..L`` (all ``D x D``) into one ``bmm`` and adds the prior's gradient in place of a
+    separate accumulation per parameter. Inputs: ``x [N, K]``, the layout from
+    :func:`_plain_relu_layout`, then ``W_1, b_1, ..., W_L, b_L``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layout, *params):
+        n, rows, width = len(layout), x.shape[0], params[0].shape[0]
+        weights, biases = params[0::2], torch.stack(params[1::2])
+        rest = torch.stack(weights[1:]) if n > 1 else params[0].new_empty(0, width, width)
+        acts = x.new_empty(n, rows, width)
+        any_residual = any(res for res, _ in layout)
+        hidden = x.new_empty(n, rows, width) if any_residual else acts
+        h = x
+        for j, (res, scale) in enumerate(layout):
+            a = torch.addmm(biases[j], h, weights[j].t(), out=acts[j]).relu_()
+            if res:
+                h = torch.add(h, a, alpha=scale, out=hidden[j])
+            else:
+                h = hidden[j].copy_(a) if any_residual else a
+        squares = biases.square().sum(1)
+        squares[0] += weights[0].square().sum()
+        squares[1:] += rest.square().sum((1, 2))
+        ctx.layout = layout
+        ctx.save_for_backward(x, acts, hidden, weights[0], rest, biases, *weights)
+        return hidden, squares
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, grad_squares):
+        x, acts, hidden, first, rest, biases, *weights = ctx.saved_tensors
+        layout, n = ctx.layout, len(ctx.layout)
+        grad_z = torch.empty_like(acts)  # d/d pre-activations
+        carry = None  # d/d h_j from block j + 1
+        for j in reversed(range(n)):
+            res, scale = layout[j]
+            g_h = grad[j] if carry is None else grad[j] + carry
+            g_a = g_h * scale if res and scale != 1.0 else g_h
+            torch.ops.aten.threshold_backward.grad_input(g_a, acts[j], 0, grad_input=grad_z[j])
+            if j > 0 or ctx.needs_input_grad[0]:
+                carry = grad_z[j].mm(weights[j])
+                if res:
+                    carry += g_h
+        two_g = 2.0 * grad_squares
+        grad_first = torch.addmm(first, grad_z[0].t(), x, beta=0.0).add_(first * two_g[0])
+        grad_rest = torch.bmm(grad_z[1:].transpose(1, 2), hidden[:-1]).addcmul_(rest, two_g[1:, None, None])
+        grad_bias = grad_z.sum(1).addcmul_(biases, two_g[:, None])
+        grads = [None] * (2 * n)
+        grads[0::2] = (grad_first, *grad_rest.unbind())
+        grads[1::2] = grad_bias.unbind()
+        return (carry if ctx.needs_input_grad[0] else None, None, *grads)
 
 
 def _linear_factory(layer: str, prior_std: float, kwargs: dict) -> Callable[[int, int], nn.Module]:
@@ -239,16 +356,34 @@ class UDN(nn.Module):
 
     def hidden_states(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Stacked read-out hidden states ``[L, ..., D]`` of depths ``1..L`` (grows if needed)."""
+        return self._hidden_and_squares(x, depth)[0]
+
+    def _hidden_and_squares(self, x: torch.Tensor, depth: int | None):
+        """``(hidden [L, ..., D], block_squares [L] or None)``.
+
+        A plain ``relu(linear)`` chain (``UDN.mlp``'s default blocks, no hooks) that needs
+        gradients runs as one :class:`_ReluTrunk` node, which also returns every block's squared
+        parameter norm for the weight prior; other models run their modules one by one.
+        """
         self._check_input(x)
         depth = self.depth.max_depth if depth is None else int(depth)
         self.grow(depth)
+        blocks = list(self.blocks)[:depth]  # (slicing the ModuleList would build a new one)
+        if (self.stem is None and self.readout is None and active_samples() is None and x.dim() == 2
+                and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            layout = _plain_relu_layout(blocks)
+            if layout is not None:
+                linears = [b.branch._modules["0"] for b in blocks]
+                return _ReluTrunk.apply(x, layout, *[p for m in linears for p in (m.weight, m.bias)])
         h = x if self.stem is None else self.stem(x)
         states = []
-        for block in self.blocks[:depth]:
+        for block in blocks:
             h = block(h)
             states.append(h if self.readout is None else self.readout(h))
-        # Under sampling(S) early depths may lack the sample axis that later stochastic blocks add.
-        return torch.stack(torch.broadcast_tensors(*states))
+        if active_samples() is not None:
+            # Under sampling(S) early depths may lack the sample axis that later stochastic blocks add.
+            states = torch.broadcast_tensors(*states)
+        return torch.stack(states), None
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_float_tensor("x", x)
@@ -260,52 +395,46 @@ class UDN(nn.Module):
 
     def head_parameters(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked head weights ``[L, C, D]`` and biases ``[L, C]`` of depths ``1..L``."""
-        heads = self.heads[:depth]
+        heads = list(self.heads)[:depth]
         return torch.stack([h.weight for h in heads]), torch.stack([h.bias for h in heads])
 
     def _hidden_flat(self, x: torch.Tensor, depth: int, samples: int | None):
-        """``(hidden [L, S*N, D], S)``: hidden states with any MC sample axis folded into rows."""
+        """``(hidden [L, S*N, D], S, block_squares)``: hidden states with any MC sample axis folded
+        into rows; ``block_squares`` as in :meth:`_hidden_and_squares`."""
         if samples is None:
-            return self.hidden_states(x, depth), 1
+            return (*self._hidden_and_squares(x, depth), 1)
         with sampling(samples):
-            hidden = self.hidden_states(x, depth)
+            hidden, squares = self._hidden_and_squares(x, depth)
             sampled = _sample_axis_added()
         if not sampled:  # no stochastic layer: every sample is identical
-            return hidden, 1
-        return hidden.reshape(depth, -1, hidden.shape[-1]), samples
+            return hidden, squares, 1
+        return hidden.reshape(depth, -1, hidden.shape[-1]), squares, samples
 
     def _prior_plan(self, depth: int, like: torch.Tensor) -> "_PriorPlan":
-        """Per-depth bookkeeping of the weight-space terms, cached until the model grows."""
+        """Which weight-space terms enter which depth, cached until the model grows (or is converted)."""
         key = (depth, len(self.blocks), like.dtype, like.device)
-        if self._plan_cache is None or self._plan_cache[0] != key:
-            params, segments, stochastic = [], [], []
-            for index, block in enumerate(self.blocks[:depth]):
-                for m in block.modules():
-                    if isinstance(m, StochasticLayer):
-                        stochastic.append((index, m))
-                    else:
-                        for p in m.parameters(recurse=False):
-                            params.append(p)
-                            segments.append(torch.full((p.numel(),), index, dtype=torch.int64))
-            segments = torch.cat(segments).to(like.device) if segments else None
-            depths = torch.arange(1, depth + 1, dtype=like.dtype, device=like.device)
-            plan = _PriorPlan(params, segments, [m for _, m in stochastic],
-                              torch.tensor([i for i, _ in stochastic], dtype=torch.int64, device=like.device),
-                              self.prior.log_prob(depths))
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        params, first, stochastic, stochastic_first = [], [], [], []
+        for index, block in enumerate(list(self.blocks)[:depth]):
+            for m in block.modules():
+                if isinstance(m, StochasticLayer):
+                    stochastic.append(m)
+                    stochastic_first.append(index)
+                else:
+                    own = list(m.parameters(recurse=False))
+                    params += own
+                    first += [index] * len(own)
+        depths = torch.arange(depth)
+        used = (torch.tensor(first, dtype=torch.int64)[:, None] <= depths).to(like.dtype)
+        stochastic_coef = None
+        if stochastic:
+            stochastic_coef = (torch.tensor(stochastic_first)[:, None] <= depths).to(like.device, like.dtype)
+        plan = _PriorPlan(params, used.to(like.device), stochastic, stochastic_coef,
+                          self.prior.log_prob(depths.to(like.dtype) + 1).to(like.device))
+        if not torch.compiler.is_compiling():
             self._plan_cache = (key, plan)
-        return self._plan_cache[1]
-
-    def _block_log_priors(self, depth: int, plan: "_PriorPlan") -> torch.Tensor:
-        """``[log p(f_1), ..., log p(f_L)]``: Gaussian log-prior of point weights minus KL of stochastic layers."""
-        terms = plan.log_mu.new_zeros(depth)
-        if plan.params:
-            # One concatenation instead of a reduction per parameter: the step is dispatch-bound.
-            squares = torch.cat([p.reshape(-1) for p in plan.params]).pow(2)
-            terms = terms.index_add(0, plan.segments, squares, alpha=-0.5 / self.weight_prior_std ** 2)
-        if plan.stochastic:
-            kls = torch.stack([layer.kl() for layer in plan.stochastic])
-            terms = terms.index_add(0, plan.stochastic_index, -kls)
-        return terms
+        return plan
 
     def _point_log_prior(self, params) -> torch.Tensor:
         return -sum(p.pow(2).sum() for p in params) / (2.0 * self.weight_prior_std ** 2)
@@ -329,32 +458,34 @@ class UDN(nn.Module):
     def elbo(self, x: torch.Tensor, y: torch.Tensor, n_data: int, samples: int | None = None) -> torch.Tensor:
         """The ELBO of DESIGN §1 for a dataset of ``n_data`` points estimated from the batch ``(x, y)``.
 
-        The data term is exact over the depth support (one fused ``depth_mixture_nll`` call) and
-        scaled by ``n_data / B``; with ``samples=S`` it averages ``S`` weight draws in the same call.
-        An empty batch has a zero data term (only the weight-space and depth terms remain).
+        The data term is exact over the depth support (one fused ``depth_loglik`` call for all
+        depths) and scaled by ``n_data / B``; with ``samples=S`` it averages ``S`` weight draws in
+        the same call. An empty batch has a zero data term (only the weight-space and depth terms
+        remain). Every term is a per-depth vector ``v``; the result is ``E_q[v] + H[q]``.
         """
         _check_n_data(n_data)
         depth = self.depth.max_depth
-        hidden, draws = self._hidden_flat(x, depth, samples)
+        hidden, block_squares, draws = self._hidden_flat(x, depth, samples)
         weight, bias = self.head_parameters(depth)
-        log_q = self.depth.log_probs(depth)
         target = y if draws == 1 else y.repeat(draws, *([1] * (y.dim() - 1)))
-        nll_sum = udn_kernels.depth_mixture_nll(hidden, weight, bias, target, log_q, mode="expected",
-                                                likelihood=self.likelihood, noise_std=self.noise_std,
-                                                reduction="sum")
-        expected_loglik = -nll_sum * (n_data / max(draws * y.shape[0], 1))
-
-        q = log_q.exp()
-        head_terms = -(weight.pow(2).sum((1, 2)) + bias.pow(2).sum(1)) / (2.0 * self.weight_prior_std ** 2)
-        plan = self._prior_plan(depth, q)
-        per_depth = self._block_log_priors(depth, plan).cumsum(0) + head_terms + plan.log_mu
-        stem_term = self.log_prior(self.stem) if self.stem is not None else 0.0
-        entropy = -(q * log_q).sum()
-        return expected_loglik + (q * per_depth).sum() + stem_term + entropy
+        # [L, B*S] log-likelihoods; rows of ignore_index targets give 0 (as depth_mixture_nll's sum)
+        loglik = udn_kernels.depth_loglik(hidden, weight, bias, target, likelihood=self.likelihood,
+                                          noise_std=self.noise_std)
+        plan = self._prior_plan(depth, weight)
+        if block_squares is None:
+            squares = _DepthSquares.apply(plan.coef, weight, bias, *plan.params)
+        else:  # the trunk already has its blocks' squares: depth l sums blocks 1..l
+            squares = _DepthSquares.apply(None, weight, bias) + block_squares.cumsum(0)
+        per_depth = torch.add(plan.log_mu, squares, alpha=-0.5 / self.weight_prior_std ** 2)
+        per_depth = torch.add(per_depth, loglik.sum(1), alpha=n_data / max(draws * y.shape[0], 1))
+        if plan.stochastic:
+            per_depth = per_depth - torch.stack([m.kl() for m in plan.stochastic]) @ plan.stochastic_coef
+        elbo = self.depth.expectation_plus_entropy(per_depth)
+        return elbo if self.stem is None else elbo + self.log_prior(self.stem)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, n_data: int, samples: int | None = None) -> torch.Tensor:
         """``-ELBO / n_data`` (the quantity to minimise; see :meth:`elbo`)."""
-        return -self.elbo(x, y, n_data, samples) / n_data
+        return self.elbo(x, y, n_data, samples) * (-1.0 / n_data)
 
     def predict(self, x: torch.Tensor, samples: int | None = None, return_samples: bool = False):
         """Posterior predictive ``sum_l q(l) p(y | Omega_l(x))`` (one ``depth_mixture_predict`` call).
@@ -365,7 +496,7 @@ class UDN(nn.Module):
         predictions (``[S, N, C]``, or a ``(means, vars)`` pair).
         """
         depth = self.depth.max_depth
-        hidden, draws = self._hidden_flat(x, depth, samples)
+        hidden, _, draws = self._hidden_flat(x, depth, samples)
         weight, bias = self.head_parameters(depth)
         out = udn_kernels.depth_mixture_predict(hidden, weight, bias, self.depth.log_probs(depth),
                                                 likelihood=self.likelihood, noise_std=self.noise_std)
