@@ -177,6 +177,12 @@ inline __m256 words_to_uniform8(__m256i w) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(kUniformScale));
 }
 
+// Cephes logf's polynomial coefficients (Horner order), shared by the 8- and 16-lane logs.
+constexpr int kLogPolyTerms = 9;
+constexpr float kLogPoly[kLogPolyTerms] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f,
+                                           -1.2420140846e-1f, 1.4249322787e-1f,  -1.6668057665e-1f,
+                                           2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
+
 // Natural log for x in [1e-7, 1) (no zero/negative/inf/nan handling needed): Cephes logf,
 // x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by its degree-9 polynomial; about 1 ulp.
 inline __m256 log8(__m256 x) {
@@ -188,15 +194,8 @@ inline __m256 log8(__m256 x) {
   e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.0f)));
   const __m256 f = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.0f));
   const __m256 z = _mm256_mul_ps(f, f);
-  __m256 p = _mm256_set1_ps(7.0376836292e-2f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.1514610310e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.1676998740e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.2420140846e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.4249322787e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.6668057665e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0000714765e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-2.4999993993e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(3.3333331174e-1f));
+  __m256 p = _mm256_set1_ps(kLogPoly[0]);
+  for (int k = 1; k < kLogPolyTerms; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kLogPoly[k]));
   __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, f), z);
   y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
   y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
@@ -310,15 +309,8 @@ inline __m512 log16(__m512 x) {
   e = _mm512_mask_sub_ps(e, small, e, _mm512_set1_ps(1.0f));
   const __m512 f = _mm512_sub_ps(_mm512_mask_add_ps(m, small, m, m), _mm512_set1_ps(1.0f));
   const __m512 z = _mm512_mul_ps(f, f);
-  __m512 p = _mm512_set1_ps(7.0376836292e-2f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.1514610310e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.1676998740e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.2420140846e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.4249322787e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.6668057665e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.0000714765e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-2.4999993993e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(3.3333331174e-1f));
+  __m512 p = _mm512_set1_ps(kLogPoly[0]);
+  for (int k = 1; k < kLogPolyTerms; ++k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLogPoly[k]));
   __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, f), z);
   y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
   y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, y);
