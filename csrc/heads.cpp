@@ -45,10 +45,7 @@ T gauss_sq(const T* s, const T* y, const T* inv, int64_t n) {
     const Vec<T> r = (Vec<T>::loadu(y + j) - Vec<T>::loadu(s + j)) * Vec<T>::loadu(inv + j);
     acc = at::vec::fmadd(r, r, acc);
   }
-  T lanes[W];
-  acc.store(lanes);
-  T total = 0;
-  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+  T total = lane_sum(acc);
   for (; j < n; ++j) {
     const T r = (y[j] - s[j]) * inv[j];
     total += r * r;
@@ -136,10 +133,7 @@ T sum_of(const T* x, int64_t n) {
   Vec<T> acc(0);
   int64_t j = 0;
   for (; j + W <= n; j += W) acc = acc + Vec<T>::loadu(x + j);
-  T lanes[W];
-  acc.store(lanes);
-  T total = 0;
-  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+  T total = lane_sum(acc);
   for (; j < n; ++j) total += x[j];
   return total;
 }
@@ -345,10 +339,7 @@ T gauss_grad_rows(T* x, const T* y, const T* g, T inv2, int64_t n) {
     (gr * vinv2).store(x + j);
     acc = at::vec::fmadd(gr, r, acc);
   }
-  T lanes[W];
-  acc.store(lanes);
-  T total = 0;
-  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+  T total = lane_sum(acc);
   for (; j < n; ++j) {
     const T r = y[j] - x[j], gr = g[j] * r;
     x[j] = gr * inv2;

@@ -17,6 +17,16 @@ inline T max_nan(T a, T b) {
   return (a > b || a != a) ? a : b;
 }
 
+// Sum of the lanes of v, lane 0 first (a fixed order: results do not depend on the caller).
+template <typename T>
+T lane_sum(const Vec<T>& v) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T total = 0;
+  for (int64_t k = 0; k < Vec<T>::size(); ++k) total += lanes[k];
+  return total;
+}
+
 // s += b (b may be null); returns max(s), NaN if any s is NaN.
 template <typename T>
 T add_bias_max(T* s, const T* b, int64_t n) {
@@ -50,10 +60,7 @@ T sum_exp(const T* s, T shift, int64_t n) {
   Vec<T> acc(0);
   int64_t j = 0;
   for (; j + W <= n; j += W) acc = acc + (Vec<T>::loadu(s + j) - vshift).exp();
-  T lanes[W];
-  acc.store(lanes);
-  T total = 0;
-  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+  T total = lane_sum(acc);
   for (; j < n; ++j) total += std::exp(s[j] - shift);
   return total;
 }

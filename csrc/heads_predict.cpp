@@ -42,10 +42,7 @@ T exp_sum_inplace(T* s, T shift, int64_t n) {
     e.store(s + j);
     acc = acc + e;
   }
-  T lanes[W];
-  acc.store(lanes);
-  T total = 0;
-  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+  T total = lane_sum(acc);
   for (; j < n; ++j) total += (s[j] = std::exp(s[j] - shift));
   return total;
 }
