@@ -354,103 +354,95 @@ Tensor small_target_t(const Heads<T>& p) {
   return at::from_blob(const_cast<T*>(p.target_val), {p.N, p.C}, p.hidden2d.options()).t().contiguous();
 }
 
+// Forward epilogue of a chunk: adds the bias into S (class-major logits, in place) and writes
+// loglik / aux (the logsumexp) of its rows. One task per (depth, kSmallRowTask rows), vectorised
+// over rows: elementwise max / sum-exp across the C class rows, no online rescaling.
 template <typename T>
-void small_forward(const Heads<T>& p, T* loglik, T* aux) {
-  const auto chunks = small_chunks(p);
-  Tensor buf = at::empty({std::min(kSmallChunkElems, std::max<int64_t>(1, p.L * p.C * p.N))}, p.hidden2d.options());
-  const Tensor yt = p.gaussian ? small_target_t(p) : Tensor();
-  const T* y = p.gaussian ? yt.data_ptr<T>() : nullptr;
-  for (const SmallChunk& k : chunks) {
-    const SmallTile<T> S = small_logits(p, buf, k);
-    const int64_t per_depth_tasks = ceil_div(k.m, kSmallRowTask);
-    at::parallel_for(0, k.g * per_depth_tasks, 1, [&](int64_t t0, int64_t t1) {
-      T mx[kSmallRowTask], se[kSmallRowTask];
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t lr = t / per_depth_tasks, i0 = (t % per_depth_tasks) * kSmallRowTask;
-        const int64_t m = std::min(kSmallRowTask, k.m - i0), l = k.l0 + lr, n0 = k.n0 + i0;
-        const T* b = small_bias(p, l);
-        std::fill(mx, mx + m, -std::numeric_limits<T>::infinity());
-        std::fill(se, se + m, T(0));
-        for (int64_t c = 0; c < p.C; ++c) {
-          T* s = S.row(lr, c) + i0;
-          if (b) add_scalar(s, b[c], m);
-          if (p.gaussian)
-            add_gauss_sq_into(se, y + c * p.N + n0, s, p.inv_s[c], m);
-          else
-            max_into(mx, s, m);
-        }
-        T* out = loglik + l * p.N + n0;
-        if (p.gaussian) {
-          for (int64_t i = 0; i < m; ++i) out[i] = T(-0.5) * se[i] + p.gauss_const;
-          continue;
-        }
-        // all -inf logits give lse = -inf + log(NaN) = NaN, as on the class-tiled path
-        for (int64_t c = 0; c < p.C; ++c) add_exp_into(se, S.row(lr, c) + i0, mx, m);
-        for (int64_t i = 0; i < m; ++i) {
-          const T lse = mx[i] + std::log(se[i]);
-          const int64_t target = p.target_idx[n0 + i];
-          aux[l * p.N + n0 + i] = lse;
-          out[i] = target == p.ignore_index ? T(0) : S.row(lr, target)[i0 + i] - lse;
-        }
+void small_forward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const SmallChunk& k, const T* y, T* loglik,
+                            T* aux) {
+  const int64_t per_depth_tasks = ceil_div(k.m, kSmallRowTask);
+  at::parallel_for(0, k.g * per_depth_tasks, 1, [&](int64_t t0, int64_t t1) {
+    T mx[kSmallRowTask], se[kSmallRowTask];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lr = t / per_depth_tasks, i0 = (t % per_depth_tasks) * kSmallRowTask;
+      const int64_t m = std::min(kSmallRowTask, k.m - i0), l = k.l0 + lr, n0 = k.n0 + i0;
+      const T* b = small_bias(p, l);
+      std::fill(mx, mx + m, -std::numeric_limits<T>::infinity());
+      std::fill(se, se + m, T(0));
+      for (int64_t c = 0; c < p.C; ++c) {
+        T* s = S.row(lr, c) + i0;
+        if (b) add_scalar(s, b[c], m);
+        if (p.gaussian)
+          add_gauss_sq_into(se, y + c * p.N + n0, s, p.inv_s[c], m);
+        else
+          max_into(mx, s, m);
       }
-    });
-  }
+      T* out = loglik + l * p.N + n0;
+      if (p.gaussian) {
+        for (int64_t i = 0; i < m; ++i) out[i] = T(-0.5) * se[i] + p.gauss_const;
+        continue;
+      }
+      // all -inf logits give lse = -inf + log(NaN) = NaN, as on the class-tiled path
+      for (int64_t c = 0; c < p.C; ++c) add_exp_into(se, S.row(lr, c) + i0, mx, m);
+      for (int64_t i = 0; i < m; ++i) {
+        const T lse = mx[i] + std::log(se[i]);
+        const int64_t target = p.target_idx[n0 + i];
+        aux[l * p.N + n0 + i] = lse;
+        out[i] = target == p.ignore_index ? T(0) : S.row(lr, target)[i0 + i] - lse;
+      }
+    }
+  });
 }
 
-// Backward: G^T overwrites the chunk's logits, one (depth, class) row per task, so d_bias and the
-// noise sums are per-row sums reduced afterwards in (chunk, depth) order.
+// Backward epilogue of a chunk: G^T overwrites the logits (bias added first unless the forward
+// epilogue already did), one (depth, class) row per task; row_sums [g * C, 2] gets each row's sum
+// (d_bias) and sum g r^2 (Gaussian d_noise_std), reduced by the caller in a fixed order.
+// g: upstream gradient with ignored rows zeroed.
 template <typename T>
-void small_backward(const Heads<T>& p, const T* grad, const T* lse, Tensor& d_hidden2d, Tensor& d_weight,
-                    T* d_bias, T* d_noise_sum) {
-  const auto chunks = small_chunks(p);
-  Tensor buf = at::empty({std::min(kSmallChunkElems, std::max<int64_t>(1, p.L * p.C * p.N))}, p.hidden2d.options());
-  const Tensor yt = p.gaussian ? small_target_t(p) : Tensor();
-  const T* y = p.gaussian ? yt.data_ptr<T>() : nullptr;
-  // upstream gradient with ignored rows zeroed
-  std::vector<T> g(grad, grad + p.rows);
-  if (!p.gaussian)
-    for (int64_t r = 0; r < p.rows; ++r)
-      if (p.target_idx[r % p.N] == p.ignore_index) g[r] = T(0);
-  std::vector<T> row_sums;  // [g, C, 2]: sum of G, sum of g r^2
-  for (const SmallChunk& k : chunks) {
-    const SmallTile<T> S = small_logits(p, buf, k);
-    row_sums.assign(k.g * p.C * 2, T(0));
-    at::parallel_for(0, k.g * p.C, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t lr = t / p.C, c = t % p.C, l = k.l0 + lr, r0 = l * p.N + k.n0;
-        T* s = S.row(lr, c);
-        const T* b = small_bias(p, l);
-        if (b) add_scalar(s, b[c], k.m);
-        if (p.gaussian) {
-          row_sums[2 * t + 1] = gauss_grad_rows(s, y + c * p.N + k.n0, g.data() + r0, p.inv_s2[c], k.m);
-        } else {
-          softmax_grad_rows(s, lse + r0, g.data() + r0, k.m);
-          const int64_t* target = p.target_idx + k.n0;
-          for (int64_t i = 0; i < k.m; ++i)
-            if (target[i] == c) s[i] += g[r0 + i];
-        }
-        if (d_bias) row_sums[2 * t] = sum_of(s, k.m);
+void small_backward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const SmallChunk& k, const T* y, const T* g,
+                             const T* lse, bool add_bias, T* row_sums) {
+  at::parallel_for(0, k.g * p.C, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lr = t / p.C, c = t % p.C, l = k.l0 + lr, r0 = l * p.N + k.n0;
+      T* s = S.row(lr, c);
+      const T* b = small_bias(p, l);
+      if (b && add_bias) add_scalar(s, b[c], k.m);
+      if (p.gaussian) {
+        row_sums[2 * t + 1] = gauss_grad_rows(s, y + c * p.N + k.n0, g + r0, p.inv_s2[c], k.m);
+      } else {
+        softmax_grad_rows(s, lse + r0, g + r0, k.m);
+        const int64_t* target = p.target_idx + k.n0;
+        for (int64_t i = 0; i < k.m; ++i)
+          if (target[i] == c) s[i] += g[r0 + i];
       }
-    });
-    for (int64_t lr = 0; lr < k.g; ++lr) {
-      for (int64_t c = 0; c < p.C; ++c) {
-        const int64_t t = lr * p.C + c;
-        if (d_bias) d_bias[(p.bias_per_depth ? (k.l0 + lr) * p.C : 0) + c] += row_sums[2 * t];
-        if (d_noise_sum) d_noise_sum[c] += row_sums[2 * t + 1];
-      }
+      row_sums[2 * t] = p.bias ? sum_of(s, k.m) : T(0);
     }
-    if (p.per_depth) {
-      Tensor H = p.hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
-      Tensor W = p.weight.narrow(0, k.l0, k.g);
-      Tensor dH = d_hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
-      at::bmm_out(dH, S.S.transpose(1, 2), W);
-      d_weight.narrow(0, k.l0, k.g).baddbmm_(S.S, H);
-    } else {
-      const int64_t r0 = k.l0 * p.N + k.n0, m = k.g * k.m;
-      Tensor dH = d_hidden2d.narrow(0, r0, m);
-      at::mm_out(dH, S.S.t(), p.weight);
+  });
+}
+
+// dH = G W written straight into the chunk's rows (each row once), and dW = G^T H: written by the
+// first chunk that touches a head (whole depths: every per-depth chunk), accumulated by the later
+// row ranges of a split depth / of a shared head. So no gradient output needs a zero fill.
+template <typename T>
+void small_backward_gemms(const Heads<T>& p, const SmallTile<T>& S, const SmallChunk& k, Tensor& d_hidden2d,
+                          Tensor& d_weight) {
+  if (p.per_depth) {
+    Tensor H = p.hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
+    Tensor dH = d_hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
+    at::bmm_out(dH, S.S.transpose(1, 2), p.weight.narrow(0, k.l0, k.g));
+    Tensor dW = d_weight.narrow(0, k.l0, k.g);
+    if (k.n0 == 0)
+      at::bmm_out(dW, S.S, H);
+    else
+      dW.baddbmm_(S.S, H);
+  } else {
+    const int64_t r0 = k.l0 * p.N + k.n0, m = k.g * k.m;
+    Tensor dH = d_hidden2d.narrow(0, r0, m);
+    at::mm_out(dH, S.S.t(), p.weight);
+    if (r0 == 0)
+      at::mm_out(d_weight, S.S, p.hidden2d.narrow(0, r0, m));
+    else
       d_weight.addmm_(S.S, p.hidden2d.narrow(0, r0, m));
-    }
   }
 }
 
@@ -516,29 +508,13 @@ void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
 // loglik [L, N] and aux (categorical logsumexp [L, N], Gaussian empty).
 std::tuple<Tensor, Tensor> forward_outputs(const Tensor& hidden, bool gaussian) {
   const int64_t L = hidden.size(0), N = hidden.size(1);
-  return {at::zeros({L, N}, hidden.options()),
-          gaussian ? at::empty({0}, hidden.options()) : at::zeros({L, N}, hidden.options())};
+  return {at::empty({L, N}, hidden.options()),
+          gaussian ? at::empty({0}, hidden.options()) : at::empty({L, N}, hidden.options())};
 }
 
 template <typename T>
 T* aux_ptr(Tensor& aux, bool gaussian) {
   return gaussian ? nullptr : aux.data_ptr<T>();
-}
-
-std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& weight,
-                                            const c10::optional<Tensor>& bias, const Tensor& target,
-                                            const c10::optional<Tensor>& noise_std, bool gaussian,
-                                            int64_t ignore_index) {
-  auto [loglik, aux] = forward_outputs(hidden, gaussian);
-  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd", [&] {
-    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
-    if (p.rows == 0) return;
-    if (p.class_major)
-      small_forward<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian));
-    else
-      forward_impl<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian));
-  });
-  return {loglik, aux};
 }
 
 // ---------------------------------------------------------------- backward
@@ -614,7 +590,8 @@ struct Gradients {
 
   void plan(bool by_class_, int64_t ntasks) {
     by_class = by_class_;
-    d_hidden2d.zero_();  // the class-tiled passes accumulate into it
+    d_hidden2d.zero_();  // the class-tiled passes accumulate into dH and dW
+    d_weight.zero_();
     Tensor& shared_out = by_class ? d_hidden2d : d_weight;
     shared_parts.assign(ntasks, Tensor());
     shared_parts[0] = shared_out;
@@ -679,25 +656,52 @@ void backward_impl(const Heads<T>& p, const T* grad, const T* lse, Gradients<T>&
   out.finish(p, grad);
 }
 
-// Backward of the small-C path into the gradient outputs (dH written once: no zero fill needed).
+// The small-C path in one pass over the chunks: the logits of a chunk are computed once (one
+// GEMM), then the forward epilogue (if loglik: writes loglik and lse) and, if out, the backward
+// epilogue on the same buffer (G^T in place; lse read) and the dH / dW GEMMs. Forward: 1 GEMM;
+// backward (lse from the forward): 3; fused (grad known up front): 3 instead of 4.
 template <typename T>
-void small_gradients(const Heads<T>& p, const T* grad, const T* lse, Gradients<T>& out) {
-  std::vector<T> sq_sums(out.d_noise ? p.C : 0, T(0));
-  small_backward(p, grad, lse, out.d_hidden2d, out.d_weight, out.d_bias, out.d_noise ? sq_sums.data() : nullptr);
-  if (out.d_noise) finish_noise_grad(p, grad, sq_sums.data(), out.d_noise);
+void small_pass(const Heads<T>& p, T* loglik, T* lse, const T* grad, Gradients<T>* out) {
+  const auto chunks = small_chunks(p);
+  Tensor buf = at::empty({std::min(kSmallChunkElems, std::max<int64_t>(1, p.L * p.C * p.N))}, p.hidden2d.options());
+  const Tensor yt = p.gaussian ? small_target_t(p) : Tensor();
+  const T* y = p.gaussian ? yt.data_ptr<T>() : nullptr;
+  std::vector<T> g, row_sums, bias_sums, sq_sums;  // row_sums: [g, C, 2] per chunk
+  if (out) {
+    g.assign(grad, grad + p.rows);
+    if (!p.gaussian)
+      for (int64_t r = 0; r < p.rows; ++r)
+        if (p.target_idx[r % p.N] == p.ignore_index) g[r] = T(0);
+    bias_sums.assign(out->bias_numel, T(0));
+    sq_sums.assign(out->d_noise ? p.C : 0, T(0));
+  }
+  for (const SmallChunk& k : chunks) {
+    const SmallTile<T> S = small_logits(p, buf, k);
+    if (loglik) small_forward_epilogue(p, S, k, y, loglik, lse);
+    if (!out) continue;
+    row_sums.resize(k.g * p.C * 2);
+    small_backward_epilogue(p, S, k, y, g.data(), lse, loglik == nullptr, row_sums.data());
+    for (int64_t t = 0; t < k.g * p.C; ++t) {  // (chunk, depth, class) order: thread-count independent
+      const int64_t l = k.l0 + t / p.C, c = t % p.C;
+      if (out->d_bias) bias_sums[(p.bias_per_depth ? l * p.C : 0) + c] += row_sums[2 * t];
+      if (out->d_noise) sq_sums[c] += row_sums[2 * t + 1];
+    }
+    small_backward_gemms(p, S, k, out->d_hidden2d, out->d_weight);
+  }
+  if (!out) return;
+  std::copy(bias_sums.begin(), bias_sums.end(), out->d_bias);
+  if (out->d_noise) finish_noise_grad(p, grad, sq_sums.data(), out->d_noise);
 }
 
 // Forward with the gradient of sum(grad * loglik) in the same pass (grad known up front, e.g.
 // the expected-mode weights): each task owns row blocks; per block the forward keeps its whole
 // [m, C] logits (one buffer per task, never [L, N, C]) and the backward loop turns the stored tiles
 // into G in place, so the logits are computed once: 3 GEMMs in all instead of 4.
-// Small-C heads and problems with fewer row blocks than threads use forward + recompute.
+// Small-C heads keep a whole chunk of logits (small_pass); problems with fewer row blocks than
+// threads use forward + recompute.
 template <typename T>
 void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T>& out) {
-  if (p.class_major) {
-    small_forward(p, loglik, aux);
-    return small_gradients(p, grad, aux, out);
-  }
+  if (p.class_major) return small_pass(p, loglik, aux, grad, &out);
   const auto blocks = p.row_blocks();
   const int64_t nblocks = blocks.size();
   const int64_t threads = at::get_num_threads();
@@ -725,18 +729,23 @@ void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
   out.finish(p, grad);
 }
 
-// Gradient outputs (empty d_bias / d_noise when the input is None); d_hidden is filled by the paths.
+// Gradient outputs, uninitialised: every path writes all of them (the class-tiled ones zero dH / dW
+// first, Gradients::plan); d_bias / d_noise are empty when the input is None.
 struct GradTensors {
   Tensor d_hidden, d_weight, d_bias, d_noise;
   GradTensors(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
               const c10::optional<Tensor>& noise_std, bool gaussian)
-      : d_hidden(at::empty_like(hidden)), d_weight(at::zeros_like(weight)) {
+      : d_hidden(at::empty_like(hidden)), d_weight(at::empty_like(weight)) {
     has_bias = bias.has_value() && bias->defined();
     has_noise = gaussian && noise_std.has_value() && noise_std->defined();
-    d_bias = has_bias ? at::zeros_like(*bias) : at::empty({0}, hidden.options());
-    d_noise = has_noise ? at::zeros_like(*noise_std) : at::empty({0}, hidden.options());
+    d_bias = has_bias ? at::empty_like(*bias) : at::empty({0}, hidden.options());
+    d_noise = has_noise ? at::empty_like(*noise_std) : at::empty({0}, hidden.options());
   }
   bool has_bias, has_noise;
+
+  void zero() {  // no rows: nothing to write, zero gradients
+    for (Tensor* t : {&d_weight, &d_bias, &d_noise}) t->zero_();
+  }
 
   template <typename T>
   Gradients<T> sinks(int64_t rows, int64_t D) {
@@ -752,6 +761,22 @@ void check_grad(const Heads<T>& p, const Tensor& grad, const char* op) {
               grad.scalar_type());
 }
 
+std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& weight,
+                                            const c10::optional<Tensor>& bias, const Tensor& target,
+                                            const c10::optional<Tensor>& noise_std, bool gaussian,
+                                            int64_t ignore_index) {
+  auto [loglik, aux] = forward_outputs(hidden, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd", [&] {
+    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+    if (p.rows == 0) return;
+    if (p.class_major)
+      small_pass<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian), nullptr, nullptr);
+    else
+      forward_impl<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian));
+  });
+  return {loglik, aux};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
     const Tensor& grad_loglik, const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
     const Tensor& target, const c10::optional<Tensor>& noise_std, const Tensor& aux, bool gaussian,
@@ -761,11 +786,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
     Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
     check_grad(p, grad_loglik, "depth_loglik_bwd");
     TORCH_CHECK(gaussian || (aux.numel() == p.rows && aux.is_contiguous()), "depth_loglik_bwd: aux must be [L, N]");
-    if (p.rows == 0) return;
+    if (p.rows == 0) return g.zero();
     Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
-    const scalar_t* lse = gaussian ? nullptr : aux.data_ptr<scalar_t>();
+    scalar_t* lse = gaussian ? nullptr : aux.data_ptr<scalar_t>();
     if (p.class_major)
-      small_gradients<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), lse, out);
+      small_pass<scalar_t>(p, nullptr, lse, grad_loglik.data_ptr<scalar_t>(), &out);
     else
       backward_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), lse, out);
   });
@@ -781,7 +806,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_fwd_bwd(
   AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd_bwd", [&] {
     Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
     check_grad(p, grad_loglik, "depth_loglik_fwd_bwd");
-    if (p.rows == 0) return;
+    if (p.rows == 0) return g.zero();
     Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
     fused_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), loglik.data_ptr<scalar_t>(),
                          aux_ptr<scalar_t>(aux, gaussian), out);
