@@ -260,6 +260,33 @@ def test_backward_twice_with_retain_graph_and_without():
         loss.backward()
 
 
+@pytest.mark.parametrize("C", [10, 700])  # small-C chunk kernel, class-tiled kernel
+def test_unscaled_saved_gradients_never_leak_into_a_retained_graph(C):
+    """``loss.backward()`` (upstream gradient 1) hands the saved gradients to autograd unscaled when
+    the graph is freed. Under retain_graph they must stay intact: ``hidden`` is a view of a leaf,
+    so its gradient (a view of the saved one) could otherwise become ``.grad`` and be accumulated
+    into by the next backward."""
+    hidden, weight, bias, target, _ = make(3, 40, 6, C, bias="depth", per_depth=True, ignore_every=3)
+    leaves = [t.clone().requires_grad_() for t in (hidden.reshape(-1), weight, bias, log_weights_with_gap(3))]
+
+    def loss_fn():
+        loss = depth_mixture_nll(leaves[0].view(3, 40, 6), *leaves[1:3], target, leaves[3], ignore_index=IGNORE)
+        assert uses_fused(loss)
+        return loss
+
+    loss = loss_fn()
+    once = torch.autograd.grad(loss, leaves, retain_graph=True)
+    for k in (1, 2, 3):  # .grad created (copied or taken over), then accumulated into
+        loss.backward(retain_graph=k < 3)
+        for leaf, g in zip(leaves, once):
+            torch.testing.assert_close(leaf.grad, k * g, rtol=1e-14, atol=0)
+    for leaf in leaves:  # a fresh graph freed by its only backward
+        leaf.grad = None
+    loss_fn().backward()
+    for leaf, g in zip(leaves, once):
+        assert torch.equal(leaf.grad, g)
+
+
 def test_loss_used_twice_scales_gradients():
     loss, leaves = fused_loss()
     once = torch.autograd.grad(loss, leaves, retain_graph=True)

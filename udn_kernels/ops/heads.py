@@ -155,6 +155,15 @@ def _setup_dot(ctx, inputs, output):
     ctx.gaussian = gaussian
 
 
+def _passes_saved_grads(ctx, grad_total) -> bool:
+    """Whether the backward may return the saved gradients themselves instead of scaled copies:
+    eager CPU only (the custom op's backward is traced by torch.compile), an upstream gradient of
+    exactly 1 (``loss.backward()``), and a graph freed by this backward, so autograd may take them
+    over (as ``.grad``, possibly through a view) while no later backward can read them again."""
+    return (getattr(ctx, "eager", False) and grad_total.device.type == "cpu"
+            and not torch._C._autograd._get_current_graph_task_keep_graph() and grad_total.item() == 1.0)
+
+
 def _backward_dot(ctx, grad_total, *unused):
     if torch.is_grad_enabled():
         raise RuntimeError("depth_mixture_nll: double backward (create_graph=True) is not supported "
@@ -162,11 +171,18 @@ def _backward_dot(ctx, grad_total, *unused):
                            "forward pass")
     hidden, weight, bias, target, noise_std, coef, loglik, d_hidden, d_weight, d_bias, d_noise = \
         ctx.saved_tensors
+    unit = _passes_saved_grads(ctx, grad_total)
+
+    def scaled(index, saved):
+        if saved is None or not ctx.needs_input_grad[index]:
+            return None
+        return saved if unit else grad_total * saved
+
     d_target = None
     if ctx.gaussian and ctx.needs_input_grad[3]:
         d_target = _gaussian_target_grad(grad_total * coef, hidden, weight, bias, target, noise_std)
-    return (grad_total * d_hidden, grad_total * d_weight, None if bias is None else grad_total * d_bias,
-            d_target, None if noise_std is None else grad_total * d_noise, grad_total * loglik, None, None)
+    return (scaled(0, d_hidden), scaled(1, d_weight), scaled(2, None if bias is None else d_bias), d_target,
+            scaled(4, None if noise_std is None else d_noise), scaled(5, loglik), None, None)
 
 
 _loglik_dot.register_autograd(_backward_dot, setup_context=_setup_dot)
@@ -179,6 +195,7 @@ class _EagerLoglikDot(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _loglik_dot_kernel(*inputs)
         _setup_dot(ctx, inputs, output)
+        ctx.eager = True
         return output
 
     backward = staticmethod(_backward_dot)
