@@ -77,6 +77,7 @@ def _(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignor
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, target, noise_std, gaussian, ignore_index = inputs
     ctx.save_for_backward(hidden, weight, bias, target, noise_std, output[1])
+    ctx.set_materialize_grads(False)  # aux never gets a gradient: no zero fill for it
     ctx.gaussian = gaussian
     ctx.ignore_index = ignore_index
 
@@ -95,6 +96,8 @@ def _gaussian_target_grad(grad, hidden, weight, bias, target, noise_std):
 
 
 def _backward(ctx, grad_loglik, grad_aux):
+    if grad_loglik is None:  # not materialised: no gradient reached loglik
+        return (None,) * 7
     hidden, weight, bias, target, noise_std, aux = ctx.saved_tensors
     bwd = _loglik_bwd_kernel if getattr(ctx, "eager", False) else _loglik_bwd
     d_hidden, d_weight, d_bias, d_noise = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux,
@@ -151,6 +154,7 @@ def _(hidden, weight, bias, target, noise_std, coef, gaussian, ignore_index):
 def _setup_dot(ctx, inputs, output):
     hidden, weight, bias, target, noise_std, coef, gaussian, ignore_index = inputs
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     ctx.save_for_backward(hidden, weight, bias, target, noise_std, coef, *output[1:])
     ctx.gaussian = gaussian
 
@@ -169,6 +173,8 @@ def _backward_dot(ctx, grad_total, *unused):
         raise RuntimeError("depth_mixture_nll: double backward (create_graph=True) is not supported "
                            "by the fused expected-mode gradient; the gradients are computed in the "
                            "forward pass")
+    if grad_total is None:  # not materialised (set_materialize_grads(False)): no gradient reached total
+        return (None,) * 8
     hidden, weight, bias, target, noise_std, coef, loglik, d_hidden, d_weight, d_bias, d_noise = \
         ctx.saved_tensors
     unit = _passes_saved_grads(ctx, grad_total)
