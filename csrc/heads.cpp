@@ -261,16 +261,22 @@ void finish_noise_grad(const Heads<T>& p, const T* grad, const T* sq_sums, T* d_
 constexpr int64_t kSmallChunkElems = 1 << 18;  // 1 MiB of fp32 logits per chunk
 constexpr int64_t kSmallRowTask = 256;         // rows per forward epilogue task
 
-// Depths [l0, l0 + g) and rows [n0, n0 + m) of each: full depths, or part of one depth (g = 1).
+// Depths [l0, l0 + g) and rows [n0, n0 + m) of each: full depths, part of one depth (g = 1), or
+// (mixture mode) part of every depth (g = L).
 struct SmallChunk {
   int64_t l0, g, n0, m;
 };
 
+// Chunks of at most kSmallChunkElems logits. all_depths (mixture: a row's gradient needs every
+// depth's log-likelihood): each chunk holds all L depths of a row range.
 template <typename T>
-std::vector<SmallChunk> small_chunks(const Heads<T>& p) {
+std::vector<SmallChunk> small_chunks(const Heads<T>& p, bool all_depths) {
   std::vector<SmallChunk> out;
   const int64_t depth_elems = std::max<int64_t>(1, p.C * p.N);
-  if (depth_elems <= kSmallChunkElems) {
+  if (all_depths && p.L * depth_elems > kSmallChunkElems) {
+    const int64_t m = std::max<int64_t>(1, kSmallChunkElems / (p.L * std::max<int64_t>(1, p.C)));
+    for (int64_t n0 = 0; n0 < p.N; n0 += m) out.push_back({0, p.L, n0, std::min(m, p.N - n0)});
+  } else if (depth_elems <= kSmallChunkElems) {
     const int64_t g = kSmallChunkElems / depth_elems;
     for (int64_t l0 = 0; l0 < p.L; l0 += g) out.push_back({l0, std::min(g, p.L - l0), 0, p.N});
   } else {
@@ -282,7 +288,8 @@ std::vector<SmallChunk> small_chunks(const Heads<T>& p) {
 }
 
 // Class-major logits of a chunk (no bias) in buf. Class row c of depth l0 + lr starts at
-// data + lr * ls + c * cs; per-depth heads lay it out [g, C, m], a shared head [C, g * m].
+// data + lr * ls + c * cs; batched chunks (per-depth heads, or a shared head over row ranges of
+// several depths) lay it out [g, C, m], other shared-head chunks [C, g * m] (rows contiguous).
 template <typename T>
 struct SmallTile {
   Tensor S;
@@ -292,12 +299,27 @@ struct SmallTile {
 };
 
 template <typename T>
+bool small_batched(const Heads<T>& p, const SmallChunk& k) {
+  return p.per_depth || (k.g > 1 && k.m < p.N);
+}
+
+// [g, D] rows n0.. of each depth of a batched chunk, and the [g, C, D] heads (a shared head expanded).
+template <typename T>
+Tensor small_hidden(const Heads<T>& p, const Tensor& hidden2d, const SmallChunk& k) {
+  return hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
+}
+
+template <typename T>
+Tensor small_heads(const Heads<T>& p, const SmallChunk& k) {
+  return p.per_depth ? p.weight.narrow(0, k.l0, k.g) : p.weight.expand({k.g, p.C, p.D});
+}
+
+template <typename T>
 SmallTile<T> small_logits(const Heads<T>& p, Tensor& buf, const SmallChunk& k) {
   const int64_t n = k.g * p.C * k.m;
-  if (p.per_depth) {
+  if (small_batched(p, k)) {
     Tensor S = buf.narrow(0, 0, n).view({k.g, p.C, k.m});
-    Tensor H = p.hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
-    at::bmm_out(S, p.weight.narrow(0, k.l0, k.g), H.transpose(1, 2));
+    at::bmm_out(S, small_heads(p, k), small_hidden(p, p.hidden2d, k).transpose(1, 2));
     return {S, S.data_ptr<T>(), p.C * k.m, k.m};
   }
   Tensor S = buf.narrow(0, 0, n).view({p.C, k.g * k.m});
@@ -426,15 +448,22 @@ void small_backward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const Sma
 template <typename T>
 void small_backward_gemms(const Heads<T>& p, const SmallTile<T>& S, const SmallChunk& k, Tensor& d_hidden2d,
                           Tensor& d_weight) {
-  if (p.per_depth) {
-    Tensor H = p.hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
-    Tensor dH = d_hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
-    at::bmm_out(dH, S.S.transpose(1, 2), p.weight.narrow(0, k.l0, k.g));
-    Tensor dW = d_weight.narrow(0, k.l0, k.g);
-    if (k.n0 == 0)
-      at::bmm_out(dW, S.S, H);
-    else
-      dW.baddbmm_(S.S, H);
+  if (small_batched(p, k)) {
+    Tensor H = small_hidden(p, p.hidden2d, k), dH = small_hidden(p, d_hidden2d, k);
+    at::bmm_out(dH, S.S.transpose(1, 2), small_heads(p, k));
+    if (p.per_depth) {
+      Tensor dW = d_weight.narrow(0, k.l0, k.g);
+      if (k.n0 == 0)
+        at::bmm_out(dW, S.S, H);
+      else
+        dW.baddbmm_(S.S, H);
+    } else {  // shared head over all depths of a row range: [g, C, D] products summed over depths
+      Tensor parts = at::bmm(S.S, H);
+      if (k.n0 == 0)
+        at::sum_out(d_weight, parts, 0);
+      else
+        d_weight.add_(parts.sum(0));
+    }
   } else {
     const int64_t r0 = k.l0 * p.N + k.n0, m = k.g * k.m;
     Tensor dH = d_hidden2d.narrow(0, r0, m);
@@ -656,20 +685,46 @@ void backward_impl(const Heads<T>& p, const T* grad, const T* lse, Gradients<T>&
   out.finish(p, grad);
 }
 
+// Mixture-mode NLL sum_n s_n (-logsumexp_l(lw_l + loglik[l, n])): its upstream gradient
+// d/d loglik[l, n] = -s_n r[l, n], r = softmax over depths of lw + loglik, needs every depth's
+// log-likelihood of row n, so it is formed after their forward (0 on ignored rows and rows with
+// s_n = 0).
+template <typename T>
+struct Mixture {
+  const T* log_weights;  // [L]
+  const T* row_scale;    // [N]
+
+  void grad(const Heads<T>& p, const T* loglik, int64_t n0, int64_t n1, T* g) const {
+    std::vector<T> v(p.L);
+    for (int64_t n = n0; n < n1; ++n) {
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t l = 0; l < p.L; ++l) mx = max_nan(mx, v[l] = log_weights[l] + loglik[l * p.N + n]);
+      T sum = 0;
+      for (int64_t l = 0; l < p.L; ++l) sum += v[l] = std::exp(v[l] - mx);
+      const T s = p.gaussian || p.target_idx[n] != p.ignore_index ? row_scale[n] : T(0);
+      for (int64_t l = 0; l < p.L; ++l) g[l * p.N + n] = s == T(0) ? T(0) : -s * v[l] / sum;
+    }
+  }
+};
+
 // The small-C path in one pass over the chunks: the logits of a chunk are computed once (one
 // GEMM), then the forward epilogue (if loglik: writes loglik and lse) and, if out, the backward
 // epilogue on the same buffer (G^T in place; lse read) and the dH / dW GEMMs. Forward: 1 GEMM;
 // backward (lse from the forward): 3; fused (grad known up front): 3 instead of 4.
 template <typename T>
-void small_pass(const Heads<T>& p, T* loglik, T* lse, const T* grad, Gradients<T>* out) {
-  const auto chunks = small_chunks(p);
+void small_pass(const Heads<T>& p, T* loglik, T* lse, const T* grad, Gradients<T>* out,
+                const Mixture<T>* mix = nullptr) {
+  const auto chunks = small_chunks(p, mix != nullptr);
   Tensor buf = at::empty({std::min(kSmallChunkElems, std::max<int64_t>(1, p.L * p.C * p.N))}, p.hidden2d.options());
   const Tensor yt = p.gaussian ? small_target_t(p) : Tensor();
   const T* y = p.gaussian ? yt.data_ptr<T>() : nullptr;
   std::vector<T> g, row_sums, bias_sums, sq_sums;  // row_sums: [g, C, 2] per chunk
   if (out) {
-    g.assign(grad, grad + p.rows);
-    if (!p.gaussian)
+    if (mix)
+      g.assign(p.rows, T(0));  // filled chunk by chunk from the log-likelihoods
+    else
+      g.assign(grad, grad + p.rows);
+    if (!p.gaussian && !mix)
       for (int64_t r = 0; r < p.rows; ++r)
         if (p.target_idx[r % p.N] == p.ignore_index) g[r] = T(0);
     bias_sums.assign(out->bias_numel, T(0));
@@ -679,6 +734,7 @@ void small_pass(const Heads<T>& p, T* loglik, T* lse, const T* grad, Gradients<T
     const SmallTile<T> S = small_logits(p, buf, k);
     if (loglik) small_forward_epilogue(p, S, k, y, loglik, lse);
     if (!out) continue;
+    if (mix) mix->grad(p, loglik, k.n0, k.n0 + k.m, g.data());
     row_sums.resize(k.g * p.C * 2);
     small_backward_epilogue(p, S, k, y, g.data(), lse, loglik == nullptr, row_sums.data());
     for (int64_t t = 0; t < k.g * p.C; ++t) {  // (chunk, depth, class) order: thread-count independent
@@ -690,7 +746,7 @@ void small_pass(const Heads<T>& p, T* loglik, T* lse, const T* grad, Gradients<T
   }
   if (!out) return;
   std::copy(bias_sums.begin(), bias_sums.end(), out->d_bias);
-  if (out->d_noise) finish_noise_grad(p, grad, sq_sums.data(), out->d_noise);
+  if (out->d_noise) finish_noise_grad(p, g.data(), sq_sums.data(), out->d_noise);
 }
 
 // Forward with the gradient of sum(grad * loglik) in the same pass (grad known up front, e.g.
@@ -814,6 +870,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_fwd_bwd(
   return {loglik, aux, g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
 }
 
+// Mixture-mode NLL (see Mixture) and its head gradients. Small C: each chunk holds all depths
+// of a row range, so the gradient is formed from the kept logits: 3 GEMMs. Class-tiled: forward,
+// then the recomputing backward (4 GEMMs), without the round trip through Python in between.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_mixture_fwd_bwd(
+    const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
+    const c10::optional<Tensor>& noise_std, const Tensor& log_weights, const Tensor& row_scale, bool gaussian,
+    int64_t ignore_index) {
+  auto [loglik, aux] = forward_outputs(hidden, gaussian);
+  GradTensors g(hidden, weight, bias, noise_std, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_mixture_fwd_bwd", [&] {
+    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+    TORCH_CHECK(log_weights.is_contiguous() && log_weights.numel() == p.L &&
+                    log_weights.scalar_type() == hidden.scalar_type(),
+                "depth_loglik_mixture_fwd_bwd: log_weights must be a contiguous [L] tensor of the hidden dtype, got ",
+                log_weights.sizes(), " ", log_weights.scalar_type());
+    TORCH_CHECK(row_scale.is_contiguous() && row_scale.numel() == p.N && row_scale.scalar_type() == hidden.scalar_type(),
+                "depth_loglik_mixture_fwd_bwd: row_scale must be a contiguous [N] tensor of the hidden dtype, got ",
+                row_scale.sizes(), " ", row_scale.scalar_type());
+    if (p.rows == 0) return g.zero();
+    Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
+    const Mixture<scalar_t> mix{log_weights.data_ptr<scalar_t>(), row_scale.data_ptr<scalar_t>()};
+    scalar_t* ll = loglik.data_ptr<scalar_t>();
+    scalar_t* lse = aux_ptr<scalar_t>(aux, gaussian);
+    if (p.class_major) return small_pass<scalar_t>(p, ll, lse, nullptr, &out, &mix);
+    forward_impl<scalar_t>(p, ll, lse);
+    std::vector<scalar_t> grad(p.rows);
+    mix.grad(p, ll, 0, p.N, grad.data());
+    backward_impl<scalar_t>(p, grad.data(), lse, out);
+  });
+  return {loglik, aux, g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
@@ -823,10 +911,14 @@ TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
         "Tensor? noise_std, Tensor aux, bool gaussian, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("depth_loglik_fwd_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
         "Tensor grad_loglik, bool gaussian, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("depth_loglik_mixture_fwd_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
+        "Tensor log_weights, Tensor row_scale, bool gaussian, int ignore_index) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(udn_kernels_C, CPU, m) {
   m.impl("depth_loglik_fwd", &depth_loglik_fwd);
   m.impl("depth_loglik_bwd", &depth_loglik_bwd);
   m.impl("depth_loglik_fwd_bwd", &depth_loglik_fwd_bwd);
+  m.impl("depth_loglik_mixture_fwd_bwd", &depth_loglik_mixture_fwd_bwd);
 }
