@@ -750,34 +750,68 @@ void small_pass(const Heads<T>& p, T* loglik, T* lse, const T* grad, Gradients<T
 }
 
 // Forward with the gradient of sum(grad * loglik) in the same pass (grad known up front, e.g.
-// the expected-mode weights): each task owns row blocks; per block the forward keeps its whole
-// [m, C] logits (one buffer per task, never [L, N, C]) and the backward loop turns the stored tiles
-// into G in place, so the logits are computed once: 3 GEMMs in all instead of 4.
-// Small-C heads keep a whole chunk of logits (small_pass); problems with fewer row blocks than
+// the expected-mode weights): each task owns groups of row blocks; per group the forward keeps
+// the blocks' whole [m, C] logits (one buffer per task, never [L, N, C]) and the backward loop
+// turns the stored tiles into G in place, so the logits are computed once: 3 GEMMs in all instead
+// of 4. Expected mode: a group is one row block. Mixture mode (mix): a group is the L blocks of a
+// sample range (row_tile / L samples of each depth), whose log-likelihoods give the gradient
+// (Mixture::grad) between the forward and the backward loops.
+// Small-C heads keep a whole chunk of logits (small_pass); problems with fewer groups than
 // threads use forward + recompute.
 template <typename T>
-void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T>& out) {
-  if (p.class_major) return small_pass(p, loglik, aux, grad, &out);
-  const auto blocks = p.row_blocks();
-  const int64_t nblocks = blocks.size();
+void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T>& out,
+                const Mixture<T>* mix = nullptr) {
+  if (p.class_major) return small_pass(p, loglik, aux, grad, &out, mix);
+  std::vector<T> mix_grad(mix ? p.rows : 0);
+  if (mix) grad = mix_grad.data();  // each group fills the rows of its samples
+  using Block = std::pair<int64_t, int64_t>;
+  std::vector<std::vector<Block>> groups;
+  if (mix) {
+    const int64_t k = std::max<int64_t>(8, p.row_tile / p.L);
+    for (int64_t n0 = 0; n0 < p.N; n0 += k) {
+      groups.emplace_back();
+      for (int64_t l = 0; l < p.L; ++l) groups.back().emplace_back(l * p.N + n0, l * p.N + std::min(n0 + k, p.N));
+    }
+  } else {
+    for (const Block& b : p.row_blocks()) groups.push_back({b});
+  }
+  const int64_t ngroups = groups.size();
   const int64_t threads = at::get_num_threads();
-  if (nblocks < threads) {
+  if (ngroups < threads) {
     forward_impl(p, loglik, aux);
+    if (mix) mix->grad(p, loglik, 0, p.N, mix_grad.data());
     return backward_impl(p, grad, aux, out);
+  }
+  int64_t group_rows = 0;
+  for (const auto& blocks : groups) {
+    int64_t rows = 0;
+    for (const Block& b : blocks) rows += b.second - b.first;
+    group_rows = std::max(group_rows, rows);
   }
   const int64_t ntasks = threads;
   out.plan(false, ntasks);
   at::parallel_for(0, ntasks, 1, [&](int64_t k0, int64_t k1) {
-    Tensor buf = at::empty({p.row_tile * p.C}, p.hidden2d.options());
+    Tensor buf = at::empty({group_rows * p.C}, p.hidden2d.options());
     for (int64_t k = k0; k < k1; ++k) {
       Sinks<T> sinks = out.sinks(k);
-      for (int64_t bi = k * nblocks / ntasks; bi < (k + 1) * nblocks / ntasks; ++bi) {
-        const int64_t r0 = blocks[bi].first, m = blocks[bi].second - r0;
-        forward_block(p, buf, true, r0, m, loglik, aux);
-        for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
-          const int64_t ct = std::min(p.class_tile, p.C - c0);
-          Tensor S = buf.narrow(0, c0 * m, m * ct).view({m, ct});
-          backward_tile(p, grad, aux, S, r0, m, c0, ct, sinks);
+      for (int64_t gi = k * ngroups / ntasks; gi < (k + 1) * ngroups / ntasks; ++gi) {
+        const auto& blocks = groups[gi];
+        int64_t offset = 0;  // block b keeps its logits at buf[offset * C :]
+        for (const Block& b : blocks) {
+          Tensor block_buf = buf.narrow(0, offset * p.C, (b.second - b.first) * p.C);
+          forward_block(p, block_buf, true, b.first, b.second - b.first, loglik, aux);
+          offset += b.second - b.first;
+        }
+        if (mix) mix->grad(p, loglik, blocks[0].first, blocks[0].second, mix_grad.data());
+        offset = 0;
+        for (const Block& b : blocks) {
+          const int64_t r0 = b.first, m = b.second - r0;
+          for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
+            const int64_t ct = std::min(p.class_tile, p.C - c0);
+            Tensor S = buf.narrow(0, offset * p.C + c0 * m, m * ct).view({m, ct});
+            backward_tile(p, grad, aux, S, r0, m, c0, ct, sinks);
+          }
+          offset += m;
         }
       }
     }
@@ -870,9 +904,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_fwd_bwd(
   return {loglik, aux, g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
 }
 
-// Mixture-mode NLL (see Mixture) and its head gradients. Small C: each chunk holds all depths
-// of a row range, so the gradient is formed from the kept logits: 3 GEMMs. Class-tiled: forward,
-// then the recomputing backward (4 GEMMs), without the round trip through Python in between.
+// Mixture-mode NLL (see Mixture) and its head gradients in one pass (fused_impl): the logits of
+// every depth of a range of samples are kept until their gradient is known: 3 GEMMs.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_mixture_fwd_bwd(
     const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
     const c10::optional<Tensor>& noise_std, const Tensor& log_weights, const Tensor& row_scale, bool gaussian,
@@ -893,11 +926,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_mixture_
     const Mixture<scalar_t> mix{log_weights.data_ptr<scalar_t>(), row_scale.data_ptr<scalar_t>()};
     scalar_t* ll = loglik.data_ptr<scalar_t>();
     scalar_t* lse = aux_ptr<scalar_t>(aux, gaussian);
-    if (p.class_major) return small_pass<scalar_t>(p, ll, lse, nullptr, &out, &mix);
-    forward_impl<scalar_t>(p, ll, lse);
-    std::vector<scalar_t> grad(p.rows);
-    mix.grad(p, ll, 0, p.N, grad.data());
-    backward_impl<scalar_t>(p, grad.data(), lse, out);
+    fused_impl<scalar_t>(p, nullptr, ll, lse, out, &mix);
   });
   return {loglik, aux, g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
 }
