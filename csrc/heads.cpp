@@ -501,15 +501,17 @@ void forward_tile(const Heads<T>& p, T* s, int64_t r0, int64_t m, int64_t c0, in
   }
 }
 
-// Forward of one row block into loglik / aux. `keep` leaves logits tile
-// c0 at offset c0 * m of buf, so the whole [m, C] block survives for a fused backward loop;
-// otherwise every tile reuses the start of buf.
+// Forward of one row block into loglik / aux. keep_rows > 0 keeps the logits for a fused backward
+// loop: tile c0 is left at offset c0 * keep_rows + keep_row0 * ct of buf, i.e. in the class-tile
+// c0 slab [keep_rows, ct] of a group of blocks, at row keep_row0; otherwise every tile reuses the
+// start of buf.
 template <typename T>
-void forward_block(const Heads<T>& p, Tensor& buf, bool keep, int64_t r0, int64_t m, T* loglik, T* aux) {
+void forward_block(const Heads<T>& p, Tensor& buf, int64_t keep_rows, int64_t keep_row0, int64_t r0, int64_t m,
+                   T* loglik, T* aux) {
   std::vector<T> mx(m, -std::numeric_limits<T>::infinity()), se(m, T(0)), picked(m, T(0));
   for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
     const int64_t ct = std::min(p.class_tile, p.C - c0);
-    Tensor S = p.logits(buf.narrow(0, keep ? c0 * m : 0, m * ct), r0, m, c0, ct);
+    Tensor S = p.logits(buf.narrow(0, keep_rows ? c0 * keep_rows + keep_row0 * ct : 0, m * ct), r0, m, c0, ct);
     forward_tile(p, S.data_ptr<T>(), r0, m, c0, ct, mx.data(), se.data(), picked.data());
   }
   for (int64_t i = 0; i < m; ++i) {
@@ -530,7 +532,7 @@ void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
     Tensor buf = at::empty({p.row_tile * p.class_tile}, p.hidden2d.options());
     for (int64_t bi = b0; bi < b1; ++bi)
-      forward_block(p, buf, false, blocks[bi].first, blocks[bi].second - blocks[bi].first, loglik, aux);
+      forward_block(p, buf, 0, 0, blocks[bi].first, blocks[bi].second - blocks[bi].first, loglik, aux);
   });
 }
 
@@ -557,10 +559,11 @@ struct Sinks {
 };
 
 // Backward of one logits tile S ([m, ct], bias included; overwritten): G = dloglik/dS, then
-// dH += G W_t and dW_t += G^T H, plus the d_bias / d_noise column sums.
+// dH += G W_t and (unless the caller does it for several tiles at once) dW_t += G^T H, plus the
+// d_bias / d_noise column sums.
 template <typename T>
 void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& S, int64_t r0, int64_t m, int64_t c0,
-                   int64_t ct, Sinks<T>& out) {
+                   int64_t ct, Sinks<T>& out, bool with_dw = true) {
   T* s = S.data_ptr<T>();
   for (int64_t i = 0; i < m; ++i) {
     const int64_t r = r0 + i;
@@ -583,6 +586,7 @@ void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& S, in
   Tensor W_t = p.head(r0).narrow(0, c0, ct);
   Tensor dH = out.d_hidden2d.narrow(0, r0, m);
   dH.addmm_(S, W_t);
+  if (!with_dw) return;
   Tensor dW = (p.per_depth ? out.d_weight.select(0, r0 / p.N) : out.d_weight).narrow(0, c0, ct);
   dW.addmm_(S.t(), p.hidden2d.narrow(0, r0, m));
 }
@@ -788,30 +792,40 @@ void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
     for (const Block& b : blocks) rows += b.second - b.first;
     group_rows = std::max(group_rows, rows);
   }
+  // A shared head's dW tile gets one GEMM per group, G^T of all its blocks (contiguous in the
+  // tile's slab) times their hidden rows gathered into hbuf: K = group rows, not k rows per depth.
+  const bool group_dw = groups[0].size() > 1 && !p.per_depth;
   const int64_t ntasks = threads;
   out.plan(false, ntasks);
   at::parallel_for(0, ntasks, 1, [&](int64_t k0, int64_t k1) {
     Tensor buf = at::empty({group_rows * p.C}, p.hidden2d.options());
+    Tensor hbuf = group_dw ? at::empty({group_rows, p.D}, p.hidden2d.options()) : Tensor();
     for (int64_t k = k0; k < k1; ++k) {
       Sinks<T> sinks = out.sinks(k);
       for (int64_t gi = k * ngroups / ntasks; gi < (k + 1) * ngroups / ntasks; ++gi) {
         const auto& blocks = groups[gi];
-        int64_t offset = 0;  // block b keeps its logits at buf[offset * C :]
+        int64_t rows = 0;  // block b's logits: rows [rows_before_b, + m) of each class-tile slab
+        for (const Block& b : blocks) rows += b.second - b.first;
+        int64_t row0 = 0;
         for (const Block& b : blocks) {
-          Tensor block_buf = buf.narrow(0, offset * p.C, (b.second - b.first) * p.C);
-          forward_block(p, block_buf, true, b.first, b.second - b.first, loglik, aux);
-          offset += b.second - b.first;
+          const int64_t m = b.second - b.first;
+          forward_block(p, buf, rows, row0, b.first, m, loglik, aux);
+          if (group_dw) hbuf.narrow(0, row0, m).copy_(p.hidden2d.narrow(0, b.first, m));
+          row0 += m;
         }
         if (mix) mix->grad(p, loglik, blocks[0].first, blocks[0].second, mix_grad.data());
-        offset = 0;
-        for (const Block& b : blocks) {
-          const int64_t r0 = b.first, m = b.second - r0;
-          for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
-            const int64_t ct = std::min(p.class_tile, p.C - c0);
-            Tensor S = buf.narrow(0, offset * p.C + c0 * m, m * ct).view({m, ct});
-            backward_tile(p, grad, aux, S, r0, m, c0, ct, sinks);
+        for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
+          const int64_t ct = std::min(p.class_tile, p.C - c0);
+          row0 = 0;
+          for (const Block& b : blocks) {
+            const int64_t m = b.second - b.first;
+            Tensor S = buf.narrow(0, c0 * rows + row0 * ct, m * ct).view({m, ct});
+            backward_tile(p, grad, aux, S, b.first, m, c0, ct, sinks, !group_dw);
+            row0 += m;
           }
-          offset += m;
+          if (group_dw)
+            sinks.d_weight.narrow(0, c0, ct).addmm_(buf.narrow(0, c0 * rows, rows * ct).view({rows, ct}).t(),
+                                                   hbuf.narrow(0, 0, rows));
         }
       }
     }
