@@ -231,11 +231,14 @@ struct Heads {
   Tensor logits(const Tensor& slot, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
     Tensor S = slot.narrow(0, 0, m * ct).view({m, ct});
     at::mm_out(S, hidden2d.narrow(0, r0, m), head(r0).narrow(0, c0, ct).t());
-    if (bias) {
-      T* s = S.data_ptr<T>();
-      for (int64_t i = 0; i < m; ++i) add_into(s + i * ct, bias_of_row(r0 + i) + c0, ct);
-    }
+    add_bias(S.data_ptr<T>(), r0, m, c0, ct);
     return S;
+  }
+
+  // s [m, ct] (rows r0.., classes c0..) += bias.
+  void add_bias(T* s, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
+    if (!bias) return;
+    for (int64_t i = 0; i < m; ++i) add_into(s + i * ct, bias_of_row(r0 + i) + c0, ct);
   }
 };
 
@@ -505,25 +508,42 @@ void forward_tile(const Heads<T>& p, T* s, int64_t r0, int64_t m, int64_t c0, in
 // loop: tile c0 is left at offset c0 * keep_rows + keep_row0 * ct of buf, i.e. in the class-tile
 // c0 slab [keep_rows, ct] of a group of blocks, at row keep_row0; otherwise every tile reuses the
 // start of buf.
+// Forward state of rows [r0, r0 + m) across class tiles (forward_tile), then their loglik / aux.
+template <typename T>
+struct RowState {
+  int64_t r0, m;
+  std::vector<T> mx, se, picked;
+  RowState(int64_t r0_, int64_t m_)
+      : r0(r0_), m(m_), mx(m_, -std::numeric_limits<T>::infinity()), se(m_, T(0)), picked(m_, T(0)) {}
+
+  void tile(const Heads<T>& p, T* s, int64_t c0, int64_t ct) {
+    forward_tile(p, s, r0, m, c0, ct, mx.data(), se.data(), picked.data());
+  }
+
+  void finish(const Heads<T>& p, T* loglik, T* aux) const {
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t r = r0 + i;
+      if (p.gaussian) {
+        loglik[r] = T(-0.5) * se[i] + p.gauss_const;
+      } else {
+        const T lse = mx[i] + std::log(se[i]);
+        aux[r] = lse;
+        loglik[r] = p.target_idx[r % p.N] == p.ignore_index ? T(0) : picked[i] - lse;
+      }
+    }
+  }
+};
+
 template <typename T>
 void forward_block(const Heads<T>& p, Tensor& buf, int64_t keep_rows, int64_t keep_row0, int64_t r0, int64_t m,
                    T* loglik, T* aux) {
-  std::vector<T> mx(m, -std::numeric_limits<T>::infinity()), se(m, T(0)), picked(m, T(0));
+  RowState<T> state(r0, m);
   for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
     const int64_t ct = std::min(p.class_tile, p.C - c0);
     Tensor S = p.logits(buf.narrow(0, keep_rows ? c0 * keep_rows + keep_row0 * ct : 0, m * ct), r0, m, c0, ct);
-    forward_tile(p, S.data_ptr<T>(), r0, m, c0, ct, mx.data(), se.data(), picked.data());
+    state.tile(p, S.data_ptr<T>(), c0, ct);
   }
-  for (int64_t i = 0; i < m; ++i) {
-    const int64_t r = r0 + i;
-    if (p.gaussian) {
-      loglik[r] = T(-0.5) * se[i] + p.gauss_const;
-    } else {
-      const T lse = mx[i] + std::log(se[i]);
-      aux[r] = lse;
-      loglik[r] = p.target_idx[r % p.N] == p.ignore_index ? T(0) : picked[i] - lse;
-    }
-  }
+  state.finish(p, loglik, aux);
 }
 
 template <typename T>
@@ -558,13 +578,11 @@ struct Sinks {
   T* d_noise;         // [C] or null (gaussian partial sum of g r^2)
 };
 
-// Backward of one logits tile S ([m, ct], bias included; overwritten): G = dloglik/dS, then
-// dH += G W_t and (unless the caller does it for several tiles at once) dW_t += G^T H, plus the
-// d_bias / d_noise column sums.
+// Backward epilogue of one logits tile s ([m, ct], bias included; overwritten): G = dloglik/dS,
+// plus the d_bias / d_noise column sums.
 template <typename T>
-void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& S, int64_t r0, int64_t m, int64_t c0,
-                   int64_t ct, Sinks<T>& out, bool with_dw = true) {
-  T* s = S.data_ptr<T>();
+void backward_epilogue(const Heads<T>& p, const T* grad, const T* lse, T* s, int64_t r0, int64_t m, int64_t c0,
+                       int64_t ct, Sinks<T>& out) {
   for (int64_t i = 0; i < m; ++i) {
     const int64_t r = r0 + i;
     T* srow = s + i * ct;
@@ -583,10 +601,16 @@ void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& S, in
     }
     if (out.d_bias) add_into(out.d_bias + (p.bias_per_depth ? (r / p.N) * p.C : 0) + c0, srow, ct);
   }
+}
+
+// Backward of one logits tile S ([m, ct]): the epilogue, then dH += G W_t and dW_t += G^T H.
+template <typename T>
+void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& S, int64_t r0, int64_t m, int64_t c0,
+                   int64_t ct, Sinks<T>& out) {
+  backward_epilogue(p, grad, lse, S.data_ptr<T>(), r0, m, c0, ct, out);
   Tensor W_t = p.head(r0).narrow(0, c0, ct);
   Tensor dH = out.d_hidden2d.narrow(0, r0, m);
   dH.addmm_(S, W_t);
-  if (!with_dw) return;
   Tensor dW = (p.per_depth ? out.d_weight.select(0, r0 / p.N) : out.d_weight).narrow(0, c0, ct);
   dW.addmm_(S.t(), p.hidden2d.narrow(0, r0, m));
 }
@@ -792,41 +816,71 @@ void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
     for (const Block& b : blocks) rows += b.second - b.first;
     group_rows = std::max(group_rows, rows);
   }
-  // A shared head's dW tile gets one GEMM per group, G^T of all its blocks (contiguous in the
-  // tile's slab) times their hidden rows gathered into hbuf: K = group rows, not k rows per depth.
-  const bool group_dw = groups[0].size() > 1 && !p.per_depth;
+  // Mixture groups with a shared head gather their hidden rows (hbuf) so each class tile takes
+  // one GEMM per product for the whole group (M or K = group rows, as in expected mode), the
+  // blocks' logits stacked in the tile's slab; dH goes through dhbuf and is scattered back.
+  const bool gathered = groups[0].size() > 1 && !p.per_depth;
   const int64_t ntasks = threads;
   out.plan(false, ntasks);
   at::parallel_for(0, ntasks, 1, [&](int64_t k0, int64_t k1) {
     Tensor buf = at::empty({group_rows * p.C}, p.hidden2d.options());
-    Tensor hbuf = group_dw ? at::empty({group_rows, p.D}, p.hidden2d.options()) : Tensor();
+    Tensor hbuf = gathered ? at::empty({group_rows, p.D}, p.hidden2d.options()) : Tensor();
+    Tensor dhbuf = gathered ? at::empty({group_rows, p.D}, p.hidden2d.options()) : Tensor();
     for (int64_t k = k0; k < k1; ++k) {
       Sinks<T> sinks = out.sinks(k);
       for (int64_t gi = k * ngroups / ntasks; gi < (k + 1) * ngroups / ntasks; ++gi) {
         const auto& blocks = groups[gi];
-        int64_t rows = 0;  // block b's logits: rows [rows_before_b, + m) of each class-tile slab
-        for (const Block& b : blocks) rows += b.second - b.first;
-        int64_t row0 = 0;
-        for (const Block& b : blocks) {
-          const int64_t m = b.second - b.first;
-          forward_block(p, buf, rows, row0, b.first, m, loglik, aux);
-          if (group_dw) hbuf.narrow(0, row0, m).copy_(p.hidden2d.narrow(0, b.first, m));
-          row0 += m;
+        // block b's logits: rows [row0[b], row0[b] + m) of each class-tile slab [rows, ct] at c0 * rows
+        std::vector<int64_t> row0(blocks.size() + 1, 0);
+        for (size_t b = 0; b < blocks.size(); ++b) row0[b + 1] = row0[b] + blocks[b].second - blocks[b].first;
+        const int64_t rows = row0.back();
+        auto slab = [&](int64_t c0, int64_t ct) { return buf.narrow(0, c0 * rows, rows * ct).view({rows, ct}); };
+        if (gathered) {
+          std::vector<RowState<T>> states;
+          for (size_t b = 0; b < blocks.size(); ++b) {
+            states.emplace_back(blocks[b].first, row0[b + 1] - row0[b]);
+            hbuf.narrow(0, row0[b], states[b].m).copy_(p.hidden2d.narrow(0, blocks[b].first, states[b].m));
+          }
+          Tensor H = hbuf.narrow(0, 0, rows);
+          for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
+            const int64_t ct = std::min(p.class_tile, p.C - c0);
+            Tensor S = slab(c0, ct);
+            at::mm_out(S, H, p.weight.narrow(0, c0, ct).t());
+            for (size_t b = 0; b < blocks.size(); ++b) {
+              T* s = S.data_ptr<T>() + row0[b] * ct;
+              p.add_bias(s, states[b].r0, states[b].m, c0, ct);
+              states[b].tile(p, s, c0, ct);
+            }
+          }
+          for (const RowState<T>& state : states) state.finish(p, loglik, aux);
+        } else {
+          for (size_t b = 0; b < blocks.size(); ++b)
+            forward_block(p, buf, rows, row0[b], blocks[b].first, row0[b + 1] - row0[b], loglik, aux);
         }
         if (mix) mix->grad(p, loglik, blocks[0].first, blocks[0].second, mix_grad.data());
         for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
           const int64_t ct = std::min(p.class_tile, p.C - c0);
-          row0 = 0;
-          for (const Block& b : blocks) {
-            const int64_t m = b.second - b.first;
-            Tensor S = buf.narrow(0, c0 * rows + row0 * ct, m * ct).view({m, ct});
-            backward_tile(p, grad, aux, S, b.first, m, c0, ct, sinks, !group_dw);
-            row0 += m;
+          Tensor S = slab(c0, ct);
+          for (size_t b = 0; b < blocks.size(); ++b) {
+            const int64_t r0 = blocks[b].first, m = row0[b + 1] - row0[b];
+            Tensor Sb = S.narrow(0, row0[b], m);
+            if (gathered)
+              backward_epilogue(p, grad, aux, Sb.data_ptr<T>(), r0, m, c0, ct, sinks);
+            else
+              backward_tile(p, grad, aux, Sb, r0, m, c0, ct, sinks);
           }
-          if (group_dw)
-            sinks.d_weight.narrow(0, c0, ct).addmm_(buf.narrow(0, c0 * rows, rows * ct).view({rows, ct}).t(),
-                                                   hbuf.narrow(0, 0, rows));
+          if (!gathered) continue;
+          Tensor W_t = p.weight.narrow(0, c0, ct), dH = dhbuf.narrow(0, 0, rows);
+          if (c0 == 0)
+            at::mm_out(dH, S, W_t);
+          else
+            dH.addmm_(S, W_t);
+          sinks.d_weight.narrow(0, c0, ct).addmm_(S.t(), hbuf.narrow(0, 0, rows));
         }
+        if (gathered)
+          for (size_t b = 0; b < blocks.size(); ++b)
+            sinks.d_hidden2d.narrow(0, blocks[b].first, row0[b + 1] - row0[b])
+                .copy_(dhbuf.narrow(0, row0[b], row0[b + 1] - row0[b]));
       }
     }
   });

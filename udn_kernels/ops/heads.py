@@ -9,7 +9,9 @@ Expected mode with a mean/sum reduction is a fixed linear function of the log-li
 ``sum_{l,n} coef[l, n] loglik[l, n]``, so when gradients are wanted its upstream gradient is known
 before the forward: ``udn_kernels::depth_loglik_dot`` then computes the parameter gradients in the
 forward pass (kernel ``depth_loglik_fwd_bwd``, no logits recompute) and its backward only scales
-them (docs/heads.md, "Gradient in the forward").
+them. Mixture mode's upstream gradient is known once every depth's log-likelihood of a sample is:
+kernel ``depth_loglik_mixture_fwd_bwd`` forms it between its forward and backward loops
+(docs/heads.md, "Gradient in the forward").
 """
 from __future__ import annotations
 
@@ -180,8 +182,8 @@ def _passes_saved_grads(ctx, grad_total) -> bool:
 def _backward_dot(ctx, grad_total, *unused):
     if torch.is_grad_enabled():
         raise RuntimeError("depth_mixture_nll: double backward (create_graph=True) is not supported "
-                           "by the fused expected-mode gradient; the gradients are computed in the "
-                           "forward pass")
+                           "with a mean/sum reduction: the head gradients are computed in the forward "
+                           "pass")
     if grad_total is None:  # not materialised (set_materialize_grads(False)): no gradient reached total
         return (None,) * 9
     hidden, weight, bias, target, noise_std, coef, log_weights, loglik, d_hidden, d_weight, d_bias, d_noise = \
@@ -327,8 +329,9 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     ``"mean"`` averages over non-ignored rows, ``"sum"`` sums, ``"none"`` returns ``[N]``
     (ignored rows contribute 0, as in ``F.cross_entropy``). Other arguments as ``depth_loglik``.
 
-    Expected mode with ``"mean"`` / ``"sum"``, when a head input requires grad: the head gradients
-    are computed during the forward pass (one logits GEMM fewer); the backward only scales them.
+    With ``"mean"`` / ``"sum"``, when a head input requires grad: the head gradients are computed
+    during the forward pass (one logits GEMM fewer; mixture mode on backends with the fused mixture
+    kernel, the CPU one); the backward only scales them.
     Double backward is not supported on any path.
     """
     check_choice("mode", mode, MODES)
