@@ -306,7 +306,8 @@ bool small_batched(const Heads<T>& p, const SmallChunk& k) {
   return p.per_depth || (k.g > 1 && k.m < p.N);
 }
 
-// [g, D] rows n0.. of each depth of a batched chunk, and the [g, C, D] heads (a shared head expanded).
+// [g, m, D] rows of a batched chunk (of hidden2d or its gradient), and its [g, C, D] heads (a shared
+// head expanded over depths).
 template <typename T>
 Tensor small_hidden(const Heads<T>& p, const Tensor& hidden2d, const SmallChunk& k) {
   return hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
