@@ -1,7 +1,7 @@
 """Triton kernels of the RNG stream (docs/rng.md): ``philox_uint32/uniform/normal/bernoulli``.
 
 Element ``i`` of the output is stream element ``offset + i``, computed with ``tl.randint`` /
-``tl.rand`` / ``tl.randn`` on int64 counters, so offsets past 2^32 carry into the counter's high
+``tl.rand`` / :func:`randn` on int64 counters, so offsets past 2^32 carry into the counter's high
 word exactly as in the C++ and reference backends.
 """
 from __future__ import annotations
@@ -17,6 +17,20 @@ _UINT32, _UNIFORM, _NORMAL, _BERNOULLI = 0, 1, 2, 3
 
 
 @triton.jit
+def randn(seed, elem):
+    """Normal element ``elem`` (int64) of the stream: ``tl.randn4x(seed, elem >> 2)[elem & 3]``.
+
+    Per element: one Philox call, the word pair picked by ``elem & 2`` and cosine / sine by
+    ``elem & 1``, so any tile draws exactly its own elements (docs/rng.md)."""
+    w0, w1, w2, w3 = tl.randint4x(seed, elem >> 2)
+    high = (elem & 2) != 0
+    u1 = tl.uint_to_uniform_float(tl.where(high, w2, w0))
+    u2 = tl.uint_to_uniform_float(tl.where(high, w3, w1))
+    n_cos, n_sin = tl.pair_uniform_to_normal(u1, u2)
+    return tl.where((elem & 1) != 0, n_sin, n_cos)
+
+
+@triton.jit
 def _philox_fill_kernel(out_ptr, n, seed, offset, p, KIND: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
@@ -26,7 +40,7 @@ def _philox_fill_kernel(out_ptr, n, seed, offset, p, KIND: tl.constexpr, BLOCK: 
     elif KIND == 1:
         value = tl.rand(seed, elem)
     elif KIND == 2:
-        value = tl.randn(seed, elem)
+        value = randn(seed, elem)
     else:
         value = tl.where(tl.rand(seed, elem) < p, 1.0, 0.0)
     tl.store(out_ptr + idx, value, mask=mask)
