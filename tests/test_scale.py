@@ -1,6 +1,7 @@
 """Scale: 64-bit stream offsets. The RNG at offsets near 2^63 and across 2^32 boundaries equals the
-reference and an independent pure-Python Philox (words and the four-per-counter normals); a fused op whose noise offsets pass 2^31 (and so
-would wrap in int32 index arithmetic) draws exactly the stream elements docs/rng.md assigns."""
+reference and an independent pure-Python Philox (words and the four-per-counter normals); a fused
+op whose noise offsets pass 2^31 (and so would wrap in int32 index arithmetic) draws exactly the
+stream elements docs/rng.md assigns."""
 import math
 
 import numpy as np

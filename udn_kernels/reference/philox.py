@@ -1,4 +1,5 @@
-"""Pure-PyTorch Philox4x32-10, bit-identical to Triton's ``tl.randint4x`` / ``tl.rand`` / ``tl.randn``.
+"""Pure-PyTorch Philox4x32-10: words bit-identical to Triton's ``tl.randint4x``, uniforms to
+``tl.rand``, normals laid out as ``tl.randn4x``.
 
 This is the oracle of the random-number contract (docs/rng.md). Element ``e`` of the uint32 /
 uniform stream of ``seed`` is word 0 of Philox4x32-10 with key ``(seed_lo, seed_hi)`` and counter
