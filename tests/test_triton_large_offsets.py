@@ -7,10 +7,11 @@ index arithmetic with the GPU's integer widths (int32 arguments and program ids 
 device), so an offset computed in int32 would read or write the wrong elements (or crash the
 subprocess) and the comparison with the reference on the touched slice would fail.
 
-Covered: the RNG fill kernel (2^31 + 77 outputs); heads forward and d_hidden kernels with
-L*N*D > 2^31 (depth 1 starts past 2^30); the heads d_weight kernel with per-depth heads of
-L*C*D > 2^31; the stochastic-linear forward and d_weight kernels with N_out*K > 2^31, and the
-forward and d_x kernels with S*N*K > 2^31 (noise offsets and x / grad / out draws past 2^31).
+Covered: the RNG fill kernel (2^31 + 77 outputs) and its normals = tl.randn4x past counter 2^32;
+heads forward and d_hidden kernels with L*N*D > 2^31 (depth 1 starts past 2^30); the heads
+d_weight kernel with per-depth heads of L*C*D > 2^31; the stochastic-linear forward and d_weight
+kernels with N_out*K > 2^31, and the forward and d_x kernels with S*N*K > 2^31 (noise offsets and
+x / grad / out draws past 2^31).
 Tolerance: float32 in and out, 1e-4 relative / 1e-4 absolute on O(1)..O(10) values.
 """
 import pytest
@@ -24,6 +25,7 @@ if not interpreted():
 else:
     import torch
     import triton
+    import triton.language as tl
 
     from udn_kernels.reference import heads as reference_heads
     from udn_kernels.reference import philox
@@ -56,6 +58,24 @@ else:
             out = getattr(triton_rng, f"philox_{kind}")(n, SEED, offset)
         expected = getattr(philox, f"{kind}_at")(torch.arange(offset + start, offset + n), SEED)
         torch.testing.assert_close(out[start:], expected, rtol=0, atol=1e-6 if kind == "normal" else 0)
+
+    @triton.jit
+    def _randn4x_kernel(out_ptr, seed, counter0, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK).to(tl.int64)
+        n0, n1, n2, n3 = tl.randn4x(seed, counter0 + i)
+        tl.store(out_ptr + 4 * i, n0)
+        tl.store(out_ptr + 4 * i + 1, n1)
+        tl.store(out_ptr + 4 * i + 2, n2)
+        tl.store(out_ptr + 4 * i + 3, n3)
+
+    def test_normal_stream_is_randn4x_past_2_32():
+        """docs/rng.md: normal e = tl.randn4x(seed, e >> 2)[e & 3], with counters past 2^32 (within
+        1e-6: the kernels' own sincos replaces libdevice's, ~1 ulp)."""
+        counter0, block = 2**32 - 100, 256
+        want = torch.empty(4 * block)
+        _randn4x_kernel[(1,)](want, SEED, counter0, BLOCK=block)
+        got = triton_rng.philox_normal(4 * block, SEED, 4 * counter0)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
     def test_heads_forward_and_d_hidden_past_2_31():
         L, C, D = 2, 10, 64

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rng import philox_normal
+from .rng import philox_normal, randn
 
 # MODE values (constexpr).
 SAMPLE, FLIPOUT, LOCAL, BERN_INPUT, BERN_WEIGHT, SYMMETRIC = 0, 1, 2, 3, 4, 5
@@ -48,7 +48,7 @@ def _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn, rk, N, K, MODE: tl.const
     off = rn * K + rk
     elem = s * N * K + off
     if MODE == 0:
-        w = tl.load(sig_ptr + off, mask=mask, other=0.0).to(tl.float32) * tl.randn(seed, elem)
+        w = tl.load(sig_ptr + off, mask=mask, other=0.0).to(tl.float32) * randn(seed, elem)
         if HAS_W:
             w += tl.load(w_ptr + off, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -94,7 +94,7 @@ def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, g_ptr, out_ptr,
                 sig = tl.load(sig_ptr + t_off, mask=t_mask, other=0.0).to(tl.float32)
                 if MODE == 1:
                     xe = sign_in_base + s * B * K + rm[:, None] * K + rk[None, :]
-                    eps = tl.randn(seed, s * N * K + t_off)
+                    eps = randn(seed, s * N * K + t_off)
                     acc2 += tl.dot((x * _sign(seed, xe)).to(dot_ty), (sig * eps).to(dot_ty), input_precision=PRECISION)
                 else:
                     acc2 += tl.dot((x * x).to(dot_ty), (sig * sig).to(dot_ty), input_precision=PRECISION)
@@ -114,7 +114,7 @@ def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, g_ptr, out_ptr,
             var += (bsig * bsig)[None, :]
         positive = var > 0
         std = tl.sqrt(tl.where(positive, var, 1.0))
-        eps = tl.randn(seed, out_elem)
+        eps = randn(seed, out_elem)
         if OUT_GV:
             g = tl.load(g_ptr + out_elem, mask=out_mask, other=0.0).to(tl.float32)
             acc = tl.where(positive, g * eps / (2.0 * std), 0.0)
@@ -125,7 +125,7 @@ def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, g_ptr, out_ptr,
             acc += tl.load(bmu_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_BSIG and (MODE == 0 or MODE == 1):
             bsig = tl.load(bsig_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-            acc += (bsig * tl.randn(seed, bias_base + s * N + rn))[None, :]
+            acc += (bsig * randn(seed, bias_base + s * N + rn))[None, :]
     tl.store(out_ptr + out_elem, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -165,7 +165,7 @@ def _dx_kernel(g_ptr, w_ptr, sig_ptr, dx_ptr, S, B, N, K, seed, p, scale, sign_i
                         w = tl.load(w_ptr + t_off, mask=t_mask, other=0.0)
                         acc += tl.dot(g, w.to(dot_ty), input_precision=PRECISION)
                     sig = tl.load(sig_ptr + t_off, mask=t_mask, other=0.0).to(tl.float32)
-                    w_noise = sig * tl.randn(seed, s * N * K + t_off)
+                    w_noise = sig * randn(seed, s * N * K + t_off)
                     g_flip = g.to(tl.float32) * _sign(seed, sign_out_base + g_elem)
                     per_draw += tl.dot(g_flip.to(dot_ty), w_noise.to(dot_ty), input_precision=PRECISION)
             else:
@@ -217,9 +217,9 @@ def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, 
         elem = s * N * K + w_off
         if MODE == 0:
             acc += per_draw
-            acc_sig += per_draw * tl.randn(seed, elem)
+            acc_sig += per_draw * randn(seed, elem)
         elif MODE == 1:
-            acc_sig += per_draw * tl.randn(seed, elem)
+            acc_sig += per_draw * randn(seed, elem)
         elif MODE == 4:
             acc += per_draw * _keep(seed, elem, p, scale)
         elif MODE == 5:
