@@ -57,7 +57,8 @@ CONFIGS = {
     "predict": {
         "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, num_warps=4, num_stages=3),
         "wide": dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3),
-        "fp32": dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=16, num_warps=4, num_stages=3),
+        # 4 warps spilled (two fp32 [64, 64] accumulators + the FMA dot operands): 8 warps
+        "fp32": dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=16, num_warps=8, num_stages=3),
     },
 }
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -558,16 +559,21 @@ KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_logli
 # likelihoods, with bias and per-class noise enabled; 16-bit configs are compiled for bf16
 # storage, "fp32" for float32 (exact fp32 dot, torch's default matmul precision).
 # ----------------------------------------------------------------------------------------------
-_AOT_FLOAT32_POINTERS = ("lse_ptr", "col_ptr", "dw_ptr")
+_AOT_FLOAT32_POINTERS = ("lse_ptr", "col_ptr", "dw_ptr", "mix_ptr")
 
 
-def _aot_spec(fn, kind: str, config_name: str, gaussian: bool) -> dict:
+def _aot_spec(fn, kind: str, config_name: str, likelihood: str) -> dict:
+    """Spec of ``fn`` at ``CONFIGS[kind][config_name]``; ``likelihood``: "categorical", "gaussian"
+    or, for the predict kernel, "categorical-one-tile" (every class in one tile)."""
+    gaussian = likelihood == "gaussian"
+    params = inspect.signature(fn.fn).parameters
     constexprs, launch = _split_config(CONFIGS[kind][config_name])
-    constexprs.update(GAUSSIAN=gaussian, HAS_BIAS=True, HAS_NOISE=gaussian, ACC=tl.float32,
-                      PRECISION="ieee")
+    flags = dict(GAUSSIAN=gaussian, ONE_TILE=likelihood.endswith("one-tile"), HAS_BIAS=True,
+                 HAS_NOISE=gaussian, ACC=tl.float32, PRECISION="ieee")
+    constexprs.update({k: v for k, v in flags.items() if k in params})
     storage = "fp32" if config_name == "fp32" else "bf16"
     signature = {}
-    for name, param in inspect.signature(fn.fn).parameters.items():
+    for name, param in params.items():
         if "constexpr" in str(param.annotation):
             signature[name] = "constexpr"
         elif name == "t_ptr":
@@ -580,13 +586,16 @@ def _aot_spec(fn, kind: str, config_name: str, gaussian: bool) -> dict:
     # row strides are aligned). Without it loads are scalar and cp.async pipelining is off.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
              if name.endswith("_ptr") or name in ("D", "stride_wl")}
-    likelihood = "gaussian" if gaussian else "categorical"
     return {"name": fn.__name__, "config": f"{config_name}/{likelihood}/{storage}", "fn": fn,
             "signature": signature, "constexprs": constexprs, "attrs": attrs, **launch}
 
 
-AOT_SPECS = [_aot_spec(fn, kind, name, gaussian)
-             for kind, fn in (("fwd", _fwd_kernel), ("bwd_rows", _bwd_rows_kernel),
-                              ("bwd_weight", _bwd_weight_kernel))
+AOT_SPECS = [_aot_spec(fn, kind, name, likelihood)
+             for kind, fn, likelihoods in (
+                 ("fwd", _fwd_kernel, ("categorical", "gaussian")),
+                 ("bwd_rows", _bwd_rows_kernel, ("categorical", "gaussian")),
+                 ("bwd_weight", _bwd_weight_kernel, ("categorical", "gaussian")),
+                 ("fwd", _lse_kernel, ("categorical",)),
+                 ("predict", _predict_kernel, ("categorical", "categorical-one-tile", "gaussian")))
              for name in CONFIGS[kind]
-             for gaussian in (False, True)]
+             for likelihood in likelihoods]
