@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from ..ops.heads import register_triton_autograd
 from ..reference.heads import fwd_bwd_from
 
 _HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
@@ -547,6 +548,8 @@ def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     """Triton ``depth_mixture_predict`` (docs/heads.md): ``(probs, empty)`` or ``(mean, var)``, [N, C]."""
     return predict(hidden, weight, bias, log_weights, gaussian, noise_std)
 
+
+register_triton_autograd(depth_loglik_fwd, depth_mixture_predict)
 
 # No fused gradient-in-forward kernel on Triton yet: forward, then the recomputing backward.
 KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_loglik_bwd,
