@@ -96,7 +96,7 @@ def _gaussian_target_grad(grad, hidden, weight, bias, target, noise_std):
 
 def _backward(ctx, grad_loglik, grad_aux):
     hidden, weight, bias, target, noise_std, aux = ctx.saved_tensors
-    bwd = _loglik_bwd_kernel if getattr(ctx, "eager", False) else _loglik_bwd
+    bwd = getattr(ctx, "bwd", None) or (_loglik_bwd_kernel if getattr(ctx, "eager", False) else _loglik_bwd)
     d_hidden, d_weight, d_bias, d_noise = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux,
                                               ctx.gaussian, ctx.ignore_index)
     d_target = None
@@ -198,9 +198,13 @@ def _loglik_op(device):
     return _eager_or_custom_op(_loglik_fwd, _EagerLoglik)
 
 
+def _triton_loglik_bwd(grad_loglik, *inputs):
+    return torch.ops.udn_kernels_triton.depth_loglik_bwd(grad_loglik.contiguous(), *inputs)
+
+
 def _setup_triton_context(ctx, inputs, output):
     _setup_context(ctx, inputs, output)
-    ctx.eager = True  # the backward calls the backend's kernel: the triton_op depth_loglik_bwd
+    ctx.bwd = _triton_loglik_bwd  # the backward is the triton_op too, whatever the device
 
 
 def register_triton_autograd(loglik_fwd, predict) -> None:
