@@ -525,7 +525,7 @@ def predict(hidden, weight, bias, log_weights, gaussian, noise_std, config=None,
 # torch.library.triton_op registrations (DESIGN section 5): the CUDA path of udn_kernels.ops.heads
 # calls these, so torch.compile traces through them to the triton_kernel_wrapper nodes and
 # Inductor schedules the kernels itself. Eagerly (real tensors) they call the kernels directly.
-# Autograd: udn_kernels.ops.heads registers the formulas it shares with the C++ path.
+# Autograd: the formulas shared with the C++ path (ops.heads.register_triton_autograd, below).
 # ----------------------------------------------------------------------------------------------
 @triton_op("udn_kernels_triton::depth_loglik_fwd", mutates_args=())
 def depth_loglik_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,

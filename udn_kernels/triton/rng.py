@@ -46,9 +46,10 @@ def _launch(kind: int, dtype: torch.dtype, n: int, seed: int, offset: int, p: fl
     return out
 
 
-def philox_normal(n: int, seed: int, offset: int, device=None) -> Tensor:
-    """``n`` float32 standard normals (``tl.randn``); a plain launcher for use inside other ops."""
-    return _launch(_NORMAL, torch.float32, n, seed, offset, 0.0, device or _default_device())
+def philox_normal(n: int, seed: int, offset: int, device: torch.device) -> Tensor:
+    """``n`` float32 standard normals (``tl.randn``) on ``device``; a plain launcher for use inside
+    other triton_ops."""
+    return _launch(_NORMAL, torch.float32, n, seed, offset, 0.0, device)
 
 
 # torch.library.triton_op registrations (DESIGN section 5): ``udn_kernels_triton::philox_*``.
