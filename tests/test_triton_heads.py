@@ -176,8 +176,19 @@ else:
                                    run("triton"), run("reference")):
             assert_matches(got, want, torch.float64, name)
 
-    def test_expected_nll_gradient_in_forward_matches_reference_backend():
-        # Triton has no fused kernel: depth_loglik_fwd_bwd is its forward + recomputing backward.
+    def test_fwd_bwd_kernel_table_entry_matches_reference():
+        # Triton has no fused gradient-in-forward kernel: depth_loglik_fwd_bwd is its forward + backward.
+        hidden, weight, bias, target, _, grad = make_inputs(
+            3, C, D, per_depth=True, bias_kind="shared", gaussian=False, noise=False, dtype=torch.float64)
+        args = (hidden, weight, bias, target, None, grad, False, IGNORE)
+        got = udn_kernels.triton.KERNELS["depth_loglik_fwd_bwd"](*args)
+        want = reference.KERNELS["depth_loglik_fwd_bwd"](*args)
+        for name, g, r in zip(("loglik", "lse", "d_hidden", "d_weight", "d_bias", "d_noise"), got, want):
+            assert_matches(g, r, torch.float64, name)
+
+    def test_expected_nll_matches_reference_backend():
+        # The Triton path runs the depth_loglik_fwd triton_op with ordinary autograd (the CPU path's
+        # gradient-in-forward op would only chain the same forward and backward kernels).
         hidden, weight, bias, target, _, _ = make_inputs(
             3, C, D, per_depth=True, bias_kind="shared", gaussian=False, noise=False, dtype=torch.float64)
         log_weights = torch.log(torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
