@@ -116,6 +116,54 @@ if not interpreted():
         assert [name for name, _ in kernels] == kernel_names
         assert not {"x_ptr", "w_ptr", "sig_ptr"} & set().union(*(cloned for _, cloned in kernels))
 
+    class _Traced(Exception):
+        """Raised by the compiled forward: the graphs are captured, and there is no GPU to run them."""
+
+    @pytest.mark.parametrize("op,kernel_names", [
+        ("depth_loglik", ["_fwd_kernel", "_bwd_rows_kernel", "_bwd_weight_kernel"]),
+        ("depth_mixture_predict", ["_lse_kernel", "_predict_kernel"]),  # eager-formula backward
+        ("gaussian_linear", ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),
+    ])
+    def test_torch_compile_fullgraph_sees_the_kernels(trace, op, kernel_names):
+        """The real pipeline, Dynamo (fullgraph) + AOTAutograd: its joint forward/backward graph,
+        as handed to the partitioner (then Inductor), holds the kernels themselves."""
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.partitioners import default_partition
+
+        joint = []
+
+        def partition(graph_module, *args, **kwargs):
+            joint.append(graph_module)
+            return default_partition(graph_module, *args, **kwargs)
+
+        def forward_compiler(graph_module, example_inputs):
+            def stop(*args):
+                raise _Traced
+            return stop
+
+        hidden, weight, bias, target, log_weights = heads_inputs()
+        calls = {
+            "depth_loglik": lambda: torch.ops.udn_kernels_triton.depth_loglik_fwd(
+                hidden, weight, bias, target, None, False, -100)[0],
+            "depth_mixture_predict": lambda: torch.ops.udn_kernels_triton.depth_mixture_predict(
+                hidden, weight[0].repeat(4, 1), bias.repeat(4), log_weights, False, None)[0],
+            "gaussian_linear": lambda: torch.ops.udn_kernels_triton.gaussian_linear_fwd(
+                hidden[:1], weight[0, :, :19], weight[1].abs(), None, None, 3, "flipout", 2, False),
+        }
+        for t in (hidden, weight, bias, log_weights):
+            t.requires_grad_()
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda: calls[op]().sum(), fullgraph=True,
+                                 backend=aot_autograd(fw_compiler=forward_compiler, partition_fn=partition))
+        with pytest.raises(_Traced):
+            compiled()
+        nodes = [n for n in joint[0].graph.nodes if n.op == "call_function"]
+        names = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in nodes
+                 if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+        torch._dynamo.reset()  # also clears the kernel side table
+        assert names == kernel_names
+        assert not any("udn_kernels" in str(n.target) for n in nodes)
+
     def test_rng_traces_to_fill_kernel(trace):
         def draws():
             return torch.ops.udn_kernels_triton.philox_normal(1000, 5, 2**40, torch.device("cpu"))
