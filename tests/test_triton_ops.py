@@ -2,8 +2,9 @@
 
 Two properties:
 
-- Traceability (this process, Triton in compiled mode, no GPU): a fake-tensor trace with
-  functionalization (what AOTAutograd does under torch.compile) decomposes every triton_op into
+- Traceability (this process, Triton in compiled mode, no GPU): ``torch.compile(fullgraph=True)``
+  through AOTAutograd (joint graph captured at the partitioner, the run then stopped) and a
+  fake-tensor trace with functionalization decompose every triton_op into
   ``triton_kernel_wrapper_functional`` nodes naming the Triton kernels, forward and backward, so
   Inductor sees and schedules the kernels instead of an opaque call. Triton's kernel-mutation
   analysis needs a compile target; a stub driver supplies sm_90 (it only lowers to TTIR), and the
