@@ -8,14 +8,12 @@ device), so an offset computed in int32 would read or write the wrong elements (
 subprocess) and the comparison with the reference on the touched slice would fail.
 
 Covered: the RNG fill kernel (2^31 + 77 outputs) and its normals = tl.randn4x past counter 2^32;
-heads forward and d_hidden kernels with L*N*D > 2^31 (depth 1 starts past 2^30); the heads
-d_weight kernel with per-depth heads of L*C*D > 2^31; the stochastic-linear forward and d_weight
-kernels with N_out*K > 2^31, and the forward and d_x kernels with S*N*K > 2^31 (noise offsets and
-x / grad / out draws past 2^31).
-Tolerance: float32 in and out, 1e-4 relative / 1e-4 absolute on O(1)..O(10) values.
-"""
-import pytest
-from triton_interpreter import interpreted, only_programs, rerun_under_interpreter
+heads forward and d_hidden kernels with L*N*D > 2^31 (depth 1 starts past 2^30); the heads d_weight
+kernel with per-depth heads of L*C*D > 2^31; the predict kernels (logsumexp pass and predict) with
+L*N*D > 2^31 and N*C > 2^31; the stochastic-linear forward and d_weight kernels with N_out*K >
+2^31, and the forward and d_x kernels with S*N*K > 2^31 (noise offsets and x / grad / out draws
+past 2^31). Tolerance: float32 in and out, 1e-4 relative / 1e-4 absolute on O(1)..O(10) values. """
+import pytest from triton_interpreter import interpreted, only_programs, rerun_under_interpreter
 
 if not interpreted():
 
@@ -55,7 +53,7 @@ else:
         n, offset = BIG + 77, 2**40 + 3
         start = (triton.cdiv(n, triton_rng.BLOCK) - 1) * triton_rng.BLOCK
         with only_programs(programs_from(0, start // triton_rng.BLOCK)):
-            out = getattr(triton_rng, f"philox_{kind}")(n, SEED, offset)
+            out = triton_rng.KERNELS[f"philox_{kind}"](n, SEED, offset)
         expected = getattr(philox, f"{kind}_at")(torch.arange(offset + start, offset + n), SEED)
         torch.testing.assert_close(out[start:], expected, rtol=0, atol=1e-6 if kind == "normal" else 0)
 
@@ -126,6 +124,32 @@ else:
         onehot = (target[:, None] == torch.arange(c0, C)).float()
         g = (grad * (target != -100))[..., None] * (onehot - torch.exp(logits - lse[..., None]))
         torch.testing.assert_close(d_weight[:, c0:], g.transpose(1, 2) @ hidden, **TOL)
+
+    @pytest.mark.parametrize("gaussian", [False, True], ids=["categorical", "gaussian"])
+    def test_heads_predict_past_2_31(gaussian):
+        """depth_mixture_predict with L*N*D > 2^31 (hidden rows of depth 1) and N*C > 2^31 (the
+        [N, C] outputs of the last row block); C spans two class tiles, so the categorical case runs
+        _lse_kernel and the class-tiled _predict_kernel."""
+        L, C, D = 2, 128, 64
+        N = BIG // C + 100  # the last row block starts past row 2^24: r0 * C > 2^31
+        config = triton_heads.select_config("predict", C, D, torch.float32)
+        rows = config["BLOCK_N"]
+        assert triton_heads.select_config("fwd", C, D, torch.float32)["BLOCK_N"] == rows  # lse rows
+        assert C > config["BLOCK_C"]
+        r0 = (triton.cdiv(N, rows) - 1) * rows
+        gen = torch.Generator().manual_seed(4)
+        hidden = filled_tail((L, N, D), r0, 1, gen)
+        assert hidden[1, r0:].data_ptr() - hidden.data_ptr() > 4 * BIG and r0 * C > BIG
+        weight, bias = torch.randn(L, C, D, generator=gen) / 8, torch.randn(C, generator=gen)
+        log_weights = torch.tensor([0.3, -0.2])
+        noise_std = torch.rand(C, generator=gen) + 0.5 if gaussian else None
+        with only_programs(programs_from(0, r0 // rows)):
+            got = triton_heads.predict(hidden, weight, bias, log_weights, gaussian, noise_std)
+        want = reference_heads.depth_mixture_predict(hidden[:, r0:], weight, bias, log_weights, gaussian,
+                                                     noise_std)
+        torch.testing.assert_close(got[0][r0:], want[0], **TOL)
+        if gaussian:
+            torch.testing.assert_close(got[1][r0:], want[1], **TOL)
 
     def sampled_weight(mu, sigma, draw, rows, K, N):
         """W_s = mu + sigma * eps_s for output rows ``rows`` (eps at s*N*K + n*K + k, docs/rng.md)."""

@@ -39,3 +39,19 @@ def flatten_input(x: torch.Tensor, in_features: int, samples, input_has_samples)
 def none_if_empty(grad: torch.Tensor, source) -> torch.Tensor | None:
     """Kernels return an empty tensor for the gradient of a None input; autograd wants None."""
     return None if source is None else grad
+
+
+def register_triton_autograd(fwd_op, bwd_op, n_tensors: int) -> None:
+    """Autograd of a stochastic-linear triton_op ``fwd_op(*tensors, *options)`` whose first
+    ``n_tensors`` inputs are tensors (the rest: p, the int seed, mode names): only the inputs are
+    saved, and ``bwd_op(grad, *tensors, *options)`` regenerates the noise from (seed, offset)."""
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.options = inputs[n_tensors:]
+
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        grads = bwd_op(grad_out.contiguous(), *saved, *ctx.options)
+        return (*(none_if_empty(g, t) for g, t in zip(grads, saved)), *(None,) * len(ctx.options))
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)

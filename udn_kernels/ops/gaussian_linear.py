@@ -5,8 +5,9 @@ from typing import Optional
 
 import torch
 
-from .._backend import get_kernel
-from ._checks import check_choice, check_float_tensor, check_same, check_shape, resolve_seed
+from .._backend import get_kernel, use_triton_ops
+from ._checks import (check_choice, check_float_tensor, check_same, check_shape, resolve_seed,
+                      resolve_seed_int)
 from ._stochastic import flatten_input, none_if_empty
 
 ESTIMATORS = ("sample", "local", "flipout")
@@ -107,8 +108,11 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
                 raise ValueError(f"{name}: expected standard deviations >= 0, got a minimum of "
                                  f"{smallest:g}")
     x3, S, lead = flatten_input(x, in_features, samples, input_has_samples)
-    seed = resolve_seed(seed)
     contiguous = [None if t is None else t.contiguous()
                   for t in (weight_mu, weight_sigma, bias_mu, bias_sigma)]
-    out = _fwd(x3, *contiguous, seed, estimator, S, input_has_samples)
+    if use_triton_ops(x.device):  # the triton_op, so torch.compile sees its kernels
+        out = torch.ops.udn_kernels_triton.gaussian_linear_fwd(x3, *contiguous, resolve_seed_int(seed),
+                                                              estimator, S, input_has_samples)
+    else:
+        out = _fwd(x3, *contiguous, resolve_seed(seed), estimator, S, input_has_samples)
     return out.reshape(*lead, out_features)

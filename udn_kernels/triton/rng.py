@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 BLOCK = 1024
 
@@ -64,42 +66,55 @@ def _philox_fill_kernel(out_ptr, n, seed, offset, p, KIND: tl.constexpr, BLOCK: 
     tl.store(out_ptr + idx, value, mask=mask)
 
 
-def _device() -> torch.device:
+def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _launch(kind: int, dtype: torch.dtype, n: int, seed: int, offset: int, p: float = 0.0) -> torch.Tensor:
-    out = torch.empty(n, dtype=dtype, device=_device())
+def _launch(kind: int, dtype: torch.dtype, n: int, seed: int, offset: int, p: float, device) -> Tensor:
+    out = torch.empty(n, dtype=dtype, device=device)
     if n > 0:
-        _philox_fill_kernel[(triton.cdiv(n, BLOCK),)](out, n, seed, offset, p, KIND=kind, BLOCK=BLOCK)
+        wrap_triton(_philox_fill_kernel)[(triton.cdiv(n, BLOCK),)](out, n, seed, offset, p, KIND=kind,
+                                                                   BLOCK=BLOCK)
     return out
 
 
-def philox_uint32(n: int, seed: int, offset: int) -> torch.Tensor:
+def philox_normal(n: int, seed: int, offset: int, device: torch.device) -> Tensor:
+    """``n`` float32 standard normals (``tl.randn``) on ``device``; a plain launcher for use inside
+    other triton_ops."""
+    return _launch(_NORMAL, torch.float32, n, seed, offset, 0.0, device)
+
+
+# torch.library.triton_op registrations (DESIGN section 5): ``udn_kernels_triton::philox_*``.
+@triton_op("udn_kernels_triton::philox_uint32", mutates_args=())
+def philox_uint32_op(n: int, seed: int, offset: int, device: torch.device) -> Tensor:
     """``n`` uint32 words (int64 tensor) of the stream of ``seed`` from element ``offset``."""
-    return _launch(_UINT32, torch.int64, n, seed, offset)
+    return _launch(_UINT32, torch.int64, n, seed, offset, 0.0, device)
 
 
-def philox_uniform(n: int, seed: int, offset: int) -> torch.Tensor:
+@triton_op("udn_kernels_triton::philox_uniform", mutates_args=())
+def philox_uniform_op(n: int, seed: int, offset: int, device: torch.device) -> Tensor:
     """``n`` float32 uniforms in [0, 1) (``tl.rand``)."""
-    return _launch(_UNIFORM, torch.float32, n, seed, offset)
+    return _launch(_UNIFORM, torch.float32, n, seed, offset, 0.0, device)
 
 
-def philox_normal(n: int, seed: int, offset: int) -> torch.Tensor:
+@triton_op("udn_kernels_triton::philox_normal", mutates_args=())
+def philox_normal_op(n: int, seed: int, offset: int, device: torch.device) -> Tensor:
     """``n`` float32 standard normals (``tl.randn``)."""
-    return _launch(_NORMAL, torch.float32, n, seed, offset)
+    return philox_normal(n, seed, offset, device)
 
 
-def philox_bernoulli(n: int, p: float, seed: int, offset: int) -> torch.Tensor:
+@triton_op("udn_kernels_triton::philox_bernoulli", mutates_args=())
+def philox_bernoulli_op(n: int, p: float, seed: int, offset: int, device: torch.device) -> Tensor:
     """``n`` float32 Bernoulli(p) draws: 1.0 where the uniform is < p (compared in float32)."""
-    return _launch(_BERNOULLI, torch.float32, n, seed, offset, float(p))
+    return _launch(_BERNOULLI, torch.float32, n, seed, offset, float(p), device)
 
 
+# Kernel-table entries (docs/internals.md signatures, no device argument): the current device.
 KERNELS = {
-    "philox_uint32": philox_uint32,
-    "philox_uniform": philox_uniform,
-    "philox_normal": philox_normal,
-    "philox_bernoulli": philox_bernoulli,
+    "philox_uint32": lambda n, seed, offset: philox_uint32_op(n, seed, offset, _default_device()),
+    "philox_uniform": lambda n, seed, offset: philox_uniform_op(n, seed, offset, _default_device()),
+    "philox_normal": lambda n, seed, offset: philox_normal_op(n, seed, offset, _default_device()),
+    "philox_bernoulli": lambda n, p, seed, offset: philox_bernoulli_op(n, p, seed, offset, _default_device()),
 }
 
 _SIGNATURE = {"n": "i64", "seed": "i64", "offset": "i64", "p": "fp32", "KIND": "constexpr", "BLOCK": "constexpr"}

@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import inspect
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
+from ..ops._stochastic import register_triton_autograd
 from .rng import philox_normal, randn
 
 # MODE values (constexpr).
@@ -273,7 +278,7 @@ def _forward(x, w, sig, bmu, bsig, seed, mode, S, p=0.0, grad=None):
     bias_base, sign_in_base, sign_out_base = _bases(S, B, N, K)
     dummy = x
     grid = (triton.cdiv(B, tiles["BM"]), triton.cdiv(N, tiles["BN"]), S)
-    _fwd_kernel[grid](x, dummy if w is None else w, dummy if sig is None else sig,
+    wrap_triton(_fwd_kernel)[grid](x, dummy if w is None else w, dummy if sig is None else sig,
                       dummy if bmu is None else bmu, dummy if bsig is None else bsig,
                       dummy if grad is None else grad, out,
                       B, N, K, 0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p) if p < 1 else 0.0,
@@ -290,7 +295,7 @@ def _grad_x(grad, x, w, sig, seed, mode, S, x_sampled, p=0.0):
     dx = torch.empty_like(x)
     _, sign_in_base, sign_out_base = _bases(S, B, N, K)
     grid = (triton.cdiv(B, tiles["BM"]), triton.cdiv(K, tiles["BK"]), Sx)
-    _dx_kernel[grid](grad, grad if w is None else w, grad if sig is None else sig, dx, S, B, N, K, seed, p,
+    wrap_triton(_dx_kernel)[grid](grad, grad if w is None else w, grad if sig is None else sig, dx, S, B, N, K, seed, p,
                      1.0 / (1.0 - p), sign_in_base, sign_out_base, MODE=mode, HAS_W=w is not None,
                      X_SAMPLED=x_sampled, PRECISION=_precision(x), **tiles)
     return dx
@@ -305,7 +310,7 @@ def _grad_w(grad, x, like_w, seed, mode, S, need_dw, p=0.0):
     dsig = torch.empty_like(like_w) if gaussian else like_w.new_empty(0)
     _, sign_in_base, sign_out_base = _bases(S, B, N, K)
     grid = (triton.cdiv(N, tiles["BN"]), triton.cdiv(K, tiles["BK"]))
-    _dw_kernel[grid](grad, x, dw if need_dw else like_w, dsig if gaussian else like_w, S, B, N, K,
+    wrap_triton(_dw_kernel)[grid](grad, x, dw if need_dw else like_w, dsig if gaussian else like_w, S, B, N, K,
                      0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p), sign_in_base, sign_out_base,
                      MODE=mode, NEED_DW=need_dw, PRECISION=_precision(x), **tiles)
     return dw, dsig
@@ -315,14 +320,21 @@ def _empty(like):
     return like.new_empty(0)
 
 
-def gaussian_linear_fwd(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: int, estimator: str,
-                        samples: int, x_sampled: bool) -> torch.Tensor:
+# torch.library.triton_op registrations (DESIGN section 5): ``udn_kernels_triton::*_linear_fwd/bwd``,
+# called directly on the Triton path of udn_kernels.ops (compiled graphs see the kernels) and as
+# the triton backend's kernel-table entries.
+@triton_op("udn_kernels_triton::gaussian_linear_fwd", mutates_args=())
+def gaussian_linear_fwd(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor, bias_mu: Optional[Tensor],
+                        bias_sigma: Optional[Tensor], seed: int, estimator: str, samples: int,
+                        x_sampled: bool) -> Tensor:
     """``[S, B, N]`` outputs of S Gaussian weight draws; noise drawn inside the kernel."""
     return _forward(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, _GAUSSIAN_MODES[estimator], samples)
 
 
-def gaussian_linear_bwd(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: int,
-                        estimator: str, samples: int, x_sampled: bool):
+@triton_op("udn_kernels_triton::gaussian_linear_bwd", mutates_args=())
+def gaussian_linear_bwd(grad_out: Tensor, x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
+                        bias_mu: Optional[Tensor], bias_sigma: Optional[Tensor], seed: int, estimator: str,
+                        samples: int, x_sampled: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)``; noise regenerated."""
     S, mode = samples, _GAUSSIAN_MODES[estimator]
     N = weight_sigma.shape[0]
@@ -346,21 +358,23 @@ def gaussian_linear_bwd(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigm
     dx = _grad_x(grad, x, weight_mu, weight_sigma, seed, mode, S, x_sampled)
     d_mu, d_sig = _grad_w(grad, x, weight_sigma, seed, mode, S, need_dw=weight_mu is not None)
     if bias_sigma is not None:
-        beps = philox_normal(S * N, seed, S * N * weight_sigma.shape[1]).to(grad.device).view(S, N)
+        beps = philox_normal(S * N, seed, S * N * weight_sigma.shape[1], grad.device).view(S, N)
         d_bsig = (grad.float().sum(1) * beps).sum(0).to(bias_sigma.dtype)
     else:
         d_bsig = _empty(x)
     return dx, d_mu, d_sig, d_bmu, d_bsig
 
 
-def bernoulli_linear_fwd(x, weight, bias, p: float, seed: int, mask: str, samples: int,
-                         x_sampled: bool) -> torch.Tensor:
+@triton_op("udn_kernels_triton::bernoulli_linear_fwd", mutates_args=())
+def bernoulli_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], p: float, seed: int, mask: str,
+                         samples: int, x_sampled: bool) -> Tensor:
     """``[S, B, N]`` outputs of S Bernoulli draws (mask "input", "weight" or "symmetric")."""
     return _forward(x, weight, None, bias, None, seed, _BERNOULLI_MODES[mask], samples, p=p)
 
 
-def bernoulli_linear_bwd(grad_out, x, weight, bias, p: float, seed: int, mask: str, samples: int,
-                         x_sampled: bool):
+@triton_op("udn_kernels_triton::bernoulli_linear_bwd", mutates_args=())
+def bernoulli_linear_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], p: float, seed: int,
+                         mask: str, samples: int, x_sampled: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_x, d_weight, d_bias)``; masks regenerated from (seed, offset)."""
     mode = _BERNOULLI_MODES[mask]
     grad = grad_out.contiguous()
@@ -369,6 +383,9 @@ def bernoulli_linear_bwd(grad_out, x, weight, bias, p: float, seed: int, mask: s
     d_bias = grad.sum((0, 1)).to(bias.dtype) if bias is not None else _empty(x)
     return dx, dw, d_bias
 
+
+register_triton_autograd(gaussian_linear_fwd, gaussian_linear_bwd, n_tensors=5)
+register_triton_autograd(bernoulli_linear_fwd, bernoulli_linear_bwd, n_tensors=3)
 
 KERNELS = {
     "gaussian_linear_fwd": gaussian_linear_fwd,
