@@ -8,7 +8,8 @@ it is wall time. Shapes of DESIGN §6: B=256, K=N_out=1024, fp32, forward + ``su
 ``--phases`` times the pieces of the "sample" path instead: the C++ forward and backward kernels,
 the GEMMs they contain, 1M Philox normals and the ``softplus(rho)`` the caller adds.
 
-Run: ``python benchmarks/stochastic_linear_ratios.py [--threads N] [--rounds R] [--phases]``.
+Run: ``python benchmarks/stochastic_linear_ratios.py [--threads N] [--rounds R] [--phases]
+[--shape B K N_OUT]``.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import torch.nn.functional as F
 import udn_kernels
 from udn_kernels import _backend, rng
 
-B, K, N, S8 = 256, 1024, 1024, 8
+SHAPE = (256, 1024, 1024)  # B, K, N_out
+S8 = 8
 
 
-def _inputs():
+def _inputs(B, K, N):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, K, generator=g).requires_grad_()
     mu = (torch.randn(N, K, generator=g) / math.sqrt(K)).requires_grad_()
@@ -41,7 +43,7 @@ def _fwd_bwd(fn):
 
 def _gemm_floor(x, w, draws):
     """x W^T, dY W and dY^T x for each draw: the 3 GEMMs of a dense linear layer's step."""
-    grad = torch.randn(draws, B, N)
+    grad = torch.randn(draws, x.shape[0], w.shape[0])
 
     def run():
         with torch.no_grad():
@@ -50,9 +52,9 @@ def _gemm_floor(x, w, draws):
     return run
 
 
-def methods() -> tuple[dict, list]:
+def methods(B: int, K: int, N: int) -> tuple[dict, list]:
     """Name -> callable, and the (numerator, denominator) ratios to report."""
-    x, mu, rho, bias = _inputs()
+    x, mu, rho, bias = _inputs(B, K, N)
 
     def ours(estimator, samples=None):
         return _fwd_bwd(lambda: udn_kernels.gaussian_linear(x, mu, F.softplus(rho), estimator=estimator,
@@ -92,11 +94,11 @@ def methods() -> tuple[dict, list]:
     return m, ratios
 
 
-def phases() -> tuple[dict, list]:
+def phases(B: int, K: int, N: int) -> tuple[dict, list]:
     """The pieces of the "sample" path, as raw kernel calls."""
     _backend.load_extension()
     ops = torch.ops.udn_kernels_C
-    x, mu, rho, _ = (t.detach() for t in _inputs())
+    x, mu, rho, _ = (t.detach() for t in _inputs(B, K, N))
     sigma, x3, grad = F.softplus(rho), x[None], torch.randn(1, B, N)
     args = (x3, mu, sigma, None, None, 5, "sample", 1, False)
     m = {
@@ -104,16 +106,17 @@ def phases() -> tuple[dict, list]:
         "kernel bwd": lambda: ops.gaussian_linear_bwd(grad, *args),
         "GEMM x W^T": lambda: x @ mu.t(),
         "GEMMs dY W, dY^T x": lambda: (grad[0] @ mu, grad[0].t() @ x),
-        "1M normals": lambda: rng.normal(N * K, seed=5),
+        "N*K normals": lambda: rng.normal(N * K, seed=5),
         "softplus": lambda: F.softplus(rho),
         "softplus_backward": lambda: torch.ops.aten.softplus_backward(sigma, rho, 1.0, 20.0),
     }
     ratios = [("kernel fwd", "GEMM x W^T"), ("kernel bwd", "GEMMs dY W, dY^T x"),
-              ("1M normals", "GEMM x W^T"), ("softplus", "GEMM x W^T"), ("softplus_backward", "GEMM x W^T")]
+              ("N*K normals", "GEMM x W^T"), ("softplus", "GEMM x W^T"), ("softplus_backward", "GEMM x W^T")]
     return m, ratios
 
 
-def run(table: dict, ratios: list, rounds: int, clock) -> None:
+def run(table: dict, ratios: list, rounds: int, clock) -> dict:
+    """Times every entry of ``table`` once per round, in turn; prints and returns the median ratios."""
     times = {name: [] for name in table}
     for fn in table.values():  # warm-up
         fn()
@@ -124,9 +127,11 @@ def run(table: dict, ratios: list, rounds: int, clock) -> None:
             times[name].append((clock() - t0) * 1e3)
     for name, t in times.items():
         print(f"{name:22s} {statistics.median(t):9.2f} ms")
+    result = {}
     for a, b in ratios:
-        per_round = statistics.median(p / q for p, q in zip(times[a], times[b]))
-        print(f"{a:>22s} / {b:<22s} {per_round:6.3f}")
+        result[a, b] = statistics.median(p / q for p, q in zip(times[a], times[b]))
+        print(f"{a:>22s} / {b:<22s} {result[a, b]:6.3f}")
+    return result
 
 
 def main():
@@ -134,13 +139,15 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--phases", action="store_true")
+    parser.add_argument("--shape", type=int, nargs=3, default=SHAPE, metavar=("B", "K", "N_OUT"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
+    B, K, N = args.shape
     print(f"B={B} K={K} N_out={N} fp32, {args.threads} thread(s), "
           f"{'CPU' if args.threads == 1 else 'wall'} time, median of {args.rounds} interleaved rounds")
     with udn_kernels.backend("cpu"):
-        run(*(phases() if args.phases else methods()), args.rounds, clock)
+        run(*(phases if args.phases else methods)(B, K, N), args.rounds, clock)
 
 
 if __name__ == "__main__":
