@@ -266,13 +266,15 @@ Tensor mean_product(const Tensor& x, const Tensor& mu) { return at::matmul(x, mu
 // Sum over draws of a per-draw [S, B, M] tensor when x is shared by them (Sx = 1 < S).
 Tensor sum_draws_if_shared(const Tensor& t, int64_t Sx) { return Sx == 1 && t.size(0) > 1 ? t.sum(0, true) : t; }
 
+// Contiguous [Sx, B, M] viewed as the matrix [Sx*B, M] (explicit sizes: -1 is ambiguous when M is 0).
+Tensor rows_of(const Tensor& t) { return t.view({t.size(0) * t.size(1), t.size(2)}); }
+
 // Gradients of the mean part x mu^T (local, flipout): d_x [Sx, B, K] += g mu and d_mu = g^T x,
 // with g summed over the draws first when x is shared (one GEMM each instead of one per draw).
 void add_mean_part_grads(const Tensor& g, const Tensor& x, const Tensor& mu, Tensor& d_x, Tensor& d_mu) {
-  const int64_t N = mu.size(0), K = mu.size(1);
-  const Tensor g_mean = sum_draws_if_shared(g, x.size(0)).reshape({-1, N});
-  d_x.view({-1, K}).addmm_(g_mean, mu);
-  d_mu = at::mm(g_mean.t(), x.reshape({-1, K}));
+  const Tensor g_mean = rows_of(sum_draws_if_shared(g, x.size(0)));
+  rows_of(d_x).addmm_(g_mean, mu);
+  d_mu = at::mm(g_mean.t(), rows_of(x));
 }
 
 Tensor gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt, const Tensor& weight_sigma,
@@ -395,7 +397,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
     });
     const Tensor d_var_x = sum_draws_if_shared(d_var, Sx);  // [Sx, B, N]
     d_x = at::matmul(d_var_x, sigma2).mul_(x);
-    d_sigma = at::mm(d_var_x.reshape({-1, N}).t(), x2.reshape({-1, K})).mul_(weight_sigma);
+    d_sigma = at::mm(rows_of(d_var_x).t(), rows_of(x2)).mul_(weight_sigma);
     if (bias_sigma) d_bias_sigma = d_var.sum({0, 1}).mul_(*bias_sigma);
     if (mu) add_mean_part_grads(g, x, *mu, d_x, d_mu);
     return {d_x, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
