@@ -72,6 +72,20 @@ def test_kernel_matches_reference_across_weight_tiles(estimator, S, sampled, wit
         _close(a, b, "grad")
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("B, K, N", [(0, 4, 3), (2, 0, 3), (2, 4, 0)])
+@pytest.mark.parametrize("S, sampled", [(1, False), (2, False), (2, True)])
+def test_kernel_matches_reference_on_empty_dimensions(estimator, B, K, N, S, sampled):
+    # K = 0 or N = 0 leaves matrices with a zero dimension, where a reshape to (-1, 0) is ambiguous.
+    x, mu, sigma, bmu, bsig = _inputs(torch.float32, S, sampled, True, "both", B=B, K=K, N=N)
+    args = (x, mu, sigma, bmu, bsig, 5, estimator, S, sampled)
+    out = C.gaussian_linear_fwd(*args)
+    _close(out, ref.gaussian_linear_fwd(*args), "out")
+    grad = torch.randn_like(out)
+    for a, b in zip(C.gaussian_linear_bwd(grad, *args), ref.gaussian_linear_bwd(grad, *args)):
+        _close(a, b, "grad")
+
+
 def test_local_zero_variance_rows_have_finite_gradients():
     x, mu, sigma, _, _ = _inputs(torch.float64, 2, True, True, "none")
     x[0, 1] = 0.0

@@ -12,8 +12,11 @@ heads forward and d_hidden kernels with L*N*D > 2^31 (depth 1 starts past 2^30);
 kernel with per-depth heads of L*C*D > 2^31; the predict kernels (logsumexp pass and predict) with
 L*N*D > 2^31 and N*C > 2^31; the stochastic-linear forward and d_weight kernels with N_out*K >
 2^31, and the forward and d_x kernels with S*N*K > 2^31 (noise offsets and x / grad / out draws
-past 2^31). Tolerance: float32 in and out, 1e-4 relative / 1e-4 absolute on O(1)..O(10) values. """
-import pytest from triton_interpreter import interpreted, only_programs, rerun_under_interpreter
+past 2^31).
+Tolerance: float32 in and out, 1e-4 relative / 1e-4 absolute on O(1)..O(10) values.
+"""
+import pytest
+from triton_interpreter import interpreted, only_programs, rerun_under_interpreter
 
 if not interpreted():
 
