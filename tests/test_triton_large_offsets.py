@@ -75,7 +75,7 @@ else:
         counter0, block = 2**32 - 100, 256
         want = torch.empty(4 * block)
         _randn4x_kernel[(1,)](want, SEED, counter0, BLOCK=block)
-        got = triton_rng.philox_normal(4 * block, SEED, 4 * counter0)
+        got = triton_rng.philox_normal(4 * block, SEED, 4 * counter0, want.device)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
     def test_heads_forward_and_d_hidden_past_2_31():
