@@ -277,9 +277,12 @@ void add_mean_part_grads(const Tensor& g, const Tensor& x, const Tensor& mu, Ten
   d_mu = at::mm(g_mean.t(), rows_of(x));
 }
 
-Tensor gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt, const Tensor& weight_sigma,
-                           const OptTensor& bias_mu_opt, const OptTensor& bias_sigma_opt, int64_t seed_in,
-                           c10::string_view estimator, int64_t S, bool x_sampled) {
+// (out [S, B, N], std): std is local's output standard deviation [Sx, B, N], which backward takes
+// instead of recomputing the variance GEMM (empty for sample / flipout).
+std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt,
+                                               const Tensor& weight_sigma, const OptTensor& bias_mu_opt,
+                                               const OptTensor& bias_sigma_opt, int64_t seed_in,
+                                               c10::string_view estimator, int64_t S, bool x_sampled) {
   const Tensor* mu = ptr_or_null(weight_mu_opt);
   const Tensor* bias_mu = ptr_or_null(bias_mu_opt);
   const Tensor* bias_sigma = ptr_or_null(bias_sigma_opt);
@@ -288,39 +291,31 @@ Tensor gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt, cons
   const auto opt = x.options();
   Tensor out = at::empty({S, B, N}, opt);
   if (estimator == "local") {
-    const Tensor x2 = x * x;
-    Tensor var = at::matmul(x2, (weight_sigma * weight_sigma).t());  // [Sx, B, N]
+    // var [Sx, B, N] (+ bias_sigma^2), made the std in place: the forward's one output-sized aux.
+    Tensor sd = at::matmul(x * x, (weight_sigma * weight_sigma).t()).contiguous();
+    if (bias_sigma) sd.add_(bias_sigma->square());
+    sd.sqrt_();
     Tensor mean = mu ? mean_product(x, *mu) : Tensor();
-    const Tensor bias_var = bias_sigma ? (*bias_sigma * *bias_sigma).contiguous() : Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_fwd_local", [&] {
-      const scalar_t* v = var.data_ptr<scalar_t>();
+      const scalar_t* sdp = sd.data_ptr<scalar_t>();
       const scalar_t* m = mu ? mean.data_ptr<scalar_t>() : nullptr;
       const scalar_t* bm = bias_mu ? bias_mu->data_ptr<scalar_t>() : nullptr;
-      const scalar_t* bv = bias_sigma ? bias_var.data_ptr<scalar_t>() : nullptr;
       scalar_t* o = out.data_ptr<scalar_t>();
       const int64_t Sx = x.size(0);
       at::parallel_for(0, S * B, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scratch;
-        std::vector<scalar_t> std_row(N);
         for (int64_t row = begin; row < end; ++row) {
           const int64_t xrow = Sx == 1 ? row % B : row;
           scalar_t* orow = o + row * N;
           Noise{Noise::kNormal, seed}.fill_as(orow, N, row * N, scratch);  // eps (s, b, :)
-          const scalar_t* vrow = v + xrow * N;
-          if (bv) {
-            at::vec::map2<scalar_t>([](Vec<scalar_t> a, Vec<scalar_t> c) { return (a + c).sqrt(); },
-                                    std_row.data(), vrow, bv, N);
-          } else {
-            at::vec::map<scalar_t>([](Vec<scalar_t> a) { return a.sqrt(); }, std_row.data(), vrow, N);
-          }
-          at::vec::map2<scalar_t>([](Vec<scalar_t> e, Vec<scalar_t> sd) { return e * sd; }, orow, orow,
-                                  std_row.data(), N);
+          at::vec::map2<scalar_t>([](Vec<scalar_t> e, Vec<scalar_t> c) { return e * c; }, orow, orow,
+                                  sdp + xrow * N, N);
           if (m) at::vec::map2<scalar_t>([](Vec<scalar_t> a, Vec<scalar_t> c) { return a + c; }, orow, orow, m + xrow * N, N);
           if (bm) at::vec::map2<scalar_t>([](Vec<scalar_t> a, Vec<scalar_t> c) { return a + c; }, orow, orow, bm, N);
         }
       });
     });
-    return out;
+    return {out, sd};
   }
   const Tensor bias = sampled_bias(bias_mu, bias_sigma, seed, S, N, K, opt);
   const bool flipout = estimator == "flipout";
@@ -344,13 +339,13 @@ Tensor gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt, cons
                             flipout ? &flip : nullptr, fo.out_offset + s * B * N, sign, scratch);
     });
   });
-  return out;
+  return {out, x.new_empty({0})};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
     const Tensor& grad_out, const Tensor& x, const OptTensor& weight_mu_opt, const Tensor& weight_sigma,
-    const OptTensor& bias_mu_opt, const OptTensor& bias_sigma_opt, int64_t seed_in, c10::string_view estimator,
-    int64_t S, bool x_sampled) {
+    const OptTensor& bias_mu_opt, const OptTensor& bias_sigma_opt, const Tensor& std_in, int64_t seed_in,
+    c10::string_view estimator, int64_t S, bool x_sampled) {
   const Tensor* mu = ptr_or_null(weight_mu_opt);
   const Tensor* bias_mu = ptr_or_null(bias_mu_opt);
   const Tensor* bias_sigma = ptr_or_null(bias_sigma_opt);
@@ -362,42 +357,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
   Tensor d_bias_mu = bias_mu ? g.sum({0, 1}) : x.new_empty({0});
   Tensor d_bias_sigma = x.new_empty({0});
   if (estimator == "local") {
-    const Tensor x2 = x * x;
-    const Tensor sigma2 = weight_sigma * weight_sigma;
-    const Tensor var = at::matmul(x2, sigma2.t());
-    const Tensor bias_var = bias_sigma ? (*bias_sigma * *bias_sigma).contiguous() : Tensor();
+    TORCH_CHECK(std_in.sizes() == at::IntArrayRef({Sx, B, N}), "gaussian_linear_bwd: std: expected the "
+                "forward's local std of shape [", Sx, ", ", B, ", ", N, "], got ", std_in.sizes());
+    const Tensor sd = std_in.contiguous();
     // 2 dL/dvar per draw = g * eps / std (0 where std == 0): the 2 cancels the 2 of d(x^2) and d(sigma^2).
     Tensor d_var = at::empty({S, B, N}, opt);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd_local", [&] {
-      const scalar_t* v = var.data_ptr<scalar_t>();
-      const scalar_t* bv = bias_sigma ? bias_var.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* sdp = sd.data_ptr<scalar_t>();
       const scalar_t* gp = g.data_ptr<scalar_t>();
       scalar_t* dv = d_var.data_ptr<scalar_t>();
       at::parallel_for(0, S * B, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scratch;
         for (int64_t row = begin; row < end; ++row) {
-          const scalar_t* vrow = v + (Sx == 1 ? row % B : row) * N;
+          const scalar_t* srow = sdp + (Sx == 1 ? row % B : row) * N;
           scalar_t* drow = dv + row * N;
           Noise{Noise::kNormal, seed}.fill_as(drow, N, row * N, scratch);
           using V = Vec<scalar_t>;
           const scalar_t* grow = gp + row * N;
           int64_t n = 0;
           for (; n + V::size() <= N; n += V::size()) {
-            V var_n = V::loadu(vrow + n);
-            if (bv) var_n = var_n + V::loadu(bv + n);
-            const V value = V::loadu(grow + n) * V::loadu(drow + n) / var_n.sqrt();
-            V::blendv(V(0), value, var_n > V(0)).store(drow + n);
+            const V std_n = V::loadu(srow + n);
+            const V value = V::loadu(grow + n) * V::loadu(drow + n) / std_n;
+            V::blendv(V(0), value, std_n > V(0)).store(drow + n);
           }
-          for (; n < N; ++n) {
-            const scalar_t var_n = vrow[n] + (bv ? bv[n] : scalar_t(0));
-            drow[n] = var_n > 0 ? grow[n] * drow[n] / std::sqrt(var_n) : scalar_t(0);
-          }
+          for (; n < N; ++n) drow[n] = srow[n] > 0 ? grow[n] * drow[n] / srow[n] : scalar_t(0);
         }
       });
     });
     const Tensor d_var_x = sum_draws_if_shared(d_var, Sx);  // [Sx, B, N]
-    d_x = at::matmul(d_var_x, sigma2).mul_(x);
-    d_sigma = at::mm(rows_of(d_var_x).t(), rows_of(x2)).mul_(weight_sigma);
+    d_x = at::matmul(d_var_x, weight_sigma * weight_sigma).mul_(x);
+    d_sigma = at::mm(rows_of(d_var_x).t(), rows_of(x * x)).mul_(weight_sigma);
     if (bias_sigma) d_bias_sigma = d_var.sum({0, 1}).mul_(*bias_sigma);
     if (mu) add_mean_part_grads(g, x, *mu, d_x, d_mu);
     return {d_x, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
@@ -527,9 +516,9 @@ std::tuple<Tensor, Tensor, Tensor> bernoulli_linear_bwd(const Tensor& grad_out, 
 
 TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
   m.def("gaussian_linear_fwd(Tensor x, Tensor? weight_mu, Tensor weight_sigma, Tensor? bias_mu, "
-        "Tensor? bias_sigma, int seed, str estimator, int samples, bool x_sampled) -> Tensor");
+        "Tensor? bias_sigma, int seed, str estimator, int samples, bool x_sampled) -> (Tensor, Tensor)");
   m.def("gaussian_linear_bwd(Tensor grad_out, Tensor x, Tensor? weight_mu, Tensor weight_sigma, "
-        "Tensor? bias_mu, Tensor? bias_sigma, int seed, str estimator, int samples, bool x_sampled) "
+        "Tensor? bias_mu, Tensor? bias_sigma, Tensor std, int seed, str estimator, int samples, bool x_sampled) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bernoulli_linear_fwd(Tensor x, Tensor weight, Tensor? bias, float p, int seed, str mask, "
         "int samples, bool x_sampled) -> Tensor");

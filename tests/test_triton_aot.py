@@ -14,9 +14,9 @@ import sys
 
 # One config per kernel: heads fp32 (exact-fp32 FMA dots, 255 registers; the predict kernel's
 # Gaussian path keeps two accumulators), the logsumexp pass of predict, gaussian flipout fp32,
-# gaussian local fp32 (grad-of-variance), bernoulli weight fp32, and every Philox kernel.
+# gaussian local fp32 (variance + std output), bernoulli weight fp32, and every Philox kernel.
 ONE_CONFIG_PER_KERNEL = ("[fp32/gaussian/fp32]", "_lse_kernel [fp32/categorical/fp32]", "philox_",
-                         "[flipout/fp32]", "gaussian_linear_bwd_gv [local/fp32]", "[weight/fp32]")
+                         "[flipout/fp32]", "gaussian_linear_fwd [local/fp32]", "[weight/fp32]")
 
 
 def test_one_config_per_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):

@@ -175,7 +175,7 @@ else:
         x = torch.randn(1, B, K, generator=gen)
         rows = torch.arange(n0, N)
         with only_programs(programs_from(1, n0 // n_block)):
-            out = tsl.gaussian_linear_fwd(x, mu, sigma, bias_mu, bias_sigma, SEED, "sample", 1, False)
+            out, _ = tsl.gaussian_linear_fwd(x, mu, sigma, bias_mu, bias_sigma, SEED, "sample", 1, False)
         w = sampled_weight(mu, sigma, 0, rows, K, N)
         bias = bias_mu[n0:] + bias_sigma[n0:] * philox.normal_at(N * K + rows, SEED)  # bias eps after S*N*K
         torch.testing.assert_close(out[0, :, n0:], x[0] @ w.T + bias, **TOL)
@@ -198,7 +198,7 @@ else:
         x = filled_tail((S, B, K), S - 1, 0, gen)
         mu, sigma = torch.randn(N, K, generator=gen), torch.rand(N, K, generator=gen)
         with only_programs(programs_from(2, S - 1)):
-            out = tsl.gaussian_linear_fwd(x, mu, sigma, None, None, SEED, estimator, S, True)
+            out, _ = tsl.gaussian_linear_fwd(x, mu, sigma, None, None, SEED, estimator, S, True)
         rows, s = torch.arange(N), S - 1
         if estimator == "sample":
             expected = x[s] @ sampled_weight(mu, sigma, s, rows, K, N).T

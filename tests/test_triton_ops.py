@@ -97,6 +97,8 @@ if not interpreted():
 
     @pytest.mark.parametrize("op,args,kernel_names", [
         ("gaussian_linear", ("sample", 2, False), ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),
+        # local: the forward also writes the output std; backward regenerates the output eps only
+        ("gaussian_linear", ("local", 2, False), ["_fwd_kernel", "_philox_fill_kernel"]),
         ("bernoulli_linear", ("weight", 2, False), ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),
     ])
     def test_stochastic_linear_traces_to_kernels(trace, op, args, kernel_names):
@@ -108,7 +110,7 @@ if not interpreted():
             leaves = [t.requires_grad_() for t in (x, weight, bias)]
             if op == "gaussian_linear":  # weight_mu, weight_sigma, bias_mu; no bias noise
                 out = torch.ops.udn_kernels_triton.gaussian_linear_fwd(leaves[0], leaves[1], leaves[1].abs(),
-                                                                       leaves[2], None, 7, *args)
+                                                                       leaves[2], None, 7, *args)[0]
             else:
                 out = torch.ops.udn_kernels_triton.bernoulli_linear_fwd(*leaves, 0.25, 7, *args)
             return torch.autograd.grad(out.sum(), leaves)
@@ -149,7 +151,7 @@ if not interpreted():
             "depth_mixture_predict": lambda: torch.ops.udn_kernels_triton.depth_mixture_predict(
                 hidden, weight[0].repeat(4, 1), bias.repeat(4), log_weights, False, None)[0],
             "gaussian_linear": lambda: torch.ops.udn_kernels_triton.gaussian_linear_fwd(
-                hidden[:1], weight[0, :, :19], weight[1].abs(), None, None, 3, "flipout", 2, False),
+                hidden[:1], weight[0, :, :19], weight[1].abs(), None, None, 3, "flipout", 2, False)[0],
         }
         for t in (hidden, weight, bias, log_weights):
             t.requires_grad_()
@@ -242,11 +244,13 @@ else:
         sigma, b_mu, b_sigma = torch.rand(17, 20, generator=gen) / 4, torch.randn(17, generator=gen), \
             torch.rand(17, generator=gen)
         args = (x, mu, sigma, b_mu, b_sigma, 11, estimator, 2, False)
-        out = torch.ops.udn_kernels_triton.gaussian_linear_fwd(*args)
-        torch.testing.assert_close(out, reference.KERNELS["gaussian_linear_fwd"](*args), **TOL32)
+        out, std = torch.ops.udn_kernels_triton.gaussian_linear_fwd(*args)
+        want_out, want_std = reference.KERNELS["gaussian_linear_fwd"](*args)
+        torch.testing.assert_close(out, want_out, **TOL32)
+        torch.testing.assert_close(std, want_std, **TOL32)  # local's output std [Sx, B, N], else empty
         grad = torch.randn(out.shape, generator=gen)
-        assert_all_close(torch.ops.udn_kernels_triton.gaussian_linear_bwd(grad, *args),
-                         reference.KERNELS["gaussian_linear_bwd"](grad, *args), TOL32)
+        assert_all_close(torch.ops.udn_kernels_triton.gaussian_linear_bwd(grad, *args[:5], std, *args[5:]),
+                         reference.KERNELS["gaussian_linear_bwd"](grad, *args[:5], want_std, *args[5:]), TOL32)
 
     @pytest.mark.parametrize("mask", ["input", "weight", "symmetric"])
     def test_bernoulli_linear_ops_equal_reference(mask):
