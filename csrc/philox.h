@@ -1,15 +1,17 @@
 // Philox4x32-10 exactly as Triton's tl.randint4x / tl.rand / tl.randn (docs/rng.md).
 //
 // Element e of the stream of `seed`: key (seed_lo, seed_hi), counter (e_lo, e_hi, 0, 0), 10 rounds.
-// uint32 = word 0; uniform = Triton's uint_to_uniform_float(word 0); normal = cosine branch of
-// Box-Muller on the uniforms of words 0 and 1; sign = +1 if word 0's top bit is set else -1.
+// uint32 = word 0; uniform = Triton's uint_to_uniform_float(word 0); sign = +1 if word 0's top bit
+// is set else -1. Normals come four per counter: normal e = tl.randn4x(seed, e >> 2)[e & 3], i.e.
+// Box-Muller on words (0, 1) for e & 3 in {0, 1} and (2, 3) for {2, 3}, cosine for even e, sine
+// for odd e.
 //
 // Header-only. The scalar functions give one element at any 64-bit offset (use them inside fused
 // kernels for ragged tiles); the fill_* functions write n consecutive elements, eight lanes at a
 // time with AVX2 + FMA intrinsics when compiled with them (setup.py passes -mavx2 -mfma), and a
 // scalar loop otherwise. They are single-threaded: callers parallelise over rows / chunks.
 // Words, uniforms, signs and masks are bit-identical on both paths; the vector normals use
-// Cephes-style log/cos polynomials (~1 ulp; normals within 1e-6 of the reference, contract 4e-6).
+// Cephes-style log/sincos polynomials (~1 ulp; normals within 1e-6 of the reference, contract 4e-6).
 #pragma once
 
 #include <algorithm>
@@ -17,7 +19,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -65,11 +66,12 @@ inline float word_to_uniform(uint32_t w) {
   return static_cast<float>(x) * kUniformScale;
 }
 
-inline float words_to_normal(uint32_t w0, uint32_t w1) {
-  const float u1 = std::max(kMinUniform, word_to_uniform(w0));
-  const float theta = kTwoPi * word_to_uniform(w1);
+// One output of Triton's pair_uniform_to_normal on the uniforms of words (a, b): sine or cosine.
+inline float words_to_normal(uint32_t a, uint32_t b, bool sine) {
+  const float u1 = std::max(kMinUniform, word_to_uniform(a));
+  const float theta = kTwoPi * word_to_uniform(b);
   const float radius = std::sqrt(-2.0f * std::log(u1));
-  return radius * std::cos(theta);
+  return radius * (sine ? std::sin(theta) : std::cos(theta));
 }
 
 inline uint32_t uint32_at(uint64_t seed, int64_t e) {
@@ -79,8 +81,8 @@ inline float uniform_at(uint64_t seed, int64_t e) {
   return word_to_uniform(uint32_at(seed, e));
 }
 inline float normal_at(uint64_t seed, int64_t e) {
-  const Words w = philox4x32(seed, static_cast<uint64_t>(e));
-  return words_to_normal(w.w0, w.w1);
+  const Words w = philox4x32(seed, static_cast<uint64_t>(e) >> 2);
+  return (e & 2) ? words_to_normal(w.w2, w.w3, e & 1) : words_to_normal(w.w0, w.w1, e & 1);
 }
 inline float sign_at(uint64_t seed, int64_t e) {
   return (uint32_at(seed, e) >> 31) ? 1.0f : -1.0f;
@@ -121,14 +123,14 @@ inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
-// Words 0 and 1 for U blocks of 8 consecutive counters e[u]..e[u]+7 (no low-word wrap inside a
-// block). Several independent blocks interleaved keep the vector multipliers busy.
+// Words 0 .. kWords - 1 for U blocks of 8 consecutive counters e[u]..e[u]+7 (no low-word wrap
+// inside a block) into w[k][u]. Several independent blocks interleaved keep the multipliers busy.
 //
 // The first two rounds are specialised: the counter is (x, h, 0, 0) with only x varying across
 // lanes, so round 1 multiplies only x and round 2 multiplies only the new c2 (the other product
 // is a scalar), which saves 2 of the 20 vector multiplies.
-template <int U>
-inline void philox8(uint64_t seed, const uint64_t* e, __m256i* w0, __m256i* w1) {
+template <int U, int kWords>
+inline void philox8(uint64_t seed, const uint64_t* e, __m256i (*w)[U]) {
   const __m256i mA = _mm256_set1_epi64x(kRoundA), mB = _mm256_set1_epi64x(kRoundB);
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   uint32_t k0[kRounds], k1[kRounds];
@@ -167,8 +169,8 @@ inline void philox8(uint64_t seed, const uint64_t* e, __m256i* w0, __m256i* w1) 
     }
   }
   for (int u = 0; u < U; ++u) {
-    w0[u] = c0[u];
-    w1[u] = c1[u];
+    const __m256i c[4] = {c0[u], c1[u], c2[u], c3[u]};
+    for (int k = 0; k < kWords; ++k) w[k][u] = c[k];
   }
 }
 
@@ -202,9 +204,9 @@ inline __m256 log8(__m256 x) {
   return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
 }
 
-// cos(x) for x in [0, 2 pi]: x = q pi/2 + y with |y| <= pi/4 (3-part Cody-Waite with FMA),
-// Cephes sin/cos polynomials on y, quadrant picks +-cos y / +-sin y; about 1 ulp.
-inline __m256 cos8(__m256 x) {
+// sin(x) and cos(x) for x in [0, 2 pi]: x = q pi/2 + y with |y| <= pi/4 (3-part Cody-Waite with
+// FMA), Cephes sin/cos polynomials on y, quadrant picks +-sin y / +-cos y; about 1 ulp.
+inline void sincos8(__m256 x, __m256& sin_x, __m256& cos_x) {
   const __m256 q = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.636619772367581343f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 y = _mm256_fnmadd_ps(q, _mm256_set1_ps(1.57079637050628662109375f), x);
@@ -219,16 +221,45 @@ inline __m256 cos8(__m256 x) {
   c = _mm256_fmadd_ps(_mm256_mul_ps(c, z), z, _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, _mm256_set1_ps(1.0f)));
   const __m256i qi = _mm256_cvtps_epi32(q);
   const __m256 odd = _mm256_castsi256_ps(_mm256_slli_epi32(qi, 31));  // top bit set for odd q
-  const __m256 sign = _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(qi, _mm256_set1_epi32(1)), _mm256_set1_epi32(2)), 30));
-  return _mm256_xor_ps(_mm256_blendv_ps(c, s, odd), sign);
+  // Quadrant q: sin = (s, c, -s, -c)[q & 3], cos = (c, -s, -c, s)[q & 3].
+  const __m256i two = _mm256_set1_epi32(2);
+  const __m256 sin_sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(qi, two), 30));
+  const __m256 cos_sign = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(qi, _mm256_set1_epi32(1)), two), 30));
+  sin_x = _mm256_xor_ps(_mm256_blendv_ps(s, c, odd), sin_sign);
+  cos_x = _mm256_xor_ps(_mm256_blendv_ps(c, s, odd), cos_sign);
 }
 
-inline __m256 words_to_normal8(__m256i w0, __m256i w1) {
-  const __m256 u1 = _mm256_max_ps(words_to_uniform8(w0), _mm256_set1_ps(kMinUniform));
-  const __m256 theta = _mm256_mul_ps(_mm256_set1_ps(kTwoPi), words_to_uniform8(w1));
-  const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u1)));
-  return _mm256_mul_ps(radius, cos8(theta));
+// Box-Muller of one word pair: radius and angle of Triton's pair_uniform_to_normal.
+inline void polar8(__m256i a, __m256i b, __m256& radius, __m256& theta) {
+  const __m256 u1 = _mm256_max_ps(words_to_uniform8(a), _mm256_set1_ps(kMinUniform));
+  theta = _mm256_mul_ps(_mm256_set1_ps(kTwoPi), words_to_uniform8(b));
+  radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u1)));
+}
+
+// The 32 normals of 8 consecutive counters from their words: out[4 i + j] = normal j of counter i.
+inline void normals8x4(float* out, const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, const uint32_t* w3) {
+  auto load = [](const uint32_t* w) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)); };
+  __m256 ra, ta, rb, tb, sa, ca, sb, cb;
+  polar8(load(w0), load(w1), ra, ta);
+  polar8(load(w2), load(w3), rb, tb);
+  sincos8(ta, sa, ca);
+  sincos8(tb, sb, cb);
+  // Normals j = 0..3 of counter i in lane i of n0..n3; transpose 4 x 8 into counter-major order.
+  const __m256 n0 = _mm256_mul_ps(ra, ca), n1 = _mm256_mul_ps(ra, sa);
+  const __m256 n2 = _mm256_mul_ps(rb, cb), n3 = _mm256_mul_ps(rb, sb);
+  const __m256d t0 = _mm256_castps_pd(_mm256_unpacklo_ps(n0, n1));  // pairs (n0 n1) of lanes 0 1 | 4 5
+  const __m256d t1 = _mm256_castps_pd(_mm256_unpackhi_ps(n0, n1));  // lanes 2 3 | 6 7
+  const __m256d t2 = _mm256_castps_pd(_mm256_unpacklo_ps(n2, n3));
+  const __m256d t3 = _mm256_castps_pd(_mm256_unpackhi_ps(n2, n3));
+  const __m256 c04 = _mm256_castpd_ps(_mm256_unpacklo_pd(t0, t2));  // counters 0 | 4
+  const __m256 c15 = _mm256_castpd_ps(_mm256_unpackhi_pd(t0, t2));
+  const __m256 c26 = _mm256_castpd_ps(_mm256_unpacklo_pd(t1, t3));
+  const __m256 c37 = _mm256_castpd_ps(_mm256_unpackhi_pd(t1, t3));
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(c04, c15, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(c26, c37, 0x20));
+  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(c04, c15, 0x31));
+  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(c26, c37, 0x31));
 }
 
 // ---- AVX-512 Philox (chosen at run time, so one build serves AVX2-only and AVX-512 machines).
@@ -240,10 +271,10 @@ inline __m256 words_to_normal8(__m256i w0, __m256i w1) {
 #define UDN_PHILOX_AVX512 1
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-// Words 0 and 1 of the counters e + 16 i .. e + 16 i + 15 for i < blocks (no low-word wrap
-// inside [e, e + 16 blocks)) into w0[16 blocks], w1[16 blocks].
-__attribute__((noinline)) inline void philox_words512(uint64_t seed, uint64_t e, int64_t blocks, uint32_t* w0,
-                                                      uint32_t* w1) {
+// Words 0 .. kWords - 1 of the counters e + 16 i .. e + 16 i + 15 for i < blocks (no low-word
+// wrap inside [e, e + 16 blocks)) into w[k][16 blocks].
+template <int kWords>
+__attribute__((noinline)) void philox_words512(uint64_t seed, uint64_t e, int64_t blocks, uint32_t* const* w) {
   const __m512i mA = _mm512_set1_epi64(kRoundA), mB = _mm512_set1_epi64(kRoundB);
   const __m512i lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   uint32_t k0[kRounds], k1[kRounds];
@@ -282,19 +313,26 @@ __attribute__((noinline)) inline void philox_words512(uint64_t seed, uint64_t e,
         c3[h] = pa;
       }
     }
-    // Round 10: words 2 and 3 are not needed, so neither is the product of c0.
-    const __m512i vk0 = _mm512_set1_epi64(k0[kRounds - 1]);
+    // Round 10. Word-0 fills (uint32 / uniform / sign) skip the product of c0 that only feeds
+    // words 2 and 3; normals use all four.
+    const __m512i vk0 = _mm512_set1_epi64(k0[kRounds - 1]), vk1 = _mm512_set1_epi64(k1[kRounds - 1]);
     for (int h = 0; h < 2; ++h) {
       const __m512i pb = _mm512_mul_epu32(c2[h], mB);
-      const __m512i r0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[h], vk0, 0x96);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w0 + 16 * blk + 8 * h), _mm512_cvtepi64_epi32(r0));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w1 + 16 * blk + 8 * h), _mm512_cvtepi64_epi32(pb));
+      __m512i out[4] = {_mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[h], vk0, 0x96), pb};
+      if constexpr (kWords > 2) {
+        const __m512i pa = _mm512_mul_epu32(c0[h], mA);
+        out[2] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[h], vk1, 0x96);
+        out[3] = pa;
+      }
+      for (int k = 0; k < kWords; ++k) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[k] + 16 * blk + 8 * h), _mm512_cvtepi64_epi32(out[k]));
+      }
     }
   }
 }
 
-// Box-Muller on 16 lanes: the operations of words_to_normal8 (below) one for one, with mask
-// registers for its compares and blends, so both ISAs give bit-identical normals.
+// Box-Muller on 16 lanes: the operations of normals8x4 one for one, with mask registers for its
+// compares and blends, so both ISAs give bit-identical normals.
 inline __m512 uniform16(__m512i w) {
   const __m512i x = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
   return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(kUniformScale));
@@ -317,7 +355,7 @@ inline __m512 log16(__m512 x) {
   return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
 }
 
-inline __m512 cos16(__m512 x) {
+inline void sincos16(__m512 x, __m512& sin_x, __m512& cos_x) {
   const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.636619772367581343f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 y = _mm512_fnmadd_ps(q, _mm512_set1_ps(1.57079637050628662109375f), x);
@@ -332,19 +370,43 @@ inline __m512 cos16(__m512 x) {
   c = _mm512_fmadd_ps(_mm512_mul_ps(c, z), z, _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, _mm512_set1_ps(1.0f)));
   const __m512i qi = _mm512_cvtps_epi32(q);
   const __mmask16 odd = _mm512_test_epi32_mask(qi, _mm512_set1_epi32(1));
-  const __m512i sign =
-      _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(qi, _mm512_set1_epi32(1)), _mm512_set1_epi32(2)), 30);
-  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mask_blend_ps(odd, c, s)), sign));
+  const __m512i two = _mm512_set1_epi32(2);
+  const __m512i sin_sign = _mm512_slli_epi32(_mm512_and_si512(qi, two), 30);
+  const __m512i cos_sign = _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(qi, _mm512_set1_epi32(1)), two), 30);
+  sin_x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mask_blend_ps(odd, s, c)), sin_sign));
+  cos_x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mask_blend_ps(odd, c, s)), cos_sign));
 }
 
-// out[i] = normal from words w0[i], w1[i] for i < n (n a multiple of 16).
-__attribute__((noinline)) inline void normals512(float* out, const uint32_t* w0, const uint32_t* w1, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512 u1 = _mm512_max_ps(uniform16(_mm512_loadu_si512(w0 + i)), _mm512_set1_ps(kMinUniform));
-    const __m512 theta = _mm512_mul_ps(_mm512_set1_ps(kTwoPi), uniform16(_mm512_loadu_si512(w1 + i)));
-    const __m512 radius = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log16(u1)));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(radius, cos16(theta)));
-  }
+inline void polar16(__m512i a, __m512i b, __m512& radius, __m512& theta) {
+  const __m512 u1 = _mm512_max_ps(uniform16(a), _mm512_set1_ps(kMinUniform));
+  theta = _mm512_mul_ps(_mm512_set1_ps(kTwoPi), uniform16(b));
+  radius = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log16(u1)));
+}
+
+// normals8x4 on 16 counters: the 64 normals of counters i < 16 in counter-major order.
+__attribute__((noinline)) inline void normals16x4(float* out, const uint32_t* w0, const uint32_t* w1,
+                                                  const uint32_t* w2, const uint32_t* w3) {
+  __m512 ra, ta, rb, tb, sa, ca, sb, cb;
+  polar16(_mm512_loadu_si512(w0), _mm512_loadu_si512(w1), ra, ta);
+  polar16(_mm512_loadu_si512(w2), _mm512_loadu_si512(w3), rb, tb);
+  sincos16(ta, sa, ca);
+  sincos16(tb, sb, cb);
+  const __m512 n0 = _mm512_mul_ps(ra, ca), n1 = _mm512_mul_ps(ra, sa);
+  const __m512 n2 = _mm512_mul_ps(rb, cb), n3 = _mm512_mul_ps(rb, sb);
+  // As normals8x4 within each 128-bit lane: v_j holds counter 4 l + j in its 128-bit lane l.
+  const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(n0, n1)), t1 = _mm512_castps_pd(_mm512_unpackhi_ps(n0, n1));
+  const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(n2, n3)), t3 = _mm512_castps_pd(_mm512_unpackhi_ps(n2, n3));
+  const __m512 v0 = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)), v1 = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+  const __m512 v2 = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)), v3 = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  // 4 x 4 transpose of 128-bit lanes: output vector l = lane l of v0, v1, v2, v3.
+  const __m512 a01 = _mm512_shuffle_f32x4(v0, v1, _MM_SHUFFLE(1, 0, 1, 0));  // v0.0 v0.1 v1.0 v1.1
+  const __m512 a23 = _mm512_shuffle_f32x4(v2, v3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 b01 = _mm512_shuffle_f32x4(v0, v1, _MM_SHUFFLE(3, 2, 3, 2));  // v0.2 v0.3 v1.2 v1.3
+  const __m512 b23 = _mm512_shuffle_f32x4(v2, v3, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm512_storeu_ps(out, _mm512_shuffle_f32x4(a01, a23, _MM_SHUFFLE(2, 0, 2, 0)));
+  _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(a01, a23, _MM_SHUFFLE(3, 1, 3, 1)));
+  _mm512_storeu_ps(out + 32, _mm512_shuffle_f32x4(b01, b23, _MM_SHUFFLE(2, 0, 2, 0)));
+  _mm512_storeu_ps(out + 48, _mm512_shuffle_f32x4(b01, b23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 #pragma GCC pop_options
 #endif
@@ -359,35 +421,31 @@ inline bool use_avx512() {
 #endif
 }
 
-// Words 0 and 1 of 16 * blocks consecutive counters from e (no low-word wrap inside).
-inline void philox_words(uint64_t seed, uint64_t e, int64_t blocks, uint32_t* w0, uint32_t* w1) {
+// Words 0 .. kWords - 1 of 16 * blocks consecutive counters from e (no low-word wrap inside)
+// into w[k][16 blocks].
+template <int kWords>
+inline void philox_words(uint64_t seed, uint64_t e, int64_t blocks, uint32_t* const* w) {
 #ifdef UDN_PHILOX_AVX512
-  if (use_avx512()) return philox_words512(seed, e, blocks, w0, w1);
+  if (use_avx512()) return philox_words512<kWords>(seed, e, blocks, w);
 #endif
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const uint64_t ee[2] = {e + 16 * blk, e + 16 * blk + 8};
-    __m256i v0[2], v1[2];
-    philox8<2>(seed, ee, v0, v1);
-    for (int u = 0; u < 2; ++u) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w0 + 16 * blk + 8 * u), v0[u]);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w1 + 16 * blk + 8 * u), v1[u]);
+    __m256i v[kWords][2];
+    philox8<2, kWords>(seed, ee, v);
+    for (int k = 0; k < kWords; ++k) {
+      for (int u = 0; u < 2; ++u) _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[k] + 16 * blk + 8 * u), v[k][u]);
     }
   }
 }
 
-// Runs `emit(out, w0, w1)` over the vector part of a fill. Two phases per chunk of up to
-// kChunk elements: all Philox words first, then all the emits. Interleaving them per block left
-// the long latency chains of Box-Muller (log / cos polynomials) unoverlapped and doubled the
-// cost of a normal; separate loops give the out-of-order core independent iterations.
+// Runs `emit(out, w0)` over the vector part of a word-0 fill. Two phases per chunk of up to
+// kChunk elements: all Philox words first, then all the emits, so the out-of-order core sees
+// independent iterations of each.
 constexpr int64_t kChunk = 256;
-//
-// `emit_chunk(out, w0, w1, count)`, when given, replaces the emit loop of a whole chunk (count a
-// multiple of 16): the AVX-512 normals use it.
-struct NoChunkEmit {};
-template <typename T, typename Emit, typename Scalar, typename ChunkEmit = NoChunkEmit>
-inline void fill_words(T* out, int64_t n, uint64_t seed, int64_t offset, Emit emit, Scalar scalar,
-                       ChunkEmit emit_chunk = {}) {
-  alignas(64) uint32_t w0[kChunk], w1[kChunk];
+template <typename T, typename Emit, typename Scalar>
+inline void fill_words(T* out, int64_t n, uint64_t seed, int64_t offset, Emit emit, Scalar scalar) {
+  alignas(64) uint32_t w0[kChunk];
+  uint32_t* const w[1] = {w0};
   int64_t i = 0;
   while (i + 16 <= n) {
     const uint64_t e = static_cast<uint64_t>(offset + i);
@@ -395,20 +453,59 @@ inline void fill_words(T* out, int64_t n, uint64_t seed, int64_t offset, Emit em
     const int64_t room = (int64_t{1} << 32) - static_cast<int64_t>(static_cast<uint32_t>(e));
     const int64_t count = std::min({kChunk, (n - i) & ~int64_t{15}, room & ~int64_t{15}});
     if (count == 0) break;
-    philox_words(seed, e, count / 16, w0, w1);
-    bool done = false;
-    if constexpr (!std::is_same_v<ChunkEmit, NoChunkEmit>) done = emit_chunk(out + i, w0, w1, count);
-    for (int64_t j = 0; j < count && !done; j += 8) {
-      emit(out + i + j, _mm256_load_si256(reinterpret_cast<const __m256i*>(w0 + j)),
-           _mm256_load_si256(reinterpret_cast<const __m256i*>(w1 + j)));
-    }
+    philox_words<1>(seed, e, count / 16, w);
+    for (int64_t j = 0; j < count; j += 8) emit(out + i + j, _mm256_load_si256(reinterpret_cast<const __m256i*>(w0 + j)));
     i += count;
   }
   fill(out + i, n - i, offset + i, [&](T* o, uint64_t e) {
-    __m256i v0, v1;
-    philox8<1>(seed, &e, &v0, &v1);
-    emit(o, v0, v1);
+    __m256i v[1][1];
+    philox8<1, 1>(seed, &e, v);
+    emit(o, v[0][0]);
   }, scalar);
+}
+
+// Normals offset .. offset + n - 1: counters offset >> 2 .. (offset + n - 1) >> 2, 16 at a time
+// (64 normals). As in fill_words, per chunk of kNormalChunk counters all four Philox words come
+// first, then the Box-Muller blocks. A block that sticks out of [offset, offset + n) (ragged head
+// or tail) is computed whole into a buffer and its overlap copied; counters within 16 of a low-word
+// wrap go through normal_at.
+constexpr int64_t kNormalChunk = 64;
+inline void fill_normal4(float* out, int64_t n, uint64_t seed, int64_t offset) {
+  if (n <= 0) return;
+  alignas(64) uint32_t words[4][kNormalChunk];
+  uint32_t* const w[4] = {words[0], words[1], words[2], words[3]};
+  alignas(64) float block[64];
+  const uint64_t begin = static_cast<uint64_t>(offset), end = begin + static_cast<uint64_t>(n);
+  uint64_t c = begin >> 2;
+  const uint64_t c_end = (end + 3) >> 2;  // end <= 2^63: no overflow
+  // Normals [4 c, 4 c + count) clipped to [begin, end) into out.
+  auto emit = [&](uint64_t c0, uint64_t count, auto make) {
+    const uint64_t lo = std::max(begin, 4 * c0), hi = std::min(end, 4 * c0 + count);
+    if (lo == 4 * c0 && hi == 4 * c0 + count) return make(out + (lo - begin));
+    make(block);
+    std::memcpy(out + (lo - begin), block + (lo - 4 * c0), (hi - lo) * sizeof(float));
+  };
+  while (c < c_end) {
+    const uint64_t room = (uint64_t{1} << 32) - static_cast<uint32_t>(c);
+    if (room < 16) {  // the next 16 counters would wrap the low word: one counter at a time
+      emit(c, 4, [&](float* o) { for (int j = 0; j < 4; ++j) o[j] = normal_at(seed, static_cast<int64_t>(4 * c + j)); });
+      ++c;
+      continue;
+    }
+    const uint64_t count = std::min({static_cast<uint64_t>(kNormalChunk), (c_end - c + 15) & ~uint64_t{15},
+                                     room & ~uint64_t{15}});
+    philox_words<4>(seed, c, static_cast<int64_t>(count / 16), w);
+    for (uint64_t b = 0; b < count; b += 16) {
+      emit(c + b, 64, [&](float* o) {
+#ifdef UDN_PHILOX_AVX512
+        if (use_avx512()) return normals16x4(o, w[0] + b, w[1] + b, w[2] + b, w[3] + b);
+#endif
+        normals8x4(o, w[0] + b, w[1] + b, w[2] + b, w[3] + b);
+        normals8x4(o + 32, w[0] + b + 8, w[1] + b + 8, w[2] + b + 8, w[3] + b + 8);
+      });
+    }
+    c += count;
+  }
 }
 #endif
 
@@ -420,7 +517,7 @@ inline void fill_words(T* out, int64_t n, uint64_t seed, int64_t offset, Emit em
 inline void fill_uint32(uint32_t* out, int64_t n, uint64_t seed, int64_t offset) {
   auto scalar = [&](int64_t e) { return uint32_at(seed, e); };
 #ifdef UDN_PHILOX_AVX2
-  detail::fill_words(out, n, seed, offset, [](uint32_t* o, __m256i w0, __m256i) {
+  detail::fill_words(out, n, seed, offset, [](uint32_t* o, __m256i w0) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), w0);
   }, scalar);
 #else
@@ -431,7 +528,7 @@ inline void fill_uint32(uint32_t* out, int64_t n, uint64_t seed, int64_t offset)
 inline void fill_uniform(float* out, int64_t n, uint64_t seed, int64_t offset) {
   auto scalar = [&](int64_t e) { return uniform_at(seed, e); };
 #ifdef UDN_PHILOX_AVX2
-  detail::fill_words(out, n, seed, offset, [](float* o, __m256i w0, __m256i) {
+  detail::fill_words(out, n, seed, offset, [](float* o, __m256i w0) {
     _mm256_storeu_ps(o, detail::words_to_uniform8(w0));
   }, scalar);
 #else
@@ -440,28 +537,17 @@ inline void fill_uniform(float* out, int64_t n, uint64_t seed, int64_t offset) {
 }
 
 inline void fill_normal(float* out, int64_t n, uint64_t seed, int64_t offset) {
-  auto scalar = [&](int64_t e) { return normal_at(seed, e); };
 #ifdef UDN_PHILOX_AVX2
-  detail::fill_words(out, n, seed, offset, [](float* o, __m256i w0, __m256i w1) {
-    _mm256_storeu_ps(o, detail::words_to_normal8(w0, w1));
-  }, scalar, [](float* o, const uint32_t* w0, const uint32_t* w1, int64_t count) {
-#ifdef UDN_PHILOX_AVX512
-    if (detail::use_avx512()) {
-      detail::normals512(o, w0, w1, count);
-      return true;
-    }
-#endif
-    return false;
-  });
+  detail::fill_normal4(out, n, seed, offset);
 #else
-  detail::fill(out, n, offset, nullptr, scalar);
+  detail::fill(out, n, offset, nullptr, [&](int64_t e) { return normal_at(seed, e); });
 #endif
 }
 
 inline void fill_sign(float* out, int64_t n, uint64_t seed, int64_t offset) {
   auto scalar = [&](int64_t e) { return sign_at(seed, e); };
 #ifdef UDN_PHILOX_AVX2
-  detail::fill_words(out, n, seed, offset, [](float* o, __m256i w0, __m256i) {
+  detail::fill_words(out, n, seed, offset, [](float* o, __m256i w0) {
     // blendv selects by each lane's top bit, which is exactly the sign rule.
     _mm256_storeu_ps(o, _mm256_blendv_ps(_mm256_set1_ps(-1.0f), _mm256_set1_ps(1.0f),
                                          _mm256_castsi256_ps(w0)));
@@ -476,7 +562,7 @@ inline void fill_keep_mask(float* out, int64_t n, float p, float scale, uint64_t
   auto scalar = [&](int64_t e) { return keep_at(p, scale, seed, e); };
 #ifdef UDN_PHILOX_AVX2
   const __m256 vp = _mm256_set1_ps(p), vscale = _mm256_set1_ps(scale);
-  detail::fill_words(out, n, seed, offset, [&](float* o, __m256i w0, __m256i) {
+  detail::fill_words(out, n, seed, offset, [&](float* o, __m256i w0) {
     const __m256 keep = _mm256_cmp_ps(detail::words_to_uniform8(w0), vp, _CMP_GE_OQ);
     _mm256_storeu_ps(o, _mm256_and_ps(keep, vscale));
   }, scalar);
@@ -490,7 +576,7 @@ inline void fill_bernoulli(float* out, int64_t n, float p, uint64_t seed, int64_
   auto scalar = [&](int64_t e) { return uniform_at(seed, e) < p ? 1.0f : 0.0f; };
 #ifdef UDN_PHILOX_AVX2
   const __m256 vp = _mm256_set1_ps(p), one = _mm256_set1_ps(1.0f);
-  detail::fill_words(out, n, seed, offset, [&](float* o, __m256i w0, __m256i) {
+  detail::fill_words(out, n, seed, offset, [&](float* o, __m256i w0) {
     const __m256 hit = _mm256_cmp_ps(detail::words_to_uniform8(w0), vp, _CMP_LT_OQ);
     _mm256_storeu_ps(o, _mm256_and_ps(hit, one));
   }, scalar);

@@ -263,9 +263,26 @@ Flipout flipout_offsets(int64_t S, int64_t B, int64_t N, int64_t K) {
 // The mean part x mu^T of local and flipout: [Sx, B, N].
 Tensor mean_product(const Tensor& x, const Tensor& mu) { return at::matmul(x, mu.t()); }
 
-Tensor gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt, const Tensor& weight_sigma,
-                           const OptTensor& bias_mu_opt, const OptTensor& bias_sigma_opt, int64_t seed_in,
-                           c10::string_view estimator, int64_t S, bool x_sampled) {
+// Sum over draws of a per-draw [S, B, M] tensor when x is shared by them (Sx = 1 < S).
+Tensor sum_draws_if_shared(const Tensor& t, int64_t Sx) { return Sx == 1 && t.size(0) > 1 ? t.sum(0, true) : t; }
+
+// Contiguous [Sx, B, M] viewed as the matrix [Sx*B, M] (explicit sizes: -1 is ambiguous when M is 0).
+Tensor rows_of(const Tensor& t) { return t.view({t.size(0) * t.size(1), t.size(2)}); }
+
+// Gradients of the mean part x mu^T (local, flipout): d_x [Sx, B, K] += g mu and d_mu = g^T x,
+// with g summed over the draws first when x is shared (one GEMM each instead of one per draw).
+void add_mean_part_grads(const Tensor& g, const Tensor& x, const Tensor& mu, Tensor& d_x, Tensor& d_mu) {
+  const Tensor g_mean = rows_of(sum_draws_if_shared(g, x.size(0)));
+  rows_of(d_x).addmm_(g_mean, mu);
+  d_mu = at::mm(g_mean.t(), rows_of(x));
+}
+
+// (out [S, B, N], std): std is local's output standard deviation [Sx, B, N], which backward takes
+// instead of recomputing the variance GEMM (empty for sample / flipout).
+std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt,
+                                               const Tensor& weight_sigma, const OptTensor& bias_mu_opt,
+                                               const OptTensor& bias_sigma_opt, int64_t seed_in,
+                                               c10::string_view estimator, int64_t S, bool x_sampled) {
   const Tensor* mu = ptr_or_null(weight_mu_opt);
   const Tensor* bias_mu = ptr_or_null(bias_mu_opt);
   const Tensor* bias_sigma = ptr_or_null(bias_sigma_opt);
@@ -274,39 +291,31 @@ Tensor gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt, cons
   const auto opt = x.options();
   Tensor out = at::empty({S, B, N}, opt);
   if (estimator == "local") {
-    const Tensor x2 = x * x;
-    Tensor var = at::matmul(x2, (weight_sigma * weight_sigma).t());  // [Sx, B, N]
+    // var [Sx, B, N] (+ bias_sigma^2), made the std in place: the forward's one output-sized aux.
+    Tensor sd = at::matmul(x * x, (weight_sigma * weight_sigma).t()).contiguous();
+    if (bias_sigma) sd.add_(bias_sigma->square());
+    sd.sqrt_();
     Tensor mean = mu ? mean_product(x, *mu) : Tensor();
-    const Tensor bias_var = bias_sigma ? (*bias_sigma * *bias_sigma).contiguous() : Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_fwd_local", [&] {
-      const scalar_t* v = var.data_ptr<scalar_t>();
+      const scalar_t* sdp = sd.data_ptr<scalar_t>();
       const scalar_t* m = mu ? mean.data_ptr<scalar_t>() : nullptr;
       const scalar_t* bm = bias_mu ? bias_mu->data_ptr<scalar_t>() : nullptr;
-      const scalar_t* bv = bias_sigma ? bias_var.data_ptr<scalar_t>() : nullptr;
       scalar_t* o = out.data_ptr<scalar_t>();
       const int64_t Sx = x.size(0);
       at::parallel_for(0, S * B, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scratch;
-        std::vector<scalar_t> std_row(N);
         for (int64_t row = begin; row < end; ++row) {
           const int64_t xrow = Sx == 1 ? row % B : row;
           scalar_t* orow = o + row * N;
           Noise{Noise::kNormal, seed}.fill_as(orow, N, row * N, scratch);  // eps (s, b, :)
-          const scalar_t* vrow = v + xrow * N;
-          if (bv) {
-            at::vec::map2<scalar_t>([](Vec<scalar_t> a, Vec<scalar_t> c) { return (a + c).sqrt(); },
-                                    std_row.data(), vrow, bv, N);
-          } else {
-            at::vec::map<scalar_t>([](Vec<scalar_t> a) { return a.sqrt(); }, std_row.data(), vrow, N);
-          }
-          at::vec::map2<scalar_t>([](Vec<scalar_t> e, Vec<scalar_t> sd) { return e * sd; }, orow, orow,
-                                  std_row.data(), N);
+          at::vec::map2<scalar_t>([](Vec<scalar_t> e, Vec<scalar_t> c) { return e * c; }, orow, orow,
+                                  sdp + xrow * N, N);
           if (m) at::vec::map2<scalar_t>([](Vec<scalar_t> a, Vec<scalar_t> c) { return a + c; }, orow, orow, m + xrow * N, N);
           if (bm) at::vec::map2<scalar_t>([](Vec<scalar_t> a, Vec<scalar_t> c) { return a + c; }, orow, orow, bm, N);
         }
       });
     });
-    return out;
+    return {out, sd};
   }
   const Tensor bias = sampled_bias(bias_mu, bias_sigma, seed, S, N, K, opt);
   const bool flipout = estimator == "flipout";
@@ -316,7 +325,7 @@ Tensor gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt, cons
   if (flipout) {
     // out starts as the mean part; x * sign_in feeds the noisy part.
     if (mu) out.copy_(mean_product(x, *mu).expand({S, B, N})); else out.zero_();
-    xe = x.expand({S, B, K}) * noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, opt);
+    xe = noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, opt).mul_(x);
   }
   const NoisyWeight nw{flipout ? nullptr : mu, weight_sigma, {Noise::kNormal, seed}, S};
   const Noise flip{Noise::kSign, seed};
@@ -330,15 +339,13 @@ Tensor gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt, cons
                             flipout ? &flip : nullptr, fo.out_offset + s * B * N, sign, scratch);
     });
   });
-  return out;
+  return {out, x.new_empty({0})};
 }
-
-Tensor empty_like_or_none(const Tensor* t, const Tensor& like) { return t ? at::zeros_like(*t) : like.new_empty({0}); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
     const Tensor& grad_out, const Tensor& x, const OptTensor& weight_mu_opt, const Tensor& weight_sigma,
-    const OptTensor& bias_mu_opt, const OptTensor& bias_sigma_opt, int64_t seed_in, c10::string_view estimator,
-    int64_t S, bool x_sampled) {
+    const OptTensor& bias_mu_opt, const OptTensor& bias_sigma_opt, const Tensor& std_in, int64_t seed_in,
+    c10::string_view estimator, int64_t S, bool x_sampled) {
   const Tensor* mu = ptr_or_null(weight_mu_opt);
   const Tensor* bias_mu = ptr_or_null(bias_mu_opt);
   const Tensor* bias_sigma = ptr_or_null(bias_sigma_opt);
@@ -346,52 +353,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
   const int64_t Sx = x.size(0), B = x.size(1), K = x.size(2), N = weight_sigma.size(0);
   const auto opt = x.options();
   const Tensor g = grad_out.contiguous();
-  // The gradient of the deterministic mean part x mu^T + bias_mu (shared x: summed over draws).
-  const Tensor g_mean = Sx == 1 ? g.sum(0, /*keepdim=*/true) : g;
   Tensor d_x, d_mu = mu ? Tensor() : x.new_empty({0}), d_sigma;
   Tensor d_bias_mu = bias_mu ? g.sum({0, 1}) : x.new_empty({0});
   Tensor d_bias_sigma = x.new_empty({0});
   if (estimator == "local") {
-    const Tensor x2 = x * x;
-    const Tensor sigma2 = weight_sigma * weight_sigma;
-    const Tensor var = at::matmul(x2, sigma2.t());
-    const Tensor bias_var = bias_sigma ? (*bias_sigma * *bias_sigma).contiguous() : Tensor();
-    Tensor d_var = at::empty({S, B, N}, opt);  // dL/dvar per draw = g * eps / (2 std), 0 where std == 0
+    TORCH_CHECK(std_in.sizes() == at::IntArrayRef({Sx, B, N}), "gaussian_linear_bwd: std: expected the "
+                "forward's local std of shape [", Sx, ", ", B, ", ", N, "], got ", std_in.sizes());
+    const Tensor sd = std_in.contiguous();
+    // 2 dL/dvar per draw = g * eps / std (0 where std == 0): the 2 cancels the 2 of d(x^2) and d(sigma^2).
+    Tensor d_var = at::empty({S, B, N}, opt);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd_local", [&] {
-      const scalar_t* v = var.data_ptr<scalar_t>();
-      const scalar_t* bv = bias_sigma ? bias_var.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* sdp = sd.data_ptr<scalar_t>();
       const scalar_t* gp = g.data_ptr<scalar_t>();
       scalar_t* dv = d_var.data_ptr<scalar_t>();
       at::parallel_for(0, S * B, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scratch;
         for (int64_t row = begin; row < end; ++row) {
-          const scalar_t* vrow = v + (Sx == 1 ? row % B : row) * N;
+          const scalar_t* srow = sdp + (Sx == 1 ? row % B : row) * N;
           scalar_t* drow = dv + row * N;
           Noise{Noise::kNormal, seed}.fill_as(drow, N, row * N, scratch);
           using V = Vec<scalar_t>;
           const scalar_t* grow = gp + row * N;
           int64_t n = 0;
           for (; n + V::size() <= N; n += V::size()) {
-            V var_n = V::loadu(vrow + n);
-            if (bv) var_n = var_n + V::loadu(bv + n);
-            const V value = V::loadu(grow + n) * V::loadu(drow + n) / (V(2) * var_n.sqrt());
-            V::blendv(V(0), value, var_n > V(0)).store(drow + n);
+            const V std_n = V::loadu(srow + n);
+            const V value = V::loadu(grow + n) * V::loadu(drow + n) / std_n;
+            V::blendv(V(0), value, std_n > V(0)).store(drow + n);
           }
-          for (; n < N; ++n) {
-            const scalar_t var_n = vrow[n] + (bv ? bv[n] : scalar_t(0));
-            drow[n] = var_n > 0 ? grow[n] * drow[n] / (2 * std::sqrt(var_n)) : scalar_t(0);
-          }
+          for (; n < N; ++n) drow[n] = srow[n] > 0 ? grow[n] * drow[n] / srow[n] : scalar_t(0);
         }
       });
     });
-    const Tensor d_var_x = Sx == 1 ? d_var.sum(0, true) : d_var;  // [Sx, B, N]
-    d_x = 2 * x * at::matmul(d_var_x, sigma2);
-    d_sigma = 2 * weight_sigma * at::mm(d_var_x.reshape({-1, N}).t(), x2.reshape({-1, K}));
-    if (bias_sigma) d_bias_sigma = 2 * *bias_sigma * d_var.sum({0, 1});
-    if (mu) {
-      d_x.add_(at::matmul(g_mean, *mu));
-      d_mu = at::mm(g_mean.reshape({-1, N}).t(), x.reshape({-1, K}));
-    }
+    const Tensor d_var_x = sum_draws_if_shared(d_var, Sx);  // [Sx, B, N]
+    d_x = at::matmul(d_var_x, weight_sigma * weight_sigma).mul_(x);
+    d_sigma = at::mm(rows_of(d_var_x).t(), rows_of(x * x)).mul_(weight_sigma);
+    if (bias_sigma) d_bias_sigma = d_var.sum({0, 1}).mul_(*bias_sigma);
+    if (mu) add_mean_part_grads(g, x, *mu, d_x, d_mu);
     return {d_x, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
   }
   const bool flipout = estimator == "flipout";
@@ -412,16 +409,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
   const Flipout fo = flipout_offsets(S, B, N, K);
   const Tensor sign_in = noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, opt);
   const Tensor xe = x.expand({S, B, K}) * sign_in;
-  const Tensor ge = g * noise_tensor({Noise::kSign, seed}, {S, B, N}, fo.out_offset, opt);
+  const Tensor ge = noise_tensor({Noise::kSign, seed}, {S, B, N}, fo.out_offset, opt).mul_(g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd_flipout", [&] {
     noisy_weight_backward<scalar_t>(xe, ge, nw, false, d_xe, d_a, d_sigma);
   });
-  d_x = d_xe * sign_in;
-  if (Sx == 1) d_x = d_x.sum(0, true);
-  if (mu) {
-    d_x.add_(at::matmul(g_mean, *mu));
-    d_mu = at::mm(g_mean.reshape({-1, N}).t(), x.reshape({-1, K}));
-  }
+  d_x = sum_draws_if_shared(d_xe.mul_(sign_in), Sx);
+  if (mu) add_mean_part_grads(g, x, *mu, d_x, d_mu);
   return {d_x, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
 }
 
@@ -509,9 +502,7 @@ std::tuple<Tensor, Tensor, Tensor> bernoulli_linear_bwd(const Tensor& grad_out, 
     Tensor dx = at::mm(g2, weight);
     const Tensor xm = masked_input(x, noise, S, &dx);
     Tensor d_weight = at::mm(g2.t(), xm);
-    Tensor d_x = dx.view({S, B, K});
-    if (Sx == 1) d_x = d_x.sum(0, true);
-    return {d_x, d_weight, d_bias};
+    return {sum_draws_if_shared(dx.view({S, B, K}), Sx), d_weight, d_bias};
   }
   const NoisyWeight nw{nullptr, weight, noise, S};
   Tensor d_x, d_a, d_weight;
@@ -525,9 +516,9 @@ std::tuple<Tensor, Tensor, Tensor> bernoulli_linear_bwd(const Tensor& grad_out, 
 
 TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
   m.def("gaussian_linear_fwd(Tensor x, Tensor? weight_mu, Tensor weight_sigma, Tensor? bias_mu, "
-        "Tensor? bias_sigma, int seed, str estimator, int samples, bool x_sampled) -> Tensor");
+        "Tensor? bias_sigma, int seed, str estimator, int samples, bool x_sampled) -> (Tensor, Tensor)");
   m.def("gaussian_linear_bwd(Tensor grad_out, Tensor x, Tensor? weight_mu, Tensor weight_sigma, "
-        "Tensor? bias_mu, Tensor? bias_sigma, int seed, str estimator, int samples, bool x_sampled) "
+        "Tensor? bias_mu, Tensor? bias_sigma, Tensor std, int seed, str estimator, int samples, bool x_sampled) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bernoulli_linear_fwd(Tensor x, Tensor weight, Tensor? bias, float p, int seed, str mask, "
         "int samples, bool x_sampled) -> Tensor");

@@ -24,6 +24,25 @@ def _close(actual, expected, what):
         assert err <= RTOL * max(1.0, expected.abs().max().item()), f"{what}: {err}"
 
 
+def _with_std(args, std):
+    """The backward kernels' arguments: the forward's inputs with its std output after bias_sigma."""
+    return (*args[:5], std, *args[5:])
+
+
+def _check_kernel_against_reference(args, what, grad=None):
+    """C++ forward (out and local's std) and backward, fed its own std, == the reference's."""
+    out, std = C.gaussian_linear_fwd(*args)
+    want_out, want_std = ref.gaussian_linear_fwd(*args)
+    _close(out, want_out, what + " out")
+    _close(std, want_std, what + " std")
+    grad = torch.randn_like(out) if grad is None else grad
+    names = ("d_x", "d_mu", "d_sigma", "d_bias_mu", "d_bias_sigma")
+    for name, a, b in zip(names, C.gaussian_linear_bwd(grad, *_with_std(args, std)),
+                          ref.gaussian_linear_bwd(grad, *_with_std(args, want_std))):
+        _close(a, b, f"{what} {name}")
+        assert torch.isfinite(a).all(), f"{what} {name}"
+
+
 def _inputs(dtype, S, sampled, with_mu, bias, B=5, K=37, N=23, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(S if sampled else 1, B, K, dtype=dtype, generator=g)
@@ -49,13 +68,7 @@ def test_kernel_matches_reference(dtype, estimator):
     for S, sampled, with_mu, bias in cases:
         x, mu, sigma, bmu, bsig = _inputs(dtype, S, sampled, with_mu, bias)
         args = (x, mu, sigma, bmu, bsig, 2**62 + 12345, estimator, S, sampled)
-        what = f"{estimator} S={S} sampled={sampled} mu={with_mu} bias={bias}"
-        out = C.gaussian_linear_fwd(*args)
-        _close(out, ref.gaussian_linear_fwd(*args), what + " out")
-        grad = torch.randn_like(out)
-        names = ("d_x", "d_mu", "d_sigma", "d_bias_mu", "d_bias_sigma")
-        for name, a, b in zip(names, C.gaussian_linear_bwd(grad, *args), ref.gaussian_linear_bwd(grad, *args)):
-            _close(a, b, f"{what} {name}")
+        _check_kernel_against_reference(args, f"{estimator} S={S} sampled={sampled} mu={with_mu} bias={bias}")
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -64,22 +77,57 @@ def test_kernel_matches_reference_across_weight_tiles(estimator, S, sampled, wit
     # K=2000 gives 32-row weight tiles: several tiles per draw, a ragged last one, so backward's
     # per-thread d_x partials, first-draw direct writes and later-draw accumulation all run.
     x, mu, sigma, bmu, bsig = _inputs(torch.float32, S, sampled, with_mu, "both", B=7, K=2000, N=70)
-    args = (x, mu, sigma, bmu, bsig, 7, estimator, S, sampled)
-    out = C.gaussian_linear_fwd(*args)
-    _close(out, ref.gaussian_linear_fwd(*args), "out")
-    grad = torch.randn_like(out)
-    for a, b in zip(C.gaussian_linear_bwd(grad, *args), ref.gaussian_linear_bwd(grad, *args)):
-        _close(a, b, "grad")
+    _check_kernel_against_reference((x, mu, sigma, bmu, bsig, 7, estimator, S, sampled), "tiles")
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("B, K, N", [(0, 4, 3), (2, 0, 3), (2, 4, 0)])
+@pytest.mark.parametrize("S, sampled", [(1, False), (2, False), (2, True)])
+def test_kernel_matches_reference_on_empty_dimensions(estimator, B, K, N, S, sampled):
+    # K = 0 or N = 0 leaves matrices with a zero dimension, where a reshape to (-1, 0) is ambiguous.
+    x, mu, sigma, bmu, bsig = _inputs(torch.float32, S, sampled, True, "both", B=B, K=K, N=N)
+    _check_kernel_against_reference((x, mu, sigma, bmu, bsig, 5, estimator, S, sampled), "empty")
 
 
 def test_local_zero_variance_rows_have_finite_gradients():
     x, mu, sigma, _, _ = _inputs(torch.float64, 2, True, True, "none")
     x[0, 1] = 0.0
-    args = (x, mu, sigma, None, None, 5, "local", 2, True)
-    grad = torch.randn(2, x.shape[1], sigma.shape[0], dtype=torch.float64)
-    for a, b in zip(C.gaussian_linear_bwd(grad, *args), ref.gaussian_linear_bwd(grad, *args)):
-        assert torch.isfinite(a).all()
-        _close(a, b, "grad")
+    _check_kernel_against_reference((x, mu, sigma, None, None, 5, "local", 2, True), "zero variance")
+
+
+@pytest.mark.parametrize("S, sampled", [(1, False), (3, False), (3, True)])
+def test_local_std_output_is_the_output_std(S, sampled):
+    # The forward's second output is sqrt(x^2 (sigma^2)^T + bias_sigma^2) per input draw [Sx, B, N]
+    # (not per weight draw), and empty for the weight-noise estimators.
+    x, mu, sigma, bmu, bsig = _inputs(torch.float64, S, sampled, True, "both")
+    for estimator in ESTIMATORS:
+        _, std = C.gaussian_linear_fwd(x, mu, sigma, bmu, bsig, 3, estimator, S, sampled)
+        if estimator == "local":
+            torch.testing.assert_close(std, ((x * x) @ (sigma * sigma).t() + bsig * bsig).sqrt(),
+                                       rtol=1e-12, atol=0)
+        else:
+            assert std.shape == (0,)
+
+
+def test_local_reference_backward_equals_autograd_of_its_forward():
+    # The reference's closed-form local backward (from std, no variance recompute) == autograd.
+    x, mu, sigma, bmu, bsig = _inputs(torch.float64, 3, True, True, "both")
+    x[1, 2], bsig[4] = 0.0, 0.0  # std[1, 2, 4] is exactly 0: zero gradient through it
+    leaves = [t.clone().requires_grad_() for t in (x, mu, sigma, bmu, bsig)]
+    out, std = ref.gaussian_linear_fwd(*leaves, 9, "local", 3, True)
+    grad = torch.randn_like(out)
+    want = torch.autograd.grad(out, leaves, grad)
+    got = ref.gaussian_linear_bwd(grad, x, mu, sigma, bmu, bsig, std.detach(), 9, "local", 3, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_local_backward_rejects_a_wrong_std():
+    x, mu, sigma, _, _ = _inputs(torch.float32, 2, False, True, "none")
+    grad = torch.randn(2, x.shape[1], sigma.shape[0])
+    with pytest.raises(RuntimeError, match="std: expected"):
+        C.gaussian_linear_bwd(grad, x, mu, sigma, None, None, torch.ones(2, x.shape[1], sigma.shape[0]), 1,
+                              "local", 2, False)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -97,7 +145,7 @@ def test_gradcheck_float64(backend, estimator):
                                                        seed=3, input_has_samples=True), (xs, tensors[2]))
 
 
-def test_backward_saves_only_the_inputs():
+def test_backward_saves_only_the_inputs_and_local_std():
     x, mu, sigma, bmu, bsig = _inputs(torch.float32, 1, False, True, "both", B=8, K=16, N=12)
     x = x[0].requires_grad_(True)
     inputs = [x, mu.requires_grad_(True), sigma.requires_grad_(True), bmu, bsig]
@@ -105,11 +153,13 @@ def test_backward_saves_only_the_inputs():
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             out = udn_kernels.gaussian_linear(*inputs, estimator=estimator, samples=4, seed=1)
-        # x, mu, sigma, bias_mu, bias_sigma (same storage as the caller's) and the 0-d seed.
+        # x, mu, sigma, bias_mu, bias_sigma (same storage as the caller's), the forward's std (local:
+        # output-sized [Sx=1, B, N], one per input draw; else empty) and the 0-d seed.
         input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
-        noise_sized = [t for t in saved if t.numel() > 1 and t.untyped_storage().data_ptr() not in input_ptrs]
-        assert not noise_sized, [tuple(t.shape) for t in noise_sized]
-        assert sum(t.numel() for t in saved) == sum(t.numel() for t in inputs) + 1
+        others = [tuple(t.shape) for t in saved if t.numel() > 1 and t.untyped_storage().data_ptr() not in input_ptrs]
+        std_shape = [(1, 8, 12)] if estimator == "local" else []
+        assert others == std_shape, others
+        assert sum(t.numel() for t in saved) == sum(t.numel() for t in inputs) + 1 + 8 * 12 * len(std_shape)
         out.sum().backward()
 
 

@@ -62,6 +62,18 @@ def test_cpp_parallel_chunks_and_misaligned_starts(start):
 
 
 @needs_cpp
+@pytest.mark.parametrize("start", [0, 1, 2, 3, 2**32 * 4 - 66, 2**63 - 130])
+def test_cpp_normal_fills_of_any_alignment_and_length(start):
+    # Normals come four per Philox counter, 64 per vector block: fills that start or end inside a
+    # counter or a block (and the last blocks before a low-word wrap and 2^63) are computed whole
+    # and clipped.
+    for n in [*range(1, 10), 63, 64, 65, 127, 129]:
+        with udn_kernels.backend("cpu"):
+            got = rng.normal(n, 9, start)
+        _assert_stream_equal("normal", got, ref.normal(n, 9, start))
+
+
+@needs_cpp
 def test_cpp_near_end_of_offset_space():
     offset = 2**63 - 100
     with udn_kernels.backend("cpu"):

@@ -1,6 +1,10 @@
 """Scale: 64-bit stream offsets. The RNG at offsets near 2^63 and across 2^32 boundaries equals the
-reference and an independent pure-Python Philox; a fused op whose noise offsets pass 2^31 (and so
-would wrap in int32 index arithmetic) draws exactly the stream elements docs/rng.md assigns."""
+reference and an independent pure-Python Philox (words and the four-per-counter normals); a fused
+op whose noise offsets pass 2^31 (and so would wrap in int32 index arithmetic) draws exactly the
+stream elements docs/rng.md assigns."""
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -13,15 +17,35 @@ pytestmark = [pytest.mark.skipif(not udn_kernels.available_backends()["cpu"], re
 M32 = 0xFFFFFFFF
 
 
-def philox_word0(seed: int, e: int) -> int:
-    """Word 0 of Philox4x32-10 (Triton's tl.randint), Python ints: an oracle independent of torch."""
+def philox_words(seed: int, counter: int) -> tuple[int, int, int, int]:
+    """Philox4x32-10 (Triton's tl.randint4x), Python ints: an oracle independent of torch."""
     k0, k1 = seed & M32, seed >> 32
-    c0, c1, c2, c3 = e & M32, e >> 32, 0, 0
+    c0, c1, c2, c3 = counter & M32, counter >> 32, 0, 0
     for _ in range(10):
         pb, pa = 0xCD9E8D57 * c2, 0xD2511F53 * c0
         c0, c1, c2, c3 = ((pb >> 32) ^ c1 ^ k0) & M32, pb & M32, ((pa >> 32) ^ c3 ^ k1) & M32, pa & M32
         k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_word0(seed: int, e: int) -> int:
+    """uint32 element e: word 0 of counter e (tl.randint)."""
+    return philox_words(seed, e)[0]
+
+
+def python_normal(seed: int, e: int) -> float:
+    """Normal element e (docs/rng.md): tl.randn4x(seed, e >> 2)[e & 3] from the words above, with the
+    uniforms and the angle rounded to float32 as Triton does and the rest in float64."""
+    words = philox_words(seed, e >> 2)
+    a, b = words[2:] if e & 2 else words[:2]
+
+    def uniform(w):
+        x = w - 2**32 if w >= 2**31 else w
+        return np.float32(~x if x < 0 else x) * np.float32(4.6566127342e-10)
+    u1 = max(np.float32(1e-7), uniform(a))
+    theta = float(np.float32(6.283185307179586) * uniform(b))
+    radius = math.sqrt(-2.0 * math.log(float(u1)))
+    return radius * (math.sin(theta) if e & 1 else math.cos(theta))
 
 
 OFFSETS = [2**63 - 37, 2**63 - 4096, 2**32 - 13, 2**33 - 5, 5 * 2**32 - 9, 2**62 + 2**32 - 3, 2**31 - 7]
@@ -39,6 +63,9 @@ def test_rng_large_offsets_match_reference_and_python(offset):
         cpu = [rng.uniform(n, seed, offset), rng.normal(n, seed, offset), rng.bernoulli(n, 0.4, seed, offset)]
         assert torch.equal(cpu[0], ref[0]) and torch.equal(cpu[2], ref[2])
         torch.testing.assert_close(cpu[1], ref[1], rtol=0, atol=4e-6)
+        python = torch.tensor([python_normal(seed, offset + i) for i in range(n)], dtype=torch.float32)
+        torch.testing.assert_close(cpu[1], python, rtol=0, atol=4e-6)
+        torch.testing.assert_close(ref[1], python, rtol=0, atol=4e-6)
 
 
 def test_rng_last_element_and_vector_blocks_straddling_2_32():

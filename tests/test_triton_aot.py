@@ -12,10 +12,11 @@ import os
 import subprocess
 import sys
 
-# One config per kernel: heads fp32 (exact-fp32 FMA dots, 255 registers), gaussian flipout fp32,
-# gaussian local fp32 (grad-of-variance), bernoulli weight fp32, and every Philox kernel.
-ONE_CONFIG_PER_KERNEL = ("[fp32/gaussian/fp32]", "philox_", "[flipout/fp32]",
-                         "gaussian_linear_bwd_gv [local/fp32]", "[weight/fp32]")
+# One config per kernel: heads fp32 (exact-fp32 FMA dots, 255 registers; the predict kernel's
+# Gaussian path keeps two accumulators), the logsumexp pass of predict, gaussian flipout fp32,
+# gaussian local fp32 (variance + std output), bernoulli weight fp32, and every Philox kernel.
+ONE_CONFIG_PER_KERNEL = ("[fp32/gaussian/fp32]", "_lse_kernel [fp32/categorical/fp32]", "philox_",
+                         "[flipout/fp32]", "gaussian_linear_fwd [local/fp32]", "[weight/fp32]")
 
 
 def test_one_config_per_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
@@ -36,19 +37,27 @@ def test_one_config_per_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_pat
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert 0 < r["registers"] <= 255 and r["stack"] >= 0, r
     heads = [r for r in rows if not r["kernel"].startswith(("philox", "gaussian", "bernoulli"))]
-    assert len(heads) == 6 and all(r["shared_bytes"] > 0 for r in heads)
+    assert len(heads) == 10 and all(r["shared_bytes"] > 0 for r in heads)  # 5 kernels x 2 archs
     assert "0 spilling" in proc.stdout
 
 
 def test_specs_mirror_the_launch_configs():
     """The AOT specs compile exactly the tiles, warps and stages the launchers use."""
     from udn_kernels.triton import heads, stochastic_linear as sl
+    from udn_kernels.triton.aot import label as aot_label
 
     shipped = {(kind, name) for kind, configs in heads.CONFIGS.items() for name in configs}
-    kinds = {"_fwd_kernel": "fwd", "_bwd_rows_kernel": "bwd_rows", "_bwd_weight_kernel": "bwd_weight"}
-    covered = {(kinds[s["name"]], s["config"].split("/")[0]) for s in heads.AOT_SPECS}
+    kinds = {"_fwd_kernel": "fwd", "_bwd_rows_kernel": "bwd_rows", "_bwd_weight_kernel": "bwd_weight",
+             "_predict_kernel": "predict"}
+    covered = {(kinds[s["name"]], s["config"].split("/")[0]) for s in heads.AOT_SPECS if s["name"] in kinds}
     assert covered == shipped
-    assert len(heads.AOT_SPECS) == 2 * len(shipped)  # categorical and gaussian each
+    for spec in heads.AOT_SPECS:
+        kind = kinds.get(spec["name"], "fwd")  # _lse_kernel launches with the "fwd" configs
+        config = heads.CONFIGS[kind][spec["config"].split("/")[0]]
+        assert {k: spec["constexprs"].get(k, spec.get(k)) for k in config} == config, aot_label(spec)
+    # fwd / bwd kernels: categorical and gaussian; predict: also the one-tile categorical path;
+    # the logsumexp pass: categorical only
+    assert len(heads.AOT_SPECS) == 2 * 9 + 3 * 3 + 3
     kernel_of = {sl._fwd_kernel: "fwd", sl._dx_kernel: "dx", sl._dw_kernel: "dw"}
     for spec in sl.AOT_SPECS:
         # What the launcher passes for a large problem (tiles not shrunk to the shape).
@@ -57,21 +66,48 @@ def test_specs_mirror_the_launch_configs():
         assert compiled | {k: spec[k] for k in ("num_warps", "num_stages")} == launch, spec["name"]
 
 
+# A local array indexed at run time cannot live in registers: a stack frame without spills.
+_LOCAL_ARRAY_PTX = """
+.version 7.0
+.target sm_80
+.address_size 64
+.visible .entry local_array(.param .u64 out, .param .u32 i)
+{
+  .local .align 4 .b8 depot[32];
+  .reg .b32 %r<4>;
+  .reg .b64 %rd<6>;
+  ld.param.u64 %rd1, [out];
+  ld.param.u32 %r1, [i];
+  and.b32 %r2, %r1, 7;
+  mul.wide.u32 %rd2, %r2, 4;
+  mov.u64 %rd3, depot;
+  add.u64 %rd4, %rd3, %rd2;
+  st.local.u32 [%rd4], %r1;
+  ld.local.u32 %r3, [%rd3];
+  cvta.to.global.u64 %rd5, %rd1;
+  st.global.u32 [%rd5], %r3;
+  ret;
+}
+"""
+
+
 def test_ptxas_usage_separates_stack_frame_from_spills():
-    """tl.randn's libdevice cosf keeps a local array: a stack frame with zero spill stores."""
+    """A stack frame is not a spill (libdevice cosf, used by tl.randn, keeps such a local array);
+    and the register count is the one of the cubin Triton built with the same ptxas flags."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
     from udn_kernels.triton import aot, stochastic_linear as sl
 
+    usage = aot.ptxas_usage(_LOCAL_ARRAY_PTX, 80)
+    assert usage["stack"] >= 32 and usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
     spec = next(s for s in sl.AOT_SPECS if aot.label(s) == "gaussian_linear_bwd_dw [flipout/fp32]")
     compiled = triton.compile(ASTSource(fn=spec["fn"], signature=spec["signature"],
                                         constexprs=spec["constexprs"], attrs=spec.get("attrs")),
                               target=GPUTarget("cuda", 80, 32),
                               options={k: spec[k] for k in ("num_warps", "num_stages")})
     usage = aot.ptxas_usage(compiled.asm["ptx"], 80)
-    assert usage["stack"] > 0 and usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
-    # The register count matches the cubin Triton built with the same ptxas flags.
+    assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
     assert f"REG:{usage['registers']}" in _res_usage(compiled.asm["cubin"])
 
 

@@ -7,7 +7,8 @@ subprocess, or a run started with TRITON_INTERPRET=1) the real cases run.
 
 Tolerances: float64 inputs run the kernels in float64 and match the reference to 1e-10; float32
 inputs (fp32 accumulation, different summation order) match the float64 reference to
-rtol = atol = 1e-4 on O(1) values; float16 inputs to 5e-3 of the output scale.
+rtol = atol = 1e-4 on O(1) values; float16 inputs to 5e-3 of the output scale. The same holds for
+``depth_mixture_predict`` (``_lse_kernel`` + ``_predict_kernel``).
 """
 
 import pytest
@@ -19,6 +20,8 @@ if not interpreted():
         rerun_under_interpreter(__file__)
 
 else:
+    import math
+
     import torch
 
     import udn_kernels
@@ -173,8 +176,19 @@ else:
                                    run("triton"), run("reference")):
             assert_matches(got, want, torch.float64, name)
 
-    def test_expected_nll_gradient_in_forward_matches_reference_backend():
-        # Triton has no fused kernel: depth_loglik_fwd_bwd is its forward + recomputing backward.
+    def test_fwd_bwd_kernel_table_entry_matches_reference():
+        # Triton has no fused gradient-in-forward kernel: depth_loglik_fwd_bwd is its forward + backward.
+        hidden, weight, bias, target, _, grad = make_inputs(
+            3, C, D, per_depth=True, bias_kind="shared", gaussian=False, noise=False, dtype=torch.float64)
+        args = (hidden, weight, bias, target, None, grad, False, IGNORE)
+        got = udn_kernels.triton.KERNELS["depth_loglik_fwd_bwd"](*args)
+        want = reference.KERNELS["depth_loglik_fwd_bwd"](*args)
+        for name, g, r in zip(("loglik", "lse", "d_hidden", "d_weight", "d_bias", "d_noise"), got, want):
+            assert_matches(g, r, torch.float64, name)
+
+    def test_expected_nll_matches_reference_backend():
+        # The Triton path runs the depth_loglik_fwd triton_op with ordinary autograd (the CPU path's
+        # gradient-in-forward op would only chain the same forward and backward kernels).
         hidden, weight, bias, target, _, _ = make_inputs(
             3, C, D, per_depth=True, bias_kind="shared", gaussian=False, noise=False, dtype=torch.float64)
         log_weights = torch.log(torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
@@ -213,3 +227,129 @@ else:
         ref = reference.depth_loglik_bwd(grad, hidden, weight, bias, target, None, ref_aux, False, IGNORE)
         assert_matches(got[2], ref[2], torch.float64, "d_bias")
         assert got[0].shape == hidden.shape and got[1].shape == weight.shape
+
+    # ------------------------------------------------------------------ depth_mixture_predict
+    # With BLOCK_C = 16, C = 11 takes the one-tile path (softmax inside the predict kernel) and
+    # C = 23 the class-tiled one (_lse_kernel, then _predict_kernel over two class tiles).
+    PREDICT_C = {"one-tile": 11, "class-tiled": 23}
+
+    def predict_inputs(L, C, *, per_depth, bias_kind, noise, dtype, seed=0):
+        hidden, weight, bias, _, noise_std, _ = make_inputs(
+            L, C, D, per_depth=per_depth, bias_kind=bias_kind, gaussian=True, noise=noise, dtype=dtype,
+            seed=seed)
+        log_weights = torch.randn(L, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+        if L > 2:
+            log_weights[1] = -math.inf  # a depth outside the support: weight 0
+        return hidden, weight, bias, log_weights.to(dtype), noise_std
+
+    def reference_predict(hidden, weight, bias, log_weights, gaussian, noise_std):
+        up = lambda t: None if t is None else t.double()  # noqa: E731
+        return reference.depth_mixture_predict(up(hidden), up(weight), up(bias), up(log_weights),
+                                               gaussian, up(noise_std))
+
+    def check_predict(L, C, per_depth, bias_kind, gaussian, noise, dtype, config=TINY_FWD):
+        inputs = predict_inputs(L, C, per_depth=per_depth, bias_kind=bias_kind, noise=noise, dtype=dtype)
+        hidden, weight, bias, log_weights, noise_std = inputs
+        got = triton_heads.predict(hidden, weight, bias, log_weights, gaussian, noise_std, config, config)
+        want = reference_predict(hidden, weight, bias, log_weights, gaussian, noise_std)
+        assert got[0].shape == (N, C) and got[1].shape == ((N, C) if gaussian else (0,))
+        for name, g, r in zip(("out1", "out2"), got, want):
+            assert g.dtype == dtype, name
+            assert_matches(g, r, dtype, name)
+        if not gaussian:  # mixture probabilities sum to one per row
+            torch.testing.assert_close(got[0].double().sum(1), torch.ones(N, dtype=torch.float64),
+                                       **TOL[dtype])
+
+    @pytest.mark.parametrize("tiling", PREDICT_C)
+    @pytest.mark.parametrize("gaussian,noise", [(False, False), (True, False), (True, True)],
+                             ids=["categorical", "gaussian-unit", "gaussian-noise"])
+    @pytest.mark.parametrize("bias_kind", [None, "shared", "per_depth"])
+    @pytest.mark.parametrize("per_depth", [False, True], ids=["shared-head", "head-per-depth"])
+    def test_predict_float32_matches_reference(per_depth, bias_kind, gaussian, noise, tiling):
+        L = 1 + (len(str(bias_kind)) + per_depth + gaussian) % 3 if tiling == "one-tile" else 3
+        check_predict(L, PREDICT_C[tiling], per_depth, bias_kind, gaussian, noise, torch.float32)
+
+    @pytest.mark.parametrize("tiling", PREDICT_C)
+    @pytest.mark.parametrize("gaussian", [False, True], ids=["categorical", "gaussian"])
+    @pytest.mark.parametrize("per_depth", [False, True], ids=["shared-head", "head-per-depth"])
+    def test_predict_float64_matches_reference(per_depth, gaussian, tiling):
+        check_predict(3, PREDICT_C[tiling], per_depth, "per_depth", gaussian, gaussian, torch.float64)
+
+    @pytest.mark.parametrize("tiling", PREDICT_C)
+    @pytest.mark.parametrize("gaussian", [False, True], ids=["categorical", "gaussian"])
+    def test_predict_float16_matches_reference(gaussian, tiling):
+        # fp16 operands, fp32 accumulation and softmax, outputs rounded to fp16: 5e-3 of the scale.
+        hidden, weight, bias, log_weights, noise_std = predict_inputs(
+            3, PREDICT_C[tiling], per_depth=True, bias_kind="shared", noise=gaussian, dtype=torch.float16)
+        got = triton_heads.predict(hidden, weight, bias, log_weights, gaussian, noise_std, TINY_FWD, TINY_FWD)
+        want = reference_predict(hidden, weight, bias, log_weights, gaussian, noise_std)
+        for name, g, r in zip(("out1", "out2"), got, want):
+            if r.numel():
+                assert g.dtype == torch.float16, name
+                scale = max(1.0, r.abs().max().item())
+                assert (g.double() - r).abs().max().item() <= 5e-3 * scale, name
+
+    @pytest.mark.parametrize("tiling", PREDICT_C)
+    def test_predict_nan_and_infinite_weights(tiling):
+        # The NaN rules of the C++ kernel and the reference (docs/heads.md): a NaN in one depth's
+        # hidden row poisons that output row only; NaN or all -inf log-weights give NaN everywhere;
+        # a row whose logits are all -inf has NaN probabilities (torch.softmax's 0/0).
+        C = PREDICT_C[tiling]
+        hidden, weight, bias, log_weights, _ = predict_inputs(3, C, per_depth=False, bias_kind="shared",
+                                                              noise=False, dtype=torch.float32)
+        run = lambda *args: triton_heads.predict(*args, TINY_FWD, TINY_FWD)  # noqa: E731
+        h = hidden.clone()
+        h[2, 5, 0] = math.nan  # depth 2 has a finite weight
+        probs, _ = run(h, weight, bias, log_weights, False, None)
+        assert torch.isnan(probs[5]).all() and torch.isfinite(probs[torch.arange(N) != 5]).all()
+        mean, var = run(h, weight, bias, log_weights, True, None)
+        assert torch.isnan(mean[5]).all() and torch.isnan(var[5]).all()
+        assert torch.isfinite(mean[:5]).all() and torch.isfinite(var[6:]).all()
+        for bad in (torch.full((3,), -math.inf), torch.tensor([0.0, math.nan, 0.0])):
+            for gaussian in (False, True):
+                out1, _ = run(hidden, weight, bias, bad, gaussian, None)
+                want, _ = reference_predict(hidden, weight, bias, bad, gaussian, None)
+                assert torch.isnan(out1).all() and torch.isnan(want).all()
+        all_masked = torch.full_like(bias, -math.inf)
+        probs, _ = run(hidden, weight, all_masked, log_weights, False, None)
+        want, _ = reference_predict(hidden, weight, all_masked, log_weights, False, None)
+        assert torch.isnan(probs).all() and torch.isnan(want).all()
+
+    @pytest.mark.parametrize("gaussian", [False, True], ids=["categorical", "gaussian"])
+    def test_predict_shipped_configs_through_kernel_table(gaussian):
+        # C = 70 > the fp32 config's 64-class tile: the class-tiled path with the shipped configs.
+        hidden, weight, bias, log_weights, noise_std = predict_inputs(
+            3, 70, per_depth=False, bias_kind="per_depth", noise=gaussian, dtype=torch.float32)
+        kernel = udn_kernels.triton.KERNELS["depth_mixture_predict"]
+        got = kernel(hidden, weight, bias, log_weights, gaussian, noise_std)
+        want = reference_predict(hidden, weight, bias, log_weights, gaussian, noise_std)
+        for name, g, r in zip(("out1", "out2"), got, want):
+            assert_matches(g, r, torch.float32, name)
+
+    def test_predict_empty_batch():
+        hidden = torch.zeros(2, 0, D)
+        out1, out2 = triton_heads.predict(hidden, torch.randn(C, D), None, torch.zeros(2), True, None)
+        assert out1.shape == (0, C) and out2.shape == (0, C)
+
+    @pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+    def test_public_predict_on_triton_backend_matches_reference_backend(likelihood):
+        gaussian = likelihood == "gaussian"
+        hidden, weight, bias, log_weights, noise_std = predict_inputs(
+            3, 23, per_depth=True, bias_kind="per_depth", noise=True, dtype=torch.float64)
+        grads_out = torch.randn(2, N, 23, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+        def run(name):
+            leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias, log_weights, noise_std)]
+            with udn_kernels.backend(name):
+                out = udn_kernels.depth_mixture_predict(*leaves[:4], likelihood=likelihood,
+                                                        noise_std=leaves[4] if gaussian else None)
+            outs = out if gaussian else (out,)
+            torch.autograd.backward(outs, tuple(grads_out[:len(outs)]))
+            return [o.detach() for o in outs] + [t.grad for t in leaves[:4 + gaussian]]
+
+        names = ("mean", "var") if gaussian else ("probs",)
+        names += ("d_hidden", "d_weight", "d_bias", "d_log_weights", "d_noise_std")
+        got, want = run("triton"), run("reference")
+        assert len(got) == len(want) == len(names) - (not gaussian)
+        for name, g, w in zip(names, got, want):
+            assert_matches(g, w, torch.float64, name)

@@ -7,10 +7,12 @@ index arithmetic with the GPU's integer widths (int32 arguments and program ids 
 device), so an offset computed in int32 would read or write the wrong elements (or crash the
 subprocess) and the comparison with the reference on the touched slice would fail.
 
-Covered: the RNG fill kernel (2^31 + 77 outputs); heads forward and d_hidden kernels with
-L*N*D > 2^31 (depth 1 starts past 2^30); the heads d_weight kernel with per-depth heads of
-L*C*D > 2^31; the stochastic-linear forward and d_weight kernels with N_out*K > 2^31, and the
-forward and d_x kernels with S*N*K > 2^31 (noise offsets and x / grad / out draws past 2^31).
+Covered: the RNG fill kernel (2^31 + 77 outputs) and its normals = tl.randn4x past counter 2^32;
+heads forward and d_hidden kernels with L*N*D > 2^31 (depth 1 starts past 2^30); the heads d_weight
+kernel with per-depth heads of L*C*D > 2^31; the predict kernels (logsumexp pass and predict) with
+L*N*D > 2^31 and N*C > 2^31; the stochastic-linear forward and d_weight kernels with N_out*K >
+2^31, and the forward and d_x kernels with S*N*K > 2^31 (noise offsets and x / grad / out draws
+past 2^31).
 Tolerance: float32 in and out, 1e-4 relative / 1e-4 absolute on O(1)..O(10) values.
 """
 import pytest
@@ -24,6 +26,7 @@ if not interpreted():
 else:
     import torch
     import triton
+    import triton.language as tl
 
     from udn_kernels.reference import heads as reference_heads
     from udn_kernels.reference import philox
@@ -53,9 +56,27 @@ else:
         n, offset = BIG + 77, 2**40 + 3
         start = (triton.cdiv(n, triton_rng.BLOCK) - 1) * triton_rng.BLOCK
         with only_programs(programs_from(0, start // triton_rng.BLOCK)):
-            out = getattr(triton_rng, f"philox_{kind}")(n, SEED, offset)
+            out = triton_rng.KERNELS[f"philox_{kind}"](n, SEED, offset)
         expected = getattr(philox, f"{kind}_at")(torch.arange(offset + start, offset + n), SEED)
         torch.testing.assert_close(out[start:], expected, rtol=0, atol=1e-6 if kind == "normal" else 0)
+
+    @triton.jit
+    def _randn4x_kernel(out_ptr, seed, counter0, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK).to(tl.int64)
+        n0, n1, n2, n3 = tl.randn4x(seed, counter0 + i)
+        tl.store(out_ptr + 4 * i, n0)
+        tl.store(out_ptr + 4 * i + 1, n1)
+        tl.store(out_ptr + 4 * i + 2, n2)
+        tl.store(out_ptr + 4 * i + 3, n3)
+
+    def test_normal_stream_is_randn4x_past_2_32():
+        """docs/rng.md: normal e = tl.randn4x(seed, e >> 2)[e & 3], with counters past 2^32 (within
+        1e-6: the kernels' own sincos replaces libdevice's, ~1 ulp)."""
+        counter0, block = 2**32 - 100, 256
+        want = torch.empty(4 * block)
+        _randn4x_kernel[(1,)](want, SEED, counter0, BLOCK=block)
+        got = triton_rng.philox_normal(4 * block, SEED, 4 * counter0, want.device)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
     def test_heads_forward_and_d_hidden_past_2_31():
         L, C, D = 2, 10, 64
@@ -107,6 +128,32 @@ else:
         g = (grad * (target != -100))[..., None] * (onehot - torch.exp(logits - lse[..., None]))
         torch.testing.assert_close(d_weight[:, c0:], g.transpose(1, 2) @ hidden, **TOL)
 
+    @pytest.mark.parametrize("gaussian", [False, True], ids=["categorical", "gaussian"])
+    def test_heads_predict_past_2_31(gaussian):
+        """depth_mixture_predict with L*N*D > 2^31 (hidden rows of depth 1) and N*C > 2^31 (the
+        [N, C] outputs of the last row block); C spans two class tiles, so the categorical case runs
+        _lse_kernel and the class-tiled _predict_kernel."""
+        L, C, D = 2, 128, 64
+        N = BIG // C + 100  # the last row block starts past row 2^24: r0 * C > 2^31
+        config = triton_heads.select_config("predict", C, D, torch.float32)
+        rows = config["BLOCK_N"]
+        assert triton_heads.select_config("fwd", C, D, torch.float32)["BLOCK_N"] == rows  # lse rows
+        assert C > config["BLOCK_C"]
+        r0 = (triton.cdiv(N, rows) - 1) * rows
+        gen = torch.Generator().manual_seed(4)
+        hidden = filled_tail((L, N, D), r0, 1, gen)
+        assert hidden[1, r0:].data_ptr() - hidden.data_ptr() > 4 * BIG and r0 * C > BIG
+        weight, bias = torch.randn(L, C, D, generator=gen) / 8, torch.randn(C, generator=gen)
+        log_weights = torch.tensor([0.3, -0.2])
+        noise_std = torch.rand(C, generator=gen) + 0.5 if gaussian else None
+        with only_programs(programs_from(0, r0 // rows)):
+            got = triton_heads.predict(hidden, weight, bias, log_weights, gaussian, noise_std)
+        want = reference_heads.depth_mixture_predict(hidden[:, r0:], weight, bias, log_weights, gaussian,
+                                                     noise_std)
+        torch.testing.assert_close(got[0][r0:], want[0], **TOL)
+        if gaussian:
+            torch.testing.assert_close(got[1][r0:], want[1], **TOL)
+
     def sampled_weight(mu, sigma, draw, rows, K, N):
         """W_s = mu + sigma * eps_s for output rows ``rows`` (eps at s*N*K + n*K + k, docs/rng.md)."""
         offsets = draw * N * K + rows[:, None] * K + torch.arange(K)
@@ -128,7 +175,7 @@ else:
         x = torch.randn(1, B, K, generator=gen)
         rows = torch.arange(n0, N)
         with only_programs(programs_from(1, n0 // n_block)):
-            out = tsl.gaussian_linear_fwd(x, mu, sigma, bias_mu, bias_sigma, SEED, "sample", 1, False)
+            out, _ = tsl.gaussian_linear_fwd(x, mu, sigma, bias_mu, bias_sigma, SEED, "sample", 1, False)
         w = sampled_weight(mu, sigma, 0, rows, K, N)
         bias = bias_mu[n0:] + bias_sigma[n0:] * philox.normal_at(N * K + rows, SEED)  # bias eps after S*N*K
         torch.testing.assert_close(out[0, :, n0:], x[0] @ w.T + bias, **TOL)
@@ -151,7 +198,7 @@ else:
         x = filled_tail((S, B, K), S - 1, 0, gen)
         mu, sigma = torch.randn(N, K, generator=gen), torch.rand(N, K, generator=gen)
         with only_programs(programs_from(2, S - 1)):
-            out = tsl.gaussian_linear_fwd(x, mu, sigma, None, None, SEED, estimator, S, True)
+            out, _ = tsl.gaussian_linear_fwd(x, mu, sigma, None, None, SEED, estimator, S, True)
         rows, s = torch.arange(N), S - 1
         if estimator == "sample":
             expected = x[s] @ sampled_weight(mu, sigma, s, rows, K, N).T

@@ -32,9 +32,12 @@ else:
     def _check(name, args_fwd, args_bwd_tail, grad):
         out = triton_backend.KERNELS[f"{name}_fwd"](*args_fwd)
         want = reference.KERNELS[f"{name}_fwd"](*args_fwd)
-        torch.testing.assert_close(out, want, **TOL)
-        got = triton_backend.KERNELS[f"{name}_bwd"](grad, *args_bwd_tail)
-        want = reference.KERNELS[f"{name}_bwd"](grad, *args_bwd_tail)
+        torch.testing.assert_close(out, want, **TOL)  # gaussian: (out, local's std)
+        tail_got = tail_want = args_bwd_tail
+        if name == "gaussian_linear":  # each backend's backward takes its own forward's std
+            tail_got, tail_want = ((*args_bwd_tail[:5], std, *args_bwd_tail[5:]) for std in (out[1], want[1]))
+        got = triton_backend.KERNELS[f"{name}_bwd"](grad, *tail_got)
+        want = reference.KERNELS[f"{name}_bwd"](grad, *tail_want)
         assert len(got) == len(want)
         for g, w in zip(got, want):
             assert g.shape == w.shape
@@ -68,10 +71,10 @@ else:
         """A seed/offset past 2^32 and a different seed give different, reference-exact noise."""
         x = torch.randn(1, 3, 17)
         sigma = torch.rand(5, 17) + 0.1
-        a = triton_backend.KERNELS["gaussian_linear_fwd"](x, None, sigma, None, None, 2**63 - 1, "sample", 3, False)
-        b = triton_backend.KERNELS["gaussian_linear_fwd"](x, None, sigma, None, None, 1, "sample", 3, False)
+        a = triton_backend.KERNELS["gaussian_linear_fwd"](x, None, sigma, None, None, 2**63 - 1, "sample", 3, False)[0]
+        b = triton_backend.KERNELS["gaussian_linear_fwd"](x, None, sigma, None, None, 1, "sample", 3, False)[0]
         torch.testing.assert_close(a, reference.KERNELS["gaussian_linear_fwd"](
-            x, None, sigma, None, None, 2**63 - 1, "sample", 3, False), **TOL)
+            x, None, sigma, None, None, 2**63 - 1, "sample", 3, False)[0], **TOL)
         assert not torch.allclose(a, b)
 
     def test_public_ops_run_on_triton_backend_with_autograd():

@@ -149,6 +149,30 @@ def get_kernel(name: str, device: torch.device) -> Callable:
     return kernel
 
 
+def use_triton_ops(device: torch.device) -> bool:
+    """Whether ops on ``device`` call the ``udn_kernels_triton::`` triton_ops directly.
+
+    True on the triton backend (CUDA tensors by default), so ``torch.compile`` traces into the
+    Triton kernels (``torch.library.triton_op`` + ``wrap_triton``). CPU tensors on the triton
+    backend (``TRITON_INTERPRET=1``) use them eagerly only: the interpreter cannot run under
+    torch.compile (fake tensors have no data), so compiled CPU graphs keep the opaque
+    ``udn_kernels::`` custom ops.
+    """
+    if device.type == "cpu" and torch.compiler.is_compiling():
+        return False
+    return _triton_ops_selected(device.type)
+
+
+@torch.compiler.assume_constant_result
+def _triton_ops_selected(device_type: str) -> bool:
+    """``resolve(device) == "triton"``, importing (registering) the triton_ops if so. A constant
+    to torch.compile: the backend chosen when a graph is traced stays baked into it."""
+    if resolve(torch.device(device_type)) != "triton":
+        return False
+    importlib.import_module("udn_kernels.triton")
+    return True
+
+
 def kernel_backend(name: str, device: torch.device) -> str:
     """Which backend actually serves kernel ``name`` on ``device`` (after fallback)."""
     chosen = resolve(device)

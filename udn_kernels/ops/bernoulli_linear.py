@@ -5,9 +5,9 @@ from typing import Optional
 
 import torch
 
-from .._backend import get_kernel
+from .._backend import get_kernel, use_triton_ops
 from ._checks import (check_choice, check_float_tensor, check_probability, check_same, check_shape,
-                      resolve_seed)
+                      resolve_seed, resolve_seed_int)
 from ._stochastic import flatten_input, none_if_empty
 
 MASKS = ("input", "weight", "symmetric")
@@ -85,7 +85,10 @@ def bernoulli_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     p = check_probability("p", p)
     check_choice("mask", mask, MASKS)
     x3, S, lead = flatten_input(x, in_features, samples, input_has_samples)
-    seed = resolve_seed(seed)
-    out = _fwd(x3, weight.contiguous(), None if bias is None else bias.contiguous(), p, seed, mask, S,
-               input_has_samples)
+    args = (x3, weight.contiguous(), None if bias is None else bias.contiguous(), p)
+    if use_triton_ops(x.device):  # the triton_op, so torch.compile sees its kernels
+        out = torch.ops.udn_kernels_triton.bernoulli_linear_fwd(*args, resolve_seed_int(seed), mask, S,
+                                                               input_has_samples)
+    else:
+        out = _fwd(*args, resolve_seed(seed), mask, S, input_has_samples)
     return out.reshape(*lead, out_features)

@@ -5,9 +5,10 @@ from typing import Optional
 
 import torch
 
-from .._backend import get_kernel
-from ._checks import check_choice, check_float_tensor, check_same, check_shape, resolve_seed
-from ._stochastic import flatten_input, none_if_empty
+from .._backend import get_kernel, use_triton_ops
+from ._checks import (check_choice, check_float_tensor, check_same, check_shape, resolve_seed,
+                      resolve_seed_int)
+from ._stochastic import flatten_input, none_if_empty, std_shape
 
 ESTIMATORS = ("sample", "local", "flipout")
 Tensor = torch.Tensor
@@ -16,41 +17,43 @@ Tensor = torch.Tensor
 @torch.library.custom_op("udn_kernels::gaussian_linear_fwd", mutates_args=())
 def _fwd(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor, bias_mu: Optional[Tensor],
          bias_sigma: Optional[Tensor], seed: Tensor, estimator: str, samples: int,
-         x_sampled: bool) -> Tensor:
+         x_sampled: bool) -> tuple[Tensor, Tensor]:
     kernel = get_kernel("gaussian_linear_fwd", x.device)
     # The seed travels as a tensor so a seed drawn inside a compiled graph stays on the graph.
-    return kernel(x, weight_mu, weight_sigma, bias_mu, bias_sigma, int(seed.item()), estimator,
-                  samples, x_sampled)
+    return tuple(kernel(x, weight_mu, weight_sigma, bias_mu, bias_sigma, int(seed.item()), estimator,
+                        samples, x_sampled))
 
 
 @_fwd.register_fake
 def _(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled):
-    return x.new_empty(samples, x.shape[1], weight_sigma.shape[0])
+    return x.new_empty(samples, x.shape[1], weight_sigma.shape[0]), x.new_empty(std_shape(x, weight_sigma, estimator))
 
 
 @torch.library.custom_op("udn_kernels::gaussian_linear_bwd", mutates_args=())
 def _bwd(grad_out: Tensor, x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
-         bias_mu: Optional[Tensor], bias_sigma: Optional[Tensor], seed: Tensor, estimator: str,
+         bias_mu: Optional[Tensor], bias_sigma: Optional[Tensor], std: Tensor, seed: Tensor, estimator: str,
          samples: int, x_sampled: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     kernel = get_kernel("gaussian_linear_bwd", x.device)
-    return tuple(kernel(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, int(seed.item()),
+    return tuple(kernel(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, int(seed.item()),
                         estimator, samples, x_sampled))
 
 
 @_bwd.register_fake
-def _(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled):
+def _(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed, estimator, samples, x_sampled):
     return tuple(x.new_empty(0) if t is None else torch.empty_like(t)
                  for t in (x, weight_mu, weight_sigma, bias_mu, bias_sigma))
 
 
 def _setup_context(ctx, inputs, output):
     x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled = inputs
-    # Only the inputs are saved: backward regenerates the noise from (seed, offset).
-    ctx.save_for_backward(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed)
+    # The inputs and local's output-sized std: backward regenerates the noise from (seed, offset).
+    std = output[1]
+    ctx.mark_non_differentiable(std)
+    ctx.save_for_backward(x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed)
     ctx.options = (estimator, samples, x_sampled)
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_out, grad_std):
     saved = ctx.saved_tensors
     grads = _bwd(grad_out.contiguous(), *saved, *ctx.options)
     return (*(none_if_empty(g, t) for g, t in zip(grads, saved[:5])), None, None, None, None)
@@ -107,8 +110,11 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
                 raise ValueError(f"{name}: expected standard deviations >= 0, got a minimum of "
                                  f"{smallest:g}")
     x3, S, lead = flatten_input(x, in_features, samples, input_has_samples)
-    seed = resolve_seed(seed)
     contiguous = [None if t is None else t.contiguous()
                   for t in (weight_mu, weight_sigma, bias_mu, bias_sigma)]
-    out = _fwd(x3, *contiguous, seed, estimator, S, input_has_samples)
+    if use_triton_ops(x.device):  # the triton_op, so torch.compile sees its kernels
+        out, _ = torch.ops.udn_kernels_triton.gaussian_linear_fwd(x3, *contiguous, resolve_seed_int(seed),
+                                                                 estimator, S, input_has_samples)
+    else:
+        out, _ = _fwd(x3, *contiguous, resolve_seed(seed), estimator, S, input_has_samples)
     return out.reshape(*lead, out_features)

@@ -101,7 +101,7 @@ def _backward(ctx, grad_loglik, grad_aux):
     if grad_loglik is None:  # not materialised: no gradient reached loglik
         return (None,) * 7
     hidden, weight, bias, target, noise_std, aux = ctx.saved_tensors
-    bwd = _loglik_bwd_kernel if getattr(ctx, "eager", False) else _loglik_bwd
+    bwd = getattr(ctx, "bwd", None) or (_loglik_bwd_kernel if getattr(ctx, "eager", False) else _loglik_bwd)
     d_hidden, d_weight, d_bias, d_noise = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux,
                                               ctx.gaussian, ctx.ignore_index)
     d_target = None
@@ -229,6 +229,31 @@ def _eager_or_custom_op(custom_op, eager_twin):
     return custom_op if torch.compiler.is_compiling() else eager_twin.apply
 
 
+def _loglik_op(device):
+    """The per-depth log-likelihood op for ``device``: on the Triton path the triton_op
+    ``udn_kernels_triton::depth_loglik_fwd`` (compiled graphs see its kernels), else
+    ``_eager_or_custom_op``."""
+    if _backend.use_triton_ops(device):
+        return torch.ops.udn_kernels_triton.depth_loglik_fwd
+    return _eager_or_custom_op(_loglik_fwd, _EagerLoglik)
+
+
+def _triton_loglik_bwd(grad_loglik, *inputs):
+    return torch.ops.udn_kernels_triton.depth_loglik_bwd(grad_loglik.contiguous(), *inputs)
+
+
+def _setup_triton_context(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    ctx.bwd = _triton_loglik_bwd  # the backward is the triton_op too, whatever the device
+
+
+def register_triton_autograd(loglik_fwd, predict) -> None:
+    """Gives the triton_ops ``udn_kernels_triton::depth_loglik_fwd`` / ``depth_mixture_predict``
+    the autograd formulas of the ``udn_kernels::`` ops (called when udn_kernels.triton.heads loads)."""
+    loglik_fwd.register_autograd(_backward, setup_context=_setup_triton_context)
+    predict.register_autograd(_predict_backward, setup_context=_predict_setup_context)
+
+
 def _eager_checks() -> bool:
     """Data-dependent checks (value ranges) run eagerly only: under torch.compile they would
     break the graph; the kernels still bound-check targets."""
@@ -313,8 +338,7 @@ def depth_loglik(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     """
     hidden, weight, bias, target, noise_std, gaussian = _validate_heads(
         hidden, weight, bias, target, likelihood, noise_std, ignore_index)
-    loglik, _ = _eager_or_custom_op(_loglik_fwd, _EagerLoglik)(hidden, weight, bias, target, noise_std,
-                                                               gaussian, ignore_index)
+    loglik, _ = _loglik_op(hidden.device)(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
     return loglik
 
 
@@ -343,12 +367,14 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     check_shape("log_weights", log_weights, (hidden.shape[0],))
     if mode == "mixture" and _eager_checks() and not bool(torch.isfinite(log_weights).any()):
         raise ValueError("log_weights: mode='mixture' needs at least one finite log-weight, got all -inf")
-    if (reduction != "none" and _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian)
+    # Triton has no fused gradient-in-forward kernel (it would run forward + backward anyway), so
+    # its path keeps the triton_op and ordinary autograd.
+    if (reduction != "none" and not _backend.use_triton_ops(hidden.device)
+            and _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian)
             and (mode == "expected" or _fused_mixture_kernel(hidden.device))):
         return _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights, mode,
                                     reduction, ignore_index)
-    loglik, _ = _eager_or_custom_op(_loglik_fwd, _EagerLoglik)(hidden, weight, bias, target, noise_std,
-                                                               gaussian, ignore_index)
+    loglik, _ = _loglik_op(hidden.device)(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
     if mode == "expected":
         loss = -(torch.exp(log_weights) @ loglik)
     else:
@@ -487,8 +513,9 @@ def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
 
     Categorical: mixture probabilities ``[N, C]``; gaussian: ``(mean, var)``, each ``[N, C]``,
     the mixture's mean and variance (noise included). One fused kernel (custom op
-    ``udn_kernels::depth_mixture_predict``) writes only the ``[N, C]`` outputs; the backward
-    recomputes one depth's ``[N, C]`` logits at a time.
+    ``udn_kernels::depth_mixture_predict``; triton_op ``udn_kernels_triton::depth_mixture_predict``
+    on the Triton path) writes only the ``[N, C]`` outputs; the backward recomputes one depth's
+    ``[N, C]`` logits at a time.
     """
     check_choice("likelihood", likelihood, LIKELIHOODS)
     gaussian = likelihood == "gaussian"
@@ -503,7 +530,9 @@ def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     args = (hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             log_weights.contiguous(), gaussian, noise_std)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4] + args[5:])
-    if grad or torch.compiler.is_compiling():
+    if _backend.use_triton_ops(hidden.device):
+        out1, out2 = torch.ops.udn_kernels_triton.depth_mixture_predict(*args)
+    elif grad or torch.compiler.is_compiling():
         out1, out2 = _predict(*args)
     else:  # eager inference: the kernel without the custom-op dispatch layers
         out1, out2 = _backend.get_kernel("depth_mixture_predict", hidden.device)(*args)

@@ -1,8 +1,9 @@
-"""Pure-PyTorch Philox4x32-10, bit-identical to Triton's ``tl.randint4x`` / ``tl.rand`` / ``tl.randn``.
+"""Pure-PyTorch Philox4x32-10: words bit-identical to Triton's ``tl.randint4x``, uniforms to
+``tl.rand``, normals laid out as ``tl.randn4x``.
 
-This is the oracle of the random-number contract (docs/rng.md). Element ``e`` of the stream of
-``seed`` is word 0 (uniform, uint32) or words 0 and 1 (normal) of Philox4x32-10 with
-key ``(seed_lo, seed_hi)`` and counter ``(e_lo, e_hi, 0, 0)``.
+This is the oracle of the random-number contract (docs/rng.md). Element ``e`` of the uint32 /
+uniform stream of ``seed`` is word 0 of Philox4x32-10 with key ``(seed_lo, seed_hi)`` and counter
+``(e_lo, e_hi, 0, 0)``; element ``e`` of the normal stream is ``tl.randn4x(seed, e >> 2)[e & 3]``.
 
 uint32 arithmetic is emulated in int64 tensors: a 32x32-bit product is split into 16-bit
 halves so no intermediate overflows int64.
@@ -61,12 +62,12 @@ def uint_to_uniform(words: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
-    """The cosine branch of Triton's ``pair_uniform_to_normal`` in float32."""
+def box_muller(u1: torch.Tensor, u2: torch.Tensor, sine: torch.Tensor) -> torch.Tensor:
+    """Triton's ``pair_uniform_to_normal`` in float32: its sine output where ``sine``, else its cosine."""
     u1 = torch.clamp(u1, min=1.0e-7)
     theta = torch.tensor(_TWO_PI, dtype=torch.float32) * u2
     radius = torch.sqrt(-2.0 * torch.log(u1))
-    return radius * torch.cos(theta)
+    return radius * torch.where(sine, torch.sin(theta), torch.cos(theta))
 
 
 def random_uint32_at(offsets: torch.Tensor, seed: int) -> torch.Tensor:
@@ -80,9 +81,15 @@ def uniform_at(offsets: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def normal_at(offsets: torch.Tensor, seed: int) -> torch.Tensor:
-    """float32 standard normals at the given element offsets (``tl.randn``)."""
-    w0, w1, _, _ = philox4x32(seed, offsets.to(torch.int64))
-    return box_muller(uint_to_uniform(w0), uint_to_uniform(w1))
+    """float32 standard normals at the given element offsets: ``tl.randn4x(seed, e >> 2)[e & 3]``,
+    i.e. four normals per Philox call (words 0, 1 for ``e & 3`` in {0, 1}, words 2, 3 for {2, 3};
+    cosine for even ``e``, sine for odd)."""
+    e = offsets.to(torch.int64)
+    w0, w1, w2, w3 = philox4x32(seed, e >> 2)
+    high = (e & 2) != 0
+    u1 = uint_to_uniform(torch.where(high, w2, w0))
+    u2 = uint_to_uniform(torch.where(high, w3, w1))
+    return box_muller(u1, u2, (e & 1) != 0)
 
 
 def sign_at(offsets: torch.Tensor, seed: int) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """Reference kernels of ``gaussian_linear`` and ``bernoulli_linear`` (docs/internals.md signatures).
 
 Noise is materialised from the Philox stream at the offsets of docs/rng.md; backward kernels
-regenerate it and differentiate the forward with autograd. ``x`` is ``[Sx, B, K]`` (``Sx`` is 1
-when the input is shared by the ``samples`` draws), outputs are ``[S, B, N]``.
+regenerate it and differentiate the forward with autograd, except gaussian "local", whose backward
+uses the forward's output std (the kernel contract: no variance recompute). ``x`` is ``[Sx, B, K]``
+(``Sx`` is 1 when the input is shared by the ``samples`` draws), outputs are ``[S, B, N]``.
 """
 from __future__ import annotations
 
 import torch
 
+from ..ops._stochastic import local_reparam_grads
 from .philox import normal_at, sign_at, uniform_at
 
 
@@ -33,22 +35,34 @@ def _keep(start, shape, p, seed, like):
 
 
 def gaussian_linear_fwd(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: int, estimator: str,
-                        samples: int, x_sampled: bool) -> torch.Tensor:
-    """``[S, B, N]`` outputs of S Gaussian weight draws (estimator "sample", "local" or "flipout")."""
+                        samples: int, x_sampled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [S, B, N], std)``: outputs of S Gaussian weight draws (estimator "sample", "local" or
+    "flipout") and, for "local", the output standard deviations ``std [Sx, B, N]`` the backward
+    takes (empty otherwise)."""
     S, N, K = samples, weight_sigma.shape[0], weight_sigma.shape[1]
     B = x.shape[1]
-    x = x.expand(S, B, K)
-    mean = 0 if weight_mu is None else x @ weight_mu.t()
-    if bias_mu is not None:
-        mean = mean + bias_mu
     if estimator == "local":
-        var = (x * x) @ (weight_sigma * weight_sigma).t()
+        var = (x * x) @ (weight_sigma * weight_sigma).t()  # [Sx, B, N]
         if bias_sigma is not None:
             var = var + bias_sigma * bias_sigma
         # sqrt with a zero (not NaN) gradient where the variance is exactly 0; a NaN variance stays NaN
         zero = var == 0
         std = torch.where(zero, 0, torch.where(zero, 1, var).sqrt())
-        return mean + std * _normal(0, (S, B, N), seed, x)
+        return _mean(x, weight_mu, bias_mu) + std * _normal(0, (S, B, N), seed, x), std
+    return _gaussian_weight_draws(x.expand(S, B, K), weight_mu, weight_sigma, bias_mu, bias_sigma, seed,
+                                  estimator, S), x.new_empty(0)
+
+
+def _mean(x, weight_mu, bias_mu):
+    mean = 0 if weight_mu is None else x @ weight_mu.t()
+    return mean if bias_mu is None else mean + bias_mu
+
+
+def _gaussian_weight_draws(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, S):
+    """``[S, B, N]`` outputs of the weight-noise estimators ("sample", "flipout"); ``x`` is ``[S, B, K]``."""
+    N, K = weight_sigma.shape
+    B = x.shape[1]
+    mean = _mean(x, weight_mu, bias_mu)
     eps = _normal(0, (S, N, K), seed, x)
     if estimator == "sample":
         out = mean + x @ (weight_sigma * eps).transpose(1, 2)
@@ -79,11 +93,18 @@ def _zeros_if_none(grad, t):
     return torch.zeros_like(t) if grad is None else grad
 
 
-def gaussian_linear_bwd(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: int,
+def gaussian_linear_bwd(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed: int,
                         estimator: str, samples: int, x_sampled: bool):
-    """Gradients ``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)`` (empty for None)."""
-    return _autograd_recompute(gaussian_linear_fwd, (x, weight_mu, weight_sigma, bias_mu, bias_sigma),
-                               (seed, estimator, samples, x_sampled), grad_out)
+    """Gradients ``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)`` (empty for None);
+    ``std`` is the forward's second output (used by "local" only)."""
+    if estimator == "local":
+        return local_reparam_grads(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std,
+                                   _normal(0, tuple(grad_out.shape), seed, x), x_sampled)
+
+    def forward(x, weight_mu, weight_sigma, bias_mu, bias_sigma):
+        return _gaussian_weight_draws(x.expand(samples, -1, -1), weight_mu, weight_sigma, bias_mu,
+                                      bias_sigma, seed, estimator, samples)
+    return _autograd_recompute(forward, (x, weight_mu, weight_sigma, bias_mu, bias_sigma), (), grad_out)
 
 
 def _bernoulli_weights(weight, p, seed, mask, samples):

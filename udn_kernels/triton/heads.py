@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
+from ..ops.heads import register_triton_autograd
 from ..reference.heads import fwd_bwd_from
 
 _HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
@@ -48,6 +52,14 @@ CONFIGS = {
         "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=128, num_warps=8, num_stages=2),
         "wide": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=2),
         "fp32": dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=16, BLOCK_DO=128, num_warps=8, num_stages=2),
+    },
+    # depth_mixture_predict: (row block, class tile) programs accumulating over depths; its
+    # logsumexp pass (_lse_kernel, C > BLOCK_C only) uses the "fwd" configs.
+    "predict": {
+        "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, num_warps=4, num_stages=3),
+        "wide": dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3),
+        # 4 warps spilled (two fp32 [64, 64] accumulators + the FMA dot operands): 8 warps
+        "fp32": dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=16, num_warps=8, num_stages=3),
     },
 }
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -139,6 +151,17 @@ def _grad_tile(mu, g, tgt, lse, y_blk, s_blk, rows_left, c0, cols_left, C,
     return d_mu, d_s
 
 
+@triton.jit
+def _online_lse(mu, run_max, run_sum, cols_left, BLOCK_C: tl.constexpr):
+    """One class tile of an online logsumexp per row: padding columns become -inf; returns the
+    masked tile and the updated running max and rescaled running sum. A NaN logit makes the sum
+    NaN; an all -inf row gives exp(-inf - -inf) = NaN, as torch.softmax / logsumexp do."""
+    mu = tl.where((tl.arange(0, BLOCK_C) < cols_left)[None, :], mu, float("-inf"))
+    new_max = tl.maximum(run_max, tl.max(mu, axis=1))
+    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(mu - new_max[:, None]), axis=1)
+    return mu, new_max, run_sum
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -176,10 +199,7 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, out_ptr, lse_ptr,
             term = -0.5 * z * z + tl.log(inv_s)[None, :] - _HALF_LOG_2PI
             total += tl.sum(tl.where(valid, term, 0.0), axis=1)
         else:
-            mu = tl.where((c < C - c0)[None, :], mu, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(mu, axis=1))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(mu - new_max[:, None]), axis=1)
-            run_max = new_max
+            mu, run_max, run_sum = _online_lse(mu, run_max, run_sum, C - c0, BLOCK_C)
             tgt_logit += tl.sum(tl.where((c0 + c)[None, :] == tgt[:, None], mu, 0.0), axis=1)
     if GAUSSIAN:
         loglik = total
@@ -275,6 +295,80 @@ def _bwd_weight_kernel(g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, lse_ptr, dw_ptr
              acc, mask=col_ok[:, None] & dout_ok[None, :])
 
 
+@triton.jit
+def _lse_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, N, C, D, stride_wl, stride_bl,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (row blocks, depths): ``lse[depth, rows]`` of the logits, online over class tiles
+    (pass 1 of the class-tiled ``depth_mixture_predict``)."""
+    depth = tl.program_id(1).to(tl.int64)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    rows_left = tl.minimum(N - row0, BLOCK_N).to(tl.int32)
+    h_blk = h_ptr + (depth * N + row0) * D
+    w_ptr += depth * stride_wl
+    b_ptr += depth * stride_bl
+    run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
+    run_sum = tl.zeros((BLOCK_N,), ACC)
+    for c0 in range(0, C, BLOCK_C):
+        mu = _mean_tile(h_blk, w_ptr, b_ptr + c0, rows_left, C - c0, D,
+                        HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION)
+        w_ptr += BLOCK_C * D
+        _, run_max, run_sum = _online_lse(mu, run_max, run_sum, C - c0, BLOCK_C)
+    r = tl.arange(0, BLOCK_N)
+    tl.store(lse_ptr + depth * N + row0 + r, run_max + tl.log(run_sum), mask=r < rows_left)
+
+
+@triton.jit
+def _predict_kernel(h_ptr, w_ptr, b_ptr, mix_ptr, lse_ptr, s_ptr, out1_ptr, out2_ptr,
+                    L, N, C, D, stride_wl, stride_bl,
+                    GAUSSIAN: tl.constexpr, ONE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_NOISE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (row blocks, class tiles): ``out[rows, classes]`` accumulated over depths in registers,
+    written once. Categorical: ``sum_l w_l exp(z_l - lse_l)`` with ``lse`` from ``_lse_kernel``, or
+    (``ONE_TILE``: every class in this tile) the tile's own softmax, so one GEMM per depth.
+    Gaussian: ``sum_l w_l mu_l`` and ``s^2 + sum_l w_l mu_l^2 - mean^2``. ``mix_ptr``: the mixture
+    weights ``softmax(log_weights)``, NaN ones included (they poison the output, as the reference)."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    c0 = tl.program_id(1).to(tl.int64) * BLOCK_C
+    rows_left = tl.minimum(N - row0, BLOCK_N).to(tl.int32)
+    cols_left = tl.minimum(C - c0, BLOCK_C).to(tl.int32)
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_C)
+    row_ok = r < rows_left
+    col_ok = c < cols_left
+    acc1 = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+    for depth in range(L):
+        depth64 = tl.full((), depth, tl.int64)
+        mu = _mean_tile(h_ptr + (depth64 * N + row0) * D, w_ptr + depth64 * stride_wl + c0 * D,
+                        b_ptr + depth64 * stride_bl + c0, rows_left, cols_left, D,
+                        HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION)
+        w_l = tl.load(mix_ptr + depth).to(ACC)
+        if GAUSSIAN:
+            acc1 += w_l * mu
+            acc2 += w_l * mu * mu
+        elif ONE_TILE:
+            mu, run_max, run_sum = _online_lse(mu, tl.full((BLOCK_N,), float("-inf"), ACC),
+                                               tl.zeros((BLOCK_N,), ACC), cols_left, BLOCK_C)
+            acc1 += tl.exp(mu - run_max[:, None]) * (w_l / run_sum)[:, None]
+        else:
+            lse = tl.load(lse_ptr + depth64 * N + row0 + r, mask=row_ok, other=0.0)
+            acc1 += w_l * tl.exp(mu - lse[:, None])
+    base = row0 * C + c0  # 64-bit block base, int32 offsets inside the tile
+    offs = r[:, None] * C + c[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(out1_ptr + base + offs, acc1.to(out1_ptr.dtype.element_ty), mask=mask)
+    if GAUSSIAN:
+        if HAS_NOISE:
+            s = tl.load(s_ptr + c0 + c, mask=col_ok, other=1.0).to(ACC)
+            var_noise = s * s
+        else:
+            var_noise = tl.full((BLOCK_C,), 1.0, ACC)
+        tl.store(out2_ptr + base + offs, (var_noise[None, :] + acc2 - acc1 * acc1).to(out2_ptr.dtype.element_ty),
+                 mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers (signatures of docs/internals.md)
 # ----------------------------------------------------------------------------------------------
@@ -290,11 +384,11 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def select_config(kind: str, num_classes: int, dim: int, dtype: torch.dtype) -> dict:
-    """The shipped config of kernel family ``kind`` ("fwd" | "bwd_rows" | "bwd_weight") for a head
-    with ``num_classes`` classes, hidden size ``dim`` and input ``dtype``."""
+    """The shipped config of kernel family ``kind`` ("fwd" | "bwd_rows" | "bwd_weight" | "predict")
+    for a head with ``num_classes`` classes, hidden size ``dim`` and input ``dtype``."""
     if dtype in (torch.float32, torch.float64):
         return CONFIGS[kind]["fp32"]
-    wide = num_classes > 32 if kind == "fwd" else dim > 128
+    wide = num_classes > 32 if kind in ("fwd", "predict") else dim > 128
     return CONFIGS[kind]["wide" if wide else "narrow"]
 
 
@@ -327,7 +421,7 @@ def forward(hidden, weight, bias, target, noise_std, gaussian, ignore_index, con
         return loglik, aux
     consts, launch = _split_config(config or select_config("fwd", C, D, hidden.dtype))
     grid = (triton.cdiv(N, consts["BLOCK_N"]), L)
-    _fwd_kernel[grid](hidden, weight, b, t, s, loglik, loglik if gaussian else aux,
+    wrap_triton(_fwd_kernel)[grid](hidden, weight, b, t, s, loglik, loglik if gaussian else aux,
                       N, C, D, stride_wl, stride_bl, ignore_index, **flags, **consts, **launch)
     return loglik, aux
 
@@ -355,7 +449,7 @@ def _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, sizes, ignore_index,
     items_per_split = triton.cdiv(work_items, splits)
     splits = triton.cdiv(work_items, items_per_split)
     partial = torch.empty((splits, n_heads, C, D), dtype=_acc_dtype(hidden.dtype), device=hidden.device)
-    _bwd_weight_kernel[grid_cd + (splits * n_heads,)](
+    wrap_triton(_bwd_weight_kernel)[grid_cd + (splits * n_heads,)](
         grad_loglik, hidden, weight, b, t, s, lse, partial, N, C, D, stride_wl, stride_bl, ignore_index,
         n_heads, depths_per_head, items_per_split, **flags, **consts, **launch)
     return (partial[0] if splits == 1 else partial.sum(0)).reshape(weight.shape).to(weight.dtype)
@@ -382,7 +476,7 @@ def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian
     col_sums = torch.empty((2, L, n_blocks, C) if bias is not None or need_noise else (0,),
                            dtype=acc, device=device)
     grid = (n_blocks, L, max(1, triton.cdiv(D, consts["BLOCK_DO"])))  # D = 0 still needs column sums
-    _bwd_rows_kernel[grid](grad_loglik, hidden, weight, b, t, s, lse, d_hidden, col_sums,
+    wrap_triton(_bwd_rows_kernel)[grid](grad_loglik, hidden, weight, b, t, s, lse, d_hidden, col_sums,
                            N, C, D, stride_wl, stride_bl, ignore_index, **flags, **consts, **launch)
 
     d_weight = _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, sizes, ignore_index, flags,
@@ -395,19 +489,72 @@ def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian
     return d_hidden, d_weight, d_bias, d_noise
 
 
-def depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index):
+def predict(hidden, weight, bias, log_weights, gaussian, noise_std, config=None, lse_config=None):
+    """``depth_mixture_predict`` with explicit launch configs (default: the shipped selection).
+
+    Categorical with more classes than one tile: ``_lse_kernel`` writes ``lse [L, N]`` (fp32),
+    then ``_predict_kernel`` recomputes each tile once more (two logits GEMMs per depth, as the
+    C++ two-pass path); with one class tile the predict kernel alone does it (one GEMM per depth).
+    """
+    (L, N, C, D, stride_wl, stride_bl), (b, _, s), flags = _common(hidden, weight, bias, None, noise_std,
+                                                                  gaussian)
+    del flags["GAUSSIAN"]
+    has_noise = flags.pop("HAS_NOISE")  # flags now: HAS_BIAS, ACC, PRECISION
+    acc = _acc_dtype(hidden.dtype)
+    out1 = torch.empty((N, C), dtype=hidden.dtype, device=hidden.device)
+    out2 = torch.empty((N, C) if gaussian else (0,), dtype=hidden.dtype, device=hidden.device)
+    if out1.numel() == 0:
+        return out1, out2
+    mix = torch.softmax(log_weights.to(acc), dim=0)  # all -inf or a NaN entry: NaN, as the reference
+    consts, launch = _split_config(config or select_config("predict", C, D, hidden.dtype))
+    one_tile = C <= consts["BLOCK_C"]
+    lse = mix  # stand-in, never read by the Gaussian or one-tile kernels
+    if not gaussian and not one_tile:
+        lse = torch.empty((L, N), dtype=acc, device=hidden.device)
+        lse_consts, lse_launch = _split_config(lse_config or select_config("fwd", C, D, hidden.dtype))
+        wrap_triton(_lse_kernel)[(triton.cdiv(N, lse_consts["BLOCK_N"]), L)](
+            hidden, weight, b, lse, N, C, D, stride_wl, stride_bl, **flags, **lse_consts, **lse_launch)
+    grid = (triton.cdiv(N, consts["BLOCK_N"]), triton.cdiv(C, consts["BLOCK_C"]))
+    wrap_triton(_predict_kernel)[grid](
+        hidden, weight, b, mix, lse, s, out1, out2 if gaussian else out1, L, N, C, D, stride_wl, stride_bl,
+        GAUSSIAN=bool(gaussian), ONE_TILE=one_tile, HAS_NOISE=has_noise, **flags, **consts, **launch)
+    return out1, out2
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library.triton_op registrations (DESIGN section 5): the CUDA path of udn_kernels.ops.heads
+# calls these, so torch.compile traces through them to the triton_kernel_wrapper nodes and
+# Inductor schedules the kernels itself. Eagerly (real tensors) they call the kernels directly.
+# Autograd: the formulas shared with the C++ path (ops.heads.register_triton_autograd, below).
+# ----------------------------------------------------------------------------------------------
+@triton_op("udn_kernels_triton::depth_loglik_fwd", mutates_args=())
+def depth_loglik_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                     noise_std: Optional[Tensor], gaussian: bool, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Triton ``depth_loglik_fwd`` (docs/internals.md): ``(loglik [L, N], logsumexp [L, N] | empty)``."""
     return forward(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
 
 
-def depth_loglik_bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index):
+@triton_op("udn_kernels_triton::depth_loglik_bwd", mutates_args=())
+def depth_loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     target: Tensor, noise_std: Optional[Tensor], aux: Tensor, gaussian: bool,
+                     ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton ``depth_loglik_bwd`` (docs/internals.md): ``(d_hidden, d_weight, d_bias, d_noise_std)``."""
     return backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index)
 
 
+@triton_op("udn_kernels_triton::depth_mixture_predict", mutates_args=())
+def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_weights: Tensor,
+                          gaussian: bool, noise_std: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Triton ``depth_mixture_predict`` (docs/heads.md): ``(probs, empty)`` or ``(mean, var)``, [N, C]."""
+    return predict(hidden, weight, bias, log_weights, gaussian, noise_std)
+
+
+register_triton_autograd(depth_loglik_fwd, depth_mixture_predict)
+
 # No fused gradient-in-forward kernel on Triton yet: forward, then the recomputing backward.
 KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_loglik_bwd,
-           "depth_loglik_fwd_bwd": fwd_bwd_from(depth_loglik_fwd, depth_loglik_bwd)}
+           "depth_loglik_fwd_bwd": fwd_bwd_from(depth_loglik_fwd, depth_loglik_bwd),
+           "depth_mixture_predict": depth_mixture_predict}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,16 +562,21 @@ KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_logli
 # likelihoods, with bias and per-class noise enabled; 16-bit configs are compiled for bf16
 # storage, "fp32" for float32 (exact fp32 dot, torch's default matmul precision).
 # ----------------------------------------------------------------------------------------------
-_AOT_FLOAT32_POINTERS = ("lse_ptr", "col_ptr", "dw_ptr")
+_AOT_FLOAT32_POINTERS = ("lse_ptr", "col_ptr", "dw_ptr", "mix_ptr")
 
 
-def _aot_spec(fn, kind: str, config_name: str, gaussian: bool) -> dict:
+def _aot_spec(fn, kind: str, config_name: str, likelihood: str) -> dict:
+    """Spec of ``fn`` at ``CONFIGS[kind][config_name]``; ``likelihood``: "categorical", "gaussian"
+    or, for the predict kernel, "categorical-one-tile" (every class in one tile)."""
+    gaussian = likelihood == "gaussian"
+    params = inspect.signature(fn.fn).parameters
     constexprs, launch = _split_config(CONFIGS[kind][config_name])
-    constexprs.update(GAUSSIAN=gaussian, HAS_BIAS=True, HAS_NOISE=gaussian, ACC=tl.float32,
-                      PRECISION="ieee")
+    flags = dict(GAUSSIAN=gaussian, ONE_TILE=likelihood.endswith("one-tile"), HAS_BIAS=True,
+                 HAS_NOISE=gaussian, ACC=tl.float32, PRECISION="ieee")
+    constexprs.update({k: v for k, v in flags.items() if k in params})
     storage = "fp32" if config_name == "fp32" else "bf16"
     signature = {}
-    for name, param in inspect.signature(fn.fn).parameters.items():
+    for name, param in params.items():
         if "constexpr" in str(param.annotation):
             signature[name] = "constexpr"
         elif name == "t_ptr":
@@ -437,13 +589,16 @@ def _aot_spec(fn, kind: str, config_name: str, gaussian: bool) -> dict:
     # row strides are aligned). Without it loads are scalar and cp.async pipelining is off.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
              if name.endswith("_ptr") or name in ("D", "stride_wl")}
-    likelihood = "gaussian" if gaussian else "categorical"
     return {"name": fn.__name__, "config": f"{config_name}/{likelihood}/{storage}", "fn": fn,
             "signature": signature, "constexprs": constexprs, "attrs": attrs, **launch}
 
 
-AOT_SPECS = [_aot_spec(fn, kind, name, gaussian)
-             for kind, fn in (("fwd", _fwd_kernel), ("bwd_rows", _bwd_rows_kernel),
-                              ("bwd_weight", _bwd_weight_kernel))
+AOT_SPECS = [_aot_spec(fn, kind, name, likelihood)
+             for kind, fn, likelihoods in (
+                 ("fwd", _fwd_kernel, ("categorical", "gaussian")),
+                 ("bwd_rows", _bwd_rows_kernel, ("categorical", "gaussian")),
+                 ("bwd_weight", _bwd_weight_kernel, ("categorical", "gaussian")),
+                 ("fwd", _lse_kernel, ("categorical",)),
+                 ("predict", _predict_kernel, ("categorical", "categorical-one-tile", "gaussian")))
              for name in CONFIGS[kind]
-             for gaussian in (False, True)]
+             for likelihood in likelihoods]

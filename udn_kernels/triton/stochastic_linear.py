@@ -9,18 +9,24 @@ in registers from the Philox stream at the offsets of docs/rng.md, tile by tile 
 - ``_dx_kernel``: ``d_x[s] = grad[s] W_s`` (summed over draws when ``x`` is shared);
 - ``_dw_kernel``: ``d_W = sum_s grad[s]^T x[s]``, weighted per draw by that draw's weight noise.
 
-The local-reparameterisation estimator has only output noise: its backward runs ``_fwd_kernel``
-once more to form ``g_v = grad * eps / (2 std)`` and finishes with plain matrix products.
+The local-reparameterisation estimator has only output noise: ``_fwd_kernel`` also writes the
+output std ``[Sx, B, N]``, and the backward (``ops._stochastic.local_reparam_grads``) regenerates
+the output eps and finishes with plain matrix products, without recomputing the variance.
 """
 from __future__ import annotations
 
 import inspect
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
-from .rng import philox_normal
+from ..ops._stochastic import local_reparam_grads, register_triton_autograd
+from .rng import philox_normal, randn
 
 # MODE values (constexpr).
 SAMPLE, FLIPOUT, LOCAL, BERN_INPUT, BERN_WEIGHT, SYMMETRIC = 0, 1, 2, 3, 4, 5
@@ -48,7 +54,7 @@ def _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn, rk, N, K, MODE: tl.const
     off = rn * K + rk
     elem = s * N * K + off
     if MODE == 0:
-        w = tl.load(sig_ptr + off, mask=mask, other=0.0).to(tl.float32) * tl.randn(seed, elem)
+        w = tl.load(sig_ptr + off, mask=mask, other=0.0).to(tl.float32) * randn(seed, elem)
         if HAS_W:
             w += tl.load(w_ptr + off, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -61,12 +67,12 @@ def _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn, rk, N, K, MODE: tl.const
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, g_ptr, out_ptr,
+def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, out_ptr, std_ptr,
                 B, N, K, x_draw_stride, seed, p, scale, bias_base, sign_in_base, sign_out_base,
                 MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_BMU: tl.constexpr, HAS_BSIG: tl.constexpr,
-                OUT_GV: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Grid (B tiles, N tiles, S). ``out[s, b, n]``; with ``OUT_GV`` (local backward) it writes
-    ``g_v = grad * eps / (2 std)`` instead."""
+                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Grid (B tiles, N tiles, S). ``out[s, b, n]``; local also writes ``std[sx, b, n]`` (one
+    writer per input draw ``sx``: draw 0 when ``x`` is shared)."""
     s = tl.program_id(2).to(tl.int64)
     rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
@@ -94,7 +100,7 @@ def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, g_ptr, out_ptr,
                 sig = tl.load(sig_ptr + t_off, mask=t_mask, other=0.0).to(tl.float32)
                 if MODE == 1:
                     xe = sign_in_base + s * B * K + rm[:, None] * K + rk[None, :]
-                    eps = tl.randn(seed, s * N * K + t_off)
+                    eps = randn(seed, s * N * K + t_off)
                     acc2 += tl.dot((x * _sign(seed, xe)).to(dot_ty), (sig * eps).to(dot_ty), input_precision=PRECISION)
                 else:
                     acc2 += tl.dot((x * x).to(dot_ty), (sig * sig).to(dot_ty), input_precision=PRECISION)
@@ -113,19 +119,15 @@ def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, g_ptr, out_ptr,
             bsig = tl.load(bsig_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
             var += (bsig * bsig)[None, :]
         positive = var > 0
-        std = tl.sqrt(tl.where(positive, var, 1.0))
-        eps = tl.randn(seed, out_elem)
-        if OUT_GV:
-            g = tl.load(g_ptr + out_elem, mask=out_mask, other=0.0).to(tl.float32)
-            acc = tl.where(positive, g * eps / (2.0 * std), 0.0)
-        else:
-            acc += tl.where(positive, std, 0.0) * eps
-    if not OUT_GV:
-        if HAS_BMU:
-            acc += tl.load(bmu_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BSIG and (MODE == 0 or MODE == 1):
-            bsig = tl.load(bsig_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-            acc += (bsig * tl.randn(seed, bias_base + s * N + rn))[None, :]
+        std = tl.where(positive, tl.sqrt(tl.where(positive, var, 1.0)), 0.0)
+        acc += std * randn(seed, out_elem)
+        if (x_draw_stride != 0) | (s == 0):
+            tl.store(std_ptr + out_elem, std.to(std_ptr.dtype.element_ty), mask=out_mask)
+    if HAS_BMU:
+        acc += tl.load(bmu_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BSIG and (MODE == 0 or MODE == 1):
+        bsig = tl.load(bsig_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        acc += (bsig * randn(seed, bias_base + s * N + rn))[None, :]
     tl.store(out_ptr + out_elem, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -165,7 +167,7 @@ def _dx_kernel(g_ptr, w_ptr, sig_ptr, dx_ptr, S, B, N, K, seed, p, scale, sign_i
                         w = tl.load(w_ptr + t_off, mask=t_mask, other=0.0)
                         acc += tl.dot(g, w.to(dot_ty), input_precision=PRECISION)
                     sig = tl.load(sig_ptr + t_off, mask=t_mask, other=0.0).to(tl.float32)
-                    w_noise = sig * tl.randn(seed, s * N * K + t_off)
+                    w_noise = sig * randn(seed, s * N * K + t_off)
                     g_flip = g.to(tl.float32) * _sign(seed, sign_out_base + g_elem)
                     per_draw += tl.dot(g_flip.to(dot_ty), w_noise.to(dot_ty), input_precision=PRECISION)
             else:
@@ -217,9 +219,9 @@ def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, 
         elem = s * N * K + w_off
         if MODE == 0:
             acc += per_draw
-            acc_sig += per_draw * tl.randn(seed, elem)
+            acc_sig += per_draw * randn(seed, elem)
         elif MODE == 1:
-            acc_sig += per_draw * tl.randn(seed, elem)
+            acc_sig += per_draw * randn(seed, elem)
         elif MODE == 4:
             acc += per_draw * _keep(seed, elem, p, scale)
         elif MODE == 5:
@@ -265,22 +267,24 @@ def _bases(S, B, N, K):
     return bias, sign_in, sign_in + S * B * K
 
 
-def _forward(x, w, sig, bmu, bsig, seed, mode, S, p=0.0, grad=None):
+def _forward(x, w, sig, bmu, bsig, seed, mode, S, p=0.0):
+    """``(out [S, B, N], std)``: std is local's ``[Sx, B, N]`` output std, empty for other modes."""
     Sx, B, K = x.shape
     N = (sig if sig is not None else w).shape[0]
     tiles = _tiles("fwd", B, N, K)
-    out = torch.empty(S, B, N, device=x.device, dtype=torch.float32 if grad is not None else x.dtype)
+    out = torch.empty(S, B, N, device=x.device, dtype=x.dtype)
+    std = x.new_empty((Sx, B, N) if mode == LOCAL else (0,))
     bias_base, sign_in_base, sign_out_base = _bases(S, B, N, K)
     dummy = x
     grid = (triton.cdiv(B, tiles["BM"]), triton.cdiv(N, tiles["BN"]), S)
-    _fwd_kernel[grid](x, dummy if w is None else w, dummy if sig is None else sig,
-                      dummy if bmu is None else bmu, dummy if bsig is None else bsig,
-                      dummy if grad is None else grad, out,
+    wrap_triton(_fwd_kernel)[grid](x, dummy if w is None else w, dummy if sig is None else sig,
+                      dummy if bmu is None else bmu, dummy if bsig is None else bsig, out,
+                      std if mode == LOCAL else out,
                       B, N, K, 0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p) if p < 1 else 0.0,
                       bias_base, sign_in_base, sign_out_base,
                       MODE=mode, HAS_W=w is not None, HAS_BMU=bmu is not None, HAS_BSIG=bsig is not None,
-                      OUT_GV=grad is not None, PRECISION=_precision(x), **tiles)
-    return out
+                      PRECISION=_precision(x), **tiles)
+    return out, std
 
 
 def _grad_x(grad, x, w, sig, seed, mode, S, x_sampled, p=0.0):
@@ -290,7 +294,7 @@ def _grad_x(grad, x, w, sig, seed, mode, S, x_sampled, p=0.0):
     dx = torch.empty_like(x)
     _, sign_in_base, sign_out_base = _bases(S, B, N, K)
     grid = (triton.cdiv(B, tiles["BM"]), triton.cdiv(K, tiles["BK"]), Sx)
-    _dx_kernel[grid](grad, grad if w is None else w, grad if sig is None else sig, dx, S, B, N, K, seed, p,
+    wrap_triton(_dx_kernel)[grid](grad, grad if w is None else w, grad if sig is None else sig, dx, S, B, N, K, seed, p,
                      1.0 / (1.0 - p), sign_in_base, sign_out_base, MODE=mode, HAS_W=w is not None,
                      X_SAMPLED=x_sampled, PRECISION=_precision(x), **tiles)
     return dx
@@ -305,7 +309,7 @@ def _grad_w(grad, x, like_w, seed, mode, S, need_dw, p=0.0):
     dsig = torch.empty_like(like_w) if gaussian else like_w.new_empty(0)
     _, sign_in_base, sign_out_base = _bases(S, B, N, K)
     grid = (triton.cdiv(N, tiles["BN"]), triton.cdiv(K, tiles["BK"]))
-    _dw_kernel[grid](grad, x, dw if need_dw else like_w, dsig if gaussian else like_w, S, B, N, K,
+    wrap_triton(_dw_kernel)[grid](grad, x, dw if need_dw else like_w, dsig if gaussian else like_w, S, B, N, K,
                      0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p), sign_in_base, sign_out_base,
                      MODE=mode, NEED_DW=need_dw, PRECISION=_precision(x), **tiles)
     return dw, dsig
@@ -315,52 +319,52 @@ def _empty(like):
     return like.new_empty(0)
 
 
-def gaussian_linear_fwd(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: int, estimator: str,
-                        samples: int, x_sampled: bool) -> torch.Tensor:
-    """``[S, B, N]`` outputs of S Gaussian weight draws; noise drawn inside the kernel."""
+# torch.library.triton_op registrations (DESIGN section 5): ``udn_kernels_triton::*_linear_fwd/bwd``,
+# called directly on the Triton path of udn_kernels.ops (compiled graphs see the kernels) and as
+# the triton backend's kernel-table entries.
+@triton_op("udn_kernels_triton::gaussian_linear_fwd", mutates_args=())
+def gaussian_linear_fwd(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor, bias_mu: Optional[Tensor],
+                        bias_sigma: Optional[Tensor], seed: int, estimator: str, samples: int,
+                        x_sampled: bool) -> tuple[Tensor, Tensor]:
+    """``(out [S, B, N], std)``: outputs of S Gaussian weight draws, noise drawn inside the kernel,
+    and local's output std ``[Sx, B, N]`` for the backward (empty for sample / flipout)."""
     return _forward(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, _GAUSSIAN_MODES[estimator], samples)
 
 
-def gaussian_linear_bwd(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: int,
-                        estimator: str, samples: int, x_sampled: bool):
-    """``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)``; noise regenerated."""
+@triton_op("udn_kernels_triton::gaussian_linear_bwd", mutates_args=())
+def gaussian_linear_bwd(grad_out: Tensor, x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
+                        bias_mu: Optional[Tensor], bias_sigma: Optional[Tensor], std: Tensor, seed: int,
+                        estimator: str, samples: int,
+                        x_sampled: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)``; noise regenerated, local's
+    variance taken from the forward's ``std``."""
     S, mode = samples, _GAUSSIAN_MODES[estimator]
     N = weight_sigma.shape[0]
     grad = grad_out.contiguous()
+    if mode == LOCAL:  # output noise only: the products are noise-free
+        eps = philox_normal(grad.numel(), seed, 0, grad.device).view(grad.shape)
+        return local_reparam_grads(grad, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, eps, x_sampled)
     d_bmu = grad.sum((0, 1)).to(bias_mu.dtype) if bias_mu is not None else _empty(x)
-    if mode == LOCAL:
-        # Output noise only: g_v = grad * eps / (2 std) from one more pass of the forward kernel,
-        # then the products are noise-free.
-        g_v = _forward(x, None, weight_sigma, None, bias_sigma, seed, LOCAL, S, grad=grad)
-        xs = x.float().expand(S, -1, -1)
-        g32 = grad.float()
-        dx = 2 * xs * (g_v @ weight_sigma.float().square())
-        if weight_mu is not None:
-            dx = dx + g32 @ weight_mu.float()
-        dx = dx if x_sampled else dx.sum(0, keepdim=True)
-        d_mu = (g32.transpose(1, 2) @ xs).sum(0).to(weight_mu.dtype) if weight_mu is not None else _empty(x)
-        d_sig = 2 * weight_sigma.float() * (g_v.transpose(1, 2) @ xs.square()).sum(0)
-        d_bsig = (2 * bias_sigma.float() * g_v.sum((0, 1))).to(bias_sigma.dtype) if bias_sigma is not None \
-            else _empty(x)
-        return dx.to(x.dtype), d_mu, d_sig.to(weight_sigma.dtype), d_bmu, d_bsig
     dx = _grad_x(grad, x, weight_mu, weight_sigma, seed, mode, S, x_sampled)
     d_mu, d_sig = _grad_w(grad, x, weight_sigma, seed, mode, S, need_dw=weight_mu is not None)
     if bias_sigma is not None:
-        beps = philox_normal(S * N, seed, S * N * weight_sigma.shape[1]).to(grad.device).view(S, N)
+        beps = philox_normal(S * N, seed, S * N * weight_sigma.shape[1], grad.device).view(S, N)
         d_bsig = (grad.float().sum(1) * beps).sum(0).to(bias_sigma.dtype)
     else:
         d_bsig = _empty(x)
     return dx, d_mu, d_sig, d_bmu, d_bsig
 
 
-def bernoulli_linear_fwd(x, weight, bias, p: float, seed: int, mask: str, samples: int,
-                         x_sampled: bool) -> torch.Tensor:
+@triton_op("udn_kernels_triton::bernoulli_linear_fwd", mutates_args=())
+def bernoulli_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], p: float, seed: int, mask: str,
+                         samples: int, x_sampled: bool) -> Tensor:
     """``[S, B, N]`` outputs of S Bernoulli draws (mask "input", "weight" or "symmetric")."""
-    return _forward(x, weight, None, bias, None, seed, _BERNOULLI_MODES[mask], samples, p=p)
+    return _forward(x, weight, None, bias, None, seed, _BERNOULLI_MODES[mask], samples, p=p)[0]
 
 
-def bernoulli_linear_bwd(grad_out, x, weight, bias, p: float, seed: int, mask: str, samples: int,
-                         x_sampled: bool):
+@triton_op("udn_kernels_triton::bernoulli_linear_bwd", mutates_args=())
+def bernoulli_linear_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], p: float, seed: int,
+                         mask: str, samples: int, x_sampled: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_x, d_weight, d_bias)``; masks regenerated from (seed, offset)."""
     mode = _BERNOULLI_MODES[mask]
     grad = grad_out.contiguous()
@@ -369,6 +373,9 @@ def bernoulli_linear_bwd(grad_out, x, weight, bias, p: float, seed: int, mask: s
     d_bias = grad.sum((0, 1)).to(bias.dtype) if bias is not None else _empty(x)
     return dx, dw, d_bias
 
+
+register_triton_autograd(gaussian_linear_fwd, gaussian_linear_bwd, n_tensors=5, aux_outputs=True)
+register_triton_autograd(bernoulli_linear_fwd, bernoulli_linear_bwd, n_tensors=3)
 
 KERNELS = {
     "gaussian_linear_fwd": gaussian_linear_fwd,
@@ -400,17 +407,15 @@ def _aot_specs():
         ptr = f"*{dtype}"
         for mode, mode_name in mode_names.items():
             family = "gaussian" if mode <= LOCAL else "bernoulli"
-            for gv in ((False, True) if mode == LOCAL else (False,)):
-                sig = {"x_ptr": ptr, "w_ptr": ptr, "sig_ptr": ptr, "bmu_ptr": ptr, "bsig_ptr": ptr,
-                       "g_ptr": ptr, "out_ptr": "*fp32" if gv else ptr, "B": "i32", "N": "i32", "K": "i32",
-                       "x_draw_stride": "i64", "bias_base": "i64", **scalars}
-                consts = {"MODE": mode, "HAS_W": True, "HAS_BMU": True, "HAS_BSIG": family == "gaussian",
-                          "OUT_GV": gv, "PRECISION": precision, **tiles("fwd")}
-                sig.update({name: "constexpr" for name in consts})
-                name = f"{family}_linear_{'bwd_gv' if gv else 'fwd'}"
-                specs.append({"name": name, "config": f"{mode_name}/{tag}", "fn": _fwd_kernel,
-                              "signature": _ordered(_fwd_kernel, sig), "constexprs": consts,
-                              **launch("fwd")})
+            sig = {"x_ptr": ptr, "w_ptr": ptr, "sig_ptr": ptr, "bmu_ptr": ptr, "bsig_ptr": ptr,
+                   "out_ptr": ptr, "std_ptr": ptr, "B": "i32", "N": "i32", "K": "i32",
+                   "x_draw_stride": "i64", "bias_base": "i64", **scalars}
+            consts = {"MODE": mode, "HAS_W": True, "HAS_BMU": True, "HAS_BSIG": family == "gaussian",
+                      "PRECISION": precision, **tiles("fwd")}
+            sig.update({name: "constexpr" for name in consts})
+            specs.append({"name": f"{family}_linear_fwd", "config": f"{mode_name}/{tag}", "fn": _fwd_kernel,
+                          "signature": _ordered(_fwd_kernel, sig), "constexprs": consts,
+                          **launch("fwd")})
             if mode == LOCAL:
                 continue
             sig = {"g_ptr": ptr, "w_ptr": ptr, "sig_ptr": ptr, "dx_ptr": ptr, "S": "i32", "B": "i32",

@@ -1,0 +1,154 @@
+"""Interleaved ratios of the stochastic-linear methods to their GEMM floors (docs/internals.md).
+
+Every round runs each method once, in turn, so machine load hits all of them alike; the report is
+the median over rounds of each method's time and of each ratio. With ``--threads 1`` (default) the
+clock is the thread's CPU time, which other jobs on a shared box do not inflate; with more threads
+it is wall time. Shapes of DESIGN §6: B=256, K=N_out=1024, fp32, forward + ``sum().backward()``.
+
+``--phases`` times the pieces of the "sample" path instead: the C++ forward and backward kernels,
+the GEMMs they contain, 1M Philox normals and the ``softplus(rho)`` the caller adds.
+
+Run: ``python benchmarks/stochastic_linear_ratios.py [--threads N] [--rounds R] [--phases]
+[--shape B K N_OUT]``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import udn_kernels
+from udn_kernels import _backend, rng
+
+SHAPE = (256, 1024, 1024)  # B, K, N_out
+S8 = 8
+
+
+def _inputs(B, K, N):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, K, generator=g).requires_grad_()
+    mu = (torch.randn(N, K, generator=g) / math.sqrt(K)).requires_grad_()
+    rho = torch.full((N, K), -4.0, requires_grad=True)
+    bias = torch.zeros(N, requires_grad=True)
+    return x, mu, rho, bias
+
+
+def _fwd_bwd(fn):
+    return lambda: fn().sum().backward()
+
+
+def _gemm_floor(x, w, draws):
+    """x W^T, dY W and dY^T x for each draw: the 3 GEMMs of a dense linear layer's step."""
+    grad = torch.randn(draws, x.shape[0], w.shape[0])
+
+    def run():
+        with torch.no_grad():
+            for s in range(draws):
+                x @ w.t(), grad[s] @ w, grad[s].t() @ x
+    return run
+
+
+def methods(B: int, K: int, N: int) -> tuple[dict, list]:
+    """Name -> callable, and the (numerator, denominator) ratios to report."""
+    x, mu, rho, bias = _inputs(B, K, N)
+
+    def ours(estimator, samples=None):
+        return _fwd_bwd(lambda: udn_kernels.gaussian_linear(x, mu, F.softplus(rho), estimator=estimator,
+                                                            samples=samples))
+
+    def eager():  # bayesian-torch style
+        return F.linear(x, mu + F.softplus(rho) * torch.randn_like(mu))
+
+    def eager_local():
+        sigma = F.softplus(rho)
+        mean = F.linear(x, mu)
+        return mean + torch.sqrt(F.linear(x * x, sigma * sigma)) * torch.randn_like(mean)
+
+    def eager_flipout():
+        sigma = F.softplus(rho)
+        sign_in = torch.empty_like(x).bernoulli_(0.5) * 2 - 1
+        sign_out = torch.empty(B, N).bernoulli_(0.5) * 2 - 1
+        return F.linear(x, mu) + F.linear(x * sign_in, sigma * torch.randn_like(mu)) * sign_out
+
+    m = {
+        "udn sample": ours("sample"), "eager sample": _fwd_bwd(eager),
+        "udn local": ours("local"), "eager local": _fwd_bwd(eager_local),
+        "udn flipout": ours("flipout"), "eager flipout": _fwd_bwd(eager_flipout),
+        "udn sample S=8": ours("sample", S8),
+        "eager loop S=8": _fwd_bwd(lambda: torch.stack([eager() for _ in range(S8)])),
+        "udn bern input": _fwd_bwd(lambda: udn_kernels.bernoulli_linear(x, mu, bias, p=0.5, mask="input")),
+        "F.dropout+F.linear": _fwd_bwd(lambda: F.linear(F.dropout(x, 0.5, training=True), mu, bias)),
+        "floor": _gemm_floor(x, mu, 1), "floor S=8": _gemm_floor(x, mu, S8),
+    }
+    ratios = [("eager sample", "udn sample"), ("udn sample", "floor"), ("eager sample", "floor"),
+              ("eager local", "udn local"), ("udn local", "floor"), ("eager local", "floor"),
+              ("eager flipout", "udn flipout"), ("udn flipout", "floor"), ("eager flipout", "floor"),
+              ("eager loop S=8", "udn sample S=8"), ("udn sample S=8", "floor S=8"),
+              ("eager loop S=8", "floor S=8"),
+              ("F.dropout+F.linear", "udn bern input"), ("udn bern input", "floor"),
+              ("F.dropout+F.linear", "floor")]
+    return m, ratios
+
+
+def phases(B: int, K: int, N: int) -> tuple[dict, list]:
+    """The pieces of the "sample" path, as raw kernel calls."""
+    _backend.load_extension()
+    ops = torch.ops.udn_kernels_C
+    x, mu, rho, _ = (t.detach() for t in _inputs(B, K, N))
+    sigma, x3, grad = F.softplus(rho), x[None], torch.randn(1, B, N)
+    args = (x3, mu, sigma, None, None, 5, "sample", 1, False)
+    m = {
+        "kernel fwd": lambda: ops.gaussian_linear_fwd(*args),
+        "kernel bwd": lambda: ops.gaussian_linear_bwd(grad, *args[:5], x.new_empty(0), *args[5:]),
+        "GEMM x W^T": lambda: x @ mu.t(),
+        "GEMMs dY W, dY^T x": lambda: (grad[0] @ mu, grad[0].t() @ x),
+        "N*K normals": lambda: rng.normal(N * K, seed=5),
+        "softplus": lambda: F.softplus(rho),
+        "softplus_backward": lambda: torch.ops.aten.softplus_backward(sigma, rho, 1.0, 20.0),
+    }
+    ratios = [("kernel fwd", "GEMM x W^T"), ("kernel bwd", "GEMMs dY W, dY^T x"),
+              ("N*K normals", "GEMM x W^T"), ("softplus", "GEMM x W^T"), ("softplus_backward", "GEMM x W^T")]
+    return m, ratios
+
+
+def run(table: dict, ratios: list, rounds: int, clock) -> dict:
+    """Times every entry of ``table`` once per round, in turn; prints and returns the median ratios."""
+    times = {name: [] for name in table}
+    for fn in table.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, fn in table.items():
+            t0 = clock()
+            fn()
+            times[name].append((clock() - t0) * 1e3)
+    for name, t in times.items():
+        print(f"{name:22s} {statistics.median(t):9.2f} ms")
+    result = {}
+    for a, b in ratios:
+        result[a, b] = statistics.median(p / q for p, q in zip(times[a], times[b]))
+        print(f"{a:>22s} / {b:<22s} {result[a, b]:6.3f}")
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--phases", action="store_true")
+    parser.add_argument("--shape", type=int, nargs=3, default=SHAPE, metavar=("B", "K", "N_OUT"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    B, K, N = args.shape
+    print(f"B={B} K={K} N_out={N} fp32, {args.threads} thread(s), "
+          f"{'CPU' if args.threads == 1 else 'wall'} time, median of {args.rounds} interleaved rounds")
+    with udn_kernels.backend("cpu"):
+        run(*(phases if args.phases else methods)(B, K, N), args.rounds, clock)
+
+
+if __name__ == "__main__":
+    main()
