@@ -13,6 +13,9 @@ Run: ``python -m pytest benchmarks/bench_heads.py --benchmark-enable`` (pytest-b
 ratios to ``fused`` measured in one process) or
 ``python benchmarks/bench_heads.py --predict`` (``depth_mixture_predict``: fused vs the eager loop
 vs the L logits GEMMs alone, interleaved) or
+``python benchmarks/bench_heads.py --interleaved [--mode mixture] [--cases a,b] [--rounds R]
+[--block B]`` (fwd+bwd of fused / the recompute path / eager / compiled, interleaved round by
+round, B consecutive calls each, medians) or
 ``python benchmarks/bench_heads.py --memory`` (peak extra RSS of the fused fwd+bwd at L=8,
 N=4096, D=512, C=32000 in a fresh subprocess).
 """
@@ -46,9 +49,9 @@ PASSES = ("forward", "backward", "fwd+bwd")
 class Problem:
     """Inputs of one case plus the per-depth ``nn.Linear`` heads holding the same parameters."""
 
-    def __init__(self, L, N, D, C, per_depth, seed=0):
+    def __init__(self, L, N, D, C, per_depth, seed=0, mode="expected"):
         torch.manual_seed(seed)
-        self.L, self.N, self.D, self.C, self.per_depth = L, N, D, C, per_depth
+        self.L, self.N, self.D, self.C, self.per_depth, self.mode = L, N, D, C, per_depth, mode
         self.hidden = torch.randn(L, N, D).requires_grad_()
         self.target = torch.randint(0, C, (N,))
         self.log_weights = torch.log_softmax(torch.randn(L), 0).requires_grad_()
@@ -71,10 +74,20 @@ class Problem:
     def fused(self):
         with udn_kernels.backend("cpu"):
             return udn_kernels.depth_mixture_nll(self.hidden, self.weight, self.bias, self.target,
-                                                 self.log_weights, mode="expected")
+                                                 self.log_weights, mode=self.mode)
+
+    def recompute(self):
+        """The same loss through forward + recomputing backward kernels (reduction none)."""
+        with udn_kernels.backend("cpu"):
+            return udn_kernels.depth_mixture_nll(self.hidden, self.weight, self.bias, self.target,
+                                                 self.log_weights, mode=self.mode, reduction="none").mean()
 
     def eager(self):
         w = self.log_weights.exp()
+        if self.mode == "mixture":
+            ll = torch.stack([-F.cross_entropy(self.head(l)(self.hidden[l]), self.target, reduction="none")
+                              for l in range(self.L)])
+            return -torch.logsumexp(self.log_weights[:, None] + ll, 0).mean()
         loss = 0.0
         for l in range(self.L):
             loss = loss + w[l] * F.cross_entropy(self.head(l)(self.hidden[l]), self.target)
@@ -245,6 +258,28 @@ def predict_ratios(rounds=7):
             print(f"{m:<8}{t * 1e3:>10.2f}ms   eager / {m}: {med['eager'] / t:6.2f}x", flush=True)
 
 
+def interleaved_ratios(cases, mode, rounds, block):
+    """fwd+bwd medians of fused / recompute / eager / compiled, interleaved round by round (in a
+    rotating order) with ``block`` consecutive calls per method."""
+    methods = ("fused", "recompute", "eager", "compiled")
+    for case in cases:
+        problem = Problem(*CASES[case], mode=mode)
+        runs = {m: runner(problem, m, "fwd+bwd")[1] for m in methods}
+        times = {m: [] for m in methods}
+        for r in range(rounds + 1):
+            # the order rotates: the method after another one finds the shared inputs in cache
+            for m in methods[r % 4:] + methods[:r % 4]:
+                t0 = time.perf_counter()
+                for _ in range(block):
+                    runs[m](None)
+                if r:  # round 0 warms up (and compiles)
+                    times[m].append((time.perf_counter() - t0) / block)
+        med = {m: statistics.median(v) for m, v in times.items()}
+        print(f"\n{case} {CASES[case]} mode={mode} rounds={rounds} block={block}")
+        for m, t in med.items():
+            print(f"{m:<10}{t * 1e3:>10.3f}ms   {m} / fused: {t / med['fused']:6.2f}x", flush=True)
+
+
 # ------------------------------------------------------------------ peak memory (fresh subprocess)
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -293,6 +328,10 @@ def main():
     print(f"threads={torch.get_num_threads()} full={FULL}")
     if "--predict" in sys.argv:
         predict_ratios()
+        return
+    if "--interleaved" in sys.argv:
+        interleaved_ratios(_option("--cases", list(CASES)), _option("--mode", ["expected"])[0],
+                           int(_option("--rounds", ["30"])[0]), int(_option("--block", ["1"])[0]))
         return
     cases = _option("--cases", list(CASES))
     methods = ["fused"] + [m for m in _option("--methods", list(METHODS)) if m != "fused"]

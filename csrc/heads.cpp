@@ -231,11 +231,14 @@ struct Heads {
   Tensor logits(const Tensor& slot, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
     Tensor S = slot.narrow(0, 0, m * ct).view({m, ct});
     at::mm_out(S, hidden2d.narrow(0, r0, m), head(r0).narrow(0, c0, ct).t());
-    if (bias) {
-      T* s = S.data_ptr<T>();
-      for (int64_t i = 0; i < m; ++i) add_into(s + i * ct, bias_of_row(r0 + i) + c0, ct);
-    }
+    add_bias(S.data_ptr<T>(), r0, m, c0, ct);
     return S;
+  }
+
+  // s [m, ct] (rows r0.., classes c0..) += bias.
+  void add_bias(T* s, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
+    if (!bias) return;
+    for (int64_t i = 0; i < m; ++i) add_into(s + i * ct, bias_of_row(r0 + i) + c0, ct);
   }
 };
 
@@ -261,16 +264,22 @@ void finish_noise_grad(const Heads<T>& p, const T* grad, const T* sq_sums, T* d_
 constexpr int64_t kSmallChunkElems = 1 << 18;  // 1 MiB of fp32 logits per chunk
 constexpr int64_t kSmallRowTask = 256;         // rows per forward epilogue task
 
-// Depths [l0, l0 + g) and rows [n0, n0 + m) of each: full depths, or part of one depth (g = 1).
+// Depths [l0, l0 + g) and rows [n0, n0 + m) of each: full depths, part of one depth (g = 1), or
+// (mixture mode) part of every depth (g = L).
 struct SmallChunk {
   int64_t l0, g, n0, m;
 };
 
+// Chunks of at most kSmallChunkElems logits. all_depths (mixture: a row's gradient needs every
+// depth's log-likelihood): each chunk holds all L depths of a row range.
 template <typename T>
-std::vector<SmallChunk> small_chunks(const Heads<T>& p) {
+std::vector<SmallChunk> small_chunks(const Heads<T>& p, bool all_depths) {
   std::vector<SmallChunk> out;
   const int64_t depth_elems = std::max<int64_t>(1, p.C * p.N);
-  if (depth_elems <= kSmallChunkElems) {
+  if (all_depths && p.L * depth_elems > kSmallChunkElems) {
+    const int64_t m = std::max<int64_t>(1, kSmallChunkElems / (p.L * std::max<int64_t>(1, p.C)));
+    for (int64_t n0 = 0; n0 < p.N; n0 += m) out.push_back({0, p.L, n0, std::min(m, p.N - n0)});
+  } else if (depth_elems <= kSmallChunkElems) {
     const int64_t g = kSmallChunkElems / depth_elems;
     for (int64_t l0 = 0; l0 < p.L; l0 += g) out.push_back({l0, std::min(g, p.L - l0), 0, p.N});
   } else {
@@ -282,7 +291,8 @@ std::vector<SmallChunk> small_chunks(const Heads<T>& p) {
 }
 
 // Class-major logits of a chunk (no bias) in buf. Class row c of depth l0 + lr starts at
-// data + lr * ls + c * cs; per-depth heads lay it out [g, C, m], a shared head [C, g * m].
+// data + lr * ls + c * cs; batched chunks (per-depth heads, or a shared head over row ranges of
+// several depths) lay it out [g, C, m], other shared-head chunks [C, g * m] (rows contiguous).
 template <typename T>
 struct SmallTile {
   Tensor S;
@@ -292,12 +302,28 @@ struct SmallTile {
 };
 
 template <typename T>
+bool small_batched(const Heads<T>& p, const SmallChunk& k) {
+  return p.per_depth || (k.g > 1 && k.m < p.N);
+}
+
+// [g, m, D] rows of a batched chunk (of hidden2d or its gradient), and its [g, C, D] heads (a shared
+// head expanded over depths).
+template <typename T>
+Tensor small_hidden(const Heads<T>& p, const Tensor& hidden2d, const SmallChunk& k) {
+  return hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
+}
+
+template <typename T>
+Tensor small_heads(const Heads<T>& p, const SmallChunk& k) {
+  return p.per_depth ? p.weight.narrow(0, k.l0, k.g) : p.weight.expand({k.g, p.C, p.D});
+}
+
+template <typename T>
 SmallTile<T> small_logits(const Heads<T>& p, Tensor& buf, const SmallChunk& k) {
   const int64_t n = k.g * p.C * k.m;
-  if (p.per_depth) {
+  if (small_batched(p, k)) {
     Tensor S = buf.narrow(0, 0, n).view({k.g, p.C, k.m});
-    Tensor H = p.hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
-    at::bmm_out(S, p.weight.narrow(0, k.l0, k.g), H.transpose(1, 2));
+    at::bmm_out(S, small_heads(p, k), small_hidden(p, p.hidden2d, k).transpose(1, 2));
     return {S, S.data_ptr<T>(), p.C * k.m, k.m};
   }
   Tensor S = buf.narrow(0, 0, n).view({p.C, k.g * k.m});
@@ -354,103 +380,102 @@ Tensor small_target_t(const Heads<T>& p) {
   return at::from_blob(const_cast<T*>(p.target_val), {p.N, p.C}, p.hidden2d.options()).t().contiguous();
 }
 
+// Forward epilogue of a chunk: adds the bias into S (class-major logits, in place) and writes
+// loglik / aux (the logsumexp) of its rows. One task per (depth, kSmallRowTask rows), vectorised
+// over rows: elementwise max / sum-exp across the C class rows, no online rescaling.
 template <typename T>
-void small_forward(const Heads<T>& p, T* loglik, T* aux) {
-  const auto chunks = small_chunks(p);
-  Tensor buf = at::empty({std::min(kSmallChunkElems, std::max<int64_t>(1, p.L * p.C * p.N))}, p.hidden2d.options());
-  const Tensor yt = p.gaussian ? small_target_t(p) : Tensor();
-  const T* y = p.gaussian ? yt.data_ptr<T>() : nullptr;
-  for (const SmallChunk& k : chunks) {
-    const SmallTile<T> S = small_logits(p, buf, k);
-    const int64_t per_depth_tasks = ceil_div(k.m, kSmallRowTask);
-    at::parallel_for(0, k.g * per_depth_tasks, 1, [&](int64_t t0, int64_t t1) {
-      T mx[kSmallRowTask], se[kSmallRowTask];
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t lr = t / per_depth_tasks, i0 = (t % per_depth_tasks) * kSmallRowTask;
-        const int64_t m = std::min(kSmallRowTask, k.m - i0), l = k.l0 + lr, n0 = k.n0 + i0;
-        const T* b = small_bias(p, l);
-        std::fill(mx, mx + m, -std::numeric_limits<T>::infinity());
-        std::fill(se, se + m, T(0));
-        for (int64_t c = 0; c < p.C; ++c) {
-          T* s = S.row(lr, c) + i0;
-          if (b) add_scalar(s, b[c], m);
-          if (p.gaussian)
-            add_gauss_sq_into(se, y + c * p.N + n0, s, p.inv_s[c], m);
-          else
-            max_into(mx, s, m);
-        }
-        T* out = loglik + l * p.N + n0;
-        if (p.gaussian) {
-          for (int64_t i = 0; i < m; ++i) out[i] = T(-0.5) * se[i] + p.gauss_const;
-          continue;
-        }
-        // all -inf logits give lse = -inf + log(NaN) = NaN, as on the class-tiled path
-        for (int64_t c = 0; c < p.C; ++c) add_exp_into(se, S.row(lr, c) + i0, mx, m);
-        for (int64_t i = 0; i < m; ++i) {
-          const T lse = mx[i] + std::log(se[i]);
-          const int64_t target = p.target_idx[n0 + i];
-          aux[l * p.N + n0 + i] = lse;
-          out[i] = target == p.ignore_index ? T(0) : S.row(lr, target)[i0 + i] - lse;
-        }
+void small_forward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const SmallChunk& k, const T* y, T* loglik,
+                            T* aux) {
+  const int64_t per_depth_tasks = ceil_div(k.m, kSmallRowTask);
+  at::parallel_for(0, k.g * per_depth_tasks, 1, [&](int64_t t0, int64_t t1) {
+    T mx[kSmallRowTask], se[kSmallRowTask];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lr = t / per_depth_tasks, i0 = (t % per_depth_tasks) * kSmallRowTask;
+      const int64_t m = std::min(kSmallRowTask, k.m - i0), l = k.l0 + lr, n0 = k.n0 + i0;
+      const T* b = small_bias(p, l);
+      std::fill(mx, mx + m, -std::numeric_limits<T>::infinity());
+      std::fill(se, se + m, T(0));
+      for (int64_t c = 0; c < p.C; ++c) {
+        T* s = S.row(lr, c) + i0;
+        if (b) add_scalar(s, b[c], m);
+        if (p.gaussian)
+          add_gauss_sq_into(se, y + c * p.N + n0, s, p.inv_s[c], m);
+        else
+          max_into(mx, s, m);
       }
-    });
-  }
+      T* out = loglik + l * p.N + n0;
+      if (p.gaussian) {
+        for (int64_t i = 0; i < m; ++i) out[i] = T(-0.5) * se[i] + p.gauss_const;
+        continue;
+      }
+      // all -inf logits give lse = -inf + log(NaN) = NaN, as on the class-tiled path
+      for (int64_t c = 0; c < p.C; ++c) add_exp_into(se, S.row(lr, c) + i0, mx, m);
+      for (int64_t i = 0; i < m; ++i) {
+        const T lse = mx[i] + std::log(se[i]);
+        const int64_t target = p.target_idx[n0 + i];
+        aux[l * p.N + n0 + i] = lse;
+        out[i] = target == p.ignore_index ? T(0) : S.row(lr, target)[i0 + i] - lse;
+      }
+    }
+  });
 }
 
-// Backward: G^T overwrites the chunk's logits, one (depth, class) row per task, so d_bias and the
-// noise sums are per-row sums reduced afterwards in (chunk, depth) order.
+// Backward epilogue of a chunk: G^T overwrites the logits (bias added first unless the forward
+// epilogue already did), one (depth, class) row per task; row_sums [g * C, 2] gets each row's sum
+// (d_bias) and sum g r^2 (Gaussian d_noise_std), reduced by the caller in a fixed order.
+// g: upstream gradient with ignored rows zeroed.
 template <typename T>
-void small_backward(const Heads<T>& p, const T* grad, const T* lse, Tensor& d_hidden2d, Tensor& d_weight,
-                    T* d_bias, T* d_noise_sum) {
-  const auto chunks = small_chunks(p);
-  Tensor buf = at::empty({std::min(kSmallChunkElems, std::max<int64_t>(1, p.L * p.C * p.N))}, p.hidden2d.options());
-  const Tensor yt = p.gaussian ? small_target_t(p) : Tensor();
-  const T* y = p.gaussian ? yt.data_ptr<T>() : nullptr;
-  // upstream gradient with ignored rows zeroed
-  std::vector<T> g(grad, grad + p.rows);
-  if (!p.gaussian)
-    for (int64_t r = 0; r < p.rows; ++r)
-      if (p.target_idx[r % p.N] == p.ignore_index) g[r] = T(0);
-  std::vector<T> row_sums;  // [g, C, 2]: sum of G, sum of g r^2
-  for (const SmallChunk& k : chunks) {
-    const SmallTile<T> S = small_logits(p, buf, k);
-    row_sums.assign(k.g * p.C * 2, T(0));
-    at::parallel_for(0, k.g * p.C, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t lr = t / p.C, c = t % p.C, l = k.l0 + lr, r0 = l * p.N + k.n0;
-        T* s = S.row(lr, c);
-        const T* b = small_bias(p, l);
-        if (b) add_scalar(s, b[c], k.m);
-        if (p.gaussian) {
-          row_sums[2 * t + 1] = gauss_grad_rows(s, y + c * p.N + k.n0, g.data() + r0, p.inv_s2[c], k.m);
-        } else {
-          softmax_grad_rows(s, lse + r0, g.data() + r0, k.m);
-          const int64_t* target = p.target_idx + k.n0;
-          for (int64_t i = 0; i < k.m; ++i)
-            if (target[i] == c) s[i] += g[r0 + i];
-        }
-        if (d_bias) row_sums[2 * t] = sum_of(s, k.m);
+void small_backward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const SmallChunk& k, const T* y, const T* g,
+                             const T* lse, bool add_bias, T* row_sums) {
+  at::parallel_for(0, k.g * p.C, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lr = t / p.C, c = t % p.C, l = k.l0 + lr, r0 = l * p.N + k.n0;
+      T* s = S.row(lr, c);
+      const T* b = small_bias(p, l);
+      if (b && add_bias) add_scalar(s, b[c], k.m);
+      if (p.gaussian) {
+        row_sums[2 * t + 1] = gauss_grad_rows(s, y + c * p.N + k.n0, g + r0, p.inv_s2[c], k.m);
+      } else {
+        softmax_grad_rows(s, lse + r0, g + r0, k.m);
+        const int64_t* target = p.target_idx + k.n0;
+        for (int64_t i = 0; i < k.m; ++i)
+          if (target[i] == c) s[i] += g[r0 + i];
       }
-    });
-    for (int64_t lr = 0; lr < k.g; ++lr) {
-      for (int64_t c = 0; c < p.C; ++c) {
-        const int64_t t = lr * p.C + c;
-        if (d_bias) d_bias[(p.bias_per_depth ? (k.l0 + lr) * p.C : 0) + c] += row_sums[2 * t];
-        if (d_noise_sum) d_noise_sum[c] += row_sums[2 * t + 1];
-      }
+      row_sums[2 * t] = p.bias ? sum_of(s, k.m) : T(0);
     }
+  });
+}
+
+// dH = G W written straight into the chunk's rows (each row once), and dW = G^T H: written by the
+// first chunk that touches a head (whole depths: every per-depth chunk), accumulated by the later
+// row ranges of a split depth / of a shared head. So no gradient output needs a zero fill.
+template <typename T>
+void small_backward_gemms(const Heads<T>& p, const SmallTile<T>& S, const SmallChunk& k, Tensor& d_hidden2d,
+                          Tensor& d_weight) {
+  if (small_batched(p, k)) {
+    Tensor H = small_hidden(p, p.hidden2d, k), dH = small_hidden(p, d_hidden2d, k);
+    at::bmm_out(dH, S.S.transpose(1, 2), small_heads(p, k));
     if (p.per_depth) {
-      Tensor H = p.hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
-      Tensor W = p.weight.narrow(0, k.l0, k.g);
-      Tensor dH = d_hidden2d.view({p.L, p.N, p.D}).narrow(0, k.l0, k.g).narrow(1, k.n0, k.m);
-      at::bmm_out(dH, S.S.transpose(1, 2), W);
-      d_weight.narrow(0, k.l0, k.g).baddbmm_(S.S, H);
-    } else {
-      const int64_t r0 = k.l0 * p.N + k.n0, m = k.g * k.m;
-      Tensor dH = d_hidden2d.narrow(0, r0, m);
-      at::mm_out(dH, S.S.t(), p.weight);
-      d_weight.addmm_(S.S, p.hidden2d.narrow(0, r0, m));
+      Tensor dW = d_weight.narrow(0, k.l0, k.g);
+      if (k.n0 == 0)
+        at::bmm_out(dW, S.S, H);
+      else
+        dW.baddbmm_(S.S, H);
+    } else {  // shared head over all depths of a row range: [g, C, D] products summed over depths
+      Tensor parts = at::bmm(S.S, H);
+      if (k.n0 == 0)
+        at::sum_out(d_weight, parts, 0);
+      else
+        d_weight.add_(parts.sum(0));
     }
+  } else {
+    const int64_t r0 = k.l0 * p.N + k.n0, m = k.g * k.m;
+    Tensor dH = d_hidden2d.narrow(0, r0, m);
+    at::mm_out(dH, S.S.t(), p.weight);
+    if (r0 == 0)
+      at::mm_out(d_weight, S.S, p.hidden2d.narrow(0, r0, m));
+    else
+      d_weight.addmm_(S.S, p.hidden2d.narrow(0, r0, m));
   }
 }
 
@@ -480,27 +505,46 @@ void forward_tile(const Heads<T>& p, T* s, int64_t r0, int64_t m, int64_t c0, in
   }
 }
 
-// Forward of one row block into loglik / aux. `keep` leaves logits tile
-// c0 at offset c0 * m of buf, so the whole [m, C] block survives for a fused backward loop;
-// otherwise every tile reuses the start of buf.
+// Forward of one row block into loglik / aux. keep_rows > 0 keeps the logits for a fused backward
+// loop: tile c0 is left at offset c0 * keep_rows + keep_row0 * ct of buf, i.e. in the class-tile
+// c0 slab [keep_rows, ct] of a group of blocks, at row keep_row0; otherwise every tile reuses the
+// start of buf.
+// Forward state of rows [r0, r0 + m) across class tiles (forward_tile), then their loglik / aux.
 template <typename T>
-void forward_block(const Heads<T>& p, Tensor& buf, bool keep, int64_t r0, int64_t m, T* loglik, T* aux) {
-  std::vector<T> mx(m, -std::numeric_limits<T>::infinity()), se(m, T(0)), picked(m, T(0));
-  for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
-    const int64_t ct = std::min(p.class_tile, p.C - c0);
-    Tensor S = p.logits(buf.narrow(0, keep ? c0 * m : 0, m * ct), r0, m, c0, ct);
-    forward_tile(p, S.data_ptr<T>(), r0, m, c0, ct, mx.data(), se.data(), picked.data());
+struct RowState {
+  int64_t r0, m;
+  std::vector<T> mx, se, picked;
+  RowState(int64_t r0_, int64_t m_)
+      : r0(r0_), m(m_), mx(m_, -std::numeric_limits<T>::infinity()), se(m_, T(0)), picked(m_, T(0)) {}
+
+  void tile(const Heads<T>& p, T* s, int64_t c0, int64_t ct) {
+    forward_tile(p, s, r0, m, c0, ct, mx.data(), se.data(), picked.data());
   }
-  for (int64_t i = 0; i < m; ++i) {
-    const int64_t r = r0 + i;
-    if (p.gaussian) {
-      loglik[r] = T(-0.5) * se[i] + p.gauss_const;
-    } else {
-      const T lse = mx[i] + std::log(se[i]);
-      aux[r] = lse;
-      loglik[r] = p.target_idx[r % p.N] == p.ignore_index ? T(0) : picked[i] - lse;
+
+  void finish(const Heads<T>& p, T* loglik, T* aux) const {
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t r = r0 + i;
+      if (p.gaussian) {
+        loglik[r] = T(-0.5) * se[i] + p.gauss_const;
+      } else {
+        const T lse = mx[i] + std::log(se[i]);
+        aux[r] = lse;
+        loglik[r] = p.target_idx[r % p.N] == p.ignore_index ? T(0) : picked[i] - lse;
+      }
     }
   }
+};
+
+template <typename T>
+void forward_block(const Heads<T>& p, Tensor& buf, int64_t keep_rows, int64_t keep_row0, int64_t r0, int64_t m,
+                   T* loglik, T* aux) {
+  RowState<T> state(r0, m);
+  for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
+    const int64_t ct = std::min(p.class_tile, p.C - c0);
+    Tensor S = p.logits(buf.narrow(0, keep_rows ? c0 * keep_rows + keep_row0 * ct : 0, m * ct), r0, m, c0, ct);
+    state.tile(p, S.data_ptr<T>(), c0, ct);
+  }
+  state.finish(p, loglik, aux);
 }
 
 template <typename T>
@@ -509,36 +553,20 @@ void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
     Tensor buf = at::empty({p.row_tile * p.class_tile}, p.hidden2d.options());
     for (int64_t bi = b0; bi < b1; ++bi)
-      forward_block(p, buf, false, blocks[bi].first, blocks[bi].second - blocks[bi].first, loglik, aux);
+      forward_block(p, buf, 0, 0, blocks[bi].first, blocks[bi].second - blocks[bi].first, loglik, aux);
   });
 }
 
 // loglik [L, N] and aux (categorical logsumexp [L, N], Gaussian empty).
 std::tuple<Tensor, Tensor> forward_outputs(const Tensor& hidden, bool gaussian) {
   const int64_t L = hidden.size(0), N = hidden.size(1);
-  return {at::zeros({L, N}, hidden.options()),
-          gaussian ? at::empty({0}, hidden.options()) : at::zeros({L, N}, hidden.options())};
+  return {at::empty({L, N}, hidden.options()),
+          gaussian ? at::empty({0}, hidden.options()) : at::empty({L, N}, hidden.options())};
 }
 
 template <typename T>
 T* aux_ptr(Tensor& aux, bool gaussian) {
   return gaussian ? nullptr : aux.data_ptr<T>();
-}
-
-std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& weight,
-                                            const c10::optional<Tensor>& bias, const Tensor& target,
-                                            const c10::optional<Tensor>& noise_std, bool gaussian,
-                                            int64_t ignore_index) {
-  auto [loglik, aux] = forward_outputs(hidden, gaussian);
-  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd", [&] {
-    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
-    if (p.rows == 0) return;
-    if (p.class_major)
-      small_forward<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian));
-    else
-      forward_impl<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian));
-  });
-  return {loglik, aux};
 }
 
 // ---------------------------------------------------------------- backward
@@ -551,12 +579,11 @@ struct Sinks {
   T* d_noise;         // [C] or null (gaussian partial sum of g r^2)
 };
 
-// Backward of one logits tile S ([m, ct], bias included; overwritten): G = dloglik/dS, then
-// dH += G W_t and dW_t += G^T H, plus the d_bias / d_noise column sums.
+// Backward epilogue of one logits tile s ([m, ct], bias included; overwritten): G = dloglik/dS,
+// plus the d_bias / d_noise column sums.
 template <typename T>
-void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& S, int64_t r0, int64_t m, int64_t c0,
-                   int64_t ct, Sinks<T>& out) {
-  T* s = S.data_ptr<T>();
+void backward_epilogue(const Heads<T>& p, const T* grad, const T* lse, T* s, int64_t r0, int64_t m, int64_t c0,
+                       int64_t ct, Sinks<T>& out) {
   for (int64_t i = 0; i < m; ++i) {
     const int64_t r = r0 + i;
     T* srow = s + i * ct;
@@ -575,6 +602,13 @@ void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& S, in
     }
     if (out.d_bias) add_into(out.d_bias + (p.bias_per_depth ? (r / p.N) * p.C : 0) + c0, srow, ct);
   }
+}
+
+// Backward of one logits tile S ([m, ct]): the epilogue, then dH += G W_t and dW_t += G^T H.
+template <typename T>
+void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& S, int64_t r0, int64_t m, int64_t c0,
+                   int64_t ct, Sinks<T>& out) {
+  backward_epilogue(p, grad, lse, S.data_ptr<T>(), r0, m, c0, ct, out);
   Tensor W_t = p.head(r0).narrow(0, c0, ct);
   Tensor dH = out.d_hidden2d.narrow(0, r0, m);
   dH.addmm_(S, W_t);
@@ -614,7 +648,8 @@ struct Gradients {
 
   void plan(bool by_class_, int64_t ntasks) {
     by_class = by_class_;
-    d_hidden2d.zero_();  // the class-tiled passes accumulate into it
+    d_hidden2d.zero_();  // the class-tiled passes accumulate into dH and dW
+    d_weight.zero_();
     Tensor& shared_out = by_class ? d_hidden2d : d_weight;
     shared_parts.assign(ntasks, Tensor());
     shared_parts[0] = shared_out;
@@ -679,64 +714,197 @@ void backward_impl(const Heads<T>& p, const T* grad, const T* lse, Gradients<T>&
   out.finish(p, grad);
 }
 
-// Backward of the small-C path into the gradient outputs (dH written once: no zero fill needed).
+// Mixture-mode NLL sum_n s_n (-logsumexp_l(lw_l + loglik[l, n])): its upstream gradient
+// d/d loglik[l, n] = -s_n r[l, n], r = softmax over depths of lw + loglik, needs every depth's
+// log-likelihood of row n, so it is formed after their forward (0 on ignored rows and rows with
+// s_n = 0).
 template <typename T>
-void small_gradients(const Heads<T>& p, const T* grad, const T* lse, Gradients<T>& out) {
-  std::vector<T> sq_sums(out.d_noise ? p.C : 0, T(0));
-  small_backward(p, grad, lse, out.d_hidden2d, out.d_weight, out.d_bias, out.d_noise ? sq_sums.data() : nullptr);
-  if (out.d_noise) finish_noise_grad(p, grad, sq_sums.data(), out.d_noise);
+struct Mixture {
+  const T* log_weights;  // [L]
+  const T* row_scale;    // [N]
+
+  void grad(const Heads<T>& p, const T* loglik, int64_t n0, int64_t n1, T* g) const {
+    std::vector<T> v(p.L);
+    for (int64_t n = n0; n < n1; ++n) {
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t l = 0; l < p.L; ++l) mx = max_nan(mx, v[l] = log_weights[l] + loglik[l * p.N + n]);
+      T sum = 0;
+      for (int64_t l = 0; l < p.L; ++l) sum += v[l] = std::exp(v[l] - mx);
+      const T s = p.gaussian || p.target_idx[n] != p.ignore_index ? row_scale[n] : T(0);
+      for (int64_t l = 0; l < p.L; ++l) g[l * p.N + n] = s == T(0) ? T(0) : -s * v[l] / sum;
+    }
+  }
+};
+
+// The small-C path in one pass over the chunks: the logits of a chunk are computed once (one
+// GEMM), then the forward epilogue (if loglik: writes loglik and lse) and, if out, the backward
+// epilogue on the same buffer (G^T in place; lse read) and the dH / dW GEMMs. Forward: 1 GEMM;
+// backward (lse from the forward): 3; fused (grad known up front): 3 instead of 4.
+template <typename T>
+void small_pass(const Heads<T>& p, T* loglik, T* lse, const T* grad, Gradients<T>* out,
+                const Mixture<T>* mix = nullptr) {
+  const auto chunks = small_chunks(p, mix != nullptr);
+  Tensor buf = at::empty({std::min(kSmallChunkElems, std::max<int64_t>(1, p.L * p.C * p.N))}, p.hidden2d.options());
+  const Tensor yt = p.gaussian ? small_target_t(p) : Tensor();
+  const T* y = p.gaussian ? yt.data_ptr<T>() : nullptr;
+  std::vector<T> g, row_sums, bias_sums, sq_sums;  // row_sums: [g, C, 2] per chunk
+  if (out) {
+    if (mix)
+      g.assign(p.rows, T(0));  // filled chunk by chunk from the log-likelihoods
+    else
+      g.assign(grad, grad + p.rows);
+    if (!p.gaussian && !mix)
+      for (int64_t r = 0; r < p.rows; ++r)
+        if (p.target_idx[r % p.N] == p.ignore_index) g[r] = T(0);
+    bias_sums.assign(out->bias_numel, T(0));
+    sq_sums.assign(out->d_noise ? p.C : 0, T(0));
+  }
+  for (const SmallChunk& k : chunks) {
+    const SmallTile<T> S = small_logits(p, buf, k);
+    if (loglik) small_forward_epilogue(p, S, k, y, loglik, lse);
+    if (!out) continue;
+    if (mix) mix->grad(p, loglik, k.n0, k.n0 + k.m, g.data());
+    row_sums.resize(k.g * p.C * 2);
+    small_backward_epilogue(p, S, k, y, g.data(), lse, loglik == nullptr, row_sums.data());
+    for (int64_t t = 0; t < k.g * p.C; ++t) {  // (chunk, depth, class) order: thread-count independent
+      const int64_t l = k.l0 + t / p.C, c = t % p.C;
+      if (out->d_bias) bias_sums[(p.bias_per_depth ? l * p.C : 0) + c] += row_sums[2 * t];
+      if (out->d_noise) sq_sums[c] += row_sums[2 * t + 1];
+    }
+    small_backward_gemms(p, S, k, out->d_hidden2d, out->d_weight);
+  }
+  if (!out) return;
+  std::copy(bias_sums.begin(), bias_sums.end(), out->d_bias);
+  if (out->d_noise) finish_noise_grad(p, g.data(), sq_sums.data(), out->d_noise);
 }
 
 // Forward with the gradient of sum(grad * loglik) in the same pass (grad known up front, e.g.
-// the expected-mode weights): each task owns row blocks; per block the forward keeps its whole
-// [m, C] logits (one buffer per task, never [L, N, C]) and the backward loop turns the stored tiles
-// into G in place, so the logits are computed once: 3 GEMMs in all instead of 4.
-// Small-C heads and problems with fewer row blocks than threads use forward + recompute.
+// the expected-mode weights): each task owns groups of row blocks; per group the forward keeps
+// the blocks' whole [m, C] logits (one buffer per task, never [L, N, C]) and the backward loop
+// turns the stored tiles into G in place, so the logits are computed once: 3 GEMMs in all instead
+// of 4. Expected mode: a group is one row block. Mixture mode (mix): a group is the L blocks of a
+// sample range (row_tile / L samples of each depth), whose log-likelihoods give the gradient
+// (Mixture::grad) between the forward and the backward loops.
+// Small-C heads keep a whole chunk of logits (small_pass); problems with fewer groups than
+// threads use forward + recompute.
 template <typename T>
-void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T>& out) {
-  if (p.class_major) {
-    small_forward(p, loglik, aux);
-    return small_gradients(p, grad, aux, out);
+void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T>& out,
+                const Mixture<T>* mix = nullptr) {
+  if (p.class_major) return small_pass(p, loglik, aux, grad, &out, mix);
+  std::vector<T> mix_grad(mix ? p.rows : 0);
+  if (mix) grad = mix_grad.data();  // each group fills the rows of its samples
+  using Block = std::pair<int64_t, int64_t>;
+  std::vector<std::vector<Block>> groups;
+  if (mix) {
+    const int64_t k = std::max<int64_t>(8, p.row_tile / p.L);
+    for (int64_t n0 = 0; n0 < p.N; n0 += k) {
+      groups.emplace_back();
+      for (int64_t l = 0; l < p.L; ++l) groups.back().emplace_back(l * p.N + n0, l * p.N + std::min(n0 + k, p.N));
+    }
+  } else {
+    for (const Block& b : p.row_blocks()) groups.push_back({b});
   }
-  const auto blocks = p.row_blocks();
-  const int64_t nblocks = blocks.size();
+  const int64_t ngroups = groups.size();
   const int64_t threads = at::get_num_threads();
-  if (nblocks < threads) {
+  if (ngroups < threads) {
     forward_impl(p, loglik, aux);
+    if (mix) mix->grad(p, loglik, 0, p.N, mix_grad.data());
     return backward_impl(p, grad, aux, out);
   }
+  int64_t group_rows = 0;
+  for (const auto& blocks : groups) {
+    int64_t rows = 0;
+    for (const Block& b : blocks) rows += b.second - b.first;
+    group_rows = std::max(group_rows, rows);
+  }
+  // Mixture groups with a shared head gather their hidden rows (hbuf) so each class tile takes
+  // one GEMM per product for the whole group (M or K = group rows, as in expected mode), the
+  // blocks' logits stacked in the tile's slab; dH goes through dhbuf and is scattered back.
+  const bool gathered = groups[0].size() > 1 && !p.per_depth;
   const int64_t ntasks = threads;
   out.plan(false, ntasks);
   at::parallel_for(0, ntasks, 1, [&](int64_t k0, int64_t k1) {
-    Tensor buf = at::empty({p.row_tile * p.C}, p.hidden2d.options());
+    Tensor buf = at::empty({group_rows * p.C}, p.hidden2d.options());
+    Tensor hbuf = gathered ? at::empty({group_rows, p.D}, p.hidden2d.options()) : Tensor();
+    Tensor dhbuf = gathered ? at::empty({group_rows, p.D}, p.hidden2d.options()) : Tensor();
     for (int64_t k = k0; k < k1; ++k) {
       Sinks<T> sinks = out.sinks(k);
-      for (int64_t bi = k * nblocks / ntasks; bi < (k + 1) * nblocks / ntasks; ++bi) {
-        const int64_t r0 = blocks[bi].first, m = blocks[bi].second - r0;
-        forward_block(p, buf, true, r0, m, loglik, aux);
+      for (int64_t gi = k * ngroups / ntasks; gi < (k + 1) * ngroups / ntasks; ++gi) {
+        const auto& blocks = groups[gi];
+        // block b's logits: rows [row0[b], row0[b] + m) of each class-tile slab [rows, ct] at c0 * rows
+        std::vector<int64_t> row0(blocks.size() + 1, 0);
+        for (size_t b = 0; b < blocks.size(); ++b) row0[b + 1] = row0[b] + blocks[b].second - blocks[b].first;
+        const int64_t rows = row0.back();
+        auto slab = [&](int64_t c0, int64_t ct) { return buf.narrow(0, c0 * rows, rows * ct).view({rows, ct}); };
+        if (gathered) {
+          std::vector<RowState<T>> states;
+          for (size_t b = 0; b < blocks.size(); ++b) {
+            states.emplace_back(blocks[b].first, row0[b + 1] - row0[b]);
+            hbuf.narrow(0, row0[b], states[b].m).copy_(p.hidden2d.narrow(0, blocks[b].first, states[b].m));
+          }
+          Tensor H = hbuf.narrow(0, 0, rows);
+          for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
+            const int64_t ct = std::min(p.class_tile, p.C - c0);
+            Tensor S = slab(c0, ct);
+            at::mm_out(S, H, p.weight.narrow(0, c0, ct).t());
+            for (size_t b = 0; b < blocks.size(); ++b) {
+              T* s = S.data_ptr<T>() + row0[b] * ct;
+              p.add_bias(s, states[b].r0, states[b].m, c0, ct);
+              states[b].tile(p, s, c0, ct);
+            }
+          }
+          for (const RowState<T>& state : states) state.finish(p, loglik, aux);
+        } else {
+          for (size_t b = 0; b < blocks.size(); ++b)
+            forward_block(p, buf, rows, row0[b], blocks[b].first, row0[b + 1] - row0[b], loglik, aux);
+        }
+        if (mix) mix->grad(p, loglik, blocks[0].first, blocks[0].second, mix_grad.data());
         for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
           const int64_t ct = std::min(p.class_tile, p.C - c0);
-          Tensor S = buf.narrow(0, c0 * m, m * ct).view({m, ct});
-          backward_tile(p, grad, aux, S, r0, m, c0, ct, sinks);
+          Tensor S = slab(c0, ct);
+          for (size_t b = 0; b < blocks.size(); ++b) {
+            const int64_t r0 = blocks[b].first, m = row0[b + 1] - row0[b];
+            Tensor Sb = S.narrow(0, row0[b], m);
+            if (gathered)
+              backward_epilogue(p, grad, aux, Sb.data_ptr<T>(), r0, m, c0, ct, sinks);
+            else
+              backward_tile(p, grad, aux, Sb, r0, m, c0, ct, sinks);
+          }
+          if (!gathered) continue;
+          Tensor W_t = p.weight.narrow(0, c0, ct), dH = dhbuf.narrow(0, 0, rows);
+          if (c0 == 0)
+            at::mm_out(dH, S, W_t);
+          else
+            dH.addmm_(S, W_t);
+          sinks.d_weight.narrow(0, c0, ct).addmm_(S.t(), hbuf.narrow(0, 0, rows));
         }
+        if (gathered)
+          for (size_t b = 0; b < blocks.size(); ++b)
+            sinks.d_hidden2d.narrow(0, blocks[b].first, row0[b + 1] - row0[b])
+                .copy_(dhbuf.narrow(0, row0[b], row0[b + 1] - row0[b]));
       }
     }
   });
   out.finish(p, grad);
 }
 
-// Gradient outputs (empty d_bias / d_noise when the input is None); d_hidden is filled by the paths.
+// Gradient outputs, uninitialised: every path writes all of them (the class-tiled ones zero dH / dW
+// first, Gradients::plan); d_bias / d_noise are empty when the input is None.
 struct GradTensors {
   Tensor d_hidden, d_weight, d_bias, d_noise;
   GradTensors(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
               const c10::optional<Tensor>& noise_std, bool gaussian)
-      : d_hidden(at::empty_like(hidden)), d_weight(at::zeros_like(weight)) {
+      : d_hidden(at::empty_like(hidden)), d_weight(at::empty_like(weight)) {
     has_bias = bias.has_value() && bias->defined();
     has_noise = gaussian && noise_std.has_value() && noise_std->defined();
-    d_bias = has_bias ? at::zeros_like(*bias) : at::empty({0}, hidden.options());
-    d_noise = has_noise ? at::zeros_like(*noise_std) : at::empty({0}, hidden.options());
+    d_bias = has_bias ? at::empty_like(*bias) : at::empty({0}, hidden.options());
+    d_noise = has_noise ? at::empty_like(*noise_std) : at::empty({0}, hidden.options());
   }
   bool has_bias, has_noise;
+
+  void zero() {  // no rows: nothing to write, zero gradients
+    for (Tensor* t : {&d_weight, &d_bias, &d_noise}) t->zero_();
+  }
 
   template <typename T>
   Gradients<T> sinks(int64_t rows, int64_t D) {
@@ -752,6 +920,22 @@ void check_grad(const Heads<T>& p, const Tensor& grad, const char* op) {
               grad.scalar_type());
 }
 
+std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& weight,
+                                            const c10::optional<Tensor>& bias, const Tensor& target,
+                                            const c10::optional<Tensor>& noise_std, bool gaussian,
+                                            int64_t ignore_index) {
+  auto [loglik, aux] = forward_outputs(hidden, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd", [&] {
+    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+    if (p.rows == 0) return;
+    if (p.class_major)
+      small_pass<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian), nullptr, nullptr);
+    else
+      forward_impl<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian));
+  });
+  return {loglik, aux};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
     const Tensor& grad_loglik, const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
     const Tensor& target, const c10::optional<Tensor>& noise_std, const Tensor& aux, bool gaussian,
@@ -761,11 +945,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
     Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
     check_grad(p, grad_loglik, "depth_loglik_bwd");
     TORCH_CHECK(gaussian || (aux.numel() == p.rows && aux.is_contiguous()), "depth_loglik_bwd: aux must be [L, N]");
-    if (p.rows == 0) return;
+    if (p.rows == 0) return g.zero();
     Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
-    const scalar_t* lse = gaussian ? nullptr : aux.data_ptr<scalar_t>();
+    scalar_t* lse = gaussian ? nullptr : aux.data_ptr<scalar_t>();
     if (p.class_major)
-      small_gradients<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), lse, out);
+      small_pass<scalar_t>(p, nullptr, lse, grad_loglik.data_ptr<scalar_t>(), &out);
     else
       backward_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), lse, out);
   });
@@ -781,10 +965,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_fwd_bwd(
   AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd_bwd", [&] {
     Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
     check_grad(p, grad_loglik, "depth_loglik_fwd_bwd");
-    if (p.rows == 0) return;
+    if (p.rows == 0) return g.zero();
     Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
     fused_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), loglik.data_ptr<scalar_t>(),
                          aux_ptr<scalar_t>(aux, gaussian), out);
+  });
+  return {loglik, aux, g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
+}
+
+// Mixture-mode NLL (see Mixture) and its head gradients in one pass (fused_impl): the logits of
+// every depth of a range of samples are kept until their gradient is known: 3 GEMMs.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_mixture_fwd_bwd(
+    const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
+    const c10::optional<Tensor>& noise_std, const Tensor& log_weights, const Tensor& row_scale, bool gaussian,
+    int64_t ignore_index) {
+  auto [loglik, aux] = forward_outputs(hidden, gaussian);
+  GradTensors g(hidden, weight, bias, noise_std, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_mixture_fwd_bwd", [&] {
+    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+    TORCH_CHECK(log_weights.is_contiguous() && log_weights.numel() == p.L &&
+                    log_weights.scalar_type() == hidden.scalar_type(),
+                "depth_loglik_mixture_fwd_bwd: log_weights must be a contiguous [L] tensor of the hidden dtype, got ",
+                log_weights.sizes(), " ", log_weights.scalar_type());
+    TORCH_CHECK(row_scale.is_contiguous() && row_scale.numel() == p.N && row_scale.scalar_type() == hidden.scalar_type(),
+                "depth_loglik_mixture_fwd_bwd: row_scale must be a contiguous [N] tensor of the hidden dtype, got ",
+                row_scale.sizes(), " ", row_scale.scalar_type());
+    if (p.rows == 0) return g.zero();
+    Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
+    const Mixture<scalar_t> mix{log_weights.data_ptr<scalar_t>(), row_scale.data_ptr<scalar_t>()};
+    scalar_t* ll = loglik.data_ptr<scalar_t>();
+    scalar_t* lse = aux_ptr<scalar_t>(aux, gaussian);
+    fused_impl<scalar_t>(p, nullptr, ll, lse, out, &mix);
   });
   return {loglik, aux, g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
 }
@@ -798,10 +1009,14 @@ TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
         "Tensor? noise_std, Tensor aux, bool gaussian, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("depth_loglik_fwd_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
         "Tensor grad_loglik, bool gaussian, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("depth_loglik_mixture_fwd_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
+        "Tensor log_weights, Tensor row_scale, bool gaussian, int ignore_index) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(udn_kernels_C, CPU, m) {
   m.impl("depth_loglik_fwd", &depth_loglik_fwd);
   m.impl("depth_loglik_bwd", &depth_loglik_bwd);
   m.impl("depth_loglik_fwd_bwd", &depth_loglik_fwd_bwd);
+  m.impl("depth_loglik_mixture_fwd_bwd", &depth_loglik_mixture_fwd_bwd);
 }

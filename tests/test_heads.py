@@ -90,8 +90,48 @@ def test_small_c_chunks_match_reference(shape, per_depth, likelihood):
     grad = torch.randn(L, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     got = kernel_outputs("cpu", *inputs, gaussian, grad)
     want = kernel_outputs("reference", *inputs, gaussian, grad)
-    for name, a, b in zip(("loglik", "aux", "d_hidden", "d_weight", "d_bias", "d_noise"), got, want):
+    # the fused forward + backward keeps each chunk's logits (3 GEMMs) and must agree too
+    fused = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, gaussian, IGNORE)
+    for name, a, b, c in zip(("loglik", "aux", "d_hidden", "d_weight", "d_bias", "d_noise"), got, want, fused):
         assert_close_rel(a, b, 1e-10, name)
+        assert_close_rel(c, b, 1e-10, "fused " + name)
+
+
+@pytest.mark.parametrize("C", [10, 600])  # small-C chunk path, class-tiled path
+@pytest.mark.parametrize("per_depth", [False, True])
+def test_outputs_fully_written_over_recycled_nan_memory(C, per_depth):
+    """The kernels allocate their outputs uninitialised: every element must be written. Memory of
+    the outputs' sizes is filled with NaN and freed just before each call, so the allocator is
+    likely to hand it back; a skipped element would then show up as NaN."""
+    L, N, D = 3, 37, 5
+    inputs = make(L, N, D, C, per_depth=per_depth, bias="depth", ignore_every=4)
+    grad = torch.randn(L, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = kernel_outputs("reference", *inputs, False, grad)
+    sizes = [(L, N), (L, N), (L, N, D), inputs[1].shape, (L, C)]
+    def after_poison(fn):
+        poison = [torch.full(s, math.nan, dtype=torch.float64) for s in sizes]
+        del poison
+        return fn()
+
+    for _ in range(3):
+        got = after_poison(lambda: kernel_outputs("cpu", *inputs, False, grad))
+        fused = after_poison(lambda: torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, False, IGNORE))
+        for name, a, b, c in zip(("loglik", "aux", "d_hidden", "d_weight", "d_bias"), got, want, fused):
+            assert_close_rel(a, b, 1e-11, name)
+            assert_close_rel(c, b, 1e-11, "fused " + name)
+
+
+@pytest.mark.parametrize("C", [10, 600])
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+def test_no_rows_gives_zero_gradients(C, likelihood):
+    gaussian = likelihood == "gaussian"
+    inputs = make(2, 0, 4, C, bias="shared", likelihood=likelihood)
+    grad = torch.zeros(2, 0, dtype=torch.float64)
+    for got in (kernel_outputs("cpu", *inputs, gaussian, grad),
+                torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, gaussian, IGNORE)):
+        assert got[0].shape == (2, 0)
+        for name, g in zip(("d_weight", "d_bias", "d_noise"), got[3:]):
+            assert torch.equal(g, torch.zeros_like(g)), name
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 19, 11), (4, 300, 64, 1100), (2, 5, 300, 5000)])

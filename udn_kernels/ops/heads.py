@@ -9,7 +9,9 @@ Expected mode with a mean/sum reduction is a fixed linear function of the log-li
 ``sum_{l,n} coef[l, n] loglik[l, n]``, so when gradients are wanted its upstream gradient is known
 before the forward: ``udn_kernels::depth_loglik_dot`` then computes the parameter gradients in the
 forward pass (kernel ``depth_loglik_fwd_bwd``, no logits recompute) and its backward only scales
-them (docs/heads.md, "Gradient in the forward").
+them. Mixture mode's upstream gradient is known once every depth's log-likelihood of a sample is:
+kernel ``depth_loglik_mixture_fwd_bwd`` forms it between its forward and backward loops
+(docs/heads.md, "Gradient in the forward").
 """
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ def _(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignor
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, target, noise_std, gaussian, ignore_index = inputs
     ctx.save_for_backward(hidden, weight, bias, target, noise_std, output[1])
+    ctx.set_materialize_grads(False)  # aux never gets a gradient: no zero fill for it
     ctx.gaussian = gaussian
     ctx.ignore_index = ignore_index
 
@@ -95,6 +98,8 @@ def _gaussian_target_grad(grad, hidden, weight, bias, target, noise_std):
 
 
 def _backward(ctx, grad_loglik, grad_aux):
+    if grad_loglik is None:  # not materialised: no gradient reached loglik
+        return (None,) * 7
     hidden, weight, bias, target, noise_std, aux = ctx.saved_tensors
     bwd = getattr(ctx, "bwd", None) or (_loglik_bwd_kernel if getattr(ctx, "eager", False) else _loglik_bwd)
     d_hidden, d_weight, d_bias, d_noise = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux,
@@ -126,47 +131,81 @@ class _EagerLoglik(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def _loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, gaussian, ignore_index):
-    kernel = _backend.get_kernel("depth_loglik_fwd_bwd", hidden.device)
+def _loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index):
+    if log_weights is None:
+        kernel = _backend.get_kernel("depth_loglik_fwd_bwd", hidden.device)
+        loglik, _, d_hidden, d_weight, d_bias, d_noise = kernel(
+            hidden, weight, bias, target, noise_std, coef.contiguous(), gaussian, ignore_index)
+        return (coef * loglik).sum(), loglik, d_hidden, d_weight, d_bias, d_noise
+    kernel = _backend.get_kernel("depth_loglik_mixture_fwd_bwd", hidden.device)
     loglik, _, d_hidden, d_weight, d_bias, d_noise = kernel(
-        hidden, weight, bias, target, noise_std, coef.contiguous(), gaussian, ignore_index)
-    return (coef * loglik).sum(), loglik, d_hidden, d_weight, d_bias, d_noise
+        hidden, weight, bias, target, noise_std, log_weights.contiguous(), coef.contiguous(), gaussian, ignore_index)
+    total = -(coef * torch.logsumexp(log_weights[:, None] + loglik, dim=0)).sum()
+    return total, loglik, d_hidden, d_weight, d_bias, d_noise
 
 
 @torch.library.custom_op("udn_kernels::depth_loglik_dot", mutates_args=())
 def _loglik_dot(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                noise_std: Optional[Tensor], coef: Tensor, gaussian: bool,
+                noise_std: Optional[Tensor], coef: Tensor, log_weights: Optional[Tensor], gaussian: bool,
                 ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(total, loglik, d_hidden, d_weight, d_bias, d_noise)``: ``total = sum(coef * loglik)`` and
-    its gradients, computed in the forward pass; only ``total`` is differentiable."""
-    return _loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, gaussian, ignore_index)
+    """``(total, loglik, d_hidden, d_weight, d_bias, d_noise)``: ``total`` and its head gradients,
+    computed in the forward pass; only ``total`` is differentiable. Without ``log_weights``
+    ``total = sum(coef * loglik)`` (expected mode, ``coef [L, N]``); with them the mixture NLL
+    ``total = -sum_n coef_n logsumexp_l(log_weights_l + loglik[l, n])`` (``coef [N]``)."""
+    return _loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian,
+                              ignore_index)
 
 
 @_loglik_dot.register_fake
-def _(hidden, weight, bias, target, noise_std, coef, gaussian, ignore_index):
+def _(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index):
     L, N = hidden.shape[0], hidden.shape[1]
     return (hidden.new_empty(()), hidden.new_empty((L, N))) + _empty_grads(hidden, weight, bias, noise_std)
 
 
 def _setup_dot(ctx, inputs, output):
-    hidden, weight, bias, target, noise_std, coef, gaussian, ignore_index = inputs
+    hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index = inputs
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(hidden, weight, bias, target, noise_std, coef, *output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
+    ctx.save_for_backward(hidden, weight, bias, target, noise_std, coef, log_weights, *output[1:])
     ctx.gaussian = gaussian
+
+
+def _passes_saved_grads(ctx, grad_total) -> bool:
+    """Whether the backward may return the saved gradients themselves instead of scaled copies:
+    eager CPU only (the custom op's backward is traced by torch.compile), an upstream gradient of
+    exactly 1 (``loss.backward()``), and a graph freed by this backward, so autograd may take them
+    over (as ``.grad``, possibly through a view) while no later backward can read them again."""
+    return (getattr(ctx, "eager", False) and grad_total.device.type == "cpu"
+            and not torch._C._autograd._get_current_graph_task_keep_graph() and grad_total.item() == 1.0)
 
 
 def _backward_dot(ctx, grad_total, *unused):
     if torch.is_grad_enabled():
         raise RuntimeError("depth_mixture_nll: double backward (create_graph=True) is not supported "
-                           "by the fused expected-mode gradient; the gradients are computed in the "
-                           "forward pass")
-    hidden, weight, bias, target, noise_std, coef, loglik, d_hidden, d_weight, d_bias, d_noise = \
+                           "with a mean/sum reduction: the head gradients are computed in the forward "
+                           "pass")
+    if grad_total is None:  # not materialised (set_materialize_grads(False)): no gradient reached total
+        return (None,) * 9
+    hidden, weight, bias, target, noise_std, coef, log_weights, loglik, d_hidden, d_weight, d_bias, d_noise = \
         ctx.saved_tensors
-    d_target = None
+    unit = _passes_saved_grads(ctx, grad_total)
+
+    def scaled(index, saved):
+        if saved is None or not ctx.needs_input_grad[index]:
+            return None
+        return saved if unit else grad_total * saved
+
+    # d total / d loglik: coef (expected), -coef_n r[l, n] (mixture; r = softmax over depths)
+    grad_loglik = coef if log_weights is None else _reference.mixture_grad(loglik, log_weights, coef)
+    d_target = d_coef = d_log_weights = None
     if ctx.gaussian and ctx.needs_input_grad[3]:
-        d_target = _gaussian_target_grad(grad_total * coef, hidden, weight, bias, target, noise_std)
-    return (grad_total * d_hidden, grad_total * d_weight, None if bias is None else grad_total * d_bias,
-            d_target, None if noise_std is None else grad_total * d_noise, grad_total * loglik, None, None)
+        d_target = _gaussian_target_grad(grad_total * grad_loglik, hidden, weight, bias, target, noise_std)
+    if log_weights is None:
+        d_coef = scaled(5, loglik)
+    elif ctx.needs_input_grad[6]:
+        d_log_weights = grad_total * grad_loglik.sum(1)
+    return (scaled(0, d_hidden), scaled(1, d_weight), scaled(2, None if bias is None else d_bias), d_target,
+            scaled(4, None if noise_std is None else d_noise), d_coef, d_log_weights, None, None)
 
 
 _loglik_dot.register_autograd(_backward_dot, setup_context=_setup_dot)
@@ -179,6 +218,7 @@ class _EagerLoglikDot(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _loglik_dot_kernel(*inputs)
         _setup_dot(ctx, inputs, output)
+        ctx.eager = True
         return output
 
     backward = staticmethod(_backward_dot)
@@ -313,8 +353,9 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     ``"mean"`` averages over non-ignored rows, ``"sum"`` sums, ``"none"`` returns ``[N]``
     (ignored rows contribute 0, as in ``F.cross_entropy``). Other arguments as ``depth_loglik``.
 
-    Expected mode with ``"mean"`` / ``"sum"``, when a head input requires grad: the head gradients
-    are computed during the forward pass (one logits GEMM fewer); the backward only scales them.
+    With ``"mean"`` / ``"sum"``, when a head input requires grad: the head gradients are computed
+    during the forward pass (one logits GEMM fewer; mixture mode on backends with the fused mixture
+    kernel, the CPU one); the backward only scales them.
     Double backward is not supported on any path.
     """
     check_choice("mode", mode, MODES)
@@ -324,19 +365,19 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     check_float_tensor("log_weights", log_weights, ndim=1)
     check_same("hidden", hidden, log_weights=log_weights)
     check_shape("log_weights", log_weights, (hidden.shape[0],))
+    if mode == "mixture" and _eager_checks() and not bool(torch.isfinite(log_weights).any()):
+        raise ValueError("log_weights: mode='mixture' needs at least one finite log-weight, got all -inf")
     # Triton has no fused gradient-in-forward kernel (it would run forward + backward anyway), so
     # its path keeps the triton_op and ordinary autograd.
-    if mode == "expected" and reduction != "none" and not _backend.use_triton_ops(hidden.device) \
-            and _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian):
-        return _expected_nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian,
-                                             log_weights, reduction, ignore_index)
+    if (reduction != "none" and not _backend.use_triton_ops(hidden.device)
+            and _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian)
+            and (mode == "expected" or _fused_mixture_kernel(hidden.device))):
+        return _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights, mode,
+                                    reduction, ignore_index)
     loglik, _ = _loglik_op(hidden.device)(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
     if mode == "expected":
         loss = -(torch.exp(log_weights) @ loglik)
     else:
-        if _eager_checks() and not bool(torch.isfinite(log_weights).any()):
-            raise ValueError("log_weights: mode='mixture' needs at least one finite log-weight, "
-                             "got all -inf")
         loss = -torch.logsumexp(log_weights[:, None] + loglik, dim=0)
     if likelihood == "categorical":
         valid = target != ignore_index
@@ -432,12 +473,20 @@ def _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
 
 
-def _expected_nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights,
-                                  reduction, ignore_index):
-    """Expected-mode NLL with mean/sum reduction as ``sum(coef * loglik)``,
-    ``coef[l, n] = -exp(lw_l) * scale_n`` (``scale_n``: 1 or 1/count on kept rows, 0 on ignored
-    ones): the head gradients come out of the forward pass; ``log_weights`` gets its gradient
-    through ``coef``."""
+@torch.compiler.assume_constant_result
+def _fused_mixture_kernel(device: torch.device) -> bool:
+    """Whether the backend of ``device`` has the fused mixture kernel (the C++ one; the reference
+    composes it); elsewhere mixture mode takes the recompute path."""
+    return _backend.kernel_backend("depth_loglik_mixture_fwd_bwd", device) == _backend.resolve(device)
+
+
+def _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights, mode,
+                         reduction, ignore_index):
+    """NLL with mean/sum reduction whose head gradients come out of the forward pass, with
+    ``scale_n`` = 1 or 1/count on kept rows, 0 on ignored ones. Expected mode:
+    ``sum(coef * loglik)``, ``coef[l, n] = -exp(lw_l) * scale_n``, so ``log_weights`` gets its
+    gradient through ``coef``; mixture mode: ``-sum_n scale_n logsumexp_l(lw_l + loglik[l, n])``,
+    gradients formed in the kernel from all depths' log-likelihoods."""
     N = hidden.shape[1]
     if gaussian:
         valid = torch.ones(N, dtype=torch.bool, device=hidden.device)
@@ -447,9 +496,12 @@ def _expected_nll_grad_in_forward(hidden, weight, bias, target, noise_std, gauss
     count = valid.sum()
     if reduction == "mean":
         scale = scale / count.clamp(min=1)
-    coef = -(torch.exp(log_weights)[:, None] * scale)
+    if mode == "expected":
+        coef, log_weights = -(torch.exp(log_weights)[:, None] * scale), None
+    else:
+        coef = scale
     total = _eager_or_custom_op(_loglik_dot, _EagerLoglikDot)(hidden, weight, bias, target, noise_std, coef,
-                                                              gaussian, ignore_index)[0]
+                                                              log_weights, gaussian, ignore_index)[0]
     if reduction == "mean":  # no kept row: NaN like F.cross_entropy (and like the eager path)
         total = torch.where(count > 0, total, torch.full_like(total, math.nan))
     return total

@@ -140,6 +140,24 @@ def fwd_bwd_from(fwd, bwd):
     return depth_loglik_fwd_bwd
 
 
+def mixture_grad(loglik, log_weights, row_scale):
+    """Gradient of the mixture NLL ``-sum_n s_n logsumexp_l(lw_l + loglik[l, n])`` w.r.t. ``loglik``:
+    ``-s_n r[l, n]`` with ``r`` the softmax over depths (exactly 0 on rows with ``s_n = 0``)."""
+    r = torch.softmax(log_weights[:, None] + loglik, dim=0)
+    return torch.where(row_scale == 0, torch.zeros_like(r), -row_scale * r)
+
+
+def depth_loglik_mixture_fwd_bwd(hidden, weight, bias, target, noise_std, log_weights, row_scale,
+                                 gaussian: bool, ignore_index: int):
+    """``depth_loglik_fwd`` plus the head gradients of the mixture NLL (``mixture_grad``): the
+    forward, then the backward with that upstream gradient."""
+    loglik, aux = depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+    grad = mixture_grad(loglik, log_weights, row_scale)
+    grads = depth_loglik_bwd(grad, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index)
+    return (loglik, aux) + tuple(grads)
+
+
 KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_loglik_bwd,
            "depth_loglik_fwd_bwd": fwd_bwd_from(depth_loglik_fwd, depth_loglik_bwd),
+           "depth_loglik_mixture_fwd_bwd": depth_loglik_mixture_fwd_bwd,
            "depth_mixture_predict": depth_mixture_predict}
