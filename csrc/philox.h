@@ -185,6 +185,13 @@ constexpr float kLogPoly[kLogPolyTerms] = {7.0376836292e-2f,  -1.1514610310e-1f,
                                            -1.2420140846e-1f, 1.4249322787e-1f,  -1.6668057665e-1f,
                                            2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
 
+// Cody-Waite split of pi/2 and Cephes sin / cos polynomial coefficients on |y| <= pi/4, shared by
+// the 8- and 16-lane sincos (one table: the two widths stay bit-identical).
+constexpr float kTwoOverPi = 0.636619772367581343f;
+constexpr float kPiOver2Parts[3] = {1.57079637050628662109375f, -4.37113900018624283e-8f, -1.7151245100059144e-15f};
+constexpr float kSinPoly[3] = {-1.9515295891e-4f, 8.3321608736e-3f, -1.6666654611e-1f};
+constexpr float kCosPoly[3] = {2.443315711809948e-5f, -1.388731625493765e-3f, 4.166664568298827e-2f};
+
 // Natural log for x in [1e-7, 1) (no zero/negative/inf/nan handling needed): Cephes logf,
 // x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by its degree-9 polynomial; about 1 ulp.
 inline __m256 log8(__m256 x) {
@@ -207,17 +214,17 @@ inline __m256 log8(__m256 x) {
 // sin(x) and cos(x) for x in [0, 2 pi]: x = q pi/2 + y with |y| <= pi/4 (3-part Cody-Waite with
 // FMA), Cephes sin/cos polynomials on y, quadrant picks +-sin y / +-cos y; about 1 ulp.
 inline void sincos8(__m256 x, __m256& sin_x, __m256& cos_x) {
-  const __m256 q = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.636619772367581343f)),
+  const __m256 q = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kTwoOverPi)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 y = _mm256_fnmadd_ps(q, _mm256_set1_ps(1.57079637050628662109375f), x);
-  y = _mm256_fnmadd_ps(q, _mm256_set1_ps(-4.37113900018624283e-8f), y);
-  y = _mm256_fnmadd_ps(q, _mm256_set1_ps(-1.7151245100059144e-15f), y);
+  __m256 y = _mm256_fnmadd_ps(q, _mm256_set1_ps(kPiOver2Parts[0]), x);
+  y = _mm256_fnmadd_ps(q, _mm256_set1_ps(kPiOver2Parts[1]), y);
+  y = _mm256_fnmadd_ps(q, _mm256_set1_ps(kPiOver2Parts[2]), y);
   const __m256 z = _mm256_mul_ps(y, y);
-  __m256 s = _mm256_fmadd_ps(_mm256_set1_ps(-1.9515295891e-4f), z, _mm256_set1_ps(8.3321608736e-3f));
-  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-1.6666654611e-1f));
+  __m256 s = _mm256_fmadd_ps(_mm256_set1_ps(kSinPoly[0]), z, _mm256_set1_ps(kSinPoly[1]));
+  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(kSinPoly[2]));
   s = _mm256_fmadd_ps(_mm256_mul_ps(s, z), y, y);
-  __m256 c = _mm256_fmadd_ps(_mm256_set1_ps(2.443315711809948e-5f), z, _mm256_set1_ps(-1.388731625493765e-3f));
-  c = _mm256_fmadd_ps(c, z, _mm256_set1_ps(4.166664568298827e-2f));
+  __m256 c = _mm256_fmadd_ps(_mm256_set1_ps(kCosPoly[0]), z, _mm256_set1_ps(kCosPoly[1]));
+  c = _mm256_fmadd_ps(c, z, _mm256_set1_ps(kCosPoly[2]));
   c = _mm256_fmadd_ps(_mm256_mul_ps(c, z), z, _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, _mm256_set1_ps(1.0f)));
   const __m256i qi = _mm256_cvtps_epi32(q);
   const __m256 odd = _mm256_castsi256_ps(_mm256_slli_epi32(qi, 31));  // top bit set for odd q
@@ -356,17 +363,17 @@ inline __m512 log16(__m512 x) {
 }
 
 inline void sincos16(__m512 x, __m512& sin_x, __m512& cos_x) {
-  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.636619772367581343f)),
+  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kTwoOverPi)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 y = _mm512_fnmadd_ps(q, _mm512_set1_ps(1.57079637050628662109375f), x);
-  y = _mm512_fnmadd_ps(q, _mm512_set1_ps(-4.37113900018624283e-8f), y);
-  y = _mm512_fnmadd_ps(q, _mm512_set1_ps(-1.7151245100059144e-15f), y);
+  __m512 y = _mm512_fnmadd_ps(q, _mm512_set1_ps(kPiOver2Parts[0]), x);
+  y = _mm512_fnmadd_ps(q, _mm512_set1_ps(kPiOver2Parts[1]), y);
+  y = _mm512_fnmadd_ps(q, _mm512_set1_ps(kPiOver2Parts[2]), y);
   const __m512 z = _mm512_mul_ps(y, y);
-  __m512 s = _mm512_fmadd_ps(_mm512_set1_ps(-1.9515295891e-4f), z, _mm512_set1_ps(8.3321608736e-3f));
-  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(-1.6666654611e-1f));
+  __m512 s = _mm512_fmadd_ps(_mm512_set1_ps(kSinPoly[0]), z, _mm512_set1_ps(kSinPoly[1]));
+  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(kSinPoly[2]));
   s = _mm512_fmadd_ps(_mm512_mul_ps(s, z), y, y);
-  __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(2.443315711809948e-5f), z, _mm512_set1_ps(-1.388731625493765e-3f));
-  c = _mm512_fmadd_ps(c, z, _mm512_set1_ps(4.166664568298827e-2f));
+  __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(kCosPoly[0]), z, _mm512_set1_ps(kCosPoly[1]));
+  c = _mm512_fmadd_ps(c, z, _mm512_set1_ps(kCosPoly[2]));
   c = _mm512_fmadd_ps(_mm512_mul_ps(c, z), z, _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, _mm512_set1_ps(1.0f)));
   const __m512i qi = _mm512_cvtps_epi32(q);
   const __mmask16 odd = _mm512_test_epi32_mask(qi, _mm512_set1_epi32(1));
