@@ -52,6 +52,17 @@ def assert_close_rel(actual, expected, rtol, name):
     assert err <= rtol * scale, f"{name}: max error {err:.3g} > {rtol:.1g} * {scale:.3g}"
 
 
+KERNEL_OUTPUTS = ("loglik", "aux", "d_hidden", "d_weight", "d_bias", "d_noise")
+
+
+def assert_kernel_outputs_close(got, want, rtol, dtype=None):
+    """Every output of a loglik fwd+bwd kernel against the reference's: the reference dtype (or
+    ``dtype``, then compared in float64) and within ``rtol`` (:func:`assert_close_rel`)."""
+    for name, a, b in zip(KERNEL_OUTPUTS, got, want):
+        assert a.dtype == (dtype or b.dtype), name
+        assert_close_rel(a.double() if dtype else a, b, rtol, name)
+
+
 # (L, N, D, C): L=1, N=1, C=1, sizes off every tile (rows 256, classes 512), C > 4096, D > 256
 SHAPES = [(1, 1, 1, 1), (1, 7, 3, 1), (3, 37, 19, 11), (2, 257, 9, 513), (4, 33, 17, 1100),
           (16, 20, 12, 10), (2, 3, 300, 4100)]
@@ -72,9 +83,7 @@ def test_kernel_matches_reference_float64(shape, bias, per_depth, likelihood):
     grad = torch.randn(L, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     got = kernel_outputs("cpu", *inputs, gaussian, grad)
     want = kernel_outputs("reference", *inputs, gaussian, grad)
-    for name, a, b in zip(("loglik", "aux", "d_hidden", "d_weight", "d_bias", "d_noise"), got, want):
-        assert a.dtype == b.dtype, name
-        assert_close_rel(a, b, 1e-11, name)
+    assert_kernel_outputs_close(got, want, 1e-11)
 
 
 # C <= 32 runs the batched class-major path in chunks of at most 2^18 logits: several depth groups
@@ -146,9 +155,7 @@ def test_kernel_matches_reference_float32(shape, per_depth, likelihood):
     got = kernel_outputs("cpu", *inputs32, gaussian, grad.float())
     want = kernel_outputs("reference", *inputs64, gaussian, grad)
     # Gaussian log-likelihoods sum C squared residuals: compare relative to the sum's scale.
-    for name, a, b in zip(("loglik", "aux", "d_hidden", "d_weight", "d_bias", "d_noise"), got, want):
-        assert a.dtype == torch.float32, name
-        assert_close_rel(a.double(), b, 2e-5, name)
+    assert_kernel_outputs_close(got, want, 2e-5, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("per_depth", [False, True])

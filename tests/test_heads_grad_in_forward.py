@@ -11,18 +11,26 @@ import udn_kernels
 from udn_kernels import depth_mixture_nll
 from udn_kernels.reference import heads as ref
 
-from test_heads import IGNORE, assert_close_rel, make
+from test_heads import IGNORE, KERNEL_OUTPUTS, assert_close_rel, assert_kernel_outputs_close, make
 
 pytestmark = pytest.mark.skipif(not udn_kernels.available_backends()["cpu"],
                                 reason="C++ extension not built")
-
-NAMES = ("loglik", "aux", "d_hidden", "d_weight", "d_bias", "d_noise")
 
 # (L, N, D, C). Rows >= 32 give at least two row blocks, so with two threads the class-tiled
 # shapes run the fused kernel; (1, 7, 3, 1) and C <= 32 take its forward + recompute fallback.
 # Sizes straddle the row (256) and class (512) tiles; C > 4096, D > 256.
 SHAPES = [(1, 7, 3, 1), (3, 37, 19, 11), (2, 257, 9, 513), (4, 33, 17, 1100), (2, 3, 300, 4100),
           (3, 70, 260, 4500)]
+
+
+def with_threads(threads, op, *args):
+    """``op(*args)`` with ``threads`` intra-op threads, restoring the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return op(*args)
+    finally:
+        torch.set_num_threads(before)
 
 
 def coefficients(L, N, dtype, seed=1):
@@ -42,16 +50,9 @@ def test_fused_kernel_matches_reference_float64(shape, per_depth, likelihood, th
     gaussian = likelihood == "gaussian"
     inputs = make(L, N, D, C, per_depth=per_depth, bias="depth", likelihood=likelihood, ignore_every=3)
     grad = coefficients(L, N, torch.float64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, gaussian, IGNORE)
-    finally:
-        torch.set_num_threads(before)
+    got = with_threads(threads, torch.ops.udn_kernels_C.depth_loglik_fwd_bwd, *inputs, grad, gaussian, IGNORE)
     want = ref.KERNELS["depth_loglik_fwd_bwd"](*inputs, grad, gaussian, IGNORE)
-    for name, a, b in zip(NAMES, got, want):
-        assert a.dtype == b.dtype, name
-        assert_close_rel(a, b, 1e-11, name)
+    assert_kernel_outputs_close(got, want, 1e-11)
 
 
 def mixture_inputs(L, N, dtype):
@@ -79,16 +80,10 @@ def test_mixture_kernel_matches_reference_float64(shape, per_depth, likelihood, 
     gaussian = likelihood == "gaussian"
     inputs = make(L, N, D, C, per_depth=per_depth, bias="depth", likelihood=likelihood, ignore_every=4)
     lw, scale = mixture_inputs(L, N, torch.float64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = torch.ops.udn_kernels_C.depth_loglik_mixture_fwd_bwd(*inputs, lw, scale, gaussian, IGNORE)
-    finally:
-        torch.set_num_threads(before)
+    got = with_threads(threads, torch.ops.udn_kernels_C.depth_loglik_mixture_fwd_bwd,
+                       *inputs, lw, scale, gaussian, IGNORE)
     want = ref.KERNELS["depth_loglik_mixture_fwd_bwd"](*inputs, lw, scale, gaussian, IGNORE)
-    for name, a, b in zip(NAMES, got, want):
-        assert a.dtype == b.dtype, name
-        assert_close_rel(a, b, 1e-10, name)
+    assert_kernel_outputs_close(got, want, 1e-10)
 
 
 @pytest.mark.parametrize("per_depth", [False, True])
@@ -100,9 +95,7 @@ def test_mixture_kernel_matches_reference_float32(per_depth, C):
     lw, scale = mixture_inputs(L, N, torch.float64)
     got = torch.ops.udn_kernels_C.depth_loglik_mixture_fwd_bwd(*inputs32, lw.float(), scale.float(), False, IGNORE)
     want = ref.KERNELS["depth_loglik_mixture_fwd_bwd"](*inputs64, lw, scale, False, IGNORE)
-    for name, a, b in zip(NAMES, got, want):
-        assert a.dtype == torch.float32, name
-        assert_close_rel(a.double(), b, 2e-5, name)
+    assert_kernel_outputs_close(got, want, 2e-5, dtype=torch.float32)
 
 
 def test_mixture_kernel_checks_weights_and_scale():
@@ -124,9 +117,7 @@ def test_fused_kernel_matches_reference_float32(bias, likelihood):
     grad = coefficients(L, N, torch.float64)
     got = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs32, grad.float(), gaussian, IGNORE)
     want = ref.KERNELS["depth_loglik_fwd_bwd"](*inputs64, grad, gaussian, IGNORE)
-    for name, a, b in zip(NAMES, got, want):
-        assert a.dtype == torch.float32, name
-        assert_close_rel(a.double(), b, 2e-5, name)
+    assert_kernel_outputs_close(got, want, 2e-5, dtype=torch.float32)
 
 
 def test_fused_kernel_bitwise_deterministic():
@@ -134,7 +125,7 @@ def test_fused_kernel_bitwise_deterministic():
     grad = coefficients(4, 300, torch.float32)
     first = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, False, IGNORE)
     second = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, False, IGNORE)
-    for name, a, b in zip(NAMES, first, second):
+    for name, a, b in zip(KERNEL_OUTPUTS, first, second):
         assert torch.equal(a, b), name
 
 
