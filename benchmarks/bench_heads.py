@@ -5,7 +5,8 @@ Methods (all compute the expected-mode loss ``sum_l w_l CE(head_l(h_l), y)`` and
 ``nn.Linear`` heads + ``F.cross_entropy``), ``compiled`` (``torch.compile`` of that loop),
 ``linear_ce`` (``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, looping depths) and
 ``floor`` (the same three matrix products alone: logits, dH, dW). Passes: ``forward``,
-``backward``, ``fwd+bwd``. Tiny shapes by default (so the suite never rots); ``UDN_BENCH_FULL=1``
+``backward``, ``fwd+bwd``. Mixture mode (``-log sum_l w_l p_l``) is benchmarked too, with
+``recompute`` (forward + recomputing backward) in place of ``linear_ce``. Tiny shapes by default (so the suite never rots); ``UDN_BENCH_FULL=1``
 selects the DESIGN sizes.
 
 Run: ``python -m pytest benchmarks/bench_heads.py --benchmark-enable`` (pytest-benchmark table),
@@ -43,6 +44,8 @@ CASES = {
     "heads-lm": (4, 2048, 256, 16384, False) if FULL else (2, 64, 32, 1000, False),
 }
 METHODS = ("fused", "eager", "compiled", "linear_ce", "floor")
+# mixture mode has no F.linear_cross_entropy peer; "recompute" is its previous 4-GEMM path
+MODE_METHODS = {"expected": METHODS, "mixture": ("fused", "recompute", "eager", "compiled", "floor")}
 PASSES = ("forward", "backward", "fwd+bwd")
 
 
@@ -161,21 +164,22 @@ def measure(problem, method, pass_, repeats=5):
 
 
 # ------------------------------------------------------------------ pytest-benchmark suite
-_problems: dict[str, Problem] = {}
+_problems: dict[tuple[str, str], Problem] = {}
 
 
-def _problem(case):
-    if case not in _problems:
-        _problems[case] = Problem(*CASES[case])
-    return _problems[case]
+def _problem(case, mode="expected"):
+    if (case, mode) not in _problems:
+        _problems[case, mode] = Problem(*CASES[case], mode=mode)
+    return _problems[case, mode]
 
 
+@pytest.mark.parametrize("mode", list(MODE_METHODS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_heads_methods_agree(case):
+def test_heads_methods_agree(case, mode):
     """Every benchmarked method computes the same loss and hidden gradient as the fused op."""
-    problem = _problem(case)
+    problem = _problem(case, mode)
     results = {}
-    for method in METHODS[:-1]:
+    for method in MODE_METHODS[mode][:-1]:
         problem.zero_grad()
         loss = getattr(problem, method)()
         loss.backward()
@@ -186,11 +190,11 @@ def test_heads_methods_agree(case):
 
 
 @pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode,method", [(mode, m) for mode, ms in MODE_METHODS.items() for m in ms])
 @pytest.mark.parametrize("case", list(CASES))
-def test_heads(benchmark, case, method, pass_):
-    benchmark.group = f"{case} {pass_}"
-    setup, run = runner(_problem(case), method, pass_)
+def test_heads(benchmark, case, mode, method, pass_):
+    benchmark.group = f"{case} {mode} {pass_}"
+    setup, run = runner(_problem(case, mode), method, pass_)
     benchmark.pedantic(run, setup=lambda: ((setup(),), {}), rounds=3 if FULL else 5, warmup_rounds=1)
 
 
