@@ -1,4 +1,5 @@
 """DistributedUDN: two gloo CPU processes train like one process on the combined batch, growth included."""
+import datetime
 import os
 import socket
 
@@ -34,7 +35,8 @@ def _data():
 def _worker(rank, world, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a bounded timeout turns a lost peer into an error instead of a CI run that never ends
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         model, opt = _build()
         ddp = DistributedUDN(model)
@@ -48,6 +50,8 @@ def _worker(rank, world, port, out_path):
             depths.append(model.built_depth)
         if rank == 0:
             torch.save({"state": model.state_dict(), "depths": depths}, out_path)
+        # rank 0 hosts the store: leaving before rank 1 is done with it hung a CI run once
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
