@@ -11,52 +11,54 @@ from ._checks import (check_choice, check_float_tensor, check_same, check_shape,
 from ._stochastic import flatten_input, none_if_empty, std_shape
 
 ESTIMATORS = ("sample", "local", "flipout")
+SIGMA_TRANSFORMS = (None, "softplus")
 Tensor = torch.Tensor
 
 
 @torch.library.custom_op("udn_kernels::gaussian_linear_fwd", mutates_args=())
 def _fwd(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor, bias_mu: Optional[Tensor],
          bias_sigma: Optional[Tensor], seed: Tensor, estimator: str, samples: int,
-         x_sampled: bool) -> tuple[Tensor, Tensor]:
+         x_sampled: bool, sigma_softplus: bool) -> tuple[Tensor, Tensor]:
     kernel = get_kernel("gaussian_linear_fwd", x.device)
     # The seed travels as a tensor so a seed drawn inside a compiled graph stays on the graph.
     return tuple(kernel(x, weight_mu, weight_sigma, bias_mu, bias_sigma, int(seed.item()), estimator,
-                        samples, x_sampled))
+                        samples, x_sampled, sigma_softplus))
 
 
 @_fwd.register_fake
-def _(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled):
+def _(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled, sigma_softplus):
     return x.new_empty(samples, x.shape[1], weight_sigma.shape[0]), x.new_empty(std_shape(x, weight_sigma, estimator))
 
 
 @torch.library.custom_op("udn_kernels::gaussian_linear_bwd", mutates_args=())
 def _bwd(grad_out: Tensor, x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
          bias_mu: Optional[Tensor], bias_sigma: Optional[Tensor], std: Tensor, seed: Tensor, estimator: str,
-         samples: int, x_sampled: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+         samples: int, x_sampled: bool, sigma_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     kernel = get_kernel("gaussian_linear_bwd", x.device)
     return tuple(kernel(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, int(seed.item()),
-                        estimator, samples, x_sampled))
+                        estimator, samples, x_sampled, sigma_softplus))
 
 
 @_bwd.register_fake
-def _(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed, estimator, samples, x_sampled):
+def _(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed, estimator, samples, x_sampled,
+      sigma_softplus):
     return tuple(x.new_empty(0) if t is None else torch.empty_like(t)
                  for t in (x, weight_mu, weight_sigma, bias_mu, bias_sigma))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled = inputs
+    x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled, sigma_softplus = inputs
     # The inputs and local's output-sized std: backward regenerates the noise from (seed, offset).
     std = output[1]
     ctx.mark_non_differentiable(std)
     ctx.save_for_backward(x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed)
-    ctx.options = (estimator, samples, x_sampled)
+    ctx.options = (estimator, samples, x_sampled, sigma_softplus)
 
 
 def _backward(ctx, grad_out, grad_std):
     saved = ctx.saved_tensors
     grads = _bwd(grad_out.contiguous(), *saved, *ctx.options)
-    return (*(none_if_empty(g, t) for g, t in zip(grads, saved[:5])), None, None, None, None)
+    return (*(none_if_empty(g, t) for g, t in zip(grads, saved[:5])), None, None, None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -65,7 +67,7 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
                     bias_mu: Optional[Tensor] = None, bias_sigma: Optional[Tensor] = None, *,
                     estimator: str = "sample", samples: Optional[int] = None, seed=None,
-                    input_has_samples: bool = False) -> Tensor:
+                    input_has_samples: bool = False, sigma_transform: Optional[str] = None) -> Tensor:
     """Linear layer with Gaussian weights ``W = weight_mu + weight_sigma * eps``, ``eps ~ N(0, 1)``.
 
     Args:
@@ -87,6 +89,11 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
             torch's default generator (``torch.manual_seed`` reproduces runs). The same seed gives
             the same noise on every backend (docs/rng.md).
         input_has_samples: ``x`` already carries the sample axis (needs ``samples``).
+        sigma_transform: ``None`` (``weight_sigma`` / ``bias_sigma`` are the standard deviations)
+            or ``"softplus"``: they hold unconstrained ``rho`` and the standard deviations are
+            ``softplus(rho) = log(1 + exp(rho))`` (``F.softplus``, beta 1), computed inside the
+            kernel's noise pass, with gradients returned for ``rho`` — the usual Bayes-by-backprop
+            parameterisation, without a separate softplus pass and its weight-sized output.
 
     Returns:
         ``[..., N_out]``, or ``[S, ..., N_out]`` when ``samples`` is given.
@@ -102,7 +109,9 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
         if value is not None:
             check_shape(name, value, (out_features,))
     check_choice("estimator", estimator, ESTIMATORS)
-    if not torch.compiler.is_compiling():
+    check_choice("sigma_transform", sigma_transform, SIGMA_TRANSFORMS)
+    sigma_softplus = sigma_transform == "softplus"
+    if not sigma_softplus and not torch.compiler.is_compiling():
         for name, value in (("weight_sigma", weight_sigma), ("bias_sigma", bias_sigma)):
             # One reduction, no mask tensor and no autograd node: this check runs on every call.
             smallest = value.detach().min().item() if value is not None and value.numel() else 0.0
@@ -114,7 +123,7 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
                   for t in (weight_mu, weight_sigma, bias_mu, bias_sigma)]
     if use_triton_ops(x.device):  # the triton_op, so torch.compile sees its kernels
         out, _ = torch.ops.udn_kernels_triton.gaussian_linear_fwd(x3, *contiguous, resolve_seed_int(seed),
-                                                                 estimator, S, input_has_samples)
+                                                                 estimator, S, input_has_samples, sigma_softplus)
     else:
-        out, _ = _fwd(x3, *contiguous, resolve_seed(seed), estimator, S, input_has_samples)
+        out, _ = _fwd(x3, *contiguous, resolve_seed(seed), estimator, S, input_has_samples, sigma_softplus)
     return out.reshape(*lead, out_features)

@@ -35,10 +35,14 @@ def _keep(start, shape, p, seed, like):
 
 
 def gaussian_linear_fwd(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: int, estimator: str,
-                        samples: int, x_sampled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                        samples: int, x_sampled: bool, sigma_softplus: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [S, B, N], std)``: outputs of S Gaussian weight draws (estimator "sample", "local" or
     "flipout") and, for "local", the output standard deviations ``std [Sx, B, N]`` the backward
-    takes (empty otherwise)."""
+    takes (empty otherwise). With ``sigma_softplus`` the sigma arguments hold ``rho`` and the
+    standard deviations are ``softplus(rho)``."""
+    if sigma_softplus:
+        weight_sigma, bias_sigma = _softplus_or_none(weight_sigma), _softplus_or_none(bias_sigma)
     S, N, K = samples, weight_sigma.shape[0], weight_sigma.shape[1]
     B = x.shape[1]
     if estimator == "local":
@@ -51,6 +55,10 @@ def gaussian_linear_fwd(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: i
         return _mean(x, weight_mu, bias_mu) + std * _normal(0, (S, B, N), seed, x), std
     return _gaussian_weight_draws(x.expand(S, B, K), weight_mu, weight_sigma, bias_mu, bias_sigma, seed,
                                   estimator, S), x.new_empty(0)
+
+
+def _softplus_or_none(rho):
+    return None if rho is None else torch.nn.functional.softplus(rho)
 
 
 def _mean(x, weight_mu, bias_mu):
@@ -94,9 +102,15 @@ def _zeros_if_none(grad, t):
 
 
 def gaussian_linear_bwd(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed: int,
-                        estimator: str, samples: int, x_sampled: bool):
+                        estimator: str, samples: int, x_sampled: bool, sigma_softplus: bool = False):
     """Gradients ``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)`` (empty for None);
-    ``std`` is the forward's second output (used by "local" only)."""
+    ``std`` is the forward's second output (used by "local" only). With ``sigma_softplus`` the
+    sigma arguments hold ``rho`` and their gradients are with respect to ``rho``."""
+    if sigma_softplus:  # d rho = d sigma * softplus'(rho) = d sigma * sigmoid(rho)
+        grads = gaussian_linear_bwd(grad_out, x, weight_mu, _softplus_or_none(weight_sigma), bias_mu,
+                                    _softplus_or_none(bias_sigma), std, seed, estimator, samples, x_sampled)
+        return (grads[0], grads[1], grads[2] * torch.sigmoid(weight_sigma), grads[3],
+                grads[4] if bias_sigma is None else grads[4] * torch.sigmoid(bias_sigma))
     if estimator == "local":
         return local_reparam_grads(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std,
                                    _normal(0, tuple(grad_out.shape), seed, x), x_sampled)
