@@ -99,23 +99,73 @@ void for_noise_chunks(const Noise& noise, int64_t count, int64_t offset, std::ve
   }
 }
 
-// w = a + b * r (a may be null) over n elements.
+// softplus(r) = max(r, 0) + log1p(t) and softplus'(r) = sigmoid(r), from t = exp(-|r|) (F.softplus
+// without its threshold: beyond 20 the two agree to rounding). float: ATen's exp_u20 (~20 ulp;
+// 0 below ln(FLT_MIN)) and log1p(t) = t P(t) on [0, 1], P a degree-8 Chebyshev fit (2.3e-7
+// relative error, no log, no division); double: ATen's exp and log1p.
 template <typename T>
-void combine(T* w, const T* a, const T* b, const T* r, int64_t n) {
-  if (a) {
-    at::vec::map3<T>([](Vec<T> ra, Vec<T> va, Vec<T> vb) { return at::vec::fmadd(vb, ra, va); }, w, r, a, b, n);
+C10_ALWAYS_INLINE Vec<T> exp_neg_abs(Vec<T> r) {
+  const Vec<T> neg_abs = at::vec::minimum(r, Vec<T>(0) - r);
+  if constexpr (std::is_same_v<T, float>) return neg_abs.exp_u20(); else return neg_abs.exp();
+}
+
+template <typename T>
+C10_ALWAYS_INLINE Vec<T> softplus_from(Vec<T> r, Vec<T> t) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr float kLog1pOverT[] = {0.9999999404f, -0.4999925494f, 0.3331601024f, -0.2482564896f,
+                                     0.1905595511f, -0.1358394176f, 0.0775403827f, -0.0292102676f,
+                                     0.0051860036f};
+    Vec<T> p(kLog1pOverT[8]);
+    for (int i = 7; i >= 0; --i) p = at::vec::fmadd(p, t, Vec<T>(kLog1pOverT[i]));
+    return at::vec::fmadd(t, p, at::vec::maximum(r, Vec<T>(0)));
   } else {
-    at::vec::map2<T>([](Vec<T> ra, Vec<T> vb) { return ra * vb; }, w, r, b, n);
+    return at::vec::maximum(r, Vec<T>(0)) + t.log1p();
   }
 }
 
-// The weight draws W_s = a + b * r_s, r_s(n, k) = noise at s*N*K + n*K + k (a optional).
+template <typename T>
+C10_ALWAYS_INLINE Vec<T> sigmoid_from(Vec<T> r, Vec<T> t) {
+  return Vec<T>::blendv(t, Vec<T>(1), r >= Vec<T>(0)) / (Vec<T>(1) + t);
+}
+
+// The weight draws W_s = a + sigma(b) * r_s, r_s(n, k) = noise at s*N*K + n*K + k (a optional);
+// sigma(b) = b, or softplus(b) with softplus_b (b then holds rho, and d_b is d rho).
 struct NoisyWeight {
   const Tensor* a;  // [N, K] or nullptr
   Tensor b;         // [N, K]
   Noise noise;
   int64_t S;
+  bool softplus_b = false;
 };
+
+// w = a + sigma(b) * r (a may be null) over n elements.
+template <typename T>
+void combine(T* w, const T* a, const T* b, const T* r, int64_t n, bool softplus_b) {
+  using V = Vec<T>;
+  for (int64_t i = 0; i < n; i += V::size()) {
+    const int64_t m = std::min<int64_t>(V::size(), n - i);
+    const V bv = V::loadu(b + i, m), sigma = softplus_b ? softplus_from(bv, exp_neg_abs(bv)) : bv;
+    const V prod = sigma * V::loadu(r + i, m);
+    (a ? prod + V::loadu(a + i, m) : prod).store(w + i, m);
+  }
+}
+
+// One noise chunk of a draw in the backward: the regenerated weight w = a + sigma(b) * r for d_x,
+// and d_b = g * r (first draw) or d_b += g * r, times sigma'(b) after the last draw (softplus_b).
+template <typename T>
+void backward_chunk(T* w, const T* a, const T* b, const T* r, const T* g, T* db, int64_t n, bool first, bool last,
+                    bool softplus_b) {
+  using V = Vec<T>;
+  for (int64_t i = 0; i < n; i += V::size()) {
+    const int64_t m = std::min<int64_t>(V::size(), n - i);
+    const V bv = V::loadu(b + i, m), rv = V::loadu(r + i, m);
+    const V t = softplus_b ? exp_neg_abs(bv) : V(0);
+    const V prod = (softplus_b ? softplus_from(bv, t) : bv) * rv;
+    (a ? prod + V::loadu(a + i, m) : prod).store(w + i, m);
+    const V grad = first ? V::loadu(g + i, m) * rv : at::vec::fmadd(V::loadu(g + i, m), rv, V::loadu(db + i, m));
+    (softplus_b && last ? grad * sigmoid_from(bv, t) : grad).store(db + i, m);
+  }
+}
 
 // Sum over the draws of the dense products x_s W_s^T, handed block by block to
 // epilogue(s, n0, rows, prod[B, rows]) so it can write out[s][:, n0:n0+rows].
@@ -136,7 +186,7 @@ void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Epilogue epil
       T* w = tile.data_ptr<T>();
       const T* a0 = a ? a + n0 * K : nullptr;
       for_noise_chunks(nw.noise, rows * K, s * N * K + n0 * K, r, scratch, [&](int64_t i, const T* rc, int64_t n) {
-        combine(w + i, a0 ? a0 + i : nullptr, b + n0 * K + i, rc, n);
+        combine(w + i, a0 ? a0 + i : nullptr, b + n0 * K + i, rc, n, nw.softplus_b);
       });
       Tensor p = prod.narrow(1, 0, rows);
       at::mm_out(p, xe[Se == 1 ? 0 : s], tile.narrow(0, 0, rows).t());
@@ -146,7 +196,7 @@ void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Epilogue epil
 }
 
 // Gradients of sum_s <ge_s, x_s W_s^T>: d_x [Se, B, K], d_a = sum_s ge_s^T x_s (if want_da),
-// d_b = sum_s (ge_s^T x_s) * r_s. Each tile's noise r_s is generated once and feeds both the
+// d_b = sigma'(b) * sum_s (ge_s^T x_s) * r_s. Each tile's noise r_s is generated once and feeds both the
 // d_b epilogue and the regenerated weight tile of d_x. Draw 0 writes d_a / d_b / the thread's
 // d_x partial directly (no zero fill, no extra pass); later draws accumulate.
 template <typename T>
@@ -188,14 +238,9 @@ void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight
         // One pass per noise chunk: the weight tile for d_x and the d_a / d_b epilogue.
         for_noise_chunks(nw.noise, count, s * N * K + n0 * K, r, scratch, [&](int64_t i, const T* rc, int64_t n) {
           const T* g = g0 + i;
-          combine(w + i, a0 ? a0 + i : nullptr, b + n0 * K + i, rc, n);
-          if (s == 0) {
-            at::vec::map2<T>([](Vec<T> gv, Vec<T> rv) { return gv * rv; }, db0 + i, g, rc, n);
-          } else {
-            if (da0) at::vec::map2<T>([](Vec<T> x, Vec<T> y) { return x + y; }, da0 + i, da0 + i, g, n);
-            at::vec::map3<T>([](Vec<T> acc_b, Vec<T> gv, Vec<T> rv) { return at::vec::fmadd(gv, rv, acc_b); },
-                             db0 + i, db0 + i, g, rc, n);
-          }
+          backward_chunk(w + i, a0 ? a0 + i : nullptr, b + n0 * K + i, rc, g, db0 + i, n, s == 0, s == S - 1,
+                         nw.softplus_b);
+          if (da0 && s > 0) at::vec::map2<T>([](Vec<T> x, Vec<T> y) { return x + y; }, da0 + i, da0 + i, g, n);
         });
         Tensor acc_s = acc[se];
         if (touched[tid][se]) {
@@ -277,22 +322,46 @@ void add_mean_part_grads(const Tensor& g, const Tensor& x, const Tensor& mu, Ten
   d_mu = at::mm(g_mean.t(), rows_of(x));
 }
 
+// With sigma_softplus the sigma arguments hold rho and the standard deviations are softplus(rho):
+// the weight-noise tiles compute it in their noise pass; the [N] bias and local's variance operand
+// (a weight-sized GEMM input either way) take ATen's softplus, and their gradients its sigmoid.
+Tensor std_from(const Tensor& sigma, bool sigma_softplus) { return sigma_softplus ? at::softplus(sigma) : sigma; }
+
+// d sigma -> d rho in place when the sigma argument held rho.
+void chain_softplus(Tensor& d_sigma, const Tensor& rho, bool sigma_softplus) {
+  if (sigma_softplus) d_sigma.mul_(at::sigmoid(rho));
+}
+
+// The Gaussian weight draws of sample / flipout (flipout passes mu = nullptr: its mean part is
+// separate). With sigma_softplus one draw computes softplus in its noise pass; several take
+// softplus(rho) once up front (transient, freed on return) instead of once per draw, and their
+// backward chains d sigma afterwards.
+NoisyWeight gaussian_draws(const Tensor* mu, const Tensor& weight_sigma, uint64_t seed, int64_t S,
+                           bool sigma_softplus) {
+  const bool in_noise_pass = sigma_softplus && S == 1;
+  return {mu, in_noise_pass ? weight_sigma : std_from(weight_sigma, sigma_softplus), {Noise::kNormal, seed}, S,
+          in_noise_pass};
+}
+
 // (out [S, B, N], std): std is local's output standard deviation [Sx, B, N], which backward takes
 // instead of recomputing the variance GEMM (empty for sample / flipout).
 std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor& weight_mu_opt,
                                                const Tensor& weight_sigma, const OptTensor& bias_mu_opt,
                                                const OptTensor& bias_sigma_opt, int64_t seed_in,
-                                               c10::string_view estimator, int64_t S, bool x_sampled) {
+                                               c10::string_view estimator, int64_t S, bool x_sampled,
+                                               bool sigma_softplus) {
   const Tensor* mu = ptr_or_null(weight_mu_opt);
   const Tensor* bias_mu = ptr_or_null(bias_mu_opt);
-  const Tensor* bias_sigma = ptr_or_null(bias_sigma_opt);
+  const Tensor* bias_rho = ptr_or_null(bias_sigma_opt);  // the bias sigma argument (rho with sigma_softplus)
+  const Tensor bias_std = bias_rho ? std_from(*bias_rho, sigma_softplus) : Tensor();
+  const Tensor* bias_sigma = bias_rho ? &bias_std : nullptr;
   const uint64_t seed = static_cast<uint64_t>(seed_in);
   const int64_t B = x.size(1), K = x.size(2), N = weight_sigma.size(0);
   const auto opt = x.options();
   Tensor out = at::empty({S, B, N}, opt);
   if (estimator == "local") {
     // var [Sx, B, N] (+ bias_sigma^2), made the std in place: the forward's one output-sized aux.
-    Tensor sd = at::matmul(x * x, (weight_sigma * weight_sigma).t()).contiguous();
+    Tensor sd = at::matmul(x * x, std_from(weight_sigma, sigma_softplus).square().t()).contiguous();
     if (bias_sigma) sd.add_(bias_sigma->square());
     sd.sqrt_();
     Tensor mean = mu ? mean_product(x, *mu) : Tensor();
@@ -327,7 +396,7 @@ std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor&
     if (mu) out.copy_(mean_product(x, *mu).expand({S, B, N})); else out.zero_();
     xe = noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, opt).mul_(x);
   }
-  const NoisyWeight nw{flipout ? nullptr : mu, weight_sigma, {Noise::kNormal, seed}, S};
+  const NoisyWeight nw = gaussian_draws(flipout ? nullptr : mu, weight_sigma, seed, S, sigma_softplus);
   const Noise flip{Noise::kSign, seed};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_fwd", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -345,10 +414,12 @@ std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor&
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
     const Tensor& grad_out, const Tensor& x, const OptTensor& weight_mu_opt, const Tensor& weight_sigma,
     const OptTensor& bias_mu_opt, const OptTensor& bias_sigma_opt, const Tensor& std_in, int64_t seed_in,
-    c10::string_view estimator, int64_t S, bool x_sampled) {
+    c10::string_view estimator, int64_t S, bool x_sampled, bool sigma_softplus) {
   const Tensor* mu = ptr_or_null(weight_mu_opt);
   const Tensor* bias_mu = ptr_or_null(bias_mu_opt);
-  const Tensor* bias_sigma = ptr_or_null(bias_sigma_opt);
+  const Tensor* bias_rho = ptr_or_null(bias_sigma_opt);  // the bias sigma argument (rho with sigma_softplus)
+  const Tensor bias_std = bias_rho ? std_from(*bias_rho, sigma_softplus) : Tensor();
+  const Tensor* bias_sigma = bias_rho ? &bias_std : nullptr;
   const uint64_t seed = static_cast<uint64_t>(seed_in);
   const int64_t Sx = x.size(0), B = x.size(1), K = x.size(2), N = weight_sigma.size(0);
   const auto opt = x.options();
@@ -385,9 +456,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
       });
     });
     const Tensor d_var_x = sum_draws_if_shared(d_var, Sx);  // [Sx, B, N]
-    d_x = at::matmul(d_var_x, weight_sigma * weight_sigma).mul_(x);
-    d_sigma = at::mm(rows_of(d_var_x).t(), rows_of(x * x)).mul_(weight_sigma);
-    if (bias_sigma) d_bias_sigma = d_var.sum({0, 1}).mul_(*bias_sigma);
+    const Tensor sigma = std_from(weight_sigma, sigma_softplus);
+    d_x = at::matmul(d_var_x, sigma.square()).mul_(x);
+    d_sigma = at::mm(rows_of(d_var_x).t(), rows_of(x * x)).mul_(sigma);
+    chain_softplus(d_sigma, weight_sigma, sigma_softplus);
+    if (bias_sigma) {
+      d_bias_sigma = d_var.sum({0, 1}).mul_(*bias_sigma);
+      chain_softplus(d_bias_sigma, *bias_rho, sigma_softplus);
+    }
     if (mu) add_mean_part_grads(g, x, *mu, d_x, d_mu);
     return {d_x, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
   }
@@ -396,14 +472,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
   if (bias_sigma) {
     const Tensor beps = noise_tensor({Noise::kNormal, seed}, {S, N}, S * N * K, opt);
     d_bias_sigma = (g.sum(1) * beps).sum(0);
+    chain_softplus(d_bias_sigma, *bias_rho, sigma_softplus);
   }
-  const NoisyWeight nw{flipout ? nullptr : mu, weight_sigma, {Noise::kNormal, seed}, S};
+  const NoisyWeight nw = gaussian_draws(flipout ? nullptr : mu, weight_sigma, seed, S, sigma_softplus);
+  const bool chain_after = sigma_softplus && !nw.softplus_b;
   Tensor d_xe, d_a;
   if (!flipout) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd", [&] {
       noisy_weight_backward<scalar_t>(x, g, nw, mu != nullptr, d_xe, d_a, d_sigma);
     });
     if (mu) d_mu = d_a;
+    chain_softplus(d_sigma, weight_sigma, chain_after);
     return {d_xe, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
   }
   const Flipout fo = flipout_offsets(S, B, N, K);
@@ -415,6 +494,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
   });
   d_x = sum_draws_if_shared(d_xe.mul_(sign_in), Sx);
   if (mu) add_mean_part_grads(g, x, *mu, d_x, d_mu);
+  chain_softplus(d_sigma, weight_sigma, chain_after);
   return {d_x, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
 }
 
@@ -516,10 +596,11 @@ std::tuple<Tensor, Tensor, Tensor> bernoulli_linear_bwd(const Tensor& grad_out, 
 
 TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
   m.def("gaussian_linear_fwd(Tensor x, Tensor? weight_mu, Tensor weight_sigma, Tensor? bias_mu, "
-        "Tensor? bias_sigma, int seed, str estimator, int samples, bool x_sampled) -> (Tensor, Tensor)");
+        "Tensor? bias_sigma, int seed, str estimator, int samples, bool x_sampled, bool sigma_softplus=False) "
+        "-> (Tensor, Tensor)");
   m.def("gaussian_linear_bwd(Tensor grad_out, Tensor x, Tensor? weight_mu, Tensor weight_sigma, "
-        "Tensor? bias_mu, Tensor? bias_sigma, Tensor std, int seed, str estimator, int samples, bool x_sampled) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? bias_mu, Tensor? bias_sigma, Tensor std, int seed, str estimator, int samples, bool x_sampled, "
+        "bool sigma_softplus=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bernoulli_linear_fwd(Tensor x, Tensor weight, Tensor? bias, float p, int seed, str mask, "
         "int samples, bool x_sampled) -> Tensor");
   m.def("bernoulli_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, float p, int seed, "
