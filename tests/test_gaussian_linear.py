@@ -43,13 +43,16 @@ def _check_kernel_against_reference(args, what, grad=None):
         assert torch.isfinite(a).all(), f"{what} {name}"
 
 
-def _inputs(dtype, S, sampled, with_mu, bias, B=5, K=37, N=23, seed=0):
+def _inputs(dtype, S, sampled, with_mu, bias, B=5, K=37, N=23, seed=0, rho=False):
+    """Kernel inputs; with ``rho`` the sigma arguments are softplus parameters spread over
+    [-30, 25] (both sides of 0 and of F.softplus's threshold 20)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(S if sampled else 1, B, K, dtype=dtype, generator=g)
     mu = torch.randn(N, K, dtype=dtype, generator=g) if with_mu else None
-    sigma = torch.rand(N, K, dtype=dtype, generator=g) + 0.1
+    spread = (lambda t: t * 55 - 30) if rho else (lambda t: t)
+    sigma = spread(torch.rand(N, K, dtype=dtype, generator=g)) + 0.1
     bias_mu = torch.randn(N, dtype=dtype, generator=g) if bias in ("mu", "both") else None
-    bias_sigma = torch.rand(N, dtype=dtype, generator=g) if bias in ("sigma", "both") else None
+    bias_sigma = spread(torch.rand(N, dtype=dtype, generator=g)) if bias in ("sigma", "both") else None
     return x, mu, sigma, bias_mu, bias_sigma
 
 
@@ -58,17 +61,55 @@ def test_cpu_backend_serves_the_kernels():
         assert _backend.kernel_backend(name, torch.device("cpu")) == "cpu"
 
 
+@pytest.mark.parametrize("sigma_softplus", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_kernel_matches_reference(dtype, estimator):
+def test_kernel_matches_reference(dtype, estimator, sigma_softplus):
     cases = [(S, sampled, with_mu, bias)
              for S, sampled, with_mu, bias in itertools.product((1, 3), (False, True), (True, False),
                                                                  ("none", "mu", "sigma", "both"))
              if not (sampled and S == 1)]
     for S, sampled, with_mu, bias in cases:
-        x, mu, sigma, bmu, bsig = _inputs(dtype, S, sampled, with_mu, bias)
-        args = (x, mu, sigma, bmu, bsig, 2**62 + 12345, estimator, S, sampled)
+        x, mu, sigma, bmu, bsig = _inputs(dtype, S, sampled, with_mu, bias, rho=sigma_softplus)
+        args = (x, mu, sigma, bmu, bsig, 2**62 + 12345, estimator, S, sampled, sigma_softplus)
         _check_kernel_against_reference(args, f"{estimator} S={S} sampled={sampled} mu={with_mu} bias={bias}")
+
+
+def _identity_layer_sigmas(rho, samples, sigma_softplus):
+    """The per-weight standard deviations times eps a kernel uses, read off through x = I (one
+    product per output, no sum), with their gradients for an all-ones upstream gradient."""
+    N, K = rho.shape
+    x = torch.eye(K, dtype=rho.dtype)[None]
+    args = (x, None, rho, None, None, 17, "sample", samples, False, sigma_softplus)
+    out, std = C.gaussian_linear_fwd(*args)
+    grads = C.gaussian_linear_bwd(torch.ones_like(out), *_with_std(args, std))
+    return out.transpose(1, 2), grads[2]
+
+
+@pytest.mark.parametrize("samples", [1, 2])
+def test_in_kernel_softplus_and_its_derivative_match_torch(samples):
+    # One draw computes softplus in the noise pass (an exp_u20 + polynomial log1p), several take
+    # torch's softplus once: against F.softplus / torch.sigmoid element by element, the same noise
+    # on both sides. Bound: 4e-6 relative (exp_u20's ~20 ulp; measured 2.5e-6) down to rho = -80,
+    # where sigma is 2e-35 (below -87.3, sigma flushes to 0).
+    rho = torch.linspace(-80, 30, 120 * 250).view(120, 250)
+    got, d_rho = _identity_layer_sigmas(rho, samples, True)
+    want, d_sigma = _identity_layer_sigmas(torch.nn.functional.softplus(rho), samples, False)
+    nonzero = want != 0
+    assert nonzero.float().mean() > 0.99
+    torch.testing.assert_close(got[nonzero] / want[nonzero], torch.ones(int(nonzero.sum())), rtol=0, atol=4e-6)
+    # d rho / d sigma = sigmoid(rho); above -60 so no product goes subnormal
+    ok = (d_sigma != 0) & (rho > -60)
+    torch.testing.assert_close(d_rho[ok] / d_sigma[ok], torch.sigmoid(rho)[ok], rtol=4e-6, atol=0)
+
+
+def test_in_kernel_softplus_float64_is_accurate():
+    rho = torch.linspace(-80, 30, 40 * 50, dtype=torch.float64).view(40, 50)
+    got, d_rho = _identity_layer_sigmas(rho, 1, True)
+    want, d_sigma = _identity_layer_sigmas(torch.nn.functional.softplus(rho), 1, False)
+    # F.softplus returns rho itself beyond 20; the kernel adds log1p(exp(-rho)) < 2.1e-9 there
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(d_rho, d_sigma * torch.sigmoid(rho), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -130,29 +171,38 @@ def test_local_backward_rejects_a_wrong_std():
                               "local", 2, False)
 
 
+@pytest.mark.parametrize("sigma_transform", [None, "softplus"])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_gradcheck_float64(backend, estimator):
+def test_gradcheck_float64(backend, estimator, sigma_transform):
     x, mu, sigma, bmu, bsig = _inputs(torch.float64, 1, False, True, "both", B=3, K=4, N=3)
     x = x[0]
+    if sigma_transform:
+        sigma, bsig = sigma * 6 - 3, bsig * 6 - 3  # rho on both sides of 0
     tensors = [t.requires_grad_(True) for t in (x, mu, sigma, bmu, bsig)]
     with udn_kernels.backend(backend):
-        assert torch.autograd.gradcheck(
-            lambda *t: udn_kernels.gaussian_linear(*t, estimator=estimator, samples=2, seed=11), tensors)
+        for samples in (None, 2):  # one draw: softplus inside the noise pass; several: once up front
+            assert torch.autograd.gradcheck(
+                lambda *t: udn_kernels.gaussian_linear(*t, estimator=estimator, samples=samples, seed=11,
+                                                       sigma_transform=sigma_transform), tensors)
         xs = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(
             lambda x_, s_: udn_kernels.gaussian_linear(x_, None, s_, estimator=estimator, samples=2,
-                                                       seed=3, input_has_samples=True), (xs, tensors[2]))
+                                                       seed=3, input_has_samples=True,
+                                                       sigma_transform=sigma_transform), (xs, tensors[2]))
 
 
-def test_backward_saves_only_the_inputs_and_local_std():
+@pytest.mark.parametrize("sigma_transform", [None, "softplus"])
+@pytest.mark.parametrize("samples", [1, 4])
+def test_backward_saves_only_the_inputs_and_local_std(samples, sigma_transform):
     x, mu, sigma, bmu, bsig = _inputs(torch.float32, 1, False, True, "both", B=8, K=16, N=12)
     x = x[0].requires_grad_(True)
     inputs = [x, mu.requires_grad_(True), sigma.requires_grad_(True), bmu, bsig]
     for estimator in ESTIMATORS:
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            out = udn_kernels.gaussian_linear(*inputs, estimator=estimator, samples=4, seed=1)
+            out = udn_kernels.gaussian_linear(*inputs, estimator=estimator, samples=samples, seed=1,
+                                              sigma_transform=sigma_transform)
         # x, mu, sigma, bias_mu, bias_sigma (same storage as the caller's), the forward's std (local:
         # output-sized [Sx=1, B, N], one per input draw; else empty) and the 0-d seed.
         input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
@@ -263,6 +313,8 @@ def test_samples_one_equals_a_single_draw():
     (lambda x, m, s: udn_kernels.gaussian_linear(x, m, s, samples=3, input_has_samples=True), r"x: expected shape \[3, \.\.\., 6\]"),
     (lambda x, m, s: udn_kernels.gaussian_linear(x, m.double(), s), "weight_mu: expected dtype"),
     (lambda x, m, s: udn_kernels.gaussian_linear(x, m, "s"), "weight_sigma: expected a torch.Tensor"),
+    (lambda x, m, s: udn_kernels.gaussian_linear(x, m, -s), "weight_sigma: expected standard deviations >= 0"),
+    (lambda x, m, s: udn_kernels.gaussian_linear(x, m, s, sigma_transform="exp"), "sigma_transform: expected one of"),
 ])
 def test_validation_errors_name_the_argument(call, match):
     x, mu, sigma = torch.randn(4, 6), torch.randn(3, 6), torch.rand(3, 6)
@@ -270,13 +322,15 @@ def test_validation_errors_name_the_argument(call, match):
         call(x, mu, sigma)
 
 
+@pytest.mark.parametrize("sigma_transform", [None, "softplus"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_torch_compile_fullgraph_matches_eager(estimator):
+def test_torch_compile_fullgraph_matches_eager(estimator, sigma_transform):
     torch._dynamo.reset()  # the parametrized cases share one code object: start with a clean cache
     x, mu, sigma, bmu, bsig = (t.float() for t in _moments_case())
 
     def layer(x, mu, sigma, seed):
-        return udn_kernels.gaussian_linear(x, mu, sigma, bmu, bsig, estimator=estimator, samples=2, seed=seed)
+        return udn_kernels.gaussian_linear(x, mu, sigma, bmu, bsig, estimator=estimator, samples=2, seed=seed,
+                                           sigma_transform=sigma_transform)
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x, mu, sigma, 3), layer(x, mu, sigma, 3))

@@ -211,9 +211,10 @@ class GaussianLinear(StochasticLayer):
             mean = self.weight_mu if self.weight_mu is not None else torch.zeros_like(self.weight_rho)
             return F.linear(x, mean, self.bias_mu)
         samples, has_samples = self._sample_args(x)
-        return udn_kernels.gaussian_linear(x, self.weight_mu, self.weight_sigma, self.bias_mu,
-                                           self.bias_sigma, estimator=self.estimator, samples=samples,
-                                           input_has_samples=has_samples)
+        # rho goes to the kernel, which computes softplus in its noise pass (no sigma tensor)
+        return udn_kernels.gaussian_linear(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho,
+                                           estimator=self.estimator, samples=samples,
+                                           input_has_samples=has_samples, sigma_transform="softplus")
 
     def kl(self) -> torch.Tensor:
         return _gaussian_kl(self.weight_mu, self.weight_sigma, self.bias_mu, self.bias_sigma, self.prior_std)
