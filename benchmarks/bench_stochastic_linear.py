@@ -1,7 +1,8 @@
 """gauss-linear / bern-linear (DESIGN §6): in-kernel weight sampling vs what users write.
 
 gauss-linear (B=256, K=N_out=1024; estimators sample/local/flipout; samples 1 and 8):
-``udn`` (``udn_kernels.gaussian_linear(x, mu, softplus(rho))`` on the C++ backend), ``eager``
+``udn`` (``udn_kernels.gaussian_linear(x, mu, rho, sigma_transform="softplus")`` on the C++
+backend: softplus inside the kernel), ``eager``
 (bayesian-torch style: ``mu + softplus(rho) * randn_like(mu)`` then ``F.linear`` for "sample"; the
 eager local-reparameterisation / Flipout formulas for the others; a Python loop of draws for
 S=8) and ``floor`` (the 3 GEMMs of forward + backward, ``x W^T``, ``dY W``, ``dY^T x``, per draw).
@@ -82,7 +83,8 @@ def gauss_methods(estimator: str, samples: int) -> list[Method]:
     S = None if samples == 1 else samples
 
     def udn():
-        return udn_kernels.gaussian_linear(x, mu, F.softplus(rho), bias, estimator=estimator, samples=S)
+        return udn_kernels.gaussian_linear(x, mu, rho, bias, estimator=estimator, samples=S,
+                                           sigma_transform="softplus")
 
     eager = _loop(lambda: _eager_gauss(estimator, x, mu, rho, bias), samples)
     return [Method("udn", udn, role="ours"), Method("eager", eager),

@@ -3,10 +3,13 @@
 Every round runs each method once, in turn, so machine load hits all of them alike; the report is
 the median over rounds of each method's time and of each ratio. With ``--threads 1`` (default) the
 clock is the thread's CPU time, which other jobs on a shared box do not inflate; with more threads
-it is wall time. Shapes of DESIGN §6: B=256, K=N_out=1024, fp32, forward + ``sum().backward()``.
+it is wall time. Shapes of DESIGN §6: B=256, K=N_out=1024, fp32, forward + ``sum().backward()``. Ours takes ``rho`` with
+``sigma_transform="softplus"`` (softplus inside the kernel); "udn sample, sigma given" is the same
+layer fed ``F.softplus(rho)`` by the caller, as eager does.
 
-``--phases`` times the pieces of the "sample" path instead: the C++ forward and backward kernels,
-the GEMMs they contain, 1M Philox normals and the ``softplus(rho)`` the caller adds.
+``--phases`` times the pieces of the "sample" path instead: the C++ forward and backward kernels
+(fed sigma, and fed rho), the GEMMs they contain, 1M Philox normals and the caller's
+``softplus(rho)`` and its backward.
 
 Run: ``python benchmarks/stochastic_linear_ratios.py [--threads N] [--rounds R] [--phases]
 [--shape B K N_OUT]``.
@@ -57,8 +60,8 @@ def methods(B: int, K: int, N: int) -> tuple[dict, list]:
     x, mu, rho, bias = _inputs(B, K, N)
 
     def ours(estimator, samples=None):
-        return _fwd_bwd(lambda: udn_kernels.gaussian_linear(x, mu, F.softplus(rho), estimator=estimator,
-                                                            samples=samples))
+        return _fwd_bwd(lambda: udn_kernels.gaussian_linear(x, mu, rho, estimator=estimator, samples=samples,
+                                                            sigma_transform="softplus"))
 
     def eager():  # bayesian-torch style
         return F.linear(x, mu + F.softplus(rho) * torch.randn_like(mu))
@@ -76,6 +79,7 @@ def methods(B: int, K: int, N: int) -> tuple[dict, list]:
 
     m = {
         "udn sample": ours("sample"), "eager sample": _fwd_bwd(eager),
+        "udn sample, sigma given": _fwd_bwd(lambda: udn_kernels.gaussian_linear(x, mu, F.softplus(rho))),
         "udn local": ours("local"), "eager local": _fwd_bwd(eager_local),
         "udn flipout": ours("flipout"), "eager flipout": _fwd_bwd(eager_flipout),
         "udn sample S=8": ours("sample", S8),
@@ -85,6 +89,7 @@ def methods(B: int, K: int, N: int) -> tuple[dict, list]:
         "floor": _gemm_floor(x, mu, 1), "floor S=8": _gemm_floor(x, mu, S8),
     }
     ratios = [("eager sample", "udn sample"), ("udn sample", "floor"), ("eager sample", "floor"),
+              ("udn sample, sigma given", "floor"),
               ("eager local", "udn local"), ("udn local", "floor"), ("eager local", "floor"),
               ("eager flipout", "udn flipout"), ("udn flipout", "floor"), ("eager flipout", "floor"),
               ("eager loop S=8", "udn sample S=8"), ("udn sample S=8", "floor S=8"),
@@ -101,9 +106,12 @@ def phases(B: int, K: int, N: int) -> tuple[dict, list]:
     x, mu, rho, _ = (t.detach() for t in _inputs(B, K, N))
     sigma, x3, grad = F.softplus(rho), x[None], torch.randn(1, B, N)
     args = (x3, mu, sigma, None, None, 5, "sample", 1, False)
+    rho_args = (x3, mu, rho, None, None, 5, "sample", 1, False, True)
     m = {
         "kernel fwd": lambda: ops.gaussian_linear_fwd(*args),
         "kernel bwd": lambda: ops.gaussian_linear_bwd(grad, *args[:5], x.new_empty(0), *args[5:]),
+        "kernel fwd, rho": lambda: ops.gaussian_linear_fwd(*rho_args),
+        "kernel bwd, rho": lambda: ops.gaussian_linear_bwd(grad, *rho_args[:5], x.new_empty(0), *rho_args[5:]),
         "GEMM x W^T": lambda: x @ mu.t(),
         "GEMMs dY W, dY^T x": lambda: (grad[0] @ mu, grad[0].t() @ x),
         "N*K normals": lambda: rng.normal(N * K, seed=5),
@@ -111,6 +119,7 @@ def phases(B: int, K: int, N: int) -> tuple[dict, list]:
         "softplus_backward": lambda: torch.ops.aten.softplus_backward(sigma, rho, 1.0, 20.0),
     }
     ratios = [("kernel fwd", "GEMM x W^T"), ("kernel bwd", "GEMMs dY W, dY^T x"),
+              ("kernel fwd, rho", "GEMM x W^T"), ("kernel bwd, rho", "GEMMs dY W, dY^T x"),
               ("N*K normals", "GEMM x W^T"), ("softplus", "GEMM x W^T"), ("softplus_backward", "GEMM x W^T")]
     return m, ratios
 
@@ -126,11 +135,11 @@ def run(table: dict, ratios: list, rounds: int, clock) -> dict:
             fn()
             times[name].append((clock() - t0) * 1e3)
     for name, t in times.items():
-        print(f"{name:22s} {statistics.median(t):9.2f} ms")
+        print(f"{name:24s} {statistics.median(t):9.2f} ms")
     result = {}
     for a, b in ratios:
         result[a, b] = statistics.median(p / q for p, q in zip(times[a], times[b]))
-        print(f"{a:>22s} / {b:<22s} {result[a, b]:6.3f}")
+        print(f"{a:>24s} / {b:<22s} {result[a, b]:6.3f}")
     return result
 
 

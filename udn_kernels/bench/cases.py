@@ -167,8 +167,8 @@ def gauss_linear(quick: bool) -> list[Method]:
     rho = torch.full((N, K), -4.0, requires_grad=True)
 
     def ours(estimator, samples=None):
-        return lambda: udn_kernels.gaussian_linear(x, mu, F.softplus(rho), estimator=estimator,
-                                                   samples=samples)
+        return lambda: udn_kernels.gaussian_linear(x, mu, rho, estimator=estimator, samples=samples,
+                                                   sigma_transform="softplus")
 
     def eager():  # bayesian-torch style: materialise the sampled weight, then F.linear
         return F.linear(x, mu + F.softplus(rho) * torch.randn_like(mu))
