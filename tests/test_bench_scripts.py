@@ -16,5 +16,5 @@ def test_stochastic_linear_ratios_runs_small(phases):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     ratios = [float(line.split()[-1]) for line in out.stdout.splitlines() if " / " in line]
-    assert len(ratios) == (5 if phases else 15)
+    assert len(ratios) == (7 if phases else 16)
     assert all(math.isfinite(r) and r > 0 for r in ratios)
