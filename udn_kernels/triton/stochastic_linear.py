@@ -12,6 +12,10 @@ in registers from the Philox stream at the offsets of docs/rng.md, tile by tile 
 The local-reparameterisation estimator has only output noise: ``_fwd_kernel`` also writes the
 output std ``[Sx, B, N]``, and the backward (``ops._stochastic.local_reparam_grads``) regenerates
 the output eps and finishes with plain matrix products, without recomputing the variance.
+
+``sigma_softplus`` (the ``SOFTPLUS`` constexpr): the sigma arguments hold rho, softplus is applied
+in registers wherever sigma is loaded, and ``_dw_kernel`` scales its final ``d_sigma`` tile by
+``sigmoid(rho)``; local's torch backward and the bias's ``d_rho`` use F.softplus / torch.sigmoid.
 """
 from __future__ import annotations
 
