@@ -2,7 +2,7 @@
 
 Runs ``python -m udn_kernels.triton.aot`` in a subprocess (a clean Triton import: other test
 modules may run with TRITON_INTERPRET=1). The full sweep (every config of every kernel, both
-archs: 146 compiles) takes ~5 minutes on 2 cores, so CI compiles one config per kernel per arch,
+archs: 206 compiles) takes ~5 minutes on 2 cores, so CI compiles one config per kernel per arch,
 the one with the most live state (most registers in the full sweep), and checks: every compile
 succeeds, no ptxas spill stores, every kernel is covered. Run the tool without ``--only`` for
 the full table (docs/triton.md).
@@ -14,9 +14,12 @@ import sys
 
 # One config per kernel: heads fp32 (exact-fp32 FMA dots, 255 registers; the predict kernel's
 # Gaussian path keeps two accumulators), the logsumexp pass of predict, gaussian flipout fp32,
-# gaussian local fp32 (variance + std output), bernoulli weight fp32, and every Philox kernel.
+# gaussian local fp32 (variance + std output), bernoulli weight fp32, and every Philox kernel;
+# plus gaussian flipout with sigma_softplus (the SOFTPLUS paths of fwd, dx and dw's epilogue
+# compile; same register counts as plain flipout).
 ONE_CONFIG_PER_KERNEL = ("[fp32/gaussian/fp32]", "_lse_kernel [fp32/categorical/fp32]", "philox_",
-                         "[flipout/fp32]", "gaussian_linear_fwd [local/fp32]", "[weight/fp32]")
+                         "[flipout/fp32]", "[flipout+softplus/fp32]", "gaussian_linear_fwd [local/fp32]",
+                         "[weight/fp32]")
 
 
 def test_one_config_per_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):

@@ -97,6 +97,8 @@ if not interpreted():
 
     @pytest.mark.parametrize("op,args,kernel_names", [
         ("gaussian_linear", ("sample", 2, False), ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),
+        # sigma_softplus: _dw_kernel also reads rho (sig_ptr), which must not be cloned
+        ("gaussian_linear", ("flipout", 2, False, True), ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),
         # local: the forward also writes the output std; backward regenerates the output eps only
         ("gaussian_linear", ("local", 2, False), ["_fwd_kernel", "_philox_fill_kernel"]),
         ("bernoulli_linear", ("weight", 2, False), ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),

@@ -8,6 +8,8 @@ cases run.
 
 The noise is the same Philox stream on both sides (weights/masks/signs bit-identical, normals
 within 1e-6), so outputs and gradients agree up to float32 summation order: rtol = atol = 1e-4.
+With sigma_softplus the kernels' softplus / sigmoid (an atanh series on exp(-|rho|)) agree with
+F.softplus / torch.sigmoid to a few float32 ulps, inside the same tolerance.
 """
 import itertools
 
@@ -21,10 +23,13 @@ if not interpreted():
 
 else:
     import torch
+    import triton
+    import triton.language as tl
 
     import udn_kernels
     from udn_kernels import reference
     from udn_kernels import triton as triton_backend
+    from udn_kernels.triton.stochastic_linear import _softplus
 
     S, B, K, N = 2, 5, 19, 7  # K > 16 exercises the K-loop and its masked tail
     TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -56,6 +61,46 @@ else:
         args = (x, mu, sigma, bias_mu, bias_sigma, 2**40 + 3, estimator, S, x_sampled)
         _check("gaussian_linear", args, args, grad)
 
+    def _rho(shape, gen):
+        """rho spanning [-30, 25]: softplus underflow to ~exp(rho), ~0 (sigma = log 2, sigmoid 1/2)
+        and past F.softplus's threshold of 20 (sigma = rho, sigmoid 1)."""
+        rho = torch.empty(shape).uniform_(-30, 25, generator=gen)
+        edges = torch.tensor([-30.0, -17.5, -1e-3, 0.0, 1e-3, 19.9, 20.1, 25.0])
+        rho.view(-1)[:edges.numel()] = edges[:rho.numel()]
+        return rho
+
+    @pytest.mark.parametrize("estimator, has_mu, has_bias, x_sampled", list(itertools.product(
+        ("sample", "flipout", "local"), (True, False), ("none", "mu", "both", "sigma"), (False, True))))
+    def test_gaussian_linear_softplus_matches_reference(estimator, has_mu, has_bias, x_sampled):
+        """sigma_softplus=True: forward, local's std and every gradient (d_rho included)."""
+        gen = torch.Generator().manual_seed(17)
+        x = torch.randn(S if x_sampled else 1, B, K, generator=gen)
+        mu = torch.randn(N, K, generator=gen) if has_mu else None
+        rho = _rho((N, K), gen)
+        bias_mu = torch.randn(N, generator=gen) if has_bias in ("mu", "both") else None
+        bias_rho = _rho((N,), gen) if has_bias in ("sigma", "both") else None
+        grad = torch.randn(S, B, N, generator=gen)
+        args = (x, mu, rho, bias_mu, bias_rho, 2**40 + 3, estimator, S, x_sampled, True)
+        _check("gaussian_linear", args, args, grad)
+
+    @triton.jit
+    def _softplus_kernel(r_ptr, sp_ptr, sg_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        sp, sg = _softplus(tl.load(r_ptr + offs, mask=mask))
+        tl.store(sp_ptr + offs, sp, mask=mask)
+        tl.store(sg_ptr + offs, sg, mask=mask)
+
+    def test_softplus_helper_matches_torch():
+        """The in-kernel softplus / sigmoid against float64 F.softplus / torch.sigmoid over
+        [-30, 25] (plus +-88 and 0) at float32 ulp level: rtol 2e-6, atol 1e-30."""
+        r = torch.cat([torch.linspace(-30, 25, 4001), torch.tensor([-88.0, 0.0, 88.0])])
+        sp, sg = torch.empty_like(r), torch.empty_like(r)
+        _softplus_kernel[(triton.cdiv(r.numel(), 1024),)](r, sp, sg, r.numel(), BLOCK=1024)
+        r64 = r.double()
+        torch.testing.assert_close(sp, torch.nn.functional.softplus(r64).float(), rtol=2e-6, atol=1e-30)
+        torch.testing.assert_close(sg, torch.sigmoid(r64).float(), rtol=2e-6, atol=1e-30)
+
     @pytest.mark.parametrize("mask, has_bias, x_sampled", list(itertools.product(
         ("input", "weight", "symmetric"), (True, False), (False, True))))
     def test_bernoulli_linear_matches_reference(mask, has_bias, x_sampled):
@@ -83,13 +128,20 @@ else:
         x = torch.randn(4, 18, generator=gen, requires_grad=True)
         mu = torch.randn(6, 18, generator=gen, requires_grad=True)
         sigma = (torch.rand(6, 18, generator=gen) + 0.1).requires_grad_()
+        rho = (torch.rand(6, 18, generator=gen) * 8 - 6).requires_grad_()
+        bias_rho = torch.randn(6, generator=gen, requires_grad=True)
         w = torch.randn(6, 18, generator=gen, requires_grad=True)
+        leaves = (x, mu, sigma, rho, bias_rho, w)
         grads = {}
         for name in ("triton", "reference"):
             with udn_kernels.backend(name):
                 assert udn_kernels._backend.kernel_backend("gaussian_linear_fwd", x.device) == name
                 out = udn_kernels.gaussian_linear(x, mu, sigma, estimator="flipout", samples=2, seed=5)
+                out = out + udn_kernels.gaussian_linear(x, mu, rho, None, bias_rho, estimator="sample",
+                                                        samples=2, seed=7, sigma_transform="softplus")
+                out = out + udn_kernels.gaussian_linear(x, None, rho, estimator="local", samples=2, seed=8,
+                                                        sigma_transform="softplus")
                 out = out + udn_kernels.bernoulli_linear(x, w, mask="weight", p=0.25, samples=2, seed=6)
-                grads[name] = (out, *torch.autograd.grad(out.square().sum(), (x, mu, sigma, w)))
+                grads[name] = (out, *torch.autograd.grad(out.square().sum(), leaves))
         for got, want in zip(grads["triton"], grads["reference"]):
             torch.testing.assert_close(got, want, **TOL)

@@ -12,6 +12,10 @@ in registers from the Philox stream at the offsets of docs/rng.md, tile by tile 
 The local-reparameterisation estimator has only output noise: ``_fwd_kernel`` also writes the
 output std ``[Sx, B, N]``, and the backward (``ops._stochastic.local_reparam_grads``) regenerates
 the output eps and finishes with plain matrix products, without recomputing the variance.
+
+``sigma_softplus`` (the ``SOFTPLUS`` constexpr): the sigma arguments hold rho, softplus is applied
+in registers wherever sigma is loaded, and ``_dw_kernel`` scales its final ``d_sigma`` tile by
+``sigmoid(rho)``; local's torch backward and the bias's ``d_rho`` use F.softplus / torch.sigmoid.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import inspect
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -47,14 +52,38 @@ def _keep(seed, elem, p, scale):
 
 
 @triton.jit
-def _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn, rk, N, K, MODE: tl.constexpr, HAS_W: tl.constexpr):
+def _softplus(r):
+    """``(softplus(r), sigmoid(r))`` in float32 without overflow, the formula of the C++ kernels:
+    ``softplus(r) = max(r, 0) + log1p(t)``, ``t = exp(-|r|)``, with ``log1p(t) = 2 atanh(s)``,
+    ``s = t / (2 + t) <= 1/3``, as its odd series to s^13 (truncation < 2e-8 relative)."""
+    t = tl.exp(-tl.abs(r))
+    s = t / (2.0 + t)
+    s2 = s * s
+    series = 1.0 + s2 * (1.0 / 3 + s2 * (1.0 / 5 + s2 * (1.0 / 7 + s2 * (1.0 / 9 + s2 * (1.0 / 11 + s2 / 13)))))
+    return tl.maximum(r, 0.0) + 2.0 * s * series, tl.where(r >= 0, 1.0, t) / (1.0 + t)
+
+
+@triton.jit
+def _load_sigma(sig_ptr, off, mask, SOFTPLUS: tl.constexpr):
+    """Standard deviations at ``off`` (float32): the stored values, or ``softplus`` of the stored
+    ``rho``. Masked lanes read rho = 0, i.e. sigma = log 2; they only meet zeros of ``x`` / ``grad``
+    or masked-out outputs."""
+    sig = tl.load(sig_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        sig = _softplus(sig)[0]
+    return sig
+
+
+@triton.jit
+def _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn, rk, N, K, MODE: tl.constexpr, HAS_W: tl.constexpr,
+                 SOFTPLUS: tl.constexpr):
     """The noisy weight tile ``W_s[rn, rk]`` (float32, shape of ``rn[:, None] + rk[None, :]``) for
     modes whose weight noise enters the product directly: sample, weight, symmetric."""
     mask = (rn < N) & (rk < K)
     off = rn * K + rk
     elem = s * N * K + off
     if MODE == 0:
-        w = tl.load(sig_ptr + off, mask=mask, other=0.0).to(tl.float32) * randn(seed, elem)
+        w = _load_sigma(sig_ptr, off, mask, SOFTPLUS) * randn(seed, elem)
         if HAS_W:
             w += tl.load(w_ptr + off, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -70,7 +99,7 @@ def _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn, rk, N, K, MODE: tl.const
 def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, out_ptr, std_ptr,
                 B, N, K, x_draw_stride, seed, p, scale, bias_base, sign_in_base, sign_out_base,
                 MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_BMU: tl.constexpr, HAS_BSIG: tl.constexpr,
-                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                SOFTPLUS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Grid (B tiles, N tiles, S). ``out[s, b, n]``; local also writes ``std[sx, b, n]`` (one
     writer per input draw ``sx``: draw 0 when ``x`` is shared)."""
     s = tl.program_id(2).to(tl.int64)
@@ -97,7 +126,7 @@ def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, out_ptr, std_ptr,
                 if HAS_W:
                     w = tl.load(w_ptr + t_off, mask=t_mask, other=0.0)
                     acc += tl.dot(x.to(dot_ty), w.to(dot_ty), input_precision=PRECISION)
-                sig = tl.load(sig_ptr + t_off, mask=t_mask, other=0.0).to(tl.float32)
+                sig = _load_sigma(sig_ptr, t_off, t_mask, SOFTPLUS)
                 if MODE == 1:
                     xe = sign_in_base + s * B * K + rm[:, None] * K + rk[None, :]
                     eps = randn(seed, s * N * K + t_off)
@@ -105,7 +134,8 @@ def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, out_ptr, std_ptr,
                 else:
                     acc2 += tl.dot((x * x).to(dot_ty), (sig * sig).to(dot_ty), input_precision=PRECISION)
         else:
-            w = _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn[None, :], rk[:, None], N, K, MODE, HAS_W)
+            w = _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn[None, :], rk[:, None], N, K, MODE, HAS_W,
+                             SOFTPLUS)
             acc += tl.dot(x.to(dot_ty), w.to(dot_ty), input_precision=PRECISION)
 
     n_mask = rn < N
@@ -116,7 +146,7 @@ def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, out_ptr, std_ptr,
     if MODE == 2:
         var = acc2
         if HAS_BSIG:
-            bsig = tl.load(bsig_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            bsig = _load_sigma(bsig_ptr, rn, n_mask, SOFTPLUS)
             var += (bsig * bsig)[None, :]
         positive = var > 0
         std = tl.where(positive, tl.sqrt(tl.where(positive, var, 1.0)), 0.0)
@@ -126,14 +156,14 @@ def _fwd_kernel(x_ptr, w_ptr, sig_ptr, bmu_ptr, bsig_ptr, out_ptr, std_ptr,
     if HAS_BMU:
         acc += tl.load(bmu_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BSIG and (MODE == 0 or MODE == 1):
-        bsig = tl.load(bsig_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        bsig = _load_sigma(bsig_ptr, rn, n_mask, SOFTPLUS)
         acc += (bsig * randn(seed, bias_base + s * N + rn))[None, :]
     tl.store(out_ptr + out_elem, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def _dx_kernel(g_ptr, w_ptr, sig_ptr, dx_ptr, S, B, N, K, seed, p, scale, sign_in_base, sign_out_base,
-               MODE: tl.constexpr, HAS_W: tl.constexpr, X_SAMPLED: tl.constexpr,
+               MODE: tl.constexpr, HAS_W: tl.constexpr, X_SAMPLED: tl.constexpr, SOFTPLUS: tl.constexpr,
                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Grid (B tiles, K tiles, Sx). ``d_x[sx, b, k] = sum_{s in draws of sx} (grad[s] W_s)[b, k]``."""
     sx = tl.program_id(2).to(tl.int64)
@@ -166,12 +196,13 @@ def _dx_kernel(g_ptr, w_ptr, sig_ptr, dx_ptr, S, B, N, K, seed, p, scale, sign_i
                     if HAS_W:
                         w = tl.load(w_ptr + t_off, mask=t_mask, other=0.0)
                         acc += tl.dot(g, w.to(dot_ty), input_precision=PRECISION)
-                    sig = tl.load(sig_ptr + t_off, mask=t_mask, other=0.0).to(tl.float32)
+                    sig = _load_sigma(sig_ptr, t_off, t_mask, SOFTPLUS)
                     w_noise = sig * randn(seed, s * N * K + t_off)
                     g_flip = g.to(tl.float32) * _sign(seed, sign_out_base + g_elem)
                     per_draw += tl.dot(g_flip.to(dot_ty), w_noise.to(dot_ty), input_precision=PRECISION)
             else:
-                w = _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn[:, None], rk[None, :], N, K, MODE, HAS_W)
+                w = _weight_tile(w_ptr, sig_ptr, seed, p, scale, s, rn[:, None], rk[None, :], N, K, MODE, HAS_W,
+                                 SOFTPLUS)
                 acc += tl.dot(g, w.to(dot_ty), input_precision=PRECISION)
         if MODE == 1:
             acc += per_draw * _sign(seed, sign_in_base + s * B * K + x_elem)
@@ -181,12 +212,14 @@ def _dx_kernel(g_ptr, w_ptr, sig_ptr, dx_ptr, S, B, N, K, seed, p, scale, sign_i
 
 
 @triton.jit
-def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, p, scale,
-               sign_in_base, sign_out_base, MODE: tl.constexpr, NEED_DW: tl.constexpr,
+def _dw_kernel(g_ptr, x_ptr, sig_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, p, scale,
+               sign_in_base, sign_out_base, MODE: tl.constexpr, NEED_DW: tl.constexpr, SOFTPLUS: tl.constexpr,
                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Grid (N tiles, K tiles). ``G_s = grad[s]^T x[s]``; ``d_W = sum_s G_s * m_s`` for Bernoulli
     masks ``m_s`` (1 for input dropout, whose mask is applied to ``x``), and for Gaussian weights
-    ``d_mu = sum_s G_s``, ``d_sigma = sum_s G_s * eps_s`` (flipout: the sign-flipped product)."""
+    ``d_mu = sum_s G_s``, ``d_sigma = sum_s G_s * eps_s`` (flipout: the sign-flipped product);
+    with ``SOFTPLUS`` (``sig_ptr`` holds rho) ``d_rho = d_sigma * sigmoid(rho)``, applied once to
+    the final tile."""
     rn = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     rk = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
     rb0 = tl.arange(0, BM).to(tl.int64)
@@ -229,6 +262,8 @@ def _dw_kernel(g_ptr, x_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, 
     if NEED_DW:
         tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=nk_mask)
     if MODE == 0 or MODE == 1:
+        if SOFTPLUS:
+            acc_sig *= _softplus(tl.load(sig_ptr + w_off, mask=nk_mask, other=0.0).to(tl.float32))[1]
         tl.store(dsig_ptr + w_off, acc_sig.to(dsig_ptr.dtype.element_ty), mask=nk_mask)
 
 
@@ -267,8 +302,9 @@ def _bases(S, B, N, K):
     return bias, sign_in, sign_in + S * B * K
 
 
-def _forward(x, w, sig, bmu, bsig, seed, mode, S, p=0.0):
-    """``(out [S, B, N], std)``: std is local's ``[Sx, B, N]`` output std, empty for other modes."""
+def _forward(x, w, sig, bmu, bsig, seed, mode, S, p=0.0, softplus=False):
+    """``(out [S, B, N], std)``: std is local's ``[Sx, B, N]`` output std, empty for other modes;
+    with ``softplus`` ``sig`` / ``bsig`` hold rho."""
     Sx, B, K = x.shape
     N = (sig if sig is not None else w).shape[0]
     tiles = _tiles("fwd", B, N, K)
@@ -283,11 +319,11 @@ def _forward(x, w, sig, bmu, bsig, seed, mode, S, p=0.0):
                       B, N, K, 0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p) if p < 1 else 0.0,
                       bias_base, sign_in_base, sign_out_base,
                       MODE=mode, HAS_W=w is not None, HAS_BMU=bmu is not None, HAS_BSIG=bsig is not None,
-                      PRECISION=_precision(x), **tiles)
+                      SOFTPLUS=softplus, PRECISION=_precision(x), **tiles)
     return out, std
 
 
-def _grad_x(grad, x, w, sig, seed, mode, S, x_sampled, p=0.0):
+def _grad_x(grad, x, w, sig, seed, mode, S, x_sampled, p=0.0, softplus=False):
     Sx, B, K = x.shape
     N = grad.shape[2]
     tiles = _tiles("dx", B, N, K)
@@ -296,11 +332,13 @@ def _grad_x(grad, x, w, sig, seed, mode, S, x_sampled, p=0.0):
     grid = (triton.cdiv(B, tiles["BM"]), triton.cdiv(K, tiles["BK"]), Sx)
     wrap_triton(_dx_kernel)[grid](grad, grad if w is None else w, grad if sig is None else sig, dx, S, B, N, K, seed, p,
                      1.0 / (1.0 - p), sign_in_base, sign_out_base, MODE=mode, HAS_W=w is not None,
-                     X_SAMPLED=x_sampled, PRECISION=_precision(x), **tiles)
+                     X_SAMPLED=x_sampled, SOFTPLUS=softplus, PRECISION=_precision(x), **tiles)
     return dx
 
 
-def _grad_w(grad, x, like_w, seed, mode, S, need_dw, p=0.0):
+def _grad_w(grad, x, like_w, seed, mode, S, need_dw, p=0.0, softplus=False):
+    """``(d_W, d_sigma)``; ``like_w`` is the weight (Bernoulli) or weight_sigma / rho (Gaussian),
+    read by the kernel only for softplus's ``d_rho = d_sigma * sigmoid(rho)``."""
     Sx, B, K = x.shape
     N = grad.shape[2]
     tiles = _tiles("dw", B, N, K)
@@ -309,9 +347,9 @@ def _grad_w(grad, x, like_w, seed, mode, S, need_dw, p=0.0):
     dsig = torch.empty_like(like_w) if gaussian else like_w.new_empty(0)
     _, sign_in_base, sign_out_base = _bases(S, B, N, K)
     grid = (triton.cdiv(N, tiles["BN"]), triton.cdiv(K, tiles["BK"]))
-    wrap_triton(_dw_kernel)[grid](grad, x, dw if need_dw else like_w, dsig if gaussian else like_w, S, B, N, K,
+    wrap_triton(_dw_kernel)[grid](grad, x, like_w, dw if need_dw else like_w, dsig if gaussian else like_w, S, B, N, K,
                      0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p), sign_in_base, sign_out_base,
-                     MODE=mode, NEED_DW=need_dw, PRECISION=_precision(x), **tiles)
+                     MODE=mode, NEED_DW=need_dw, SOFTPLUS=softplus, PRECISION=_precision(x), **tiles)
     return dw, dsig
 
 
@@ -325,34 +363,49 @@ def _empty(like):
 @triton_op("udn_kernels_triton::gaussian_linear_fwd", mutates_args=())
 def gaussian_linear_fwd(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor, bias_mu: Optional[Tensor],
                         bias_sigma: Optional[Tensor], seed: int, estimator: str, samples: int,
-                        x_sampled: bool) -> tuple[Tensor, Tensor]:
+                        x_sampled: bool, sigma_softplus: bool = False) -> tuple[Tensor, Tensor]:
     """``(out [S, B, N], std)``: outputs of S Gaussian weight draws, noise drawn inside the kernel,
-    and local's output std ``[Sx, B, N]`` for the backward (empty for sample / flipout)."""
-    return _forward(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, _GAUSSIAN_MODES[estimator], samples)
+    and local's output std ``[Sx, B, N]`` for the backward (empty for sample / flipout). With
+    ``sigma_softplus`` the sigma arguments hold rho and the kernels apply softplus as they load them."""
+    return _forward(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, _GAUSSIAN_MODES[estimator], samples,
+                    softplus=sigma_softplus)
 
 
 @triton_op("udn_kernels_triton::gaussian_linear_bwd", mutates_args=())
 def gaussian_linear_bwd(grad_out: Tensor, x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
                         bias_mu: Optional[Tensor], bias_sigma: Optional[Tensor], std: Tensor, seed: int,
-                        estimator: str, samples: int,
-                        x_sampled: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        estimator: str, samples: int, x_sampled: bool,
+                        sigma_softplus: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)``; noise regenerated, local's
-    variance taken from the forward's ``std``."""
+    variance taken from the forward's ``std``. With ``sigma_softplus`` the sigma arguments hold rho
+    and their gradients are ``d_rho = d_sigma * sigmoid(rho)``."""
     S, mode = samples, _GAUSSIAN_MODES[estimator]
     N = weight_sigma.shape[0]
     grad = grad_out.contiguous()
     if mode == LOCAL:  # output noise only: the products are noise-free
         eps = philox_normal(grad.numel(), seed, 0, grad.device).view(grad.shape)
-        return local_reparam_grads(grad, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, eps, x_sampled)
+        if not sigma_softplus:
+            return local_reparam_grads(grad, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, eps, x_sampled)
+        # torch code on sigma: softplus and its derivative are weight-sized elementwise passes here
+        d_x, d_mu, d_sig, d_bmu, d_bsig = local_reparam_grads(
+            grad, x, weight_mu, F.softplus(weight_sigma), bias_mu, _softplus_or_none(bias_sigma), std, eps, x_sampled)
+        d_bsig = d_bsig if bias_sigma is None else d_bsig * torch.sigmoid(bias_sigma)
+        return d_x, d_mu, d_sig * torch.sigmoid(weight_sigma), d_bmu, d_bsig
     d_bmu = grad.sum((0, 1)).to(bias_mu.dtype) if bias_mu is not None else _empty(x)
-    dx = _grad_x(grad, x, weight_mu, weight_sigma, seed, mode, S, x_sampled)
-    d_mu, d_sig = _grad_w(grad, x, weight_sigma, seed, mode, S, need_dw=weight_mu is not None)
+    dx = _grad_x(grad, x, weight_mu, weight_sigma, seed, mode, S, x_sampled, softplus=sigma_softplus)
+    d_mu, d_sig = _grad_w(grad, x, weight_sigma, seed, mode, S, need_dw=weight_mu is not None,
+                          softplus=sigma_softplus)
     if bias_sigma is not None:
         beps = philox_normal(S * N, seed, S * N * weight_sigma.shape[1], grad.device).view(S, N)
-        d_bsig = (grad.float().sum(1) * beps).sum(0).to(bias_sigma.dtype)
+        d_bsig = (grad.float().sum(1) * beps).sum(0)
+        d_bsig = (d_bsig * torch.sigmoid(bias_sigma.float()) if sigma_softplus else d_bsig).to(bias_sigma.dtype)
     else:
         d_bsig = _empty(x)
     return dx, d_mu, d_sig, d_bmu, d_bsig
+
+
+def _softplus_or_none(rho):
+    return None if rho is None else F.softplus(rho)
 
 
 @triton_op("udn_kernels_triton::bernoulli_linear_fwd", mutates_args=())
@@ -393,7 +446,8 @@ def _ordered(fn, types: dict) -> dict:
 
 
 def _aot_specs():
-    """Every (kernel, mode) at the CONFIGS tiles the launchers use for large shapes, float32 and bf16."""
+    """Every (kernel, mode) at the CONFIGS tiles the launchers use for large shapes, float32 and bf16;
+    the Gaussian modes also with sigma_softplus (labels ``<mode>+softplus/<dtype>``)."""
     scalars = {"seed": "i64", "p": "fp32", "scale": "fp32", "sign_in_base": "i64", "sign_out_base": "i64"}
     def tiles(kernel):
         return {k: CONFIGS[kernel][k] for k in ("BM", "BN", "BK")}
@@ -407,31 +461,35 @@ def _aot_specs():
         ptr = f"*{dtype}"
         for mode, mode_name in mode_names.items():
             family = "gaussian" if mode <= LOCAL else "bernoulli"
-            sig = {"x_ptr": ptr, "w_ptr": ptr, "sig_ptr": ptr, "bmu_ptr": ptr, "bsig_ptr": ptr,
-                   "out_ptr": ptr, "std_ptr": ptr, "B": "i32", "N": "i32", "K": "i32",
-                   "x_draw_stride": "i64", "bias_base": "i64", **scalars}
-            consts = {"MODE": mode, "HAS_W": True, "HAS_BMU": True, "HAS_BSIG": family == "gaussian",
-                      "PRECISION": precision, **tiles("fwd")}
-            sig.update({name: "constexpr" for name in consts})
-            specs.append({"name": f"{family}_linear_fwd", "config": f"{mode_name}/{tag}", "fn": _fwd_kernel,
-                          "signature": _ordered(_fwd_kernel, sig), "constexprs": consts,
-                          **launch("fwd")})
-            if mode == LOCAL:
-                continue
-            sig = {"g_ptr": ptr, "w_ptr": ptr, "sig_ptr": ptr, "dx_ptr": ptr, "S": "i32", "B": "i32",
-                   "N": "i32", "K": "i32", **scalars}
-            consts = {"MODE": mode, "HAS_W": True, "X_SAMPLED": False, "PRECISION": precision, **tiles("dx")}
-            sig.update({name: "constexpr" for name in consts})
-            specs.append({"name": f"{family}_linear_bwd_dx", "config": f"{mode_name}/{tag}", "fn": _dx_kernel,
-                          "signature": _ordered(_dx_kernel, sig), "constexprs": consts,
-                          **launch("dx")})
-            sig = {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": ptr, "dsig_ptr": ptr, "S": "i32", "B": "i32",
-                   "N": "i32", "K": "i32", "x_draw_stride": "i64", **scalars}
-            consts = {"MODE": mode, "NEED_DW": True, "PRECISION": precision, **tiles("dw")}
-            sig.update({name: "constexpr" for name in consts})
-            specs.append({"name": f"{family}_linear_bwd_dw", "config": f"{mode_name}/{tag}", "fn": _dw_kernel,
-                          "signature": _ordered(_dw_kernel, sig), "constexprs": consts,
-                          **launch("dw")})
+            for softplus in (False, True) if family == "gaussian" else (False,):
+                config = f"{mode_name}{'+softplus' if softplus else ''}/{tag}"
+                sig = {"x_ptr": ptr, "w_ptr": ptr, "sig_ptr": ptr, "bmu_ptr": ptr, "bsig_ptr": ptr,
+                       "out_ptr": ptr, "std_ptr": ptr, "B": "i32", "N": "i32", "K": "i32",
+                       "x_draw_stride": "i64", "bias_base": "i64", **scalars}
+                consts = {"MODE": mode, "HAS_W": True, "HAS_BMU": True, "HAS_BSIG": family == "gaussian",
+                          "SOFTPLUS": softplus, "PRECISION": precision, **tiles("fwd")}
+                sig.update({name: "constexpr" for name in consts})
+                specs.append({"name": f"{family}_linear_fwd", "config": config, "fn": _fwd_kernel,
+                              "signature": _ordered(_fwd_kernel, sig), "constexprs": consts,
+                              **launch("fwd")})
+                if mode == LOCAL:
+                    continue
+                sig = {"g_ptr": ptr, "w_ptr": ptr, "sig_ptr": ptr, "dx_ptr": ptr, "S": "i32", "B": "i32",
+                       "N": "i32", "K": "i32", **scalars}
+                consts = {"MODE": mode, "HAS_W": True, "X_SAMPLED": False, "SOFTPLUS": softplus,
+                          "PRECISION": precision, **tiles("dx")}
+                sig.update({name: "constexpr" for name in consts})
+                specs.append({"name": f"{family}_linear_bwd_dx", "config": config, "fn": _dx_kernel,
+                              "signature": _ordered(_dx_kernel, sig), "constexprs": consts,
+                              **launch("dx")})
+                sig = {"g_ptr": ptr, "x_ptr": ptr, "sig_ptr": ptr, "dw_ptr": ptr, "dsig_ptr": ptr, "S": "i32",
+                       "B": "i32", "N": "i32", "K": "i32", "x_draw_stride": "i64", **scalars}
+                consts = {"MODE": mode, "NEED_DW": True, "SOFTPLUS": softplus, "PRECISION": precision,
+                          **tiles("dw")}
+                sig.update({name: "constexpr" for name in consts})
+                specs.append({"name": f"{family}_linear_bwd_dw", "config": config, "fn": _dw_kernel,
+                              "signature": _ordered(_dw_kernel, sig), "constexprs": consts,
+                              **launch("dw")})
     return specs
 
 
