@@ -1,7 +1,8 @@
 """Interleaved ratios of the stochastic-linear methods to their GEMM floors (docs/internals.md).
 
 Every round runs each method once, in turn, so machine load hits all of them alike; the report is
-the median over rounds of each method's time and of each ratio. With ``--threads 1`` (default) the
+the median over rounds of each method's time and of each ratio. The inputs' ``.grad`` are reset
+to None before each timed call (untimed), as ``optimizer.zero_grad()`` does in a training step. With ``--threads 1`` (default) the
 clock is the thread's CPU time, which other jobs on a shared box do not inflate; with more threads
 it is wall time. Shapes of DESIGN §6: B=256, K=N_out=1024, fp32, forward + ``sum().backward()``. Ours takes ``rho`` with
 ``sigma_transform="softplus"`` (softplus inside the kernel); "udn sample, sigma given" is the same
@@ -55,8 +56,8 @@ def _gemm_floor(x, w, draws):
     return run
 
 
-def methods(B: int, K: int, N: int) -> tuple[dict, list]:
-    """Name -> callable, and the (numerator, denominator) ratios to report."""
+def methods(B: int, K: int, N: int) -> tuple[dict, list, tuple]:
+    """Name -> callable, the (numerator, denominator) ratios to report, and the leaf tensors."""
     x, mu, rho, bias = _inputs(B, K, N)
 
     def ours(estimator, samples=None):
@@ -96,10 +97,10 @@ def methods(B: int, K: int, N: int) -> tuple[dict, list]:
               ("eager loop S=8", "floor S=8"),
               ("F.dropout+F.linear", "udn bern input"), ("udn bern input", "floor"),
               ("F.dropout+F.linear", "floor")]
-    return m, ratios
+    return m, ratios, (x, mu, rho, bias)
 
 
-def phases(B: int, K: int, N: int) -> tuple[dict, list]:
+def phases(B: int, K: int, N: int) -> tuple[dict, list, tuple]:
     """The pieces of the "sample" path, as raw kernel calls."""
     _backend.load_extension()
     ops = torch.ops.udn_kernels_C
@@ -121,16 +122,19 @@ def phases(B: int, K: int, N: int) -> tuple[dict, list]:
     ratios = [("kernel fwd", "GEMM x W^T"), ("kernel bwd", "GEMMs dY W, dY^T x"),
               ("kernel fwd, rho", "GEMM x W^T"), ("kernel bwd, rho", "GEMMs dY W, dY^T x"),
               ("N*K normals", "GEMM x W^T"), ("softplus", "GEMM x W^T"), ("softplus_backward", "GEMM x W^T")]
-    return m, ratios
+    return m, ratios, ()
 
 
-def run(table: dict, ratios: list, rounds: int, clock) -> dict:
-    """Times every entry of ``table`` once per round, in turn; prints and returns the median ratios."""
+def run(table: dict, ratios: list, rounds: int, clock, leaves=()) -> dict:
+    """Times every entry of ``table`` once per round, in turn, with ``leaves``' gradients reset
+    before each call; prints and returns the median ratios."""
     times = {name: [] for name in table}
     for fn in table.values():  # warm-up
         fn()
     for _ in range(rounds):
         for name, fn in table.items():
+            for leaf in leaves:
+                leaf.grad = None
             t0 = clock()
             fn()
             times[name].append((clock() - t0) * 1e3)
@@ -156,7 +160,8 @@ def main():
     print(f"B={B} K={K} N_out={N} fp32, {args.threads} thread(s), "
           f"{'CPU' if args.threads == 1 else 'wall'} time, median of {args.rounds} interleaved rounds")
     with udn_kernels.backend("cpu"):
-        run(*(phases if args.phases else methods)(B, K, N), args.rounds, clock)
+        table, ratios, leaves = (phases if args.phases else methods)(B, K, N)
+        run(table, ratios, args.rounds, clock, leaves)
 
 
 if __name__ == "__main__":

@@ -103,3 +103,17 @@ def test_bench_inputs_follow_the_device():
     methods = cases.build("gauss-linear", quick=True, device="meta")
     out = next(m for m in methods if m.name == "eager sample").forward()
     assert out.device.type == "meta"
+
+
+def test_timed_steps_assign_gradients_instead_of_accumulating():
+    # Each timed forward+backward starts from .grad = None (as optimizer.zero_grad() leaves it), so
+    # after any number of repeats a leaf holds exactly one step's gradient; the graph walk finds
+    # leaves behind views and several ops, and not tensors that do not require grad.
+    import torch
+    x, w = torch.ones(3, requires_grad=True), torch.full((3,), 2.0, requires_grad=True)
+    const = torch.ones(3)
+    timing = harness.time_method(harness.Method("m", lambda: (x.view(3, 1) * w.view(3, 1) * const[:, None])),
+                                 warmup=2, repeats=3, min_time=0.0)
+    assert timing.backward_ms is not None
+    assert torch.equal(x.grad, w.detach()) and torch.equal(w.grad, x.detach())
+    assert const.grad is None

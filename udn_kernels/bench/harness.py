@@ -1,7 +1,10 @@
 """Timing and memory measurement shared by `udn bench` and benchmarks/.
 
 A benchmark case is a list of :class:`Method` s built on the same inputs. Times are medians over
-repeats after warm-up, measured in one process so ratios compare like with like. Peak extra
+repeats after warm-up, measured in one process so ratios compare like with like. Before each
+timed forward+backward the leaves' ``.grad`` are reset to None, untimed, as a training step's
+``optimizer.zero_grad()`` does: backward assigns the gradients instead of adding them to the
+previous repeat's (work no training step does, and the GEMM floors do not include). Peak extra
 memory is measured in a fresh subprocess per method (Linux VmHWM reset through
 ``/proc/self/clear_refs``), which sees ATen's CPU allocations, unlike Python-level tracers.
 """
@@ -49,10 +52,32 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _median_ms(fn: Callable[[], None], repeats: int, min_time: float) -> float:
+def _leaves(out) -> list[torch.Tensor]:
+    """The leaf tensors that would receive gradients from ``out`` (its graph's AccumulateGrad nodes)."""
+    found, seen = [], set()
+    stack = [_first_tensor(out).grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            found.append(node.variable)
+        stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
+def _clear_grads(leaves: list[torch.Tensor]) -> None:
+    for leaf in leaves:
+        leaf.grad = None
+
+
+def _median_ms(fn: Callable[[], None], repeats: int, min_time: float,
+               setup: Callable[[], None] = lambda: None) -> float:
     samples = []
     started = time.perf_counter()
     while len(samples) < repeats or (time.perf_counter() - started < min_time and len(samples) < 100):
+        setup()
         _sync()
         t0 = time.perf_counter()
         fn()
@@ -75,13 +100,15 @@ def time_method(method: Method, *, warmup: int = 2, repeats: int = 5, min_time: 
 
     for _ in range(warmup):
         forward_backward()
+    leaves = _leaves(method.forward()) if method.backward else []
     fwd = _median_ms(forward_only, repeats, min_time)
-    total = _median_ms(forward_backward, repeats, min_time)
+    total = _median_ms(forward_backward, repeats, min_time, setup=lambda: _clear_grads(leaves))
     if not method.backward:
         return Timing(method.name, method.role, fwd, None, total)
     # backward alone: forward untimed, then time the backward.
     samples = []
     for _ in range(repeats):
+        _clear_grads(leaves)
         out = _first_tensor(method.forward()).sum()
         _sync()
         t0 = time.perf_counter()
