@@ -116,7 +116,7 @@ C10_ALWAYS_INLINE Vec<T> softplus_from(Vec<T> r, Vec<T> t) {
                                      0.1905595511f, -0.1358394176f, 0.0775403827f, -0.0292102676f,
                                      0.0051860036f};
     Vec<T> p(kLog1pOverT[8]);
-    for (int i = 7; i >= 0; --i) p = at::vec::fmadd(p, t, Vec<T>(kLog1pOverT[i]));
+    for (int64_t i = 7; i >= 0; --i) p = at::vec::fmadd(p, t, Vec<T>(kLog1pOverT[i]));
     return at::vec::fmadd(t, p, at::vec::maximum(r, Vec<T>(0)));
   } else {
     return at::vec::maximum(r, Vec<T>(0)) + t.log1p();
