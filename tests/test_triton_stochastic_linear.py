@@ -48,19 +48,6 @@ else:
             assert g.shape == w.shape
             torch.testing.assert_close(g, w, **TOL)
 
-    @pytest.mark.parametrize("estimator, has_mu, has_bias, x_sampled", list(itertools.product(
-        ("sample", "flipout", "local"), (True, False), ("none", "mu", "both", "sigma"), (False, True))))
-    def test_gaussian_linear_matches_reference(estimator, has_mu, has_bias, x_sampled):
-        gen = torch.Generator().manual_seed(7)
-        x = torch.randn(S if x_sampled else 1, B, K, generator=gen)
-        mu = torch.randn(N, K, generator=gen) if has_mu else None
-        sigma = torch.rand(N, K, generator=gen) + 0.1
-        bias_mu = torch.randn(N, generator=gen) if has_bias in ("mu", "both") else None
-        bias_sigma = torch.rand(N, generator=gen) + 0.1 if has_bias in ("sigma", "both") else None
-        grad = torch.randn(S, B, N, generator=gen)
-        args = (x, mu, sigma, bias_mu, bias_sigma, 2**40 + 3, estimator, S, x_sampled)
-        _check("gaussian_linear", args, args, grad)
-
     def _rho(shape, gen):
         """rho spanning [-30, 25]: softplus underflow to ~exp(rho), ~0 (sigma = log 2, sigmoid 1/2)
         and past F.softplus's threshold of 20 (sigma = rho, sigmoid 1)."""
@@ -69,18 +56,22 @@ else:
         rho.view(-1)[:edges.numel()] = edges[:rho.numel()]
         return rho
 
+    @pytest.mark.parametrize("sigma_softplus", [False, True])
     @pytest.mark.parametrize("estimator, has_mu, has_bias, x_sampled", list(itertools.product(
         ("sample", "flipout", "local"), (True, False), ("none", "mu", "both", "sigma"), (False, True))))
-    def test_gaussian_linear_softplus_matches_reference(estimator, has_mu, has_bias, x_sampled):
-        """sigma_softplus=True: forward, local's std and every gradient (d_rho included)."""
-        gen = torch.Generator().manual_seed(17)
+    def test_gaussian_linear_matches_reference(estimator, has_mu, has_bias, x_sampled, sigma_softplus):
+        """Forward, local's std and every gradient; with sigma_softplus the sigma arguments hold rho
+        (the gradients are d rho)."""
+        gen = torch.Generator().manual_seed(7)
+        sigmas = ((lambda shape: _rho(shape, gen)) if sigma_softplus
+                  else (lambda shape: torch.rand(shape, generator=gen) + 0.1))
         x = torch.randn(S if x_sampled else 1, B, K, generator=gen)
         mu = torch.randn(N, K, generator=gen) if has_mu else None
-        rho = _rho((N, K), gen)
+        sigma = sigmas((N, K))
         bias_mu = torch.randn(N, generator=gen) if has_bias in ("mu", "both") else None
-        bias_rho = _rho((N,), gen) if has_bias in ("sigma", "both") else None
+        bias_sigma = sigmas((N,)) if has_bias in ("sigma", "both") else None
         grad = torch.randn(S, B, N, generator=gen)
-        args = (x, mu, rho, bias_mu, bias_rho, 2**40 + 3, estimator, S, x_sampled, True)
+        args = (x, mu, sigma, bias_mu, bias_sigma, 2**40 + 3, estimator, S, x_sampled, sigma_softplus)
         _check("gaussian_linear", args, args, grad)
 
     @triton.jit
