@@ -177,23 +177,41 @@ Tensor scratch_stack(int64_t count, at::IntArrayRef shape, const at::TensorOptio
   return at::empty(sizes, opt);
 }
 
-// Sum over the draws of the dense products x_s W_s^T, handed block by block to
-// epilogue(s, n0, rows, prod[B, rows]) so it can write out[s][:, n0:n0+rows].
-template <typename T, typename Epilogue>
-void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Epilogue epilogue) {
-  const int64_t N = nw.b.size(0), K = nw.b.size(1), Se = xe.size(0), S = nw.S;
+// out[s][b, n0:n0+rows] += prod[b, :] * sign(s, b, n) + bias_s[n0:] (flipout's output signs).
+template <typename T>
+void add_flipped_block(T* out_s, const Tensor& prod, int64_t N, int64_t n0, int64_t rows, const T* bias_s,
+                       const Noise& flip, int64_t flip_offset, std::vector<T>& sign, std::vector<float>& scratch) {
+  const int64_t B = prod.size(0), ld = prod.stride(0);
+  const T* p = prod.data_ptr<T>();
+  sign.resize(rows);
+  for (int64_t bi = 0; bi < B; ++bi) {
+    T* o = out_s + bi * N + n0;
+    flip.fill_as(sign.data(), rows, flip_offset + bi * N + n0, scratch);
+    at::vec::map3<T>([](Vec<T> ov, Vec<T> pv, Vec<T> sv) { return at::vec::fmadd(pv, sv, ov); },
+                     o, o, p + bi * ld, sign.data(), rows);
+    if (bias_s) at::vec::map2<T>([](Vec<T> ov, Vec<T> bv) { return ov + bv; }, o, o, bias_s, rows);
+  }
+}
+
+// out [S, B, N] gets x_s W_s^T for every draw: each block's product goes straight into
+// out[s][:, n0:n0+rows] (one GEMM with leading dimension N, plus bias[s] when given: bias is
+// [S, N] or [1, N]), or, with `flip` (flipout), is added to out times the output signs
+// sign(s, b, n) at flip_offset + s*B*N + b*N + n, then the bias.
+template <typename T>
+void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tensor& bias,
+                          const Noise* flip, int64_t flip_offset) {
+  const int64_t N = nw.b.size(0), K = nw.b.size(1), Se = xe.size(0), S = nw.S, B = xe.size(1);
   const int64_t nb = tile_rows(N, K), blocks = (N + nb - 1) / nb;
   const T* a = nw.a ? nw.a->data_ptr<T>() : nullptr;
   const T* b = nw.b.data_ptr<T>();
   const int64_t threads = at::get_num_threads();
   const Tensor tiles = scratch_stack(threads, {nb, K}, nw.b.options());
-  const Tensor prods = scratch_stack(threads, {xe.size(1), nb}, nw.b.options());
+  const Tensor prods = flip ? scratch_stack(threads, {B, nb}, nw.b.options()) : Tensor();
   at::parallel_for(0, S * blocks, 1, [&](int64_t begin, int64_t end) {
     const WorkerGuard guard;
     Tensor tile = tiles[at::get_thread_num()];
-    Tensor prod = prods[at::get_thread_num()];
     std::vector<float> scratch;
-    std::vector<T> r;
+    std::vector<T> r, sign;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = t / blocks, n0 = (t % blocks) * nb, rows = std::min(nb, N - n0);
       T* w = tile.data_ptr<T>();
@@ -201,9 +219,18 @@ void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Epilogue epil
       for_noise_chunks(nw.noise, rows * K, s * N * K + n0 * K, r, scratch, [&](int64_t i, const T* rc, int64_t n) {
         combine(w + i, a0 ? a0 + i : nullptr, b + n0 * K + i, rc, n, nw.softplus_b);
       });
-      Tensor p = prod.narrow(1, 0, rows);
-      at::mm_out(p, xe[Se == 1 ? 0 : s], tile.narrow(0, 0, rows).t());
-      epilogue(s, n0, rows, p);
+      const Tensor x_s = xe[Se == 1 ? 0 : s], w_t = tile.narrow(0, 0, rows).t();
+      const Tensor bias_s = bias.defined() ? bias[bias.size(0) == 1 ? 0 : s].narrow(0, n0, rows) : Tensor();
+      if (flip) {
+        Tensor p = prods[at::get_thread_num()].narrow(1, 0, rows);
+        at::mm_out(p, x_s, w_t);
+        add_flipped_block(out.data_ptr<T>() + s * B * N, p, N, n0, rows,
+                          bias_s.defined() ? bias_s.data_ptr<T>() : nullptr, *flip, flip_offset + s * B * N, sign,
+                          scratch);
+      } else {
+        Tensor dst = out[s].narrow(1, n0, rows);
+        if (bias_s.defined()) at::addmm_out(dst, bias_s, x_s, w_t); else at::mm_out(dst, x_s, w_t);
+      }
     }
   });
 }
@@ -277,28 +304,6 @@ void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight
     written = true;
   }
   if (!written) d_x.zero_();
-}
-
-// out[s][b, n0:n0+rows] = prod[b, :] + bias[s, n0:] (flip == nullptr), or
-// out[s][b, n0:n0+rows] += prod[b, :] * sign(s, b, n) + bias[s, n0:] (flipout output signs).
-template <typename T>
-void write_block(T* out_s, const Tensor& prod, int64_t N, int64_t n0, int64_t rows, const T* bias_s,
-                 const Noise* flip, int64_t flip_offset, std::vector<T>& sign, std::vector<float>& scratch) {
-  const int64_t B = prod.size(0), ld = prod.stride(0);
-  const T* p = prod.data_ptr<T>();
-  if (flip) sign.resize(rows);
-  for (int64_t bi = 0; bi < B; ++bi) {
-    T* o = out_s + bi * N + n0;
-    const T* pr = p + bi * ld;
-    if (flip) {
-      flip->fill_as(sign.data(), rows, flip_offset + bi * N + n0, scratch);
-      at::vec::map3<T>([](Vec<T> ov, Vec<T> pv, Vec<T> sv) { return at::vec::fmadd(pv, sv, ov); },
-                       o, o, pr, sign.data(), rows);
-    } else {
-      std::copy(pr, pr + rows, o);
-    }
-    if (bias_s) at::vec::map2<T>([](Vec<T> ov, Vec<T> bv) { return ov + bv; }, o, o, bias_s + n0, rows);
-  }
 }
 
 const Tensor* ptr_or_null(const OptTensor& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
@@ -417,14 +422,7 @@ std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor&
   const NoisyWeight nw = gaussian_draws(flipout ? nullptr : mu, weight_sigma, seed, S, sigma_softplus);
   const Noise flip{Noise::kSign, seed};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_fwd", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t* bias_data = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    noisy_weight_forward<scalar_t>(xe, nw, [&](int64_t s, int64_t n0, int64_t rows, const Tensor& prod) {
-      thread_local std::vector<scalar_t> sign;
-      thread_local std::vector<float> scratch;
-      write_block<scalar_t>(o + s * B * N, prod, N, n0, rows, bias_data ? bias_data + s * N : nullptr,
-                            flipout ? &flip : nullptr, fo.out_offset + s * B * N, sign, scratch);
-    });
+    noisy_weight_forward<scalar_t>(xe, nw, out, bias, flipout ? &flip : nullptr, fo.out_offset);
   });
   return {out, x.new_empty({0})};
 }
@@ -573,13 +571,7 @@ Tensor bernoulli_linear_fwd(const Tensor& x, const Tensor& weight, const OptTens
   }
   const NoisyWeight nw{nullptr, weight, noise, S};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bernoulli_linear_fwd", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t* bias_data = bias ? bias->data_ptr<scalar_t>() : nullptr;
-    noisy_weight_forward<scalar_t>(x, nw, [&](int64_t s, int64_t n0, int64_t rows, const Tensor& prod) {
-      thread_local std::vector<scalar_t> sign;
-      thread_local std::vector<float> scratch;
-      write_block<scalar_t>(o + s * B * N, prod, N, n0, rows, bias_data, nullptr, 0, sign, scratch);
-    });
+    noisy_weight_forward<scalar_t>(x, nw, out, bias ? bias->view({1, N}) : Tensor(), nullptr, 0);
   });
   return out;
 }
