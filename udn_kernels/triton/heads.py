@@ -65,8 +65,8 @@ CONFIGS = {
     # no tl.dot, so one config per class count whatever the dtype: "narrow" for C <= 32, "wide"
     # (a few rows, long class tiles) for vocabulary-sized heads.
     "fused_rows": {
-        "narrow": dict(BLOCK_N=64, BLOCK_C=32, num_warps=4, num_stages=2),
-        "wide": dict(BLOCK_N=16, BLOCK_C=256, num_warps=8, num_stages=2),
+        "narrow": dict(BLOCK_N=32, BLOCK_C=32, num_warps=4, num_stages=1),
+        "wide": dict(BLOCK_N=8, BLOCK_C=256, num_warps=8, num_stages=1),
     },
 }
 # Default memory budget of the fused path: logits elements of one materialised chunk (fp32: 256 MiB).
@@ -849,19 +849,24 @@ KERNELS = {"depth_loglik_fwd": depth_loglik_fwd, "depth_loglik_bwd": depth_logli
 # likelihoods, with bias and per-class noise enabled; 16-bit configs are compiled for bf16
 # storage, "fp32" for float32 (exact fp32 dot, torch's default matmul precision).
 # ----------------------------------------------------------------------------------------------
-_AOT_FLOAT32_POINTERS = ("lse_ptr", "col_ptr", "dw_ptr", "mix_ptr")
+_AOT_FLOAT32_POINTERS = ("lse_ptr", "col_ptr", "dw_ptr", "mix_ptr", "z_ptr")
 
 
-def _aot_spec(fn, kind: str, config_name: str, likelihood: str) -> dict:
+def _aot_spec(fn, kind: str, config_name: str, likelihood: str, storage: Optional[str] = None,
+              passes: str = "fwd+grad") -> dict:
     """Spec of ``fn`` at ``CONFIGS[kind][config_name]``; ``likelihood``: "categorical", "gaussian"
-    or, for the predict kernel, "categorical-one-tile" (every class in one tile)."""
+    or, for the predict kernel, "categorical-one-tile" (every class in one tile). ``storage``
+    (default: "fp32" for the fp32 config, else "bf16") and, for ``_fused_rows_kernel``,
+    ``passes``: "fwd+grad" (expected mode), "fwd" / "grad" (mixture mode's two launches)."""
     gaussian = likelihood == "gaussian"
     params = inspect.signature(fn.fn).parameters
     constexprs, launch = _split_config(CONFIGS[kind][config_name])
     flags = dict(GAUSSIAN=gaussian, ONE_TILE=likelihood.endswith("one-tile"), HAS_BIAS=True,
-                 HAS_NOISE=gaussian, ACC=tl.float32, PRECISION="ieee")
+                 HAS_NOISE=gaussian, ACC=tl.float32, PRECISION="ieee",
+                 FORWARD=passes != "grad", GRADIENT=passes != "fwd")
     constexprs.update({k: v for k, v in flags.items() if k in params})
-    storage = "fp32" if config_name == "fp32" else "bf16"
+    storage = storage or ("fp32" if config_name == "fp32" else "bf16")
+    label = f"{config_name}/{likelihood}/{passes + '/' if 'FORWARD' in params else ''}{storage}"
     signature = {}
     for name, param in params.items():
         if "constexpr" in str(param.annotation):
@@ -876,7 +881,7 @@ def _aot_spec(fn, kind: str, config_name: str, likelihood: str) -> dict:
     # row strides are aligned). Without it loads are scalar and cp.async pipelining is off.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
              if name.endswith("_ptr") or name in ("D", "stride_wl")}
-    return {"name": fn.__name__, "config": f"{config_name}/{likelihood}/{storage}", "fn": fn,
+    return {"name": fn.__name__, "config": label, "fn": fn,
             "signature": signature, "constexprs": constexprs, "attrs": attrs, **launch}
 
 
@@ -888,4 +893,9 @@ AOT_SPECS = [_aot_spec(fn, kind, name, likelihood)
                  ("fwd", _lse_kernel, ("categorical",)),
                  ("predict", _predict_kernel, ("categorical", "categorical-one-tile", "gaussian")))
              for name in CONFIGS[kind]
-             for likelihood in likelihoods]
+             for likelihood in likelihoods] + [
+    _aot_spec(_fused_rows_kernel, "fused_rows", name, likelihood, storage, passes)
+    for name in CONFIGS["fused_rows"]
+    for likelihood in ("categorical", "gaussian")
+    for passes in ("fwd+grad", "fwd", "grad")
+    for storage in ("bf16", "fp32")]
