@@ -716,9 +716,11 @@ def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ig
     d_bias = None if bias is None else torch.empty(bias.shape, dtype=acc, device=device)
     d_noise = torch.zeros(C, dtype=acc, device=device) if need_noise else None
     grad = torch.empty((L, N), dtype=acc, device=device) if mixture else grad_loglik
+    # Mixture mode forms r from the fp32 log-likelihoods (a 16-bit loglik of -40 is off by 0.1).
+    ll = torch.empty((L, N), dtype=acc, device=device) if mixture else loglik
     consts, launch = _split_config(config or select_config("fused_rows", C, D, hidden.dtype))
     # The aux output doubles as the logsumexp the gradient pass reads back (Gaussian: unused).
-    lse = loglik if gaussian else aux
+    lse = grad if gaussian else aux
 
     for l0, l1, n0, n1 in fused_chunks(L, N, C, mixture, max_chunk_logits):
         Lc, k = l1 - l0, n1 - n0
@@ -736,12 +738,12 @@ def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ig
 
         def rows_kernel(forward, gradient):
             wrap_triton(_fused_rows_kernel)[(n_blocks, Lc)](
-                z, gz, b, t, s, grad, loglik, lse, col, N, C, k, l0, n0, stride_bl, ignore_index,
+                z, gz, b, t, s, grad, ll, lse, col, N, C, k, l0, n0, stride_bl, ignore_index,
                 FORWARD=forward, GRADIENT=gradient, **flags, **consts, **launch)
 
         if mixture:
             rows_kernel(True, False)
-            grad[:, n0:n1] = _reference.mixture_grad(loglik[:, n0:n1].to(acc), log_weights.to(acc),
+            grad[:, n0:n1] = _reference.mixture_grad(ll[:, n0:n1], log_weights.to(acc),
                                                      row_scale[n0:n1].to(acc))
             rows_kernel(False, True)
         else:
@@ -763,6 +765,8 @@ def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ig
                 _accumulate(d_bias, per_chunk_depth.sum(0), slice(None), first and l0 == 0)
         if need_noise:
             d_noise += col[1].sum((0, 1))
+    if mixture:
+        loglik = ll.to(hidden.dtype)
     return (loglik, aux, d_hidden, d_weight.to(weight.dtype),
             empty() if bias is None else d_bias.to(bias.dtype),
             d_noise.to(noise_std.dtype) if need_noise else empty())
