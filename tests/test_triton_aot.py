@@ -2,7 +2,7 @@
 
 Runs ``python -m udn_kernels.triton.aot`` in a subprocess (a clean Triton import: other test
 modules may run with TRITON_INTERPRET=1). The full sweep (every config of every kernel, both
-archs: 206 compiles) takes ~5 minutes on 2 cores, so CI compiles one config per kernel per arch,
+archs: 254 compiles) takes ~5 minutes on 2 cores, so CI compiles one config per kernel per arch,
 the one with the most live state (most registers in the full sweep), and checks: every compile
 succeeds, no ptxas spill stores, every kernel is covered. Run the tool without ``--only`` for
 the full table (docs/triton.md).

@@ -156,7 +156,7 @@ def _loglik_dot(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
     ``total = sum(coef * loglik)`` (expected mode, ``coef [L, N]``); with them the mixture NLL
     ``total = -sum_n coef_n logsumexp_l(log_weights_l + loglik[l, n])`` (``coef [N]``)."""
     return loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian,
-                              ignore_index)
+                             ignore_index)
 
 
 @_loglik_dot.register_fake
