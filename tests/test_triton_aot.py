@@ -2,7 +2,7 @@
 
 Runs ``python -m udn_kernels.triton.aot`` in a subprocess (a clean Triton import: other test
 modules may run with TRITON_INTERPRET=1). The full sweep (every config of every kernel, both
-archs: 206 compiles) takes ~5 minutes on 2 cores, so CI compiles one config per kernel per arch,
+archs: 254 compiles) takes ~5 minutes on 2 cores, so CI compiles one config per kernel per arch,
 the one with the most live state (most registers in the full sweep), and checks: every compile
 succeeds, no ptxas spill stores, every kernel is covered. Run the tool without ``--only`` for
 the full table (docs/triton.md).
@@ -13,11 +13,13 @@ import subprocess
 import sys
 
 # One config per kernel: heads fp32 (exact-fp32 FMA dots, 255 registers; the predict kernel's
-# Gaussian path keeps two accumulators), the logsumexp pass of predict, gaussian flipout fp32,
+# Gaussian path keeps two accumulators), the logsumexp pass of predict, the fused path's row
+# kernel (categorical forward + gradient, fp32 storage: its most registers), gaussian flipout fp32,
 # gaussian local fp32 (variance + std output), bernoulli weight fp32, and every Philox kernel;
 # plus gaussian flipout with sigma_softplus (the SOFTPLUS paths of fwd, dx and dw's epilogue
 # compile; same register counts as plain flipout).
-ONE_CONFIG_PER_KERNEL = ("[fp32/gaussian/fp32]", "_lse_kernel [fp32/categorical/fp32]", "philox_",
+ONE_CONFIG_PER_KERNEL = ("[fp32/gaussian/fp32]", "_lse_kernel [fp32/categorical/fp32]",
+                         "_fused_rows_kernel [narrow/categorical/fwd+grad/fp32]", "philox_",
                          "[flipout/fp32]", "[flipout+softplus/fp32]", "gaussian_linear_fwd [local/fp32]",
                          "[weight/fp32]")
 
@@ -40,7 +42,7 @@ def test_one_config_per_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_pat
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert 0 < r["registers"] <= 255 and r["stack"] >= 0, r
     heads = [r for r in rows if not r["kernel"].startswith(("philox", "gaussian", "bernoulli"))]
-    assert len(heads) == 10 and all(r["shared_bytes"] > 0 for r in heads)  # 5 kernels x 2 archs
+    assert len(heads) == 12 and all(r["shared_bytes"] > 0 for r in heads)  # 6 kernels x 2 archs
     assert "0 spilling" in proc.stdout
 
 
@@ -51,7 +53,7 @@ def test_specs_mirror_the_launch_configs():
 
     shipped = {(kind, name) for kind, configs in heads.CONFIGS.items() for name in configs}
     kinds = {"_fwd_kernel": "fwd", "_bwd_rows_kernel": "bwd_rows", "_bwd_weight_kernel": "bwd_weight",
-             "_predict_kernel": "predict"}
+             "_predict_kernel": "predict", "_fused_rows_kernel": "fused_rows"}
     covered = {(kinds[s["name"]], s["config"].split("/")[0]) for s in heads.AOT_SPECS if s["name"] in kinds}
     assert covered == shipped
     for spec in heads.AOT_SPECS:
@@ -59,8 +61,9 @@ def test_specs_mirror_the_launch_configs():
         config = heads.CONFIGS[kind][spec["config"].split("/")[0]]
         assert {k: spec["constexprs"].get(k, spec.get(k)) for k in config} == config, aot_label(spec)
     # fwd / bwd kernels: categorical and gaussian; predict: also the one-tile categorical path;
-    # the logsumexp pass: categorical only
-    assert len(heads.AOT_SPECS) == 2 * 9 + 3 * 3 + 3
+    # the logsumexp pass: categorical only; the fused row kernel: 2 configs x 2 likelihoods x
+    # 3 pass sets (expected mode's one launch, mixture mode's two) x bf16 / fp32 storage
+    assert len(heads.AOT_SPECS) == 2 * 9 + 3 * 3 + 3 + 2 * 2 * 3 * 2
     kernel_of = {sl._fwd_kernel: "fwd", sl._dx_kernel: "dx", sl._dw_kernel: "dw"}
     for spec in sl.AOT_SPECS:
         # What the launcher passes for a large problem (tiles not shrunk to the shape).

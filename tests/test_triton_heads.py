@@ -8,7 +8,10 @@ subprocess, or a run started with TRITON_INTERPRET=1) the real cases run.
 Tolerances: float64 inputs run the kernels in float64 and match the reference to 1e-10; float32
 inputs (fp32 accumulation, different summation order) match the float64 reference to
 rtol = atol = 1e-4 on O(1) values; float16 inputs to 5e-3 of the output scale. The same holds for
-``depth_mixture_predict`` (``_lse_kernel`` + ``_predict_kernel``).
+``depth_mixture_predict`` (``_lse_kernel`` + ``_predict_kernel``) and for the fused
+gradient-in-forward path (``fused_forward_backward``), whose bfloat16 case (no tl.dot, so the
+interpreter runs it) is held to 1.5e-2 of the output scale (bf16's 2^-8 rounding of d_logits and
+of every output).
 """
 
 import pytest
@@ -176,33 +179,176 @@ else:
                                    run("triton"), run("reference")):
             assert_matches(got, want, torch.float64, name)
 
-    def test_fwd_bwd_kernel_table_entry_matches_reference():
-        # Triton has no fused gradient-in-forward kernel: depth_loglik_fwd_bwd is its forward + backward.
-        hidden, weight, bias, target, _, grad = make_inputs(
-            3, C, D, per_depth=True, bias_kind="shared", gaussian=False, noise=False, dtype=torch.float64)
-        args = (hidden, weight, bias, target, None, grad, False, IGNORE)
-        got = udn_kernels.triton.KERNELS["depth_loglik_fwd_bwd"](*args)
-        want = reference.KERNELS["depth_loglik_fwd_bwd"](*args)
-        for name, g, r in zip(("loglik", "lse", "d_hidden", "d_weight", "d_bias", "d_noise"), got, want):
-            assert_matches(g, r, torch.float64, name)
+    # ------------------------------------------------------------------ gradient in the forward
+    # fused_forward_backward (depth_loglik_fwd_bwd / depth_loglik_mixture_fwd_bwd): GEMMs in torch,
+    # _fused_rows_kernel on the materialised chunk. Tiny tiles (16 rows x 16 classes: C = 23 takes
+    # two ragged class tiles) and a budget of 400 logits split N = 37 rows into several chunks:
+    # expected mode 17 + 17 + 3 rows of one depth, mixture mode 5 samples x all L depths.
+    TINY_FUSED = dict(BLOCK_N=16, BLOCK_C=16)
+    SMALL_BUDGET = 400
+    FUSED_NAMES = ("loglik", "aux", "d_hidden", "d_weight", "d_bias", "d_noise_std")
 
-    def test_expected_nll_matches_reference_backend():
-        # The Triton path runs the depth_loglik_fwd triton_op with ordinary autograd (the CPU path's
-        # gradient-in-forward op would only chain the same forward and backward kernels).
-        hidden, weight, bias, target, _, _ = make_inputs(
-            3, C, D, per_depth=True, bias_kind="shared", gaussian=False, noise=False, dtype=torch.float64)
+    def fused_inputs(L, *, mode, per_depth, bias_kind, gaussian, noise, dtype, seed=0):
+        """``(args, kwargs)`` of ``fused_forward_backward`` and the float64 reference's outputs.
+
+        Mixture mode: a -inf log-weight (L > 2), a zero row scale (row 3) besides the ignored
+        rows (every 4th, categorical)."""
+        hidden, weight, bias, target, noise_std, grad = make_inputs(
+            L, C, D, per_depth=per_depth, bias_kind=bias_kind, gaussian=gaussian, noise=noise,
+            dtype=dtype, seed=seed)
+        up = lambda t: None if t is None or not t.is_floating_point() else t.double()  # noqa: E731
+        ref_args = (up(hidden), up(weight), up(bias), up(target) if gaussian else target, up(noise_std))
+        if mode == "expected":
+            kwargs = dict(grad_loglik=grad)
+            want = reference.KERNELS["depth_loglik_fwd_bwd"](*ref_args, up(grad), gaussian, IGNORE)
+        else:
+            gen = torch.Generator().manual_seed(seed + 2)
+            log_weights = torch.randn(L, generator=gen, dtype=torch.float64)
+            if L > 2:
+                log_weights[1] = -math.inf
+            row_scale = torch.rand(N, generator=gen, dtype=torch.float64)
+            row_scale[3] = 0.0
+            kwargs = dict(log_weights=log_weights.to(dtype), row_scale=row_scale.to(dtype))
+            want = reference.depth_loglik_mixture_fwd_bwd(*ref_args, up(kwargs["log_weights"]),
+                                                          up(kwargs["row_scale"]), gaussian, IGNORE)
+        return (hidden, weight, bias, target, noise_std, gaussian, IGNORE), kwargs, want
+
+    def check_fused_dtypes(got, args):
+        hidden, weight, bias, _, noise_std, gaussian, _ = args
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        assert got[0].dtype == hidden.dtype and got[1].dtype == acc
+        assert got[1].shape == ((0,) if gaussian else got[0].shape)
+        for name, g, x in zip(FUSED_NAMES[2:], got[2:], (hidden, weight, bias, noise_std)):
+            if x is None:
+                assert g.numel() == 0, name
+            else:
+                assert g.dtype == x.dtype and g.shape == x.shape, name
+
+    def check_fused(L, mode, per_depth, bias_kind, gaussian, noise, dtype, budget=SMALL_BUDGET):
+        args, kwargs, want = fused_inputs(L, mode=mode, per_depth=per_depth, bias_kind=bias_kind,
+                                          gaussian=gaussian, noise=noise, dtype=dtype)
+        got = triton_heads.fused_forward_backward(*args, **kwargs, max_chunk_logits=budget,
+                                                  config=TINY_FUSED)
+        check_fused_dtypes(got, args)
+        for name, g, r in zip(FUSED_NAMES, got, want):
+            if r.numel():
+                assert_matches(g, r, dtype, name)
+        if not gaussian:
+            assert torch.all(got[0][:, args[3] == IGNORE] == 0)
+
+    @pytest.mark.parametrize("gaussian,noise", [(False, False), (True, False), (True, True)],
+                             ids=["categorical", "gaussian-unit", "gaussian-noise"])
+    @pytest.mark.parametrize("bias_kind", [None, "shared", "per_depth"])
+    @pytest.mark.parametrize("per_depth", [False, True], ids=["shared-head", "head-per-depth"])
+    @pytest.mark.parametrize("mode", ["expected", "mixture"])
+    def test_fused_float32_matches_reference(mode, per_depth, bias_kind, gaussian, noise):
+        L = 3 if mode == "mixture" else 1 + (len(str(bias_kind)) + per_depth + gaussian + noise) % 3
+        check_fused(L, mode, per_depth, bias_kind, gaussian, noise, torch.float32)
+
+    @pytest.mark.parametrize("budget", [SMALL_BUDGET, 2 * N * C, triton_heads.MAX_CHUNK_LOGITS],
+                             ids=["row-chunks", "two-depth-chunks", "one-chunk"])
+    @pytest.mark.parametrize("gaussian", [False, True], ids=["categorical", "gaussian"])
+    @pytest.mark.parametrize("mode", ["expected", "mixture"])
+    def test_fused_float64_matches_reference(mode, gaussian, budget):
+        check_fused(3, mode, budget != SMALL_BUDGET, "per_depth", gaussian, gaussian, torch.float64,
+                    budget)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+    @pytest.mark.parametrize("mode", ["expected", "mixture"])
+    def test_fused_16bit_matches_reference(mode, dtype):
+        # fp32 logits (fp32 GEMM result), fp32 row statistics and mixture weights r; d_logits
+        # rounded to the input dtype before the d_hidden / d_weight GEMMs, and every output rounded
+        # to it (2^-11 relative for fp16, 2^-8 for bf16). Largest differences seen: 5.7e-4 (fp16)
+        # and 5.6e-3 (bf16) of the output scale; bounds 5e-3 and 1.5e-2. The categorical case has
+        # the ignored rows, the Gaussian one d_noise_std.
+        gaussian = dtype == torch.bfloat16
+        args, kwargs, want = fused_inputs(3, mode=mode, per_depth=mode == "mixture", bias_kind="shared",
+                                          gaussian=gaussian, noise=gaussian, dtype=dtype)
+        got = triton_heads.fused_forward_backward(*args, **kwargs, max_chunk_logits=SMALL_BUDGET,
+                                                  config=TINY_FUSED)
+        check_fused_dtypes(got, args)
+        bound = 5e-3 if dtype == torch.float16 else 1.5e-2
+        for name, g, r in zip(FUSED_NAMES, got, want):
+            if r.numel():
+                scale = max(1.0, r.abs().max().item())
+                assert (g.double() - r).abs().max().item() <= bound * scale, name
+
+    @pytest.mark.parametrize("mixture", [False, True], ids=["expected", "mixture"])
+    def test_fused_chunks_cover_each_row_once_within_budget(mixture):
+        L, C_ = 3, 23
+        for budget in (1, 50, 400, 2 * N * C_, 10**9):
+            seen = torch.zeros(L, N, dtype=torch.int64)
+            for l0, l1, n0, n1 in triton_heads.fused_chunks(L, N, C_, mixture, budget):
+                assert (l1 - l0) * (n1 - n0) * C_ <= max(budget, (l1 - l0) * C_)
+                assert not mixture or (l0, l1) == (0, L)  # r needs every depth of a sample
+                seen[l0:l1, n0:n1] += 1
+            assert torch.all(seen == 1)
+
+    def test_fused_kernel_table_entries_match_reference():
+        # The triton_ops with the shipped configs and the default budget (one chunk).
+        for mode, gaussian in (("expected", False), ("mixture", True)):
+            args, kwargs, want = fused_inputs(3, mode=mode, per_depth=True, bias_kind="shared",
+                                              gaussian=gaussian, noise=gaussian, dtype=torch.float64)
+            hidden, weight, bias, target, noise_std, gaussian, ignore = args
+            if mode == "expected":
+                kernel = udn_kernels.triton.KERNELS["depth_loglik_fwd_bwd"]
+                assert kernel is triton_heads.depth_loglik_fwd_bwd
+                got = kernel(*args[:5], kwargs["grad_loglik"], gaussian, ignore)
+            else:
+                kernel = udn_kernels.triton.KERNELS["depth_loglik_mixture_fwd_bwd"]
+                assert kernel is triton_heads.depth_loglik_mixture_fwd_bwd
+                got = kernel(*args[:5], kwargs["log_weights"], kwargs["row_scale"], gaussian, ignore)
+            for name, g, r in zip(FUSED_NAMES, got, want):
+                assert_matches(g, r, torch.float64, name)
+
+    def test_fused_empty_batch():
+        hidden, weight = torch.zeros(2, 0, D), torch.randn(C, D)
+        got = triton_heads.depth_loglik_fwd_bwd(hidden, weight, torch.randn(C), torch.zeros(0, dtype=torch.int64),
+                                                None, torch.zeros(2, 0), False, IGNORE)
+        assert got[0].shape == (2, 0) and got[1].shape == (2, 0) and got[2].shape == hidden.shape
+        assert torch.equal(got[3], torch.zeros_like(weight)) and torch.equal(got[4], torch.zeros(C))
+
+    @pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+    @pytest.mark.parametrize("mode", ["expected", "mixture"])
+    def test_nll_takes_the_fused_path_and_matches_reference_backend(mode, likelihood):
+        # With a mean reduction and head inputs requiring grad the Triton path runs the
+        # udn_kernels_triton::depth_loglik_dot op (the fused kernels) and no backward kernel.
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class RecordOps(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.names = set()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.names.add(func.name())
+                return func(*args, **(kwargs or {}))
+
+        gaussian = likelihood == "gaussian"
+        hidden, weight, bias, target, noise_std, _ = make_inputs(
+            3, C, D, per_depth=mode == "expected", bias_kind="shared", gaussian=gaussian, noise=gaussian,
+            dtype=torch.float64)
         log_weights = torch.log(torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
 
         def run(name):
-            leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias, log_weights)]
-            with udn_kernels.backend(name):
-                loss = udn_kernels.depth_mixture_nll(*leaves[:3], target, leaves[3], ignore_index=IGNORE)
+            leaves = [None if t is None else t.clone().requires_grad_()
+                      for t in (hidden, weight, bias, log_weights, noise_std)]
+            y = target.clone().requires_grad_() if gaussian else target
+            recorder = RecordOps()
+            with udn_kernels.backend(name), recorder:
+                loss = udn_kernels.depth_mixture_nll(*leaves[:3], y, leaves[3], mode=mode, likelihood=likelihood,
+                                                     noise_std=leaves[4], ignore_index=IGNORE)
                 loss.backward()
-            return [loss.detach()] + [t.grad for t in leaves]
+            grads = [t.grad for t in leaves if t is not None] + ([y.grad] if gaussian else [])
+            return recorder.names, [loss.detach()] + grads
 
-        for name, got, want in zip(("loss", "d_hidden", "d_weight", "d_bias", "d_log_weights"),
-                                   run("triton"), run("reference")):
-            assert_matches(got, want, torch.float64, name)
+        names, got = run("triton")
+        assert "udn_kernels_triton::depth_loglik_dot" in names
+        assert not {"udn_kernels_triton::depth_loglik_fwd", "udn_kernels_triton::depth_loglik_bwd"} & names
+        _, want = run("reference")
+        assert len(got) == len(want) == 5 + 2 * gaussian
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_matches(g, w, torch.float64, f"output {i}")
 
     def test_empty_batch():
         hidden = torch.zeros(2, 0, D)

@@ -79,6 +79,25 @@ if not interpreted():
         assert kernels[1][1] <= {"dh_ptr", "col_ptr", "g_ptr"}  # g_ptr: the contiguous upstream gradient
         assert kernels[2][1] <= {"dw_ptr", "g_ptr"}
 
+    @pytest.mark.parametrize("mode", ["expected", "mixture"])
+    def test_gradient_in_forward_traces_to_fused_kernels(trace, mode):
+        """``depth_loglik_dot`` (the public mean/sum path) forward and backward: the fused row kernel
+        (mixture: its forward launch, then its gradient launch) between aten GEMMs, and no
+        backward kernel; only the kernel's outputs are cloned."""
+        hidden, weight, bias, target, log_weights = heads_inputs()
+
+        def loss_and_grads(hidden, weight, bias, target, log_weights):
+            leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+            coef = torch.full((hidden.shape[1],), 0.5) if mode == "mixture" else torch.ones(hidden.shape[:2])
+            total = torch.ops.udn_kernels_triton.depth_loglik_dot(
+                *leaves, target, None, coef, log_weights if mode == "mixture" else None, False, -100)[0]
+            return torch.autograd.grad(total, leaves)
+
+        kernels, ops = trace(loss_and_grads, hidden, weight, bias, target, log_weights)
+        assert [name for name, _ in kernels] == ["_fused_rows_kernel"] * (2 if mode == "mixture" else 1)
+        assert all(cloned <= {"gz_ptr", "out_ptr", "lse_ptr", "col_ptr"} for _, cloned in kernels)
+        assert sum(op.startswith("aten.bmm") for op in ops) == 3  # logits, d_hidden, d_weight
+
     @pytest.mark.parametrize("num_classes,kernel_names", [(23, ["_predict_kernel"]),
                                                           (200, ["_lse_kernel", "_predict_kernel"])],
                              ids=["one-tile", "class-tiled"])
@@ -127,6 +146,7 @@ if not interpreted():
     @pytest.mark.parametrize("op,kernel_names", [
         ("depth_loglik", ["_fwd_kernel", "_bwd_rows_kernel", "_bwd_weight_kernel"]),
         ("depth_mixture_predict", ["_lse_kernel", "_predict_kernel"]),  # eager-formula backward
+        ("depth_loglik_dot", ["_fused_rows_kernel"] * 2),  # mixture mode: no backward kernel
         ("gaussian_linear", ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),
     ])
     def test_torch_compile_fullgraph_sees_the_kernels(trace, op, kernel_names):
@@ -150,6 +170,9 @@ if not interpreted():
         calls = {
             "depth_loglik": lambda: torch.ops.udn_kernels_triton.depth_loglik_fwd(
                 hidden, weight, bias, target, None, False, -100)[0],
+            "depth_loglik_dot": lambda: torch.ops.udn_kernels_triton.depth_loglik_dot(
+                hidden, weight, bias, target, None, torch.full((hidden.shape[1],), 0.5), log_weights, False,
+                -100)[0],
             "depth_mixture_predict": lambda: torch.ops.udn_kernels_triton.depth_mixture_predict(
                 hidden, weight[0].repeat(4, 1), bias.repeat(4), log_weights, False, None)[0],
             "gaussian_linear": lambda: torch.ops.udn_kernels_triton.gaussian_linear_fwd(
@@ -224,6 +247,16 @@ else:
         got = ops.depth_loglik_bwd(grad, *args)
         want = reference.KERNELS["depth_loglik_bwd"](grad, *args[:5], ref_fwd[1], *args[6:])
         assert_all_close([g for g in got if g.numel()], [w for w in want if w.numel()], TOL64)
+        nonempty = lambda outs: [t for t in outs if t.numel()]  # noqa: E731
+        fused_args = (hidden, weight, bias, target, noise)
+        assert_all_close(nonempty(ops.depth_loglik_fwd_bwd(*fused_args, grad, gaussian, -100)),
+                         nonempty(reference.KERNELS["depth_loglik_fwd_bwd"](*fused_args, grad, gaussian, -100)),
+                         TOL64)
+        row_scale = torch.linspace(0, 1, grad.shape[1], dtype=torch.float64)
+        assert_all_close(nonempty(ops.depth_loglik_mixture_fwd_bwd(*fused_args, log_weights, row_scale, gaussian,
+                                                                   -100)),
+                         nonempty(reference.KERNELS["depth_loglik_mixture_fwd_bwd"](
+                             *fused_args, log_weights, row_scale, gaussian, -100)), TOL64)
         log_weights[1] = -math.inf
         assert_all_close(ops.depth_mixture_predict(hidden, weight, bias, log_weights, gaussian, noise),
                          reference.KERNELS["depth_mixture_predict"](hidden, weight, bias, log_weights,
@@ -302,10 +335,11 @@ else:
             return recorder.names, [out.detach()] + [t.grad for t in leaves if t.grad is not None]
 
         names, got = run("triton")
-        forward_op = {"depth_loglik": "depth_loglik_fwd", "depth_mixture_nll": "depth_loglik_fwd",
+        # depth_mixture_nll (mean): head gradients in the forward (depth_loglik_dot), no backward op
+        forward_op = {"depth_loglik": "depth_loglik_fwd", "depth_mixture_nll": "depth_loglik_dot",
                       "depth_mixture_predict": "depth_mixture_predict"}.get(name, f"{name}_fwd")
         assert f"udn_kernels_triton::{forward_op}" in names
-        if name != "depth_mixture_predict":  # predict's backward is eager torch (per-depth recompute)
+        if name not in ("depth_mixture_predict", "depth_mixture_nll"):  # predict's backward: eager torch
             assert f"udn_kernels_triton::{forward_op.replace('_fwd', '_bwd')}" in names
         assert not any(n.startswith("udn_kernels::") for n in names), names
         _, want = run("reference")

@@ -131,13 +131,16 @@ class _EagerLoglik(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def _loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index):
+def loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index,
+                      fwd_bwd=None, mixture_fwd_bwd=None):
+    """The body of ``depth_loglik_dot`` (below) on kernels ``fwd_bwd`` / ``mixture_fwd_bwd``
+    (default: the backend's ``depth_loglik_fwd_bwd`` / ``depth_loglik_mixture_fwd_bwd``)."""
     if log_weights is None:
-        kernel = _backend.get_kernel("depth_loglik_fwd_bwd", hidden.device)
+        kernel = fwd_bwd or _backend.get_kernel("depth_loglik_fwd_bwd", hidden.device)
         loglik, _, d_hidden, d_weight, d_bias, d_noise = kernel(
             hidden, weight, bias, target, noise_std, coef.contiguous(), gaussian, ignore_index)
         return (coef * loglik).sum(), loglik, d_hidden, d_weight, d_bias, d_noise
-    kernel = _backend.get_kernel("depth_loglik_mixture_fwd_bwd", hidden.device)
+    kernel = mixture_fwd_bwd or _backend.get_kernel("depth_loglik_mixture_fwd_bwd", hidden.device)
     loglik, _, d_hidden, d_weight, d_bias, d_noise = kernel(
         hidden, weight, bias, target, noise_std, log_weights.contiguous(), coef.contiguous(), gaussian, ignore_index)
     total = -(coef * torch.logsumexp(log_weights[:, None] + loglik, dim=0)).sum()
@@ -152,8 +155,8 @@ def _loglik_dot(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
     computed in the forward pass; only ``total`` is differentiable. Without ``log_weights``
     ``total = sum(coef * loglik)`` (expected mode, ``coef [L, N]``); with them the mixture NLL
     ``total = -sum_n coef_n logsumexp_l(log_weights_l + loglik[l, n])`` (``coef [N]``)."""
-    return _loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian,
-                              ignore_index)
+    return loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian,
+                             ignore_index)
 
 
 @_loglik_dot.register_fake
@@ -216,7 +219,7 @@ class _EagerLoglikDot(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _loglik_dot_kernel(*inputs)
+        output = loglik_dot_kernel(*inputs)
         _setup_dot(ctx, inputs, output)
         ctx.eager = True
         return output
@@ -247,11 +250,13 @@ def _setup_triton_context(ctx, inputs, output):
     ctx.bwd = _triton_loglik_bwd  # the backward is the triton_op too, whatever the device
 
 
-def register_triton_autograd(loglik_fwd, predict) -> None:
-    """Gives the triton_ops ``udn_kernels_triton::depth_loglik_fwd`` / ``depth_mixture_predict``
-    the autograd formulas of the ``udn_kernels::`` ops (called when udn_kernels.triton.heads loads)."""
+def register_triton_autograd(loglik_fwd, predict, loglik_dot) -> None:
+    """Gives the triton_ops ``udn_kernels_triton::depth_loglik_fwd`` / ``depth_mixture_predict`` /
+    ``depth_loglik_dot`` the autograd formulas of the ``udn_kernels::`` ops (called when
+    udn_kernels.triton.heads loads)."""
     loglik_fwd.register_autograd(_backward, setup_context=_setup_triton_context)
     predict.register_autograd(_predict_backward, setup_context=_predict_setup_context)
+    loglik_dot.register_autograd(_backward_dot, setup_context=_setup_dot)
 
 
 def _eager_checks() -> bool:
@@ -355,7 +360,7 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
 
     With ``"mean"`` / ``"sum"``, when a head input requires grad: the head gradients are computed
     during the forward pass (one logits GEMM fewer; mixture mode on backends with the fused mixture
-    kernel, the CPU one); the backward only scales them.
+    kernel, CPU and Triton); the backward only scales them.
     Double backward is not supported on any path.
     """
     check_choice("mode", mode, MODES)
@@ -367,10 +372,7 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     check_shape("log_weights", log_weights, (hidden.shape[0],))
     if mode == "mixture" and _eager_checks() and not bool(torch.isfinite(log_weights).any()):
         raise ValueError("log_weights: mode='mixture' needs at least one finite log-weight, got all -inf")
-    # Triton has no fused gradient-in-forward kernel (it would run forward + backward anyway), so
-    # its path keeps the triton_op and ordinary autograd.
-    if (reduction != "none" and not _backend.use_triton_ops(hidden.device)
-            and _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian)
+    if (reduction != "none" and _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian)
             and (mode == "expected" or _fused_mixture_kernel(hidden.device))):
         return _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights, mode,
                                     reduction, ignore_index)
@@ -475,8 +477,8 @@ def _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian) -> bool:
 
 @torch.compiler.assume_constant_result
 def _fused_mixture_kernel(device: torch.device) -> bool:
-    """Whether the backend of ``device`` has the fused mixture kernel (the C++ one; the reference
-    composes it); elsewhere mixture mode takes the recompute path."""
+    """Whether the backend of ``device`` has the fused mixture kernel (C++ and Triton; the
+    reference composes it); elsewhere mixture mode takes the recompute path."""
     return _backend.kernel_backend("depth_loglik_mixture_fwd_bwd", device) == _backend.resolve(device)
 
 
@@ -500,8 +502,11 @@ def _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_
         coef, log_weights = -(torch.exp(log_weights)[:, None] * scale), None
     else:
         coef = scale
-    total = _eager_or_custom_op(_loglik_dot, _EagerLoglikDot)(hidden, weight, bias, target, noise_std, coef,
-                                                              log_weights, gaussian, ignore_index)[0]
+    if _backend.use_triton_ops(hidden.device):  # the triton_op: compiled graphs see the kernels
+        op = torch.ops.udn_kernels_triton.depth_loglik_dot
+    else:
+        op = _eager_or_custom_op(_loglik_dot, _EagerLoglikDot)
+    total = op(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index)[0]
     if reduction == "mean":  # no kept row: NaN like F.cross_entropy (and like the eager path)
         total = torch.where(count > 0, total, torch.full_like(total, math.nan))
     return total
