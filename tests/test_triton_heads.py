@@ -15,7 +15,7 @@ of every output).
 """
 
 import pytest
-from triton_interpreter import interpreted, rerun_under_interpreter
+from triton_interpreter import interpreted, record_ops, rerun_under_interpreter
 
 if not interpreted():
 
@@ -313,17 +313,6 @@ else:
     def test_nll_takes_the_fused_path_and_matches_reference_backend(mode, likelihood):
         # With a mean reduction and head inputs requiring grad the Triton path runs the
         # udn_kernels_triton::depth_loglik_dot op (the fused kernels) and no backward kernel.
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class RecordOps(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.names = set()
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.names.add(func.name())
-                return func(*args, **(kwargs or {}))
-
         gaussian = likelihood == "gaussian"
         hidden, weight, bias, target, noise_std, _ = make_inputs(
             3, C, D, per_depth=mode == "expected", bias_kind="shared", gaussian=gaussian, noise=gaussian,
@@ -334,7 +323,7 @@ else:
             leaves = [None if t is None else t.clone().requires_grad_()
                       for t in (hidden, weight, bias, log_weights, noise_std)]
             y = target.clone().requires_grad_() if gaussian else target
-            recorder = RecordOps()
+            recorder = record_ops()
             with udn_kernels.backend(name), recorder:
                 loss = udn_kernels.depth_mixture_nll(*leaves[:3], y, leaves[3], mode=mode, likelihood=likelihood,
                                                      noise_std=leaves[4], ignore_index=IGNORE)

@@ -16,7 +16,7 @@ Two properties:
   reference), RNG words bit-identical and normals within 1e-6.
 """
 import pytest
-from triton_interpreter import interpreted, rerun_under_interpreter
+from triton_interpreter import interpreted, record_ops, rerun_under_interpreter
 
 import torch
 
@@ -202,25 +202,12 @@ if not interpreted():
 else:
     import math
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import udn_kernels
     import udn_kernels.triton  # noqa: F401  (registers the udn_kernels_triton:: ops)
     from udn_kernels import reference
 
     TOL64 = dict(rtol=1e-10, atol=1e-10)
     TOL32 = dict(rtol=1e-4, atol=1e-4)
-
-    class RecordOps(TorchDispatchMode):
-        """Names of the ops dispatched inside the ``with`` block."""
-
-        def __init__(self):
-            super().__init__()
-            self.names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.name())
-            return func(*args, **(kwargs or {}))
 
     def assert_all_close(got, want, tol):
         assert len(got) == len(want)
@@ -327,7 +314,7 @@ else:
 
         def run(backend):
             leaves = public_leaves()
-            recorder = RecordOps()
+            recorder = record_ops()
             with udn_kernels.backend(backend), recorder:
                 out = fn(*leaves)
                 weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)

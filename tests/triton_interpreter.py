@@ -57,3 +57,19 @@ def only_programs(keep):
         yield
     finally:
         interpreter.GridExecutor.__init__, interpreter.GridExecutor._restore_args_dev = init, restore
+
+
+def record_ops():
+    """A ``TorchDispatchMode`` whose ``names`` collects the ops dispatched inside its ``with`` block."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    return RecordOps()

@@ -171,6 +171,57 @@ def _online_lse(mu, run_max, run_sum, cols_left, BLOCK_C: tl.constexpr):
     return mu, new_max, run_sum
 
 
+@triton.jit
+def _row_stats_init(t_blk, rows_left, ignore_index, GAUSSIAN: tl.constexpr, BLOCK_N: tl.constexpr,
+                    ACC: tl.constexpr):
+    """Zeroed loglik statistics of a row block (see ``_loglik_tile``), its target classes (int32)
+    and ignored-row mask; ``t_blk`` -> target[row0] (categorical)."""
+    r = tl.arange(0, BLOCK_N)
+    total = tl.zeros((BLOCK_N,), ACC)
+    if GAUSSIAN:
+        tgt = r  # unused: gaussian targets are [N, C] tiles, loaded per class tile
+        ignored = r < 0
+    else:
+        tgt = tl.load(t_blk + r, mask=r < rows_left, other=ignore_index)
+        ignored = tgt == ignore_index
+        tgt = tgt.to(tl.int32)  # valid classes are < C; ignored rows no longer matter
+    return total, tl.full((BLOCK_N,), float("-inf"), ACC), total, total, tgt, ignored
+
+
+@triton.jit
+def _loglik_tile(mu, total, run_max, run_sum, tgt_logit, tgt, y_blk, s_blk, rows_left, c0, C,
+                 GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """Adds the class tile ``mu`` (columns ``c0 + [0, BLOCK_C)``) to a row block's loglik
+    statistics: Gaussian ``total``, or categorical online logsumexp (``run_max``, ``run_sum``) and
+    target logit; the statistics of the other likelihood pass through unused."""
+    if GAUSSIAN:
+        valid, z, inv_s = _gaussian_residual(mu, y_blk, s_blk, rows_left, C - c0, C, HAS_NOISE,
+                                             BLOCK_N, BLOCK_C, ACC)
+        total += tl.sum(tl.where(valid, -0.5 * z * z + tl.log(inv_s)[None, :] - _HALF_LOG_2PI, 0.0), axis=1)
+    else:
+        mu, run_max, run_sum = _online_lse(mu, run_max, run_sum, C - c0, BLOCK_C)
+        tgt_logit += tl.sum(tl.where((c0 + tl.arange(0, BLOCK_C))[None, :] == tgt[:, None], mu, 0.0), axis=1)
+    return total, run_max, run_sum, tgt_logit
+
+
+@triton.jit
+def _store_loglik(total, run_max, run_sum, tgt_logit, ignored, out_blk, lse_blk, row_ok,
+                  GAUSSIAN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes a row block's loglik (0 on ignored rows) and, categorical, its logsumexp, which it
+    returns (``total`` for Gaussian, unused)."""
+    r = tl.arange(0, BLOCK_N)
+    if GAUSSIAN:
+        loglik = total
+        lse = total
+    else:
+        lse = run_max + tl.log(run_sum)
+        loglik = tl.where(ignored, 0.0, tgt_logit - lse)
+        tl.store(lse_blk + r, lse.to(lse_blk.dtype.element_ty), mask=row_ok)
+    tl.store(out_blk + r, loglik.to(out_blk.dtype.element_ty), mask=row_ok)
+    return lse
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -188,35 +239,17 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, out_ptr, lse_ptr,
     h_blk = h_ptr + (depth * N + row0) * D
     w_ptr += depth * stride_wl
     b_ptr += depth * stride_bl
-    if GAUSSIAN:
-        total = tl.zeros((BLOCK_N,), ACC)
-    else:
-        tgt = tl.load(t_ptr + row0 + r, mask=row_ok, other=ignore_index)
-        ignored = tgt == ignore_index
-        tgt = tgt.to(tl.int32)
-        run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
-        run_sum = tl.zeros((BLOCK_N,), ACC)
-        tgt_logit = tl.zeros((BLOCK_N,), ACC)
-    c = tl.arange(0, BLOCK_C)
+    total, run_max, run_sum, tgt_logit, tgt, ignored = _row_stats_init(t_ptr + row0, rows_left, ignore_index,
+                                                                        GAUSSIAN, BLOCK_N, ACC)
     for c0 in range(0, C, BLOCK_C):
         mu = _mean_tile(h_blk, w_ptr, b_ptr + c0, rows_left, C - c0, D,
                         HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION)
         w_ptr += BLOCK_C * D  # pointer arithmetic is 64-bit: no int32 c0 * D overflow
-        if GAUSSIAN:
-            valid, z, inv_s = _gaussian_residual(mu, t_ptr + row0 * C + c0, s_ptr + c0, rows_left,
-                                                 C - c0, C, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
-            term = -0.5 * z * z + tl.log(inv_s)[None, :] - _HALF_LOG_2PI
-            total += tl.sum(tl.where(valid, term, 0.0), axis=1)
-        else:
-            mu, run_max, run_sum = _online_lse(mu, run_max, run_sum, C - c0, BLOCK_C)
-            tgt_logit += tl.sum(tl.where((c0 + c)[None, :] == tgt[:, None], mu, 0.0), axis=1)
-    if GAUSSIAN:
-        loglik = total
-    else:
-        lse = run_max + tl.log(run_sum)
-        loglik = tl.where(ignored, 0.0, tgt_logit - lse)
-        tl.store(lse_ptr + depth * N + row0 + r, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
-    tl.store(out_ptr + depth * N + row0 + r, loglik.to(out_ptr.dtype.element_ty), mask=row_ok)
+        total, run_max, run_sum, tgt_logit = _loglik_tile(mu, total, run_max, run_sum, tgt_logit, tgt,
+                                                          t_ptr + row0 * C + c0, s_ptr + c0, rows_left, c0, C,
+                                                          GAUSSIAN, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
+    _store_loglik(total, run_max, run_sum, tgt_logit, ignored, out_ptr + depth * N + row0,
+                  lse_ptr + depth * N + row0, row_ok, GAUSSIAN, BLOCK_N)
 
 
 @triton.jit
@@ -436,56 +469,34 @@ def _fused_rows_kernel(z_ptr, gz_ptr, b_ptr, t_ptr, s_ptr, g_ptr, out_ptr, lse_p
     row0 = n0 + r0  # first sample of the block
     r = tl.arange(0, BLOCK_N)
     row_ok = r < rows_left
-    c = tl.arange(0, BLOCK_C)
     z_blk = z_ptr + (dl * k + r0) * C
     gz_blk = gz_ptr + (dl * k + r0) * C
     b_ptr += depth * stride_bl
     ll_off = depth * N + row0
     col_blk = col_ptr + (dl * tl.num_programs(0) + pid_n) * C
     noise_offset = tl.num_programs(1).to(tl.int64) * tl.num_programs(0) * C
-    if GAUSSIAN:
-        tgt = r  # unused: gaussian targets are [N, C] tiles
-        total = tl.zeros((BLOCK_N,), ACC)
-        lse = total  # unused
+    total, run_max, run_sum, tgt_logit, tgt, ignored = _row_stats_init(t_ptr + row0, rows_left, ignore_index,
+                                                                        GAUSSIAN, BLOCK_N, ACC)
+    if FORWARD or GAUSSIAN:
+        lse = total  # set by the forward pass; unused by Gaussian
     else:
-        tgt = tl.load(t_ptr + row0 + r, mask=row_ok, other=ignore_index)
-        ignored = tgt == ignore_index
-        tgt = tgt.to(tl.int32)  # valid classes are < C; ignored rows no longer matter
-        run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
-        run_sum = tl.zeros((BLOCK_N,), ACC)
-        tgt_logit = tl.zeros((BLOCK_N,), ACC)
-        if FORWARD:
-            lse = run_sum  # set after the pass
-        else:
-            lse = tl.load(lse_ptr + ll_off + r, mask=row_ok, other=0.0).to(ACC)
+        lse = tl.load(lse_ptr + ll_off + r, mask=row_ok, other=0.0).to(ACC)
     if GRADIENT:
-        g = tl.load(g_ptr + ll_off + r, mask=row_ok, other=0.0).to(ACC)
-        if not GAUSSIAN:
-            g = tl.where(ignored, 0.0, g)
+        g = tl.where(ignored, 0.0, tl.load(g_ptr + ll_off + r, mask=row_ok, other=0.0).to(ACC))
     else:
         g = tl.zeros((BLOCK_N,), ACC)
     if FORWARD:
         for c0 in range(0, C, BLOCK_C):
             mu = _chunk_tile(z_blk + c0, b_ptr + c0, rows_left, C - c0, C, HAS_BIAS, BLOCK_N, BLOCK_C, ACC)
-            if GAUSSIAN:
-                valid, z, inv_s = _gaussian_residual(mu, t_ptr + row0 * C + c0, s_ptr + c0, rows_left,
-                                                     C - c0, C, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
-                term = -0.5 * z * z + tl.log(inv_s)[None, :] - _HALF_LOG_2PI
-                total += tl.sum(tl.where(valid, term, 0.0), axis=1)
-                if GRADIENT:  # one pass: the Gaussian gradient needs no row statistic
-                    _write_grad_tile(mu, g, tgt, lse, gz_blk + c0, t_ptr + row0 * C + c0, s_ptr + c0,
-                                     col_blk + c0, noise_offset, rows_left, c0, C - c0, C, GAUSSIAN,
-                                     HAS_BIAS, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
-            else:
-                mu, run_max, run_sum = _online_lse(mu, run_max, run_sum, C - c0, BLOCK_C)
-                tgt_logit += tl.sum(tl.where((c0 + c)[None, :] == tgt[:, None], mu, 0.0), axis=1)
-        if GAUSSIAN:
-            loglik = total
-        else:
-            lse = run_max + tl.log(run_sum)
-            loglik = tl.where(ignored, 0.0, tgt_logit - lse)
-            tl.store(lse_ptr + ll_off + r, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
-        tl.store(out_ptr + ll_off + r, loglik.to(out_ptr.dtype.element_ty), mask=row_ok)
+            total, run_max, run_sum, tgt_logit = _loglik_tile(mu, total, run_max, run_sum, tgt_logit, tgt,
+                                                              t_ptr + row0 * C + c0, s_ptr + c0, rows_left, c0,
+                                                              C, GAUSSIAN, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
+            if GAUSSIAN and GRADIENT:  # one pass: the Gaussian gradient needs no row statistic
+                _write_grad_tile(mu, g, tgt, lse, gz_blk + c0, t_ptr + row0 * C + c0, s_ptr + c0,
+                                 col_blk + c0, noise_offset, rows_left, c0, C - c0, C, GAUSSIAN,
+                                 HAS_BIAS, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
+        lse = _store_loglik(total, run_max, run_sum, tgt_logit, ignored, out_ptr + ll_off, lse_ptr + ll_off,
+                            row_ok, GAUSSIAN, BLOCK_N)
     if GRADIENT and not (GAUSSIAN and FORWARD):
         for c0 in range(0, C, BLOCK_C):
             mu = _chunk_tile(z_blk + c0, b_ptr + c0, rows_left, C - c0, C, HAS_BIAS, BLOCK_N, BLOCK_C, ACC)
