@@ -112,13 +112,15 @@ def test_in_kernel_softplus_float64_is_accurate():
     torch.testing.assert_close(d_rho, d_sigma * torch.sigmoid(rho), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("sigma_softplus", [False, True])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("S, sampled, with_mu", [(2, False, True), (3, True, True), (3, False, False), (1, False, True)])
-def test_kernel_matches_reference_across_weight_tiles(estimator, S, sampled, with_mu):
+def test_kernel_matches_reference_across_weight_tiles(estimator, S, sampled, with_mu, sigma_softplus):
     # K=2000 gives 32-row weight tiles: several tiles per draw, a ragged last one, so backward's
     # per-thread d_x partials, first-draw direct writes and later-draw accumulation all run.
-    x, mu, sigma, bmu, bsig = _inputs(torch.float32, S, sampled, with_mu, "both", B=7, K=2000, N=70)
-    _check_kernel_against_reference((x, mu, sigma, bmu, bsig, 7, estimator, S, sampled), "tiles")
+    x, mu, sigma, bmu, bsig = _inputs(torch.float32, S, sampled, with_mu, "both", B=7, K=2000, N=70,
+                                      rho=sigma_softplus)
+    _check_kernel_against_reference((x, mu, sigma, bmu, bsig, 7, estimator, S, sampled, sigma_softplus), "tiles")
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
