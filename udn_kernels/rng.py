@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from .ops._checks import check_probability, resolve_seed
+from ._checks import check_probability, resolve_seed
 
 MAX_OFFSET = 2**63 - 1
 

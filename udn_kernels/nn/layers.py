@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import udn_kernels
-from ..ops._checks import check_choice, check_probability, check_samples, resolve_seed
+from .._checks import check_choice, check_probability, check_samples, resolve_seed
 from ..reference import philox
 from .depth import _softplus_inverse
 

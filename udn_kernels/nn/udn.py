@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as nn_module
 
 import udn_kernels
-from ..ops._checks import check_choice, check_float_tensor, check_same
+from .._checks import check_choice, check_float_tensor, check_same
 from .depth import PositivePoisson, TruncatedPoisson
 from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear, StochasticLayer,
                      VariationalDropoutLinear, _sample_axis_added, active_samples, sampling)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._checks import check_samples
+from .._checks import check_samples
 
 
 def flatten_input(x: torch.Tensor, in_features: int, samples, input_has_samples) -> tuple:

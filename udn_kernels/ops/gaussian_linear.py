@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .._backend import get_kernel, use_triton_ops
-from ._checks import (check_choice, check_float_tensor, check_same, check_shape, resolve_seed,
+from .._checks import (check_choice, check_float_tensor, check_same, check_shape, resolve_seed,
                       resolve_seed_int)
 from ._stochastic import flatten_input, none_if_empty, std_shape
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..reference import heads as _reference
-from ._checks import check_choice, check_float_tensor, check_same, check_shape, check_tensor
+from .._checks import check_choice, check_float_tensor, check_same, check_shape, check_tensor
 
 LIKELIHOODS = ("categorical", "gaussian")
 MODES = ("expected", "mixture")

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..reference import kl as _kl
-from ._checks import check_float_tensor, check_same, check_shape
+from .._checks import check_float_tensor, check_same, check_shape
 
 
 def gaussian_kl(mu: Optional[torch.Tensor], sigma: torch.Tensor, prior_std) -> torch.Tensor:
