@@ -34,7 +34,7 @@ def _inputs(dtype, S, sampled, bias, B=5, K=37, N=23, seed=0):
 
 def test_cpu_backend_serves_the_kernels():
     for name in ("bernoulli_linear_fwd", "bernoulli_linear_bwd"):
-        assert _backend.kernel_backend(name, torch.device("cpu")) == "cpu"
+        assert _backend.resolve(torch.device("cpu"), name) == "cpu"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -37,7 +37,7 @@ def make(L, N, D, C, *, per_depth=False, bias="none", likelihood="categorical",
 
 def kernel_outputs(backend, hidden, weight, bias, target, noise, gaussian, grad):
     """(loglik, aux, d_hidden, d_weight, d_bias, d_noise) of one backend's raw kernels."""
-    kernels = udn_kernels._backend._kernels_of(backend)
+    kernels = udn_kernels._backend.kernels(backend)
     fwd, bwd = kernels.get("depth_loglik_fwd"), kernels.get("depth_loglik_bwd")
     loglik, aux = fwd(hidden, weight, bias, target, noise, gaussian, IGNORE)
     grads = bwd(grad, hidden, weight, bias, target, noise, aux, gaussian, IGNORE)
@@ -181,13 +181,13 @@ def public_loss_and_grads(backend, inputs, likelihood, mode, reduction, log_weig
     if likelihood == "gaussian":
         leaves.update(noise_std=noise, target=target)
     leaves = {k: v.requires_grad_() for k, v in leaves.items() if v is not None}
-    with udn_kernels.backend(backend):
+    with udn_kernels.backend(backend, strict=True):  # forward and backward on `backend`, no fallback
         loss = depth_mixture_nll(hidden, weight, bias, target, leaves["log_weights"], mode=mode,
                                  likelihood=likelihood, noise_std=noise, reduction=reduction,
                                  ignore_index=IGNORE)
-    seed = torch.Generator().manual_seed(2)
-    upstream = torch.randn(loss.shape, dtype=loss.dtype, generator=seed)
-    grads = torch.autograd.grad(loss, list(leaves.values()), upstream)
+        seed = torch.Generator().manual_seed(2)
+        upstream = torch.randn(loss.shape, dtype=loss.dtype, generator=seed)
+        grads = torch.autograd.grad(loss, list(leaves.values()), upstream)
     return loss, dict(zip(leaves, grads))
 
 
@@ -257,7 +257,7 @@ PREDICT_SHAPES = [(1, 1, 1, 1), (1, 5, 3, 7), (4, 1, 6, 10), (3, 130, 9, 513), (
 
 
 def predict_outputs(backend, hidden, weight, bias, log_weights, gaussian, noise):
-    return udn_kernels._backend._kernels_of(backend).get("depth_mixture_predict")(
+    return udn_kernels._backend.kernels(backend).get("depth_mixture_predict")(
         hidden, weight, bias, log_weights, gaussian, noise)
 
 
@@ -283,7 +283,7 @@ def test_predict_kernel_matches_reference(shape, per_depth, bias, likelihood, dt
 
 
 def test_predict_kernel_nan_and_infinite_weights():
-    assert udn_kernels._backend.kernel_backend("depth_mixture_predict", torch.device("cpu")) == "cpu"
+    assert udn_kernels._backend.resolve(torch.device("cpu"), "depth_mixture_predict") == "cpu"
     hidden, weight, bias, _, _ = make(3, 6, 4, 700, bias="shared")
     lw = torch.zeros(3, dtype=torch.float64)
     h = hidden.clone()

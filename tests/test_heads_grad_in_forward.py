@@ -151,8 +151,8 @@ def op_names(loss):
 
 
 def uses_fused(loss):
-    """The fused op's node: the custom op (compiled) or its eager twin ``_EagerLoglikDot``."""
-    return any("depth_loglik_dot" in n or "EagerLoglikDot" in n for n in op_names(loss))
+    """The fused op's node: the custom op (compiled) or its eager call (``Eager_depth_loglik_dot``)."""
+    return any("depth_loglik_dot" in n for n in op_names(loss))
 
 
 def leaves_of(inputs, likelihood, log_weights):

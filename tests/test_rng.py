@@ -121,7 +121,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
     seeds, offsets, n = json.loads(sys.argv[1])
     results = {}
     with udn_kernels.backend("triton"):
-        assert udn_kernels._backend.kernel_backend("philox_normal", torch.device("cpu")) == "triton"
+        assert udn_kernels._backend.resolve(torch.device("cpu"), "philox_normal") == "triton"
         for seed in seeds:
             for offset in offsets:
                 results[f"uint32/{seed}/{offset}"] = rng.random_uint32(n, seed, offset)

@@ -126,7 +126,7 @@ else:
         grads = {}
         for name in ("triton", "reference"):
             with udn_kernels.backend(name):
-                assert udn_kernels._backend.kernel_backend("gaussian_linear_fwd", x.device) == name
+                assert udn_kernels._backend.resolve(x.device, "gaussian_linear_fwd") == name
                 out = udn_kernels.gaussian_linear(x, mu, sigma, estimator="flipout", samples=2, seed=5)
                 out = out + udn_kernels.gaussian_linear(x, mu, rho, None, bias_rho, estimator="sample",
                                                         samples=2, seed=7, sigma_transform="softplus")

@@ -1,6 +1,6 @@
 """udn_kernels: fused kernels for Unbounded Depth Networks and stochastic-weight layers."""
 from . import rng
-from ._backend import available_backends, backend
+from ._backend import FallbackError, available_backends, backend
 from .ops.heads import depth_loglik, depth_mixture_nll, depth_mixture_predict
 from .ops.bernoulli_linear import bernoulli_linear
 from .ops.gaussian_linear import gaussian_linear

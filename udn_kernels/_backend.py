@@ -2,8 +2,16 @@
 
 Backends: ``"reference"`` (eager PyTorch, always there), ``"cpu"`` (the C++ extension
 ``udn_kernels._C``), ``"triton"`` (GPU kernels; on CPU tensors only under ``TRITON_INTERPRET=1``).
-Automatic choice is by device: CUDA -> triton, CPU -> cpu (reference if the extension is not built).
-Force one with ``udn_kernels.backend(name)`` or the environment variable ``UDN_KERNELS_BACKEND``.
+Automatic choice is by device: CUDA -> triton, CPU -> cpu. Force one with
+``udn_kernels.backend(name)`` or the environment variable ``UDN_KERNELS_BACKEND``.
+
+An op calls :func:`resolve` once, at forward, naming every kernel it may run (forward and
+backward); the backend it gets has all of them, and the op keeps that name in its autograd
+context, so its backward runs the same backend's kernels through :func:`kernel`, whatever
+thread-local state is active when (and on whichever thread) the backward runs. Where the wanted
+backend cannot serve the op (extension not built, Triton missing on CUDA, kernel not written yet)
+the op runs on the reference with one warning, or raises in strict mode
+(``UDN_KERNELS_STRICT=1`` or ``backend(..., strict=True)``).
 """
 from __future__ import annotations
 
@@ -13,30 +21,27 @@ import importlib
 import os
 import threading
 import warnings
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
 BACKENDS = ("reference", "cpu", "triton")
 _ENV_VAR = "UDN_KERNELS_BACKEND"
+_STRICT_ENV_VAR = "UDN_KERNELS_STRICT"
 _state = threading.local()
 _warned: set[str] = set()
 
 
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+class FallbackError(RuntimeError):
+    """Strict mode: an op would have fallen back to the reference implementation."""
 
 
 @functools.lru_cache(maxsize=None)
 def load_extension():
-    """The compiled ``udn_kernels._C`` module, or None (with one warning) if it is not built."""
+    """The compiled ``udn_kernels._C`` module, or None if it is not built."""
     try:
         return importlib.import_module("udn_kernels._C")
-    except ImportError as exc:
-        _warn_once("extension", f"udn_kernels._C is not built ({exc}); CPU ops fall back to the "
-                   "reference implementation. Reinstall with `pip install --no-build-isolation -e .`.")
+    except ImportError:
         return None
 
 
@@ -66,15 +71,19 @@ def _check_name(name: str) -> str:
 
 
 @contextlib.contextmanager
-def backend(name: str) -> Iterator[None]:
-    """Force every op inside the ``with`` block (this thread) onto backend ``name``."""
-    _check_name(name)
-    previous = getattr(_state, "forced", None)
-    _state.forced = name
+def backend(name: Optional[str] = None, *, strict: bool = False) -> Iterator[None]:
+    """Ops called inside the ``with`` block (this thread) run on backend ``name`` (None: the
+    automatic choice by device). ``strict=True`` turns every fallback to the reference
+    implementation into a :class:`FallbackError`. The choice is made when an op's forward runs;
+    its backward follows the forward wherever it runs."""
+    if name is not None:
+        _check_name(name)
+    previous = getattr(_state, "forced", None), getattr(_state, "strict", False)
+    _state.forced, _state.strict = name, strict or previous[1]
     try:
         yield
     finally:
-        _state.forced = previous
+        _state.forced, _state.strict = previous
 
 
 def forced_backend() -> str | None:
@@ -83,35 +92,88 @@ def forced_backend() -> str | None:
     return _check_name(name) if name else None
 
 
-def resolve(device: torch.device) -> str:
-    """The backend that ops on ``device`` run on now."""
+def strict() -> bool:
+    """Whether a fallback to the reference raises (``backend(strict=True)`` or ``UDN_KERNELS_STRICT=1``)."""
+    return getattr(_state, "strict", False) or os.environ.get(_STRICT_ENV_VAR, "0") == "1"
+
+
+def _fall_back(key: str, message: str) -> str:
+    """``"reference"``, after one warning per ``key`` — or a FallbackError in strict mode."""
+    if strict():
+        raise FallbackError(f"{message} (strict mode: no fallback to the reference implementation)")
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{message}; using the reference implementation", RuntimeWarning, stacklevel=4)
+    return "reference"
+
+
+def _preferred(device: torch.device) -> str:
+    """The backend wanted for ``device`` (forced or automatic), after checking it can run there."""
     name = forced_backend()
     if name is None:
         if device.type == "cuda":
-            name = "triton" if _triton_importable() else "reference"
-        elif device.type == "cpu":
-            name = "cpu" if load_extension() is not None else "reference"
-        else:
-            name = "reference"
+            if not _triton_importable():
+                return _fall_back("cuda:triton", "udn_kernels: Triton is not installed, so CUDA ops "
+                                  "cannot run their kernels (pip install triton)")
+            return "triton"
+        if device.type != "cpu":
+            return "reference"
+        name = "cpu"
     if name == "triton" and device.type == "cpu" and not triton_interpreted():
         raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                            "triton is imported")
     if name == "cpu" and device.type != "cpu":
         raise RuntimeError(f"backend 'cpu' cannot run on {device.type} tensors")
+    if name == "cpu" and load_extension() is None:
+        return _fall_back("extension", "udn_kernels: the C++ extension udn_kernels._C is not built "
+                          "(reinstall with `pip install --no-build-isolation -e .`), so CPU ops cannot "
+                          "run their kernels")
     return name
 
 
-def _kernels_of(name: str) -> dict[str, Callable]:
+def resolve(device: torch.device, *kernel_names: str) -> str:
+    """The backend an op on ``device`` runs on: the forced or automatic one if it has every kernel
+    in ``kernel_names``, else the reference (warned once, or FallbackError in strict mode)."""
+    name = _preferred(device)
+    if name != "reference":
+        missing = [k for k in kernel_names if kernels(name).get(k) is None]
+        if missing:
+            return _fall_back(f"{name}:{missing[0]}", f"udn_kernels: no {name} kernel for {missing[0]!r}")
+    return name
+
+
+@torch.compiler.assume_constant_result
+def resolve_for_graph(device_type: str, *kernel_names: str) -> str:
+    """:func:`resolve` as a constant to torch.compile: the backend chosen when a graph is traced
+    stays baked into it (ops call this inside compiled regions)."""
+    return resolve(torch.device(device_type), *kernel_names)
+
+
+def choose(device: torch.device, *kernel_names: str) -> str:
+    """What ops call at forward: :func:`resolve`, traced as a constant under torch.compile."""
+    if torch.compiler.is_compiling():
+        return resolve_for_graph(device.type, *kernel_names)
+    return resolve(device, *kernel_names)
+
+
+def kernels(name: str) -> dict[str, Callable]:
+    """The kernels of backend ``name`` (a dict from kernel name to callable)."""
     if name == "reference":
         from . import reference
         return reference.KERNELS
     if name == "triton":
         from . import triton as triton_kernels
         return triton_kernels.KERNELS
-    ext = load_extension()
-    if ext is None:
-        return {}
-    return _cpp_kernels()
+    _check_name(name)
+    return _cpp_kernels() if load_extension() is not None else {}
+
+
+def kernel(backend_name: str, name: str) -> Callable:
+    """Kernel ``name`` of backend ``backend_name``, which :func:`resolve` has promised has it."""
+    found = kernels(backend_name).get(name)
+    if found is None:
+        raise RuntimeError(f"udn_kernels: backend {backend_name!r} has no kernel {name!r}")
+    return found
 
 
 class _CppKernels(dict):
@@ -134,46 +196,3 @@ class _CppKernels(dict):
 @functools.lru_cache(maxsize=None)
 def _cpp_kernels() -> _CppKernels:
     return _CppKernels(torch.ops.udn_kernels_C)
-
-
-def get_kernel(name: str, device: torch.device) -> Callable:
-    """The implementation of kernel ``name`` for tensors on ``device`` (reference fallback, warned once)."""
-    chosen = resolve(device)
-    kernel = _kernels_of(chosen).get(name)
-    if kernel is None:
-        if chosen != "reference":
-            _warn_once(f"{chosen}:{name}", f"udn_kernels: no {chosen} kernel for {name!r} yet; "
-                       "using the reference implementation")
-        from . import reference
-        kernel = reference.KERNELS[name]
-    return kernel
-
-
-def use_triton_ops(device: torch.device) -> bool:
-    """Whether ops on ``device`` call the ``udn_kernels_triton::`` triton_ops directly.
-
-    True on the triton backend (CUDA tensors by default), so ``torch.compile`` traces into the
-    Triton kernels (``torch.library.triton_op`` + ``wrap_triton``). CPU tensors on the triton
-    backend (``TRITON_INTERPRET=1``) use them eagerly only: the interpreter cannot run under
-    torch.compile (fake tensors have no data), so compiled CPU graphs keep the opaque
-    ``udn_kernels::`` custom ops.
-    """
-    if device.type == "cpu" and torch.compiler.is_compiling():
-        return False
-    return _triton_ops_selected(device.type)
-
-
-@torch.compiler.assume_constant_result
-def _triton_ops_selected(device_type: str) -> bool:
-    """``resolve(device) == "triton"``, importing (registering) the triton_ops if so. A constant
-    to torch.compile: the backend chosen when a graph is traced stays baked into it."""
-    if resolve(torch.device(device_type)) != "triton":
-        return False
-    importlib.import_module("udn_kernels.triton")
-    return True
-
-
-def kernel_backend(name: str, device: torch.device) -> str:
-    """Which backend actually serves kernel ``name`` on ``device`` (after fallback)."""
-    chosen = resolve(device)
-    return chosen if _kernels_of(chosen).get(name) is not None else "reference"

@@ -107,13 +107,3 @@ def resolve_seed(seed) -> torch.Tensor:
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed: expected an int in [0, 2^63), got {seed}")
     return torch.tensor(seed, dtype=torch.int64)
-
-
-def resolve_seed_int(seed) -> int:
-    """``resolve_seed`` as a Python int, for the Triton ops (their kernels take the seed as a
-    scalar argument). A valid int passes through, so a compiled graph keeps it symbolic; None or a
-    tensor is read on the host (under torch.compile a graph break, unless
-    ``torch._dynamo.config.capture_scalar_outputs`` is set)."""
-    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED:
-        return seed
-    return int(resolve_seed(seed))

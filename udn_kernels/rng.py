@@ -41,7 +41,7 @@ def _run(name: str, n, seed, offset, device, *extra) -> torch.Tensor:
     offset = _check_offset(offset, n)
     seed = int(resolve_seed(seed))
     device = torch.device(device if device is not None else "cpu")
-    kernel = _backend.get_kernel(name, device)
+    kernel = _backend.kernel(_backend.resolve(device, name), name)
     if device.type == "cuda":
         with torch.cuda.device(device):
             out = kernel(n, *extra, seed, offset)

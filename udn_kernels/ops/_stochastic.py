@@ -1,5 +1,5 @@
-"""Shared plumbing of the stochastic-weight linear ops: input flattening, output shapes, autograd
-registration and the local-reparameterisation backward shared by the reference and Triton kernels."""
+"""Shared plumbing of the stochastic-weight linear ops: input flattening, output shapes
+and the local-reparameterisation backward shared by the reference and Triton kernels."""
 from __future__ import annotations
 
 import math
@@ -45,27 +45,6 @@ def none_if_empty(grad: torch.Tensor, source) -> torch.Tensor | None:
 def std_shape(x: torch.Tensor, weight_sigma: torch.Tensor, estimator: str) -> tuple:
     """Shape of gaussian_linear_fwd's second output: local's output std ``[Sx, B, N]``, else empty."""
     return (x.shape[0], x.shape[1], weight_sigma.shape[0]) if estimator == "local" else (0,)
-
-
-def register_triton_autograd(fwd_op, bwd_op, n_tensors: int, aux_outputs: bool = False) -> None:
-    """Autograd of a stochastic-linear triton_op ``fwd_op(*tensors, *options)`` whose first
-    ``n_tensors`` inputs are tensors (the rest: p, the int seed, mode names). Saved: the inputs and,
-    with ``aux_outputs``, the forward's non-differentiable aux outputs ``output[1:]`` (output-sized,
-    e.g. gaussian local's std); ``bwd_op(grad, *tensors, *aux, *options)`` regenerates the noise
-    from (seed, offset)."""
-    def setup_context(ctx, inputs, output):
-        aux = tuple(output[1:]) if aux_outputs else ()
-        ctx.mark_non_differentiable(*aux)
-        ctx.save_for_backward(*inputs[:n_tensors], *aux)
-        ctx.options = inputs[n_tensors:]
-
-    def backward(ctx, grad_out, *grad_aux):
-        saved = ctx.saved_tensors
-        grads = bwd_op(grad_out.contiguous(), *saved, *ctx.options)
-        return (*(none_if_empty(g, t) for g, t in zip(grads, saved[:n_tensors])),
-                *(None,) * len(ctx.options))
-
-    fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
 def local_reparam_grads(grad, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, eps, x_sampled: bool):

@@ -5,54 +5,66 @@ from typing import Optional
 
 import torch
 
-from .._backend import get_kernel, use_triton_ops
-from .._checks import (check_choice, check_float_tensor, check_probability, check_same, check_shape,
-                      resolve_seed, resolve_seed_int)
+from .. import _backend
+from .._checks import check_choice, check_float_tensor, check_probability, check_same, check_shape, resolve_seed
+from ._dispatch import op_caller, stage
 from ._stochastic import flatten_input, none_if_empty
 
 MASKS = ("input", "weight", "symmetric")
 Tensor = torch.Tensor
 
 
+KERNEL_NAMES = ("bernoulli_linear_fwd", "bernoulli_linear_bwd")
+
+
+def _fwd_impl(x, weight, bias, p, seed, mask, samples, x_sampled, backend):
+    # The seed travels as a tensor so a seed drawn inside a compiled graph stays on the graph.
+    return _backend.kernel(backend, "bernoulli_linear_fwd")(x, weight, bias, p, int(seed.item()), mask, samples,
+                                                           x_sampled)
+
+
 @torch.library.custom_op("udn_kernels::bernoulli_linear_fwd", mutates_args=())
 def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], p: float, seed: Tensor, mask: str,
-         samples: int, x_sampled: bool) -> Tensor:
-    kernel = get_kernel("bernoulli_linear_fwd", x.device)
-    # The seed travels as a tensor so a seed drawn inside a compiled graph stays on the graph.
-    return kernel(x, weight, bias, p, int(seed.item()), mask, samples, x_sampled)
+         samples: int, x_sampled: bool, backend: str) -> Tensor:
+    return _fwd_impl(x, weight, bias, p, seed, mask, samples, x_sampled, backend)
 
 
 @_fwd.register_fake
-def _(x, weight, bias, p, seed, mask, samples, x_sampled):
+def _(x, weight, bias, p, seed, mask, samples, x_sampled, backend):
     return x.new_empty(samples, x.shape[1], weight.shape[0])
+
+
+def _bwd_impl(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, backend):
+    return tuple(_backend.kernel(backend, "bernoulli_linear_bwd")(grad_out, x, weight, bias, p, int(seed.item()),
+                                                                 mask, samples, x_sampled))
 
 
 @torch.library.custom_op("udn_kernels::bernoulli_linear_bwd", mutates_args=())
 def _bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], p: float, seed: Tensor,
-         mask: str, samples: int, x_sampled: bool) -> tuple[Tensor, Tensor, Tensor]:
-    kernel = get_kernel("bernoulli_linear_bwd", x.device)
-    return tuple(kernel(grad_out, x, weight, bias, p, int(seed.item()), mask, samples, x_sampled))
+         mask: str, samples: int, x_sampled: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, backend)
 
 
 @_bwd.register_fake
-def _(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled):
+def _(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, backend):
     return torch.empty_like(x), torch.empty_like(weight), x.new_empty(0) if bias is None else torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, p, seed, mask, samples, x_sampled = inputs
+    x, weight, bias, p, seed, *options = inputs
     # Only the inputs are saved: backward regenerates the masks from (seed, offset).
     ctx.save_for_backward(x, weight, bias, seed)
-    ctx.p, ctx.options = p, (mask, samples, x_sampled)
+    ctx.p, ctx.options = p, tuple(options)  # mask, samples, x_sampled, backend
 
 
 def _backward(ctx, grad_out):
     x, weight, bias, seed = ctx.saved_tensors
-    d_x, d_weight, d_bias = _bwd(grad_out.contiguous(), x, weight, bias, ctx.p, seed, *ctx.options)
-    return d_x, d_weight, none_if_empty(d_bias, bias), None, None, None, None, None
+    d_x, d_weight, d_bias = stage(ctx, _bwd, _bwd_impl)(grad_out.contiguous(), x, weight, bias, ctx.p, seed,
+                                                        *ctx.options)
+    return d_x, d_weight, none_if_empty(d_bias, bias), None, None, None, None, None, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call = op_caller(_fwd, _fwd_impl, _setup_context, _backward)
 
 
 def bernoulli_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, p: float = 0.5,
@@ -86,9 +98,5 @@ def bernoulli_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     check_choice("mask", mask, MASKS)
     x3, S, lead = flatten_input(x, in_features, samples, input_has_samples)
     args = (x3, weight.contiguous(), None if bias is None else bias.contiguous(), p)
-    if use_triton_ops(x.device):  # the triton_op, so torch.compile sees its kernels
-        out = torch.ops.udn_kernels_triton.bernoulli_linear_fwd(*args, resolve_seed_int(seed), mask, S,
-                                                               input_has_samples)
-    else:
-        out = _fwd(*args, resolve_seed(seed), mask, S, input_has_samples)
+    out = _call(*args, resolve_seed(seed), mask, S, input_has_samples, _backend.choose(x.device, *KERNEL_NAMES))
     return out.reshape(*lead, out_features)

@@ -5,9 +5,9 @@ from typing import Optional
 
 import torch
 
-from .._backend import get_kernel, use_triton_ops
-from .._checks import (check_choice, check_float_tensor, check_same, check_shape, resolve_seed,
-                      resolve_seed_int)
+from .. import _backend
+from .._checks import check_choice, check_float_tensor, check_same, check_shape, resolve_seed
+from ._dispatch import op_caller, stage
 from ._stochastic import flatten_input, none_if_empty, std_shape
 
 ESTIMATORS = ("sample", "local", "flipout")
@@ -15,53 +15,70 @@ SIGMA_TRANSFORMS = (None, "softplus")
 Tensor = torch.Tensor
 
 
+KERNEL_NAMES = ("gaussian_linear_fwd", "gaussian_linear_bwd")
+
+
+def _fwd_impl(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled,
+              sigma_softplus, backend):
+    # The seed travels as a tensor so a seed drawn inside a compiled graph stays on the graph.
+    return tuple(_backend.kernel(backend, "gaussian_linear_fwd")(
+        x, weight_mu, weight_sigma, bias_mu, bias_sigma, int(seed.item()), estimator, samples, x_sampled,
+        sigma_softplus))
+
+
 @torch.library.custom_op("udn_kernels::gaussian_linear_fwd", mutates_args=())
 def _fwd(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor, bias_mu: Optional[Tensor],
          bias_sigma: Optional[Tensor], seed: Tensor, estimator: str, samples: int,
-         x_sampled: bool, sigma_softplus: bool) -> tuple[Tensor, Tensor]:
-    kernel = get_kernel("gaussian_linear_fwd", x.device)
-    # The seed travels as a tensor so a seed drawn inside a compiled graph stays on the graph.
-    return tuple(kernel(x, weight_mu, weight_sigma, bias_mu, bias_sigma, int(seed.item()), estimator,
-                        samples, x_sampled, sigma_softplus))
+         x_sampled: bool, sigma_softplus: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled,
+                     sigma_softplus, backend)
 
 
 @_fwd.register_fake
-def _(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled, sigma_softplus):
+def _(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled, sigma_softplus,
+      backend):
     return x.new_empty(samples, x.shape[1], weight_sigma.shape[0]), x.new_empty(std_shape(x, weight_sigma, estimator))
+
+
+def _bwd_impl(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed, estimator, samples,
+              x_sampled, sigma_softplus, backend):
+    return tuple(_backend.kernel(backend, "gaussian_linear_bwd")(
+        grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, int(seed.item()), estimator, samples,
+        x_sampled, sigma_softplus))
 
 
 @torch.library.custom_op("udn_kernels::gaussian_linear_bwd", mutates_args=())
 def _bwd(grad_out: Tensor, x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
          bias_mu: Optional[Tensor], bias_sigma: Optional[Tensor], std: Tensor, seed: Tensor, estimator: str,
-         samples: int, x_sampled: bool, sigma_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    kernel = get_kernel("gaussian_linear_bwd", x.device)
-    return tuple(kernel(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, int(seed.item()),
-                        estimator, samples, x_sampled, sigma_softplus))
+         samples: int, x_sampled: bool, sigma_softplus: bool,
+         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _bwd_impl(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed, estimator, samples,
+                     x_sampled, sigma_softplus, backend)
 
 
 @_bwd.register_fake
 def _(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed, estimator, samples, x_sampled,
-      sigma_softplus):
+      sigma_softplus, backend):
     return tuple(x.new_empty(0) if t is None else torch.empty_like(t)
                  for t in (x, weight_mu, weight_sigma, bias_mu, bias_sigma))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled, sigma_softplus = inputs
+    x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, *options = inputs
     # The inputs and local's output-sized std: backward regenerates the noise from (seed, offset).
     std = output[1]
     ctx.mark_non_differentiable(std)
     ctx.save_for_backward(x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed)
-    ctx.options = (estimator, samples, x_sampled, sigma_softplus)
+    ctx.options = tuple(options)  # estimator, samples, x_sampled, sigma_softplus, backend
 
 
 def _backward(ctx, grad_out, grad_std):
     saved = ctx.saved_tensors
-    grads = _bwd(grad_out.contiguous(), *saved, *ctx.options)
-    return (*(none_if_empty(g, t) for g, t in zip(grads, saved[:5])), None, None, None, None, None)
+    grads = stage(ctx, _bwd, _bwd_impl)(grad_out.contiguous(), *saved, *ctx.options)
+    return (*(none_if_empty(g, t) for g, t in zip(grads, saved[:5])), None, None, None, None, None, None)
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call = op_caller(_fwd, _fwd_impl, _setup_context, _backward)
 
 
 def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
@@ -121,9 +138,6 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
     x3, S, lead = flatten_input(x, in_features, samples, input_has_samples)
     contiguous = [None if t is None else t.contiguous()
                   for t in (weight_mu, weight_sigma, bias_mu, bias_sigma)]
-    if use_triton_ops(x.device):  # the triton_op, so torch.compile sees its kernels
-        out, _ = torch.ops.udn_kernels_triton.gaussian_linear_fwd(x3, *contiguous, resolve_seed_int(seed),
-                                                                 estimator, S, input_has_samples, sigma_softplus)
-    else:
-        out, _ = _fwd(x3, *contiguous, resolve_seed(seed), estimator, S, input_has_samples, sigma_softplus)
+    backend = _backend.choose(x.device, *KERNEL_NAMES)
+    out, _ = _call(x3, *contiguous, resolve_seed(seed), estimator, S, input_has_samples, sigma_softplus, backend)
     return out.reshape(*lead, out_features)

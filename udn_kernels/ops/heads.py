@@ -1,8 +1,8 @@
 """Fused depth-mixture heads: per-depth log-likelihoods and their mixture over depths.
 
 ``depth_loglik`` runs one kernel over every depth's output head without materialising the
-``[L, N, C]`` logits (custom ops ``udn_kernels::depth_loglik_fwd`` / ``_bwd``, dispatched by
-``udn_kernels._backend``). The combination over depths (``depth_mixture_nll``) is O(L·N) eager
+``[L, N, C]`` logits (custom ops ``udn_kernels::depth_loglik_fwd`` / ``_bwd``, which run the kernels
+of the backend chosen once at forward; ops/_dispatch.py). The combination over depths (``depth_mixture_nll``) is O(L·N) eager
 torch on top of it, so gradients reach ``log_weights`` through ordinary autograd.
 
 Expected mode with a mean/sum reduction is a fixed linear function of the log-likelihoods,
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..reference import heads as _reference
+from ._dispatch import op_caller, stage
 from .._checks import check_choice, check_float_tensor, check_same, check_shape, check_tensor
 
 LIKELIHOODS = ("categorical", "gaussian")
@@ -30,38 +31,46 @@ MODES = ("expected", "mixture")
 REDUCTIONS = ("mean", "sum", "none")
 
 
+LOGLIK_KERNELS = ("depth_loglik_fwd", "depth_loglik_bwd")
+
+
 def _aux_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("udn_kernels::depth_loglik_fwd", mutates_args=())
-def _loglik_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                noise_std: Optional[Tensor], gaussian: bool, ignore_index: int) -> tuple[Tensor, Tensor]:
-    kernel = _backend.get_kernel("depth_loglik_fwd", hidden.device)
-    loglik, aux = kernel(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+def _loglik_fwd_impl(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend):
+    loglik, aux = _backend.kernel(backend, "depth_loglik_fwd")(hidden, weight, bias, target, noise_std,
+                                                               gaussian, ignore_index)
     return loglik, aux
 
 
+@torch.library.custom_op("udn_kernels::depth_loglik_fwd", mutates_args=())
+def _loglik_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                noise_std: Optional[Tensor], gaussian: bool, ignore_index: int,
+                backend: str) -> tuple[Tensor, Tensor]:
+    return _loglik_fwd_impl(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend)
+
+
 @_loglik_fwd.register_fake
-def _(hidden, weight, bias, target, noise_std, gaussian, ignore_index):
+def _(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend):
     L, N = hidden.shape[0], hidden.shape[1]
     aux_shape = (0,) if gaussian else (L, N)
     return hidden.new_empty((L, N)), hidden.new_empty(aux_shape, dtype=_aux_dtype(hidden.dtype))
 
 
-def _loglik_bwd_kernel(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index):
-    kernel = _backend.get_kernel("depth_loglik_bwd", hidden.device)
-    grads = kernel(grad_loglik.contiguous(), hidden, weight, bias, target, noise_std, aux, gaussian,
-                   ignore_index)
+def _loglik_bwd_impl(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
+                     backend):
+    grads = _backend.kernel(backend, "depth_loglik_bwd")(grad_loglik.contiguous(), hidden, weight, bias,
+                                                         target, noise_std, aux, gaussian, ignore_index)
     return tuple(grads)
 
 
 @torch.library.custom_op("udn_kernels::depth_loglik_bwd", mutates_args=())
 def _loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                 target: Tensor, noise_std: Optional[Tensor], aux: Tensor, gaussian: bool,
-                ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _loglik_bwd_kernel(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian,
-                              ignore_index)
+                ignore_index: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _loglik_bwd_impl(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian,
+                            ignore_index, backend)
 
 
 def _empty_grads(hidden, weight, bias, noise_std):
@@ -72,16 +81,16 @@ def _empty_grads(hidden, weight, bias, noise_std):
 
 
 @_loglik_bwd.register_fake
-def _(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index):
+def _(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index, backend):
     return _empty_grads(hidden, weight, bias, noise_std)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, noise_std, gaussian, ignore_index = inputs
+    hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend = inputs
     ctx.save_for_backward(hidden, weight, bias, target, noise_std, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # aux never gets a gradient: no zero fill for it
-    ctx.gaussian = gaussian
-    ctx.ignore_index = ignore_index
+    ctx.gaussian, ctx.ignore_index, ctx.backend = gaussian, ignore_index, backend
 
 
 def _gaussian_target_grad(grad, hidden, weight, bias, target, noise_std):
@@ -99,50 +108,32 @@ def _gaussian_target_grad(grad, hidden, weight, bias, target, noise_std):
 
 def _backward(ctx, grad_loglik, grad_aux):
     if grad_loglik is None:  # not materialised: no gradient reached loglik
-        return (None,) * 7
+        return (None,) * 8
     hidden, weight, bias, target, noise_std, aux = ctx.saved_tensors
-    bwd = getattr(ctx, "bwd", None) or (_loglik_bwd_kernel if getattr(ctx, "eager", False) else _loglik_bwd)
+    bwd = stage(ctx, _loglik_bwd, _loglik_bwd_impl)
     d_hidden, d_weight, d_bias, d_noise = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux,
-                                              ctx.gaussian, ctx.ignore_index)
+                                              ctx.gaussian, ctx.ignore_index, ctx.backend)
     d_target = None
     if ctx.gaussian and ctx.needs_input_grad[3]:
         d_target = _gaussian_target_grad(grad_loglik, hidden, weight, bias, target, noise_std)
     return (d_hidden, d_weight, None if bias is None else d_bias, d_target,
-            None if noise_std is None else d_noise, None, None)
+            None if noise_std is None else d_noise, None, None, None)
 
 
-_loglik_fwd.register_autograd(_backward, setup_context=_setup_context)
+_loglik = op_caller(_loglik_fwd, _loglik_fwd_impl, _setup_context, _backward)
 
 
-class _EagerLoglik(torch.autograd.Function):
-    """Eager twin of the custom op: the same kernels, context and backward without the custom-op
-    dispatch layers, which cost more than the kernels themselves at small shapes (udn-step's
-    heads). torch.compile / export trace the custom op instead (``depth_loglik``)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, noise_std, gaussian, ignore_index):
-        inputs = (hidden, weight, bias, target, noise_std, gaussian, ignore_index)
-        output = _backend.get_kernel("depth_loglik_fwd", hidden.device)(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.eager = True
-        ctx.mark_non_differentiable(output[1])
-        return tuple(output)
-
-    backward = staticmethod(_backward)
-
-
-def loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index,
-                      fwd_bwd=None, mixture_fwd_bwd=None):
-    """The body of ``depth_loglik_dot`` (below) on kernels ``fwd_bwd`` / ``mixture_fwd_bwd``
-    (default: the backend's ``depth_loglik_fwd_bwd`` / ``depth_loglik_mixture_fwd_bwd``)."""
+def _loglik_dot_impl(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index,
+                     backend):
+    """``depth_loglik_dot``'s body on ``backend``'s ``depth_loglik_fwd_bwd`` (expected mode) or
+    ``depth_loglik_mixture_fwd_bwd`` (mixture mode) kernel."""
     if log_weights is None:
-        kernel = fwd_bwd or _backend.get_kernel("depth_loglik_fwd_bwd", hidden.device)
-        loglik, _, d_hidden, d_weight, d_bias, d_noise = kernel(
+        loglik, _, d_hidden, d_weight, d_bias, d_noise = _backend.kernel(backend, "depth_loglik_fwd_bwd")(
             hidden, weight, bias, target, noise_std, coef.contiguous(), gaussian, ignore_index)
         return (coef * loglik).sum(), loglik, d_hidden, d_weight, d_bias, d_noise
-    kernel = mixture_fwd_bwd or _backend.get_kernel("depth_loglik_mixture_fwd_bwd", hidden.device)
-    loglik, _, d_hidden, d_weight, d_bias, d_noise = kernel(
-        hidden, weight, bias, target, noise_std, log_weights.contiguous(), coef.contiguous(), gaussian, ignore_index)
+    loglik, _, d_hidden, d_weight, d_bias, d_noise = _backend.kernel(backend, "depth_loglik_mixture_fwd_bwd")(
+        hidden, weight, bias, target, noise_std, log_weights.contiguous(), coef.contiguous(), gaussian,
+        ignore_index)
     total = -(coef * torch.logsumexp(log_weights[:, None] + loglik, dim=0)).sum()
     return total, loglik, d_hidden, d_weight, d_bias, d_noise
 
@@ -150,23 +141,23 @@ def loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, log_weights
 @torch.library.custom_op("udn_kernels::depth_loglik_dot", mutates_args=())
 def _loglik_dot(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                 noise_std: Optional[Tensor], coef: Tensor, log_weights: Optional[Tensor], gaussian: bool,
-                ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                ignore_index: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(total, loglik, d_hidden, d_weight, d_bias, d_noise)``: ``total`` and its head gradients,
     computed in the forward pass; only ``total`` is differentiable. Without ``log_weights``
     ``total = sum(coef * loglik)`` (expected mode, ``coef [L, N]``); with them the mixture NLL
     ``total = -sum_n coef_n logsumexp_l(log_weights_l + loglik[l, n])`` (``coef [N]``)."""
-    return loglik_dot_kernel(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian,
-                             ignore_index)
+    return _loglik_dot_impl(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian,
+                            ignore_index, backend)
 
 
 @_loglik_dot.register_fake
-def _(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index):
+def _(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, backend):
     L, N = hidden.shape[0], hidden.shape[1]
     return (hidden.new_empty(()), hidden.new_empty((L, N))) + _empty_grads(hidden, weight, bias, noise_std)
 
 
 def _setup_dot(ctx, inputs, output):
-    hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index = inputs
+    hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, backend = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     ctx.save_for_backward(hidden, weight, bias, target, noise_std, coef, log_weights, *output[1:])
@@ -188,7 +179,7 @@ def _backward_dot(ctx, grad_total, *unused):
                            "with a mean/sum reduction: the head gradients are computed in the forward "
                            "pass")
     if grad_total is None:  # not materialised (set_materialize_grads(False)): no gradient reached total
-        return (None,) * 9
+        return (None,) * 10
     hidden, weight, bias, target, noise_std, coef, log_weights, loglik, d_hidden, d_weight, d_bias, d_noise = \
         ctx.saved_tensors
     unit = _passes_saved_grads(ctx, grad_total)
@@ -208,55 +199,10 @@ def _backward_dot(ctx, grad_total, *unused):
     elif ctx.needs_input_grad[6]:
         d_log_weights = grad_total * grad_loglik.sum(1)
     return (scaled(0, d_hidden), scaled(1, d_weight), scaled(2, None if bias is None else d_bias), d_target,
-            scaled(4, None if noise_std is None else d_noise), d_coef, d_log_weights, None, None)
+            scaled(4, None if noise_std is None else d_noise), d_coef, d_log_weights, None, None, None)
 
 
-_loglik_dot.register_autograd(_backward_dot, setup_context=_setup_dot)
-
-
-class _EagerLoglikDot(torch.autograd.Function):
-    """Eager twin of ``_loglik_dot`` (see ``_EagerLoglik``): the same kernel, context and backward."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = loglik_dot_kernel(*inputs)
-        _setup_dot(ctx, inputs, output)
-        ctx.eager = True
-        return output
-
-    backward = staticmethod(_backward_dot)
-
-
-def _eager_or_custom_op(custom_op, eager_twin):
-    """The custom op inside torch.compile / export, its cheaper autograd.Function twin in eager mode."""
-    return custom_op if torch.compiler.is_compiling() else eager_twin.apply
-
-
-def _loglik_op(device):
-    """The per-depth log-likelihood op for ``device``: on the Triton path the triton_op
-    ``udn_kernels_triton::depth_loglik_fwd`` (compiled graphs see its kernels), else
-    ``_eager_or_custom_op``."""
-    if _backend.use_triton_ops(device):
-        return torch.ops.udn_kernels_triton.depth_loglik_fwd
-    return _eager_or_custom_op(_loglik_fwd, _EagerLoglik)
-
-
-def _triton_loglik_bwd(grad_loglik, *inputs):
-    return torch.ops.udn_kernels_triton.depth_loglik_bwd(grad_loglik.contiguous(), *inputs)
-
-
-def _setup_triton_context(ctx, inputs, output):
-    _setup_context(ctx, inputs, output)
-    ctx.bwd = _triton_loglik_bwd  # the backward is the triton_op too, whatever the device
-
-
-def register_triton_autograd(loglik_fwd, predict, loglik_dot) -> None:
-    """Gives the triton_ops ``udn_kernels_triton::depth_loglik_fwd`` / ``depth_mixture_predict`` /
-    ``depth_loglik_dot`` the autograd formulas of the ``udn_kernels::`` ops (called when
-    udn_kernels.triton.heads loads)."""
-    loglik_fwd.register_autograd(_backward, setup_context=_setup_triton_context)
-    predict.register_autograd(_predict_backward, setup_context=_predict_setup_context)
-    loglik_dot.register_autograd(_backward_dot, setup_context=_setup_dot)
+_loglik_dot_call = op_caller(_loglik_dot, _loglik_dot_impl, _setup_dot, _backward_dot)
 
 
 def _eager_checks() -> bool:
@@ -299,15 +245,26 @@ def _validate_heads(hidden, weight, bias, target, likelihood, noise_std, ignore_
         check_shape("target", target, (N,))
         if noise_std is not None:
             raise ValueError("noise_std: only used with likelihood='gaussian', expected None")
-        # the C++ kernel bound-checks targets itself (IndexError naming target)
-        if _eager_checks() and N > 0 and _backend.kernel_backend("depth_loglik_fwd", hidden.device) != "cpu":
-            bad = ((target < 0) | (target >= C)) & (target != ignore_index)
-            if bool(bad.any()):
-                value = int(target[bad][0])
-                raise IndexError(f"target: expected class indices in [0, {C}) or ignore_index="
-                                 f"{ignore_index}, got {value}")
     return hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), \
         target.contiguous(), noise_std, gaussian
+
+
+def _check_targets(target, num_classes, ignore_index, gaussian, backend):
+    """Class indices in range (eager calls; the C++ kernels bound-check targets themselves and
+    raise the same IndexError)."""
+    if gaussian or backend == "cpu" or not _eager_checks() or target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        raise IndexError(f"target: expected class indices in [0, {num_classes}) or ignore_index="
+                         f"{ignore_index}, got {int(target[bad][0])}")
+
+
+def _choose(hidden, weight, target, gaussian, ignore_index, *kernel_names):
+    """The backend of this call (chosen once: the backward runs the same one), after the target check."""
+    backend = _backend.choose(hidden.device, *kernel_names)
+    _check_targets(target, weight.shape[-2], ignore_index, gaussian, backend)
+    return backend
 
 
 def _normalise_noise_std(noise_std, hidden, C):
@@ -343,7 +300,8 @@ def depth_loglik(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     """
     hidden, weight, bias, target, noise_std, gaussian = _validate_heads(
         hidden, weight, bias, target, likelihood, noise_std, ignore_index)
-    loglik, _ = _loglik_op(hidden.device)(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+    backend = _choose(hidden, weight, target, gaussian, ignore_index, *LOGLIK_KERNELS)
+    loglik, _ = _loglik(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend)
     return loglik
 
 
@@ -359,8 +317,7 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     (ignored rows contribute 0, as in ``F.cross_entropy``). Other arguments as ``depth_loglik``.
 
     With ``"mean"`` / ``"sum"``, when a head input requires grad: the head gradients are computed
-    during the forward pass (one logits GEMM fewer; mixture mode on backends with the fused mixture
-    kernel, CPU and Triton); the backward only scales them.
+    during the forward pass (one logits GEMM fewer, both modes); the backward only scales them.
     Double backward is not supported on any path.
     """
     check_choice("mode", mode, MODES)
@@ -372,11 +329,11 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     check_shape("log_weights", log_weights, (hidden.shape[0],))
     if mode == "mixture" and _eager_checks() and not bool(torch.isfinite(log_weights).any()):
         raise ValueError("log_weights: mode='mixture' needs at least one finite log-weight, got all -inf")
-    if (reduction != "none" and _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian)
-            and (mode == "expected" or _fused_mixture_kernel(hidden.device))):
+    if reduction != "none" and _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian):
         return _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights, mode,
                                     reduction, ignore_index)
-    loglik, _ = _loglik_op(hidden.device)(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+    backend = _choose(hidden, weight, target, gaussian, ignore_index, *LOGLIK_KERNELS)
+    loglik, _ = _loglik(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend)
     if mode == "expected":
         loss = -(torch.exp(log_weights) @ loglik)
     else:
@@ -394,26 +351,28 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     return loss.sum() / count
 
 
-@torch.library.custom_op("udn_kernels::depth_mixture_predict", mutates_args=())
-def _predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_weights: Tensor, gaussian: bool,
-             noise_std: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    kernel = _backend.get_kernel("depth_mixture_predict", hidden.device)
-    out1, out2 = kernel(hidden, weight, bias, log_weights, gaussian, noise_std)
+def _predict_impl(hidden, weight, bias, log_weights, gaussian, noise_std, backend):
+    out1, out2 = _backend.kernel(backend, "depth_mixture_predict")(hidden, weight, bias, log_weights,
+                                                                   gaussian, noise_std)
     return out1, out2
 
 
+@torch.library.custom_op("udn_kernels::depth_mixture_predict", mutates_args=())
+def _predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_weights: Tensor, gaussian: bool,
+             noise_std: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    return _predict_impl(hidden, weight, bias, log_weights, gaussian, noise_std, backend)
+
+
 @_predict.register_fake
-def _(hidden, weight, bias, log_weights, gaussian, noise_std):
+def _(hidden, weight, bias, log_weights, gaussian, noise_std, backend):
     N, C = hidden.shape[1], weight.shape[-2]
     return hidden.new_empty((N, C)), hidden.new_empty((N, C) if gaussian else (0,))
 
 
 def _predict_setup_context(ctx, inputs, output):
-    hidden, weight, bias, log_weights, gaussian, noise_std = inputs
+    hidden, weight, bias, log_weights, gaussian, noise_std, backend = inputs
     ctx.save_for_backward(hidden, weight, bias, log_weights, noise_std, output[0])
     ctx.gaussian = gaussian
-
-
 def _predict_backward(ctx, grad1, grad2):
     """Recomputes each depth's logits (one ``[N, C]`` matrix alive at a time, never ``[L, N, C]``).
 
@@ -463,23 +422,16 @@ def _predict_backward(ctx, grad1, grad2):
     d_noise = None
     if gaussian and noise_std is not None:
         d_noise = 2.0 * noise_std * grad2.sum(0)
-    return d_hidden, d_weight, d_bias, d_log_weights, None, d_noise
+    return d_hidden, d_weight, d_bias, d_log_weights, None, d_noise, None
 
 
-_predict.register_autograd(_predict_backward, setup_context=_predict_setup_context)
+_predict_call = op_caller(_predict, _predict_impl, _predict_setup_context, _predict_backward)
 
 
 def _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian) -> bool:
     """Whether autograd will ask for a gradient of the head inputs (not only of ``log_weights``)."""
     inputs = (hidden, weight, bias, noise_std) + ((target,) if gaussian else ())
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-
-
-@torch.compiler.assume_constant_result
-def _fused_mixture_kernel(device: torch.device) -> bool:
-    """Whether the backend of ``device`` has the fused mixture kernel (C++ and Triton; the
-    reference composes it); elsewhere mixture mode takes the recompute path."""
-    return _backend.kernel_backend("depth_loglik_mixture_fwd_bwd", device) == _backend.resolve(device)
 
 
 def _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights, mode,
@@ -502,11 +454,10 @@ def _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_
         coef, log_weights = -(torch.exp(log_weights)[:, None] * scale), None
     else:
         coef = scale
-    if _backend.use_triton_ops(hidden.device):  # the triton_op: compiled graphs see the kernels
-        op = torch.ops.udn_kernels_triton.depth_loglik_dot
-    else:
-        op = _eager_or_custom_op(_loglik_dot, _EagerLoglikDot)
-    total = op(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index)[0]
+    fused_kernel = "depth_loglik_fwd_bwd" if mode == "expected" else "depth_loglik_mixture_fwd_bwd"
+    backend = _choose(hidden, weight, target, gaussian, ignore_index, fused_kernel)
+    total = _loglik_dot_call(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index,
+                             backend)[0]
     if reduction == "mean":  # no kept row: NaN like F.cross_entropy (and like the eager path)
         total = torch.where(count > 0, total, torch.full_like(total, math.nan))
     return total
@@ -518,8 +469,7 @@ def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
 
     Categorical: mixture probabilities ``[N, C]``; gaussian: ``(mean, var)``, each ``[N, C]``,
     the mixture's mean and variance (noise included). One fused kernel (custom op
-    ``udn_kernels::depth_mixture_predict``; triton_op ``udn_kernels_triton::depth_mixture_predict``
-    on the Triton path) writes only the ``[N, C]`` outputs; the backward recomputes one depth's
+    ``udn_kernels::depth_mixture_predict``) writes only the ``[N, C]`` outputs; the backward recomputes one depth's
     ``[N, C]`` logits at a time.
     """
     check_choice("likelihood", likelihood, LIKELIHOODS)
@@ -532,13 +482,8 @@ def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         noise_std = _normalise_noise_std(noise_std, hidden, C)
     elif noise_std is not None:
         raise ValueError("noise_std: only used with likelihood='gaussian', expected None")
-    args = (hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-            log_weights.contiguous(), gaussian, noise_std)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4] + args[5:])
-    if _backend.use_triton_ops(hidden.device):
-        out1, out2 = torch.ops.udn_kernels_triton.depth_mixture_predict(*args)
-    elif grad or torch.compiler.is_compiling():
-        out1, out2 = _predict(*args)
-    else:  # eager inference: the kernel without the custom-op dispatch layers
-        out1, out2 = _backend.get_kernel("depth_mixture_predict", hidden.device)(*args)
+    backend = _backend.choose(hidden.device, "depth_mixture_predict")
+    out1, out2 = _predict_call(hidden.contiguous(), weight.contiguous(),
+                               None if bias is None else bias.contiguous(), log_weights.contiguous(), gaussian,
+                               noise_std, backend)
     return (out1, out2) if gaussian else out1
