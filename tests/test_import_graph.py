@@ -1,10 +1,17 @@
 """The package's import graph reads top-down and has no cycles.
 
+Layers, top to bottom: ``cli`` -> the tools it runs (``train``, ``experiments``, ``bench``) ->
+``nn`` -> the public API (the package itself, ``ops``, ``rng``) -> ``_backend`` (picks a kernel
+backend, so it imports them) -> the kernels (``reference``, ``triton``, ``_C``) -> plain helpers
+(``_checks``, ``_formulas``, ``metrics``, ``data``). ``nn`` uses the public API only, never a
+backend directly.
+
 Every import statement of every module under ``udn_kernels/`` counts, at module or function
 level, relative or absolute, plus ``importlib.import_module("udn_kernels....")`` with a literal
-name. Importing ``a.b.c`` also runs the package ``a.b``, so that is an edge too; the root package
-``udn_kernels`` is an edge only when named itself (``import udn_kernels``, ``from .. import op``):
-it re-exports the public API (the ops, ``rng``, backend selection) and belongs to that layer.
+name. Importing ``a.b.c`` also runs the package ``a.b`` unless it encloses the importer (Python
+imported it first), so that is an edge too. So the root package ``udn_kernels`` is an edge only
+when named (``import udn_kernels``, ``from .. import gaussian_linear``): it re-exports the public
+API and belongs to that layer, so nothing below the API may import it.
 """
 from __future__ import annotations
 
@@ -14,7 +21,8 @@ import pathlib
 ROOT = "udn_kernels"
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / ROOT
 
-# Layers, top to bottom: each module belongs to the group of its longest matching prefix.
+# Layers, top to bottom: a module belongs to the group of its longest matching prefix (the root
+# package only to its own).
 GROUPS = {
     "udn_kernels.cli": "cli",
     "udn_kernels.__main__": "cli",
@@ -23,10 +31,10 @@ GROUPS = {
     "udn_kernels.bench": "app",
     "udn_kernels._cli_support": "app",
     "udn_kernels.nn": "nn",
-    "udn_kernels": "api",  # the package itself: re-exports the ops, rng and backend selection
+    "udn_kernels": "api",  # re-exports the ops, rng and backend selection
     "udn_kernels.ops": "api",
     "udn_kernels.rng": "api",
-    "udn_kernels._backend": "dispatch",  # picks a kernel backend: imports the kernel packages
+    "udn_kernels._backend": "dispatch",
     "udn_kernels.reference": "kernels",
     "udn_kernels.triton": "kernels",
     "udn_kernels._C": "kernels",
@@ -79,22 +87,26 @@ def _deepest_module(name: str) -> str | None:
     return name
 
 
-def _imported_names(module: str, tree: ast.AST):
-    """Full names of what each import statement of ``module`` imports (possibly not modules)."""
-    package = module if MODULES[module].name == "__init__.py" else module.rsplit(".", 1)[0]
+def _is_import_module(node: ast.AST) -> bool:
+    """``import_module("literal")`` or ``importlib.import_module("literal")``."""
+    return (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+            == "import_module" and bool(node.args) and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str))
+
+
+def _imported_names(package: str, tree: ast.AST):
+    """Full names of what the import statements of a module of ``package`` import (modules or
+    names defined in a module)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
+                base = ".".join(filter(None, [package.rsplit(".", node.level - 1)[0], base]))
             # `from a import b` imports module a.b when there is one, else a name of module a
             yield from (f"{base}.{alias.name}" for alias in node.names)
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
-              == "import_module" and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)):
+        elif _is_import_module(node):
             yield node.args[0].value
 
 
@@ -102,7 +114,8 @@ def _imports() -> dict[str, set[str]]:
     """Module -> the package modules its import statements name (the deepest module of each)."""
     imports = {}
     for module, path in MODULES.items():
-        names = _imported_names(module, ast.parse(path.read_text(), str(path)))
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        names = _imported_names(package, ast.parse(path.read_text(), str(path)))
         imports[module] = {_deepest_module(name) for name in names} - {None, module}
     return imports
 
@@ -123,7 +136,7 @@ GRAPH = {module: set().union(*(_runs(module, t) for t in targets if (module, t) 
 
 
 def _group(module: str) -> str | None:
-    prefixes = [p for p in GROUPS if module == p or module.startswith(p + ".")]
+    prefixes = [p for p in GROUPS if module == p or (p != ROOT and module.startswith(p + "."))]
     return GROUPS[max(prefixes, key=len)] if prefixes else None
 
 
@@ -150,22 +163,33 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_parser_sees_every_kind_of_import():
-    # a module-level relative import, a function-level one, `import udn_kernels` and import_module
-    assert "udn_kernels._checks" in GRAPH["udn_kernels.rng"]
-    assert "udn_kernels.reference" in GRAPH["udn_kernels._backend"]
-    assert ROOT in GRAPH["udn_kernels.nn.layers"]
-    assert "udn_kernels._C" in GRAPH["udn_kernels._backend"]
+    source = """
+import udn_kernels
+from .. import rng, gaussian_linear
+from ..reference import philox as p
+def f():
+    from .udn import UDN
+    importlib.import_module("udn_kernels._C")
+"""
+    names = set(_imported_names("udn_kernels.nn", ast.parse(source)))
+    assert {_deepest_module(n) for n in names} == {
+        ROOT, "udn_kernels.rng", "udn_kernels.reference.philox", "udn_kernels.nn.udn", "udn_kernels._C"}
+    assert _runs("udn_kernels.nn.layers", "udn_kernels.reference.philox") == {
+        "udn_kernels.reference", "udn_kernels.reference.philox"}
+    assert _runs("udn_kernels.reference.heads", "udn_kernels.reference.philox") == {"udn_kernels.reference.philox"}
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
 def test_every_module_belongs_to_a_layer():
-    assert [m for m in sorted(KNOWN) if _group(m) is None] == []
+    unplaced = [m for m in sorted(KNOWN) if _group(m) is None]
+    assert not unplaced, f"add to GROUPS: {unplaced}"
 
 
 def test_known_exceptions_are_still_imports():
     """Delete an entry once its import is gone (the list should end up empty)."""
-    assert [(m, t) for m, t in sorted(KNOWN_EXCEPTIONS) if t not in IMPORTS.get(m, ())] == []
+    stale = [(m, t) for m, t in sorted(KNOWN_EXCEPTIONS) if t not in IMPORTS.get(m, ())]
+    assert not stale, f"remove from KNOWN_EXCEPTIONS: {stale}"
 
 
 def test_no_import_cycles():
@@ -177,4 +201,4 @@ def test_imports_follow_the_layers():
     upward = [f"{module} ({_group(module)}) imports {target} ({_group(target)})"
               for module in sorted(GRAPH) for target in sorted(GRAPH[module])
               if _group(target) != _group(module) and _group(target) not in ALLOWED[_group(module)]]
-    assert upward == []
+    assert not upward, "imports against the layer order:\n" + "\n".join(upward)
