@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from udn_kernels import cli
+from udn_kernels import _cli_support, cli
 from udn_kernels.bench import cases, harness
 
 
@@ -62,8 +62,8 @@ def test_unwritable_output_path_is_a_clear_error():
 
 
 def test_missing_optional_dependency_names_the_extra():
-    with pytest.raises(cli.CLIError, match=r"udn_kernels\[experiments\]"):
-        cli._require("surely_not_installed_module", "experiments")
+    with pytest.raises(_cli_support.CLIError, match=r"udn_kernels\[experiments\]"):
+        _cli_support.import_optional("surely_not_installed_module", "experiments")
 
 
 def test_train_unknown_dataset_is_a_clear_error():

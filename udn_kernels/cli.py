@@ -3,32 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 
 import torch
 
 import udn_kernels
-
-
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
-
-
-def _require(module: str, extra: str):
-    try:
-        return __import__(module)
-    except ImportError as exc:
-        raise CLIError(f"{module} is needed for this command: pip install 'udn_kernels[{extra}]'") from exc
-
-
-def _check_writable(path: str | None, what: str) -> None:
-    if path is None:
-        return
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise CLIError(f"{what}: cannot write {path!r} (directory {directory!r} missing or not writable)")
+from ._cli_support import CLIError, check_writable, pyplot
 
 
 def info_lines() -> list[str]:
@@ -65,8 +46,8 @@ def _fmt(value, spec="8.2f"):
 
 def cmd_bench(args) -> int:
     from .bench import cases, harness
-    _check_writable(args.json, "--json")
-    _check_writable(args.plot, "--plot")
+    check_writable(args.json, "--json")
+    check_writable(args.plot, "--plot")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device: {args.device!r} requested but no CUDA device is available")
     names = args.cases or list(cases.CASES)
@@ -106,11 +87,8 @@ def cmd_bench(args) -> int:
 
 def plot_bench(results: dict, path: str) -> None:
     """Bar chart: for every case, each peer's total time divided by ours (log scale)."""
-    _require("matplotlib", "experiments")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from .bench import harness
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.6), squeeze=False)
     for ax, (name, timings) in zip(axes[0], results.items()):
         ratios = harness.speedups(timings)

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .cli import CLIError, _check_writable, _require
+from ._cli_support import CLIError, check_writable, import_optional, pyplot
 
 
 def load_dataset(name: str, *, phase: int = 3, target: str | None = None, seed: int = 0,
@@ -24,7 +24,7 @@ def load_dataset(name: str, *, phase: int = 3, target: str | None = None, seed: 
         x_te, y_te = spirals(1024, phase=phase, seed=seed + 1)
         return x_tr, y_tr, x_te, y_te, "categorical"
     if name in ("digits", "diabetes"):
-        _require("sklearn", "experiments")
+        import_optional("sklearn", "experiments")
         from sklearn import datasets
         data = datasets.load_digits() if name == "digits" else datasets.load_diabetes()
         x = torch.tensor(data.data, dtype=torch.float32)
@@ -96,13 +96,13 @@ def evaluate(model, x, y, likelihood: str, samples: int | None) -> dict:
 
 def cmd_train(args) -> int:
     from .nn import UDN
-    _check_writable(args.plot, "--plot")
+    check_writable(args.plot, "--plot")
     if args.out is not None:
         try:
             os.makedirs(args.out, exist_ok=True)
         except OSError as exc:
             raise CLIError(f"--out: cannot create {args.out!r}: {exc}") from exc
-        _check_writable(os.path.join(args.out, "model.pt"), "--out")
+        check_writable(os.path.join(args.out, "model.pt"), "--out")
     torch.manual_seed(args.seed)
     x_tr, y_tr, x_te, y_te, likelihood = load_dataset(args.dataset, phase=args.phase,
                                                       target=args.target, seed=args.seed)
@@ -162,10 +162,7 @@ def _progress(total: int):
 
 def _plot_depth_history(history: list[torch.Tensor], path: str, title: str) -> None:
     """Heat map of q(l) (rows: depth, columns: epoch)."""
-    _require("matplotlib", "experiments")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     depth = max(len(h) for h in history)
     grid = torch.zeros(depth, len(history))
     for epoch, probs in enumerate(history):

@@ -5,11 +5,13 @@ a table, saves a PNG and returns its headline numbers.
 """
 from __future__ import annotations
 
-EXPERIMENTS: dict = {}
+from .._cli_support import CLIError
+# Experiment modules register themselves into EXPERIMENTS on import.
+from . import depth_complexity, diffusion_resnet, mc_dropout, udn_vs_fixed, variance_network  # noqa: F401
+from ._common import EXPERIMENTS
 
 
 def cmd_experiment(args) -> int:
-    from ..cli import CLIError
     if args.name not in EXPERIMENTS:
         raise CLIError(f"experiment: expected one of {sorted(EXPERIMENTS)}, got {args.name!r}")
     import torch
@@ -32,7 +34,3 @@ def add_experiment_parser(sub) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of data splits, init and noise")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.set_defaults(run=cmd_experiment)
-
-
-# Experiment modules register themselves into EXPERIMENTS on import.
-from . import depth_complexity, diffusion_resnet, mc_dropout, udn_vs_fixed, variance_network  # noqa: E402,F401

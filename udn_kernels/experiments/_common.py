@@ -9,7 +9,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import EXPERIMENTS
+from .._cli_support import CLIError
+
+EXPERIMENTS: dict = {}  # name -> run(args) -> dict, filled by @register
 
 
 def register(name: str) -> Callable:
@@ -20,19 +22,8 @@ def register(name: str) -> Callable:
     return wrap
 
 
-def pyplot():
-    """matplotlib's pyplot on the non-interactive Agg backend (clear error if it is missing)."""
-    from ..cli import _require
-    _require("matplotlib", "experiments")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def output_path(args, name: str, suffix: str) -> str:
     """``<--out>/<name>.<suffix>`` (the directory is created)."""
-    from ..cli import CLIError
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as exc:

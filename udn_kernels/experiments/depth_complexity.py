@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from ._common import Timer, finish, fit, mean_std, pyplot, register, table
+from .._cli_support import pyplot
+from ._common import Timer, finish, fit, mean_std, register, table
 
 FULL = dict(phases=[0, 1, 2, 3, 4, 5, 6], seeds=1, n_train=1024, width=64, epochs=400, lr=3e-3,
             final_lr=0.01, batch_size=64, init_rate=3.0, input_scale=3.0, noise=0.02)

@@ -23,7 +23,8 @@ import math
 import torch
 from torch import nn
 
-from ._common import Timer, finish, pyplot, register, table
+from .._cli_support import pyplot
+from ._common import Timer, finish, register, table
 
 FULL = dict(depths=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], width=128, in_features=32, pairs=32, nets=8)
 QUICK = dict(depths=[1, 3, 10, 30, 100], width=64, in_features=16, pairs=16, nets=2)

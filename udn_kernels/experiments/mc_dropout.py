@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._common import Timer, finish, fit, pyplot, register, sklearn_dataset, table
+from .._cli_support import pyplot
+from ._common import Timer, finish, fit, register, sklearn_dataset, table
 
 FULL = dict(hidden=128, p_input=0.1, p_hidden=0.5, epochs=40, lr=2e-3, batch_size=64,
             ts=[1, 2, 3, 5, 10, 20, 50, 100])

@@ -16,7 +16,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from ._common import Timer, finish, fit, mean_std, pm, pyplot, register, sklearn_dataset, table
+from .._cli_support import pyplot
+from ._common import Timer, finish, fit, mean_std, pm, register, sklearn_dataset, table
 
 # Every model holds out ``val`` of its training split and is scored at its best-validation-NLL
 # epoch: trained to convergence, all of them overfit diabetes's 353 points (docs/experiments.md).

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._common import Timer, finish, fit, pyplot, register, sklearn_dataset, table
+from .._cli_support import pyplot
+from ._common import Timer, finish, fit, register, sklearn_dataset, table
 
 FULL = dict(hidden=512, samples=20,
             train={"dropout": dict(epochs=30, lr=3e-3, draws=1, batch_size=64),

@@ -6,8 +6,8 @@ prediction. The training loss of a UDN is ``-ELBO / n`` (DESIGN §1).
 """
 from .depth import PositivePoisson, TruncatedPoisson, poisson_quantile
 from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear, StochasticLayer,
-                     VariationalDropoutLinear, active_samples, deterministic, kl, mc_predict, sampling)
-from .udn import UDN
+                     VariationalDropoutLinear, active_samples, deterministic, kl, sampling)
+from .udn import UDN, mc_predict
 
 __all__ = [
     "BernoulliConv2d", "BernoulliLinear", "GaussianConv2d", "GaussianLinear", "PositivePoisson",

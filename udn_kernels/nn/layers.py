@@ -8,8 +8,8 @@ draws ``S`` weight samples for its shared input and returns ``[S, ...]``; every 
 layer treats the leading axis of its input as that sample axis and draws one weight sample per
 slice. Deterministic modules (``nn.Linear``, activations, residual additions) broadcast over the
 extra leading axis, so ``S`` Monte-Carlo samples flow through the whole model in one batched pass
-(:func:`mc_predict`). The protocol assumes every stochastic layer after the first sees a tensor
-derived from the first one's output (true for chains, residual nets and UDNs).
+(:func:`udn_kernels.nn.mc_predict`). The protocol assumes every stochastic layer after the first
+sees a tensor derived from the first one's output (true for chains, residual nets and UDNs).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 import udn_kernels
 from .._checks import check_choice, check_probability, check_samples, resolve_seed
-from ..reference import philox
+from .. import rng
 from .depth import _softplus_inverse
 
 
@@ -60,6 +60,11 @@ def _sample_axis_added() -> bool:
 
 def _new_seed() -> int:
     return int(resolve_seed(None))
+
+
+def _signs(n: int, seed: int, device) -> torch.Tensor:
+    """``+1`` where the stream's word has its top bit set, else ``-1`` (the sign draw of docs/rng.md)."""
+    return torch.where(rng.random_uint32(n, seed, device=device) >= 2**31, 1.0, -1.0)
 
 
 class StochasticLayer(nn.Module):
@@ -109,30 +114,6 @@ def deterministic(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, value in zip(layers, previous):
             m.deterministic_mode = value
-
-
-def mc_predict(model: nn.Module, x: torch.Tensor, samples: int, *, softmax: bool = True,
-               return_samples: bool = False):
-    """Monte-Carlo predictive of ``model`` at ``x`` from ``samples`` weight draws in one batched pass.
-
-    Classifiers (``softmax=True``): the mean of the ``S`` softmax outputs ``[N, C]``; otherwise
-    the mean of the raw outputs. With ``return_samples=True`` also returns the per-sample
-    ``[S, N, C]`` tensor (e.g. for :func:`udn_kernels.metrics.mutual_information`). A UDN is
-    delegated to ``model.predict(x, samples=S)`` (mixture over depths of each sample).
-    """
-    from .udn import UDN
-    samples = check_samples(samples)
-    if samples is None:
-        raise ValueError("samples: expected an int >= 1, got None")
-    if isinstance(model, UDN):
-        return model.predict(x, samples=samples, return_samples=return_samples)
-    with sampling(samples):
-        out = model(x)
-        if not _sample_axis_added():  # no stochastic layer ran: every sample is the same
-            out = out.unsqueeze(0).expand(samples, *out.shape)
-    per_sample = out.softmax(-1) if softmax else out
-    mean = per_sample.mean(0)
-    return (mean, per_sample) if return_samples else mean
 
 
 def _gaussian_kl(weight_mu, weight_sigma, bias_mu, bias_sigma, prior_std: float) -> torch.Tensor:
@@ -346,11 +327,11 @@ class _StochasticConv2d(StochasticLayer):
 class GaussianConv2d(_StochasticConv2d):
     """Mean-field Gaussian 2-D convolution (``"sample"`` estimator: one kernel draw per MC sample).
 
-    Runs on the reference path: the noise comes from ``udn_kernels.reference.philox`` (the same
-    Philox stream and the ``gaussian_linear`` "sample" layout with ``K = C * kh * kw``: weight
-    ``(s, o, k)`` at offset ``s*O*K + o*K + k``, bias ``(s, o)`` at ``S*O*K + s*O + o``) and the
-    convolution is eager ``F.conv2d`` (S samples as one grouped convolution). Input ``[N, C, H, W]``;
-    inside :func:`sampling` the output (and every later stochastic input) carries a leading ``S`` axis.
+    No fused kernel: the noise comes from ``udn_kernels.rng`` (the same Philox stream and the
+    ``gaussian_linear`` "sample" layout with ``K = C * kh * kw``: weight ``(s, o, k)`` at offset
+    ``s*O*K + o*K + k``, bias ``(s, o)`` at ``S*O*K + s*O + o``) and the convolution is eager
+    ``F.conv2d`` (S samples as one grouped convolution). Input ``[N, C, H, W]``; inside
+    :func:`sampling` the output (and every later stochastic input) carries a leading ``S`` axis.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -372,11 +353,11 @@ class GaussianConv2d(_StochasticConv2d):
             return self._conv(x, self.weight_mu, self.bias_mu)
         x, samples, x_sampled, squeeze = self._unpack(x)
         seed, numel = _new_seed(), self.weight_mu.numel()
-        eps = philox.normal(samples * numel, seed, 0, x.device).to(x.dtype)
+        eps = rng.normal(samples * numel, seed, device=x.device).to(x.dtype)
         weight = self.weight_mu + F.softplus(self.weight_rho) * eps.view(samples, *self._weight_shape())
         out = _conv_per_sample(x, weight, x_sampled, self.stride, self.padding, self.dilation)
         if self.bias_mu is not None:
-            beps = philox.normal(samples * self.out_channels, seed, samples * numel, x.device).to(x.dtype)
+            beps = rng.normal(samples * self.out_channels, seed, samples * numel, device=x.device).to(x.dtype)
             bias = self.bias_mu + F.softplus(self.bias_rho) * beps.view(samples, self.out_channels)
             out = out + bias[:, None, :, None, None]
         return out[0] if squeeze else out
@@ -391,10 +372,10 @@ class BernoulliConv2d(_StochasticConv2d):
     """2-D convolution with Bernoulli noise: masks ``"input"`` (dropout of input elements per example),
     ``"weight"`` (DropConnect per kernel weight per sample) or ``"symmetric"`` (``w = phi * sign``).
 
-    Runs on the reference path: masks come from ``udn_kernels.reference.philox`` with the
-    ``bernoulli_linear`` layout (input element ``(s, b, k)``, ``k`` over ``C*H*W``, at
-    ``s*B*K + b*K + k``; weight ``(s, o, k)``, ``k`` over ``C*kh*kw``, at ``s*O*K + o*K + k``) and the
-    convolution is eager ``F.conv2d``. Deterministic mode and ``kl()`` as :class:`BernoulliLinear`.
+    No fused kernel: masks come from ``udn_kernels.rng`` with the ``bernoulli_linear`` layout (input
+    element ``(s, b, k)``, ``k`` over ``C*H*W``, at ``s*B*K + b*K + k``; weight ``(s, o, k)``, ``k``
+    over ``C*kh*kw``, at ``s*O*K + o*K + k``) and the convolution is eager ``F.conv2d``.
+    Deterministic mode and ``kl()`` as :class:`BernoulliLinear`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -416,16 +397,16 @@ class BernoulliConv2d(_StochasticConv2d):
         seed = _new_seed()
         if self.mask == "input":
             shape = x.shape[1:] if x_sampled else x.shape
-            keep = philox.uniform(samples * shape.numel(), seed, 0, x.device) >= self.p
+            keep = rng.uniform(samples * shape.numel(), seed, device=x.device) >= self.p
             x = x * (keep.to(x.dtype) / (1.0 - self.p)).view(samples, *shape)
             out = self._conv(x.flatten(0, 1), self.weight, None)
             out = out.view(samples, -1, *out.shape[1:])
         else:
             n_weights = samples * self.weight.numel()
             if self.mask == "weight":
-                noise = (philox.uniform(n_weights, seed, 0, x.device) >= self.p).to(x.dtype) / (1.0 - self.p)
+                noise = (rng.uniform(n_weights, seed, device=x.device) >= self.p).to(x.dtype) / (1.0 - self.p)
             else:
-                noise = philox.sign_at(torch.arange(n_weights, device=x.device), seed).to(x.dtype)
+                noise = _signs(n_weights, seed, x.device).to(x.dtype)
             weight = self.weight * noise.view(samples, *self._weight_shape())
             out = _conv_per_sample(x, weight, x_sampled, self.stride, self.padding, self.dilation)
         if self.bias is not None:

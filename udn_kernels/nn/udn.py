@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as nn_module
 
 import udn_kernels
-from .._checks import check_choice, check_float_tensor, check_same
+from .._checks import check_choice, check_float_tensor, check_same, check_samples
 from .depth import PositivePoisson, TruncatedPoisson
 from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear, StochasticLayer,
                      VariationalDropoutLinear, _sample_axis_added, active_samples, sampling)
@@ -287,7 +287,7 @@ class UDN(nn.Module):
         Stem: ``relu(conv3x3(in -> channels))``; block ``l``: ``h + g(h) / sqrt(depth_scale)`` with
         ``g = conv3x3(relu(conv3x3(relu(h))))`` at constant width and resolution; the head of depth
         ``l`` reads the spatial mean of ``h_l`` (``[N, channels]``). ``layer`` picks ``nn.Conv2d`` or
-        the (reference-path) :class:`GaussianConv2d` / :class:`BernoulliConv2d` for every convolution.
+        the (eager, unfused) :class:`GaussianConv2d` / :class:`BernoulliConv2d` for every convolution.
         """
         make = _conv_factory(layer, weight_prior_std, dict(layer_kwargs or {}))
 
@@ -517,3 +517,26 @@ class UDN(nn.Module):
         if n_data is None:
             raise ValueError("n_data: expected the dataset size (int) when y is given, got None")
         return self.loss(x, y, n_data)
+
+
+def mc_predict(model: nn.Module, x: torch.Tensor, samples: int, *, softmax: bool = True,
+               return_samples: bool = False):
+    """Monte-Carlo predictive of ``model`` at ``x`` from ``samples`` weight draws in one batched pass.
+
+    Classifiers (``softmax=True``): the mean of the ``S`` softmax outputs ``[N, C]``; otherwise
+    the mean of the raw outputs. With ``return_samples=True`` also returns the per-sample
+    ``[S, N, C]`` tensor (e.g. for :func:`udn_kernels.metrics.mutual_information`). A UDN is
+    delegated to ``model.predict(x, samples=S)`` (mixture over depths of each sample).
+    """
+    samples = check_samples(samples)
+    if samples is None:
+        raise ValueError("samples: expected an int >= 1, got None")
+    if isinstance(model, UDN):
+        return model.predict(x, samples=samples, return_samples=return_samples)
+    with sampling(samples):
+        out = model(x)
+        if not _sample_axis_added():  # no stochastic layer ran: every sample is the same
+            out = out.unsqueeze(0).expand(samples, *out.shape)
+    per_sample = out.softmax(-1) if softmax else out
+    mean = per_sample.mean(0)
+    return (mean, per_sample) if return_samples else mean
