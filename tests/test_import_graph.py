@@ -55,14 +55,6 @@ ALLOWED = {
     "base": set(),
 }
 
-# (importer, imported) statements tolerated for now: removed by the triton branch.
-KNOWN_EXCEPTIONS = {
-    ("udn_kernels.reference.stochastic_linear", "udn_kernels.ops._stochastic"),
-    ("udn_kernels.triton.heads", "udn_kernels.ops.heads"),
-    ("udn_kernels.triton.stochastic_linear", "udn_kernels.ops._stochastic"),
-}
-
-
 def _modules() -> dict[str, pathlib.Path]:
     """Module name -> source path of every module of the package (a package by its __init__)."""
     modules = {}
@@ -131,7 +123,7 @@ def _runs(module: str, target: str) -> set[str]:
 
 
 IMPORTS = _imports()
-GRAPH = {module: set().union(*(_runs(module, t) for t in targets if (module, t) not in KNOWN_EXCEPTIONS))
+GRAPH = {module: set().union(*(_runs(module, t) for t in targets))
          - {module} for module, targets in IMPORTS.items()}
 
 
@@ -184,12 +176,6 @@ def f():
 def test_every_module_belongs_to_a_layer():
     unplaced = [m for m in sorted(KNOWN) if _group(m) is None]
     assert not unplaced, f"add to GROUPS: {unplaced}"
-
-
-def test_known_exceptions_are_still_imports():
-    """Delete an entry once its import is gone (the list should end up empty)."""
-    stale = [(m, t) for m, t in sorted(KNOWN_EXCEPTIONS) if t not in IMPORTS.get(m, ())]
-    assert not stale, f"remove from KNOWN_EXCEPTIONS: {stale}"
 
 
 def test_no_import_cycles():

@@ -50,15 +50,16 @@ def test_specs_mirror_the_launch_configs():
     """The AOT specs compile exactly the tiles, warps and stages the launchers use."""
     from udn_kernels.triton import heads, stochastic_linear as sl
     from udn_kernels.triton.aot import label as aot_label
+    from udn_kernels.triton.heads_common import CONFIGS
 
-    shipped = {(kind, name) for kind, configs in heads.CONFIGS.items() for name in configs}
+    shipped = {(kind, name) for kind, configs in CONFIGS.items() for name in configs}
     kinds = {"_fwd_kernel": "fwd", "_bwd_rows_kernel": "bwd_rows", "_bwd_weight_kernel": "bwd_weight",
              "_predict_kernel": "predict", "_fused_rows_kernel": "fused_rows"}
     covered = {(kinds[s["name"]], s["config"].split("/")[0]) for s in heads.AOT_SPECS if s["name"] in kinds}
     assert covered == shipped
     for spec in heads.AOT_SPECS:
         kind = kinds.get(spec["name"], "fwd")  # _lse_kernel launches with the "fwd" configs
-        config = heads.CONFIGS[kind][spec["config"].split("/")[0]]
+        config = CONFIGS[kind][spec["config"].split("/")[0]]
         assert {k: spec["constexprs"].get(k, spec.get(k)) for k in config} == config, aot_label(spec)
     # fwd / bwd kernels: categorical and gaussian; predict: also the one-tile categorical path;
     # the logsumexp pass: categorical only; the fused row kernel: 2 configs x 2 likelihoods x

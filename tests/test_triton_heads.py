@@ -1,4 +1,4 @@
-"""Triton depth-head kernels (udn_kernels/triton/heads.py) vs the reference, in the Triton CPU interpreter.
+"""Triton depth-head kernels (udn_kernels/triton/heads_*.py) vs the reference, in the Triton CPU interpreter.
 
 TRITON_INTERPRET=1 must be set before triton is first imported, and other test modules in this
 pytest process may already have imported it compiled-mode. So without the variable this module
@@ -15,7 +15,7 @@ of every output).
 """
 
 import pytest
-from triton_interpreter import interpreted, record_ops, rerun_under_interpreter
+from triton_interpreter import interpreted, record_kernels, rerun_under_interpreter
 
 if not interpreted():
 
@@ -29,7 +29,7 @@ else:
 
     import udn_kernels
     from udn_kernels.reference import heads as reference
-    from udn_kernels.triton import heads as triton_heads
+    from udn_kernels.triton import heads_backward, heads_forward, heads_fused, heads_predict
 
     # Tiny tiles so N=37, C=23, D=19 span several row blocks, class tiles, K chunks and d_hidden /
     # d_weight chunks, all with ragged edges.
@@ -71,8 +71,8 @@ else:
         ref_target = target if not gaussian else target.double()
         ref_ll, ref_aux = reference.depth_loglik_fwd(up(hidden), up(weight), up(bias), ref_target,
                                                      up(noise_std), gaussian, IGNORE)
-        ll, aux = triton_heads.forward(hidden, weight, bias, target, noise_std, gaussian, IGNORE,
-                                       fwd_config)
+        ll, aux = heads_forward.forward(hidden, weight, bias, target, noise_std, gaussian, IGNORE,
+                                        fwd_config)
         assert ll.dtype == dtype and aux.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert_matches(ll, ref_ll, dtype, "loglik")
         if gaussian:
@@ -83,8 +83,8 @@ else:
 
         ref = reference.depth_loglik_bwd(up(grad), up(hidden), up(weight), up(bias), ref_target,
                                          up(noise_std), ref_aux, gaussian, IGNORE)
-        got = triton_heads.backward(grad, hidden, weight, bias, target, noise_std, aux, gaussian,
-                                    IGNORE, bwd_config, bwd_config)
+        got = heads_backward.backward(grad, hidden, weight, bias, target, noise_std, aux, gaussian,
+                                      IGNORE, bwd_config, bwd_config)
         for name, g, r, x in zip(("d_hidden", "d_weight", "d_bias", "d_noise_std"), got, ref,
                                  (hidden, weight, bias, noise_std)):
             if x is None:
@@ -118,10 +118,10 @@ else:
             2, C, D, per_depth=True, bias_kind="shared", gaussian=gaussian, noise=gaussian,
             dtype=torch.float16)
         up = lambda t: None if t is None or not t.is_floating_point() else t.double()  # noqa: E731
-        ll, aux = triton_heads.forward(hidden, weight, bias, target, noise_std, gaussian, IGNORE,
-                                       TINY_FWD)
-        got = triton_heads.backward(grad, hidden, weight, bias, target, noise_std, aux, gaussian,
-                                    IGNORE, TINY_BWD, TINY_BWD)
+        ll, aux = heads_forward.forward(hidden, weight, bias, target, noise_std, gaussian, IGNORE,
+                                        TINY_FWD)
+        got = heads_backward.backward(grad, hidden, weight, bias, target, noise_std, aux, gaussian,
+                                      IGNORE, TINY_BWD, TINY_BWD)
         ref_target = up(target) if gaussian else target
         ref_ll, ref_aux = reference.depth_loglik_fwd(up(hidden), up(weight), up(bias), ref_target,
                                                      up(noise_std), gaussian, IGNORE)
@@ -140,7 +140,7 @@ else:
         # One class tile and one D chunk with a shared head: the d_weight work items
         # (3 depths x 3 row blocks) are split over several programs and summed afterwards.
         config = dict(TINY_BWD, BLOCK_DO=32)
-        assert triton_heads._weight_splits(9, 1, torch.device("cpu")) > 1
+        assert heads_backward._weight_splits(9, 1, torch.device("cpu")) > 1
         check_against_reference(3, False, "shared", gaussian, gaussian, torch.float32,
                                 TINY_FWD, config, C=11)
 
@@ -152,7 +152,7 @@ else:
             dtype=torch.float32)
         fwd = udn_kernels.triton.KERNELS["depth_loglik_fwd"]
         bwd = udn_kernels.triton.KERNELS["depth_loglik_bwd"]
-        assert fwd is triton_heads.depth_loglik_fwd
+        assert fwd is heads_forward.depth_loglik_fwd
         ll, aux = fwd(hidden, weight, bias, target, noise_std, gaussian, IGNORE)
         ref_ll, ref_aux = reference.depth_loglik_fwd(hidden, weight, bias, target, noise_std,
                                                      gaussian, IGNORE)
@@ -227,8 +227,8 @@ else:
     def check_fused(L, mode, per_depth, bias_kind, gaussian, noise, dtype, budget=SMALL_BUDGET):
         args, kwargs, want = fused_inputs(L, mode=mode, per_depth=per_depth, bias_kind=bias_kind,
                                           gaussian=gaussian, noise=noise, dtype=dtype)
-        got = triton_heads.fused_forward_backward(*args, **kwargs, max_chunk_logits=budget,
-                                                  config=TINY_FUSED)
+        got = heads_fused.fused_forward_backward(*args, **kwargs, max_chunk_logits=budget,
+                                                 config=TINY_FUSED)
         check_fused_dtypes(got, args)
         for name, g, r in zip(FUSED_NAMES, got, want):
             if r.numel():
@@ -245,7 +245,7 @@ else:
         L = 3 if mode == "mixture" else 1 + (len(str(bias_kind)) + per_depth + gaussian + noise) % 3
         check_fused(L, mode, per_depth, bias_kind, gaussian, noise, torch.float32)
 
-    @pytest.mark.parametrize("budget", [SMALL_BUDGET, 2 * N * C, triton_heads.MAX_CHUNK_LOGITS],
+    @pytest.mark.parametrize("budget", [SMALL_BUDGET, 2 * N * C, heads_fused.MAX_CHUNK_LOGITS],
                              ids=["row-chunks", "two-depth-chunks", "one-chunk"])
     @pytest.mark.parametrize("gaussian", [False, True], ids=["categorical", "gaussian"])
     @pytest.mark.parametrize("mode", ["expected", "mixture"])
@@ -264,8 +264,8 @@ else:
         gaussian = dtype == torch.bfloat16
         args, kwargs, want = fused_inputs(3, mode=mode, per_depth=mode == "mixture", bias_kind="shared",
                                           gaussian=gaussian, noise=gaussian, dtype=dtype)
-        got = triton_heads.fused_forward_backward(*args, **kwargs, max_chunk_logits=SMALL_BUDGET,
-                                                  config=TINY_FUSED)
+        got = heads_fused.fused_forward_backward(*args, **kwargs, max_chunk_logits=SMALL_BUDGET,
+                                                 config=TINY_FUSED)
         check_fused_dtypes(got, args)
         bound = 5e-3 if dtype == torch.float16 else 1.5e-2
         for name, g, r in zip(FUSED_NAMES, got, want):
@@ -278,7 +278,7 @@ else:
         L, C_ = 3, 23
         for budget in (1, 50, 400, 2 * N * C_, 10**9):
             seen = torch.zeros(L, N, dtype=torch.int64)
-            for l0, l1, n0, n1 in triton_heads.fused_chunks(L, N, C_, mixture, budget):
+            for l0, l1, n0, n1 in heads_fused.fused_chunks(L, N, C_, mixture, budget):
                 assert (l1 - l0) * (n1 - n0) * C_ <= max(budget, (l1 - l0) * C_)
                 assert not mixture or (l0, l1) == (0, L)  # r needs every depth of a sample
                 seen[l0:l1, n0:n1] += 1
@@ -292,27 +292,27 @@ else:
             hidden, weight, bias, target, noise_std, gaussian, ignore = args
             if mode == "expected":
                 kernel = udn_kernels.triton.KERNELS["depth_loglik_fwd_bwd"]
-                assert kernel is triton_heads.depth_loglik_fwd_bwd
+                assert kernel is heads_fused.depth_loglik_fwd_bwd
                 got = kernel(*args[:5], kwargs["grad_loglik"], gaussian, ignore)
             else:
                 kernel = udn_kernels.triton.KERNELS["depth_loglik_mixture_fwd_bwd"]
-                assert kernel is triton_heads.depth_loglik_mixture_fwd_bwd
+                assert kernel is heads_fused.depth_loglik_mixture_fwd_bwd
                 got = kernel(*args[:5], kwargs["log_weights"], kwargs["row_scale"], gaussian, ignore)
             for name, g, r in zip(FUSED_NAMES, got, want):
                 assert_matches(g, r, torch.float64, name)
 
     def test_fused_empty_batch():
         hidden, weight = torch.zeros(2, 0, D), torch.randn(C, D)
-        got = triton_heads.depth_loglik_fwd_bwd(hidden, weight, torch.randn(C), torch.zeros(0, dtype=torch.int64),
-                                                None, torch.zeros(2, 0), False, IGNORE)
+        got = heads_fused.depth_loglik_fwd_bwd(hidden, weight, torch.randn(C), torch.zeros(0, dtype=torch.int64),
+                                               None, torch.zeros(2, 0), False, IGNORE)
         assert got[0].shape == (2, 0) and got[1].shape == (2, 0) and got[2].shape == hidden.shape
         assert torch.equal(got[3], torch.zeros_like(weight)) and torch.equal(got[4], torch.zeros(C))
 
     @pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
     @pytest.mark.parametrize("mode", ["expected", "mixture"])
     def test_nll_takes_the_fused_path_and_matches_reference_backend(mode, likelihood):
-        # With a mean reduction and head inputs requiring grad the Triton path runs the
-        # udn_kernels_triton::depth_loglik_dot op (the fused kernels) and no backward kernel.
+        # With a mean reduction and head inputs requiring grad the Triton backend runs its fused
+        # gradient-in-forward kernel and no backward kernel.
         gaussian = likelihood == "gaussian"
         hidden, weight, bias, target, noise_std, _ = make_inputs(
             3, C, D, per_depth=mode == "expected", bias_kind="shared", gaussian=gaussian, noise=gaussian,
@@ -323,17 +323,16 @@ else:
             leaves = [None if t is None else t.clone().requires_grad_()
                       for t in (hidden, weight, bias, log_weights, noise_std)]
             y = target.clone().requires_grad_() if gaussian else target
-            recorder = record_ops()
-            with udn_kernels.backend(name), recorder:
+            with udn_kernels.backend(name), record_kernels(udn_kernels.triton.KERNELS) as kernels:
                 loss = udn_kernels.depth_mixture_nll(*leaves[:3], y, leaves[3], mode=mode, likelihood=likelihood,
                                                      noise_std=leaves[4], ignore_index=IGNORE)
                 loss.backward()
             grads = [t.grad for t in leaves if t is not None] + ([y.grad] if gaussian else [])
-            return recorder.names, [loss.detach()] + grads
+            return kernels, [loss.detach()] + grads
 
-        names, got = run("triton")
-        assert "udn_kernels_triton::depth_loglik_dot" in names
-        assert not {"udn_kernels_triton::depth_loglik_fwd", "udn_kernels_triton::depth_loglik_bwd"} & names
+        kernels, got = run("triton")
+        fused = "depth_loglik_fwd_bwd" if mode == "expected" else "depth_loglik_mixture_fwd_bwd"
+        assert fused in kernels and not {"depth_loglik_fwd", "depth_loglik_bwd"} & kernels
         _, want = run("reference")
         assert len(got) == len(want) == 5 + 2 * gaussian
         for i, (g, w) in enumerate(zip(got, want)):
@@ -342,11 +341,11 @@ else:
     def test_empty_batch():
         hidden = torch.zeros(2, 0, D)
         weight = torch.randn(C, D)
-        ll, aux = triton_heads.depth_loglik_fwd(hidden, weight, None, torch.zeros(0, dtype=torch.int64),
-                                                None, False, IGNORE)
+        ll, aux = heads_forward.depth_loglik_fwd(hidden, weight, None, torch.zeros(0, dtype=torch.int64),
+                                                 None, False, IGNORE)
         assert ll.shape == (2, 0) and aux.shape == (2, 0)
-        grads = triton_heads.depth_loglik_bwd(torch.zeros(2, 0), hidden, weight, None,
-                                              torch.zeros(0, dtype=torch.int64), None, aux, False, IGNORE)
+        grads = heads_backward.depth_loglik_bwd(torch.zeros(2, 0), hidden, weight, None,
+                                                torch.zeros(0, dtype=torch.int64), None, aux, False, IGNORE)
         assert torch.equal(grads[1], torch.zeros_like(weight)) and grads[2].numel() == 0
 
     def test_zero_hidden_size_still_has_bias_gradient():
@@ -354,11 +353,11 @@ else:
         hidden, weight, bias, target, _, grad = make_inputs(
             2, C, 0, per_depth=False, bias_kind="per_depth", gaussian=False, noise=False,
             dtype=torch.float64)
-        ll, aux = triton_heads.forward(hidden, weight, bias, target, None, False, IGNORE, TINY_FWD)
+        ll, aux = heads_forward.forward(hidden, weight, bias, target, None, False, IGNORE, TINY_FWD)
         ref_ll, ref_aux = reference.depth_loglik_fwd(hidden, weight, bias, target, None, False, IGNORE)
         assert_matches(ll, ref_ll, torch.float64, "loglik")
-        got = triton_heads.backward(grad, hidden, weight, bias, target, None, aux, False, IGNORE,
-                                    TINY_BWD, TINY_BWD)
+        got = heads_backward.backward(grad, hidden, weight, bias, target, None, aux, False, IGNORE,
+                                      TINY_BWD, TINY_BWD)
         ref = reference.depth_loglik_bwd(grad, hidden, weight, bias, target, None, ref_aux, False, IGNORE)
         assert_matches(got[2], ref[2], torch.float64, "d_bias")
         assert got[0].shape == hidden.shape and got[1].shape == weight.shape
@@ -385,7 +384,7 @@ else:
     def check_predict(L, C, per_depth, bias_kind, gaussian, noise, dtype, config=TINY_FWD):
         inputs = predict_inputs(L, C, per_depth=per_depth, bias_kind=bias_kind, noise=noise, dtype=dtype)
         hidden, weight, bias, log_weights, noise_std = inputs
-        got = triton_heads.predict(hidden, weight, bias, log_weights, gaussian, noise_std, config, config)
+        got = heads_predict.predict(hidden, weight, bias, log_weights, gaussian, noise_std, config, config)
         want = reference_predict(hidden, weight, bias, log_weights, gaussian, noise_std)
         assert got[0].shape == (N, C) and got[1].shape == ((N, C) if gaussian else (0,))
         for name, g, r in zip(("out1", "out2"), got, want):
@@ -416,7 +415,7 @@ else:
         # fp16 operands, fp32 accumulation and softmax, outputs rounded to fp16: 5e-3 of the scale.
         hidden, weight, bias, log_weights, noise_std = predict_inputs(
             3, PREDICT_C[tiling], per_depth=True, bias_kind="shared", noise=gaussian, dtype=torch.float16)
-        got = triton_heads.predict(hidden, weight, bias, log_weights, gaussian, noise_std, TINY_FWD, TINY_FWD)
+        got = heads_predict.predict(hidden, weight, bias, log_weights, gaussian, noise_std, TINY_FWD, TINY_FWD)
         want = reference_predict(hidden, weight, bias, log_weights, gaussian, noise_std)
         for name, g, r in zip(("out1", "out2"), got, want):
             if r.numel():
@@ -432,7 +431,7 @@ else:
         C = PREDICT_C[tiling]
         hidden, weight, bias, log_weights, _ = predict_inputs(3, C, per_depth=False, bias_kind="shared",
                                                               noise=False, dtype=torch.float32)
-        run = lambda *args: triton_heads.predict(*args, TINY_FWD, TINY_FWD)  # noqa: E731
+        run = lambda *args: heads_predict.predict(*args, TINY_FWD, TINY_FWD)  # noqa: E731
         h = hidden.clone()
         h[2, 5, 0] = math.nan  # depth 2 has a finite weight
         probs, _ = run(h, weight, bias, log_weights, False, None)
@@ -463,7 +462,7 @@ else:
 
     def test_predict_empty_batch():
         hidden = torch.zeros(2, 0, D)
-        out1, out2 = triton_heads.predict(hidden, torch.randn(C, D), None, torch.zeros(2), True, None)
+        out1, out2 = heads_predict.predict(hidden, torch.randn(C, D), None, torch.zeros(2), True, None)
         assert out1.shape == (0, C) and out2.shape == (0, C)
 
     @pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])

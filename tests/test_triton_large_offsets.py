@@ -30,7 +30,7 @@ else:
 
     from udn_kernels.reference import heads as reference_heads
     from udn_kernels.reference import philox
-    from udn_kernels.triton import heads as triton_heads
+    from udn_kernels.triton import heads_backward, heads_common, heads_forward, heads_predict
     from udn_kernels.triton import rng as triton_rng
     from udn_kernels.triton import stochastic_linear as tsl
 
@@ -81,8 +81,8 @@ else:
     def test_heads_forward_and_d_hidden_past_2_31():
         L, C, D = 2, 10, 64
         N = BIG // (L * D) + 37
-        fwd_rows = triton_heads.select_config("fwd", C, D, torch.float32)["BLOCK_N"]
-        bwd_rows = triton_heads.select_config("bwd_rows", C, D, torch.float32)["BLOCK_N"]
+        fwd_rows = heads_common.select_config("fwd", C, D, torch.float32)["BLOCK_N"]
+        bwd_rows = heads_common.select_config("bwd_rows", C, D, torch.float32)["BLOCK_N"]
         r0 = (triton.cdiv(N, fwd_rows) - 1) * fwd_rows
         assert r0 % bwd_rows == 0  # the last backward row block lies inside the forward one
         gen = torch.Generator().manual_seed(0)
@@ -93,7 +93,7 @@ else:
         target[r0:] = torch.randint(0, C, (N - r0,), generator=gen)
         target[r0::3] = -100
         with only_programs(programs_from(0, r0 // fwd_rows)):
-            loglik, lse = triton_heads.forward(hidden, weight, bias, target, None, False, -100)
+            loglik, lse = heads_forward.forward(hidden, weight, bias, target, None, False, -100)
         ref_loglik, ref_lse = reference_heads.depth_loglik_fwd(hidden[:, r0:], weight, bias, target[r0:],
                                                               None, False, -100)
         torch.testing.assert_close(loglik[:, r0:], ref_loglik, **TOL)
@@ -103,7 +103,7 @@ else:
         # covered by the next test instead.
         grad = filled_tail((L, N), r0, 1, gen)
         with only_programs(programs_from(0, r0 // bwd_rows, kernels={"_bwd_rows_kernel"})):
-            d_hidden = triton_heads.backward(grad, hidden, weight, bias, target, None, lse, False, -100)[0]
+            d_hidden = heads_backward.backward(grad, hidden, weight, bias, target, None, lse, False, -100)[0]
         ref_d_hidden = reference_heads.depth_loglik_bwd(grad[:, r0:], hidden[:, r0:], weight, bias, target[r0:],
                                                         None, ref_lse, False, -100)[0]
         torch.testing.assert_close(d_hidden[:, r0:], ref_d_hidden, **TOL)
@@ -111,7 +111,7 @@ else:
     def test_heads_d_weight_past_2_31():
         L, N, D = 2, 5, 64
         C = BIG // (L * D) + 13
-        c_block = triton_heads.select_config("bwd_weight", C, D, torch.float32)["BLOCK_C"]
+        c_block = heads_common.select_config("bwd_weight", C, D, torch.float32)["BLOCK_C"]
         c0 = (triton.cdiv(C, c_block) - 1) * c_block
         gen = torch.Generator().manual_seed(1)
         weight = filled_tail((L, C, D), c0, 1, gen)
@@ -122,7 +122,7 @@ else:
         # Any logsumexp defines a G = g (onehot - exp(s - lse)); the kernel must use this one.
         lse = torch.randn(L, N, generator=gen) + 4.0
         with only_programs(programs_from(0, c0 // c_block, kernels={"_bwd_weight_kernel"})):
-            d_weight = triton_heads.backward(grad, hidden, weight, None, target, None, lse, False, -100)[1]
+            d_weight = heads_backward.backward(grad, hidden, weight, None, target, None, lse, False, -100)[1]
         logits = hidden @ weight[:, c0:].transpose(1, 2)  # [L, N, C - c0]
         onehot = (target[:, None] == torch.arange(c0, C)).float()
         g = (grad * (target != -100))[..., None] * (onehot - torch.exp(logits - lse[..., None]))
@@ -135,9 +135,9 @@ else:
         _lse_kernel and the class-tiled _predict_kernel."""
         L, C, D = 2, 128, 64
         N = BIG // C + 100  # the last row block starts past row 2^24: r0 * C > 2^31
-        config = triton_heads.select_config("predict", C, D, torch.float32)
+        config = heads_common.select_config("predict", C, D, torch.float32)
         rows = config["BLOCK_N"]
-        assert triton_heads.select_config("fwd", C, D, torch.float32)["BLOCK_N"] == rows  # lse rows
+        assert heads_common.select_config("fwd", C, D, torch.float32)["BLOCK_N"] == rows  # lse rows
         assert C > config["BLOCK_C"]
         r0 = (triton.cdiv(N, rows) - 1) * rows
         gen = torch.Generator().manual_seed(4)
@@ -147,7 +147,7 @@ else:
         log_weights = torch.tensor([0.3, -0.2])
         noise_std = torch.rand(C, generator=gen) + 0.5 if gaussian else None
         with only_programs(programs_from(0, r0 // rows)):
-            got = triton_heads.predict(hidden, weight, bias, log_weights, gaussian, noise_std)
+            got = heads_predict.predict(hidden, weight, bias, log_weights, gaussian, noise_std)
         want = reference_heads.depth_mixture_predict(hidden[:, r0:], weight, bias, log_weights, gaussian,
                                                      noise_std)
         torch.testing.assert_close(got[0][r0:], want[0], **TOL)

@@ -1,22 +1,23 @@
-"""The ``udn_kernels_triton::`` ops (``torch.library.triton_op`` + ``wrap_triton``, DESIGN §5).
+"""The Triton backend's kernels: ``udn_kernels.triton.KERNELS``, ``torch.library.triton_op``s
+(``udn_kernels_triton::*``) whose bodies launch the kernels through ``wrap_triton``.
 
 Two properties:
 
-- Traceability (this process, Triton in compiled mode, no GPU): ``torch.compile(fullgraph=True)``
-  through AOTAutograd (joint graph captured at the partitioner, the run then stopped) and a
-  fake-tensor trace with functionalization decompose every triton_op into
-  ``triton_kernel_wrapper_functional`` nodes naming the Triton kernels, forward and backward, so
-  Inductor sees and schedules the kernels instead of an opaque call. Triton's kernel-mutation
-  analysis needs a compile target; a stub driver supplies sm_90 (it only lowers to TTIR), and the
-  analysis then clones only the kernels' output buffers, never the inputs.
+- Traceability (this process, Triton in compiled mode, no GPU): a fake-tensor trace with
+  functionalization, and ``torch.compile(fullgraph=True)`` through AOTAutograd (graph captured at
+  the compiler, the run then stopped), decompose every triton_op into
+  ``triton_kernel_wrapper_functional`` nodes naming the Triton kernels, so a graph of these calls
+  holds the kernels themselves rather than an opaque call. Triton's kernel-mutation analysis
+  needs a compile target; a stub driver supplies sm_90 (it only lowers to TTIR), and the analysis
+  then clones only the kernels' output buffers, never the inputs.
 - Numerics (a TRITON_INTERPRET=1 subprocess): each triton_op called eagerly on CPU tensors equals
-  the reference kernel, and the public ops on the triton backend run through these triton_ops
-  (recorded by a dispatch mode) with autograd equal to the reference backend's. Tolerances:
-  float64 1e-10 (heads), float32 1e-4 (stochastic linear, fp32 accumulation vs the float64-free
-  reference), RNG words bit-identical and normals within 1e-6.
+  the reference kernel, and the public ops on the triton backend run the Triton kernels (recorded
+  by wrapping the kernel table) with outputs and autograd equal to the reference backend's.
+  Tolerances: float64 1e-10 (heads), float32 1e-4 (stochastic linear, fp32 accumulation vs the
+  float64-free reference), RNG words bit-identical and normals within 1e-6.
 """
 import pytest
-from triton_interpreter import interpreted, record_ops, rerun_under_interpreter
+from triton_interpreter import interpreted, record_kernels, rerun_under_interpreter
 
 import torch
 
@@ -68,32 +69,34 @@ if not interpreted():
     def test_depth_loglik_traces_to_forward_and_backward_kernels(trace):
         hidden, weight, bias, target, _ = heads_inputs()
 
-        def loss_and_grads(hidden, weight, bias, target):
-            leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
-            loglik, _ = torch.ops.udn_kernels_triton.depth_loglik_fwd(*leaves, target, None, False, -100)
-            return torch.autograd.grad(loglik.sum(), leaves)
+        def loglik_and_grads(hidden, weight, bias, target):
+            ops = torch.ops.udn_kernels_triton
+            loglik, aux = ops.depth_loglik_fwd(hidden, weight, bias, target, None, False, -100)
+            return ops.depth_loglik_bwd(torch.ones_like(loglik), hidden, weight, bias, target, None, aux, False,
+                                        -100)
 
-        kernels, _ = trace(loss_and_grads, hidden, weight, bias, target)
+        kernels, _ = trace(loglik_and_grads, hidden, weight, bias, target)
         assert [name for name, _ in kernels] == ["_fwd_kernel", "_bwd_rows_kernel", "_bwd_weight_kernel"]
         assert kernels[0][1] == {"out_ptr", "lse_ptr"}
-        assert kernels[1][1] <= {"dh_ptr", "col_ptr", "g_ptr"}  # g_ptr: the contiguous upstream gradient
-        assert kernels[2][1] <= {"dw_ptr", "g_ptr"}
+        assert kernels[1][1] <= {"dh_ptr", "col_ptr"}
+        assert kernels[2][1] <= {"dw_ptr"}
 
     @pytest.mark.parametrize("mode", ["expected", "mixture"])
     def test_gradient_in_forward_traces_to_fused_kernels(trace, mode):
-        """``depth_loglik_dot`` (the public mean/sum path) forward and backward: the fused row kernel
-        (mixture: its forward launch, then its gradient launch) between aten GEMMs, and no
-        backward kernel; only the kernel's outputs are cloned."""
+        """``depth_loglik_fwd_bwd`` / ``depth_loglik_mixture_fwd_bwd``: the fused row kernel
+        (mixture: its forward launch, then its gradient launch) between aten GEMMs; only the
+        kernel's outputs are cloned."""
         hidden, weight, bias, target, log_weights = heads_inputs()
 
-        def loss_and_grads(hidden, weight, bias, target, log_weights):
-            leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
-            coef = torch.full((hidden.shape[1],), 0.5) if mode == "mixture" else torch.ones(hidden.shape[:2])
-            total = torch.ops.udn_kernels_triton.depth_loglik_dot(
-                *leaves, target, None, coef, log_weights if mode == "mixture" else None, False, -100)[0]
-            return torch.autograd.grad(total, leaves)
+        def loglik_and_grads(hidden, weight, bias, target, log_weights):
+            ops = torch.ops.udn_kernels_triton
+            if mode == "mixture":
+                return ops.depth_loglik_mixture_fwd_bwd(hidden, weight, bias, target, None, log_weights,
+                                                        torch.full((hidden.shape[1],), 0.5), False, -100)
+            return ops.depth_loglik_fwd_bwd(hidden, weight, bias, target, None, torch.ones(hidden.shape[:2]),
+                                            False, -100)
 
-        kernels, ops = trace(loss_and_grads, hidden, weight, bias, target, log_weights)
+        kernels, ops = trace(loglik_and_grads, hidden, weight, bias, target, log_weights)
         assert [name for name, _ in kernels] == ["_fused_rows_kernel"] * (2 if mode == "mixture" else 1)
         assert all(cloned <= {"gz_ptr", "out_ptr", "lse_ptr", "col_ptr"} for _, cloned in kernels)
         assert sum(op.startswith("aten.bmm") for op in ops) == 3  # logits, d_hidden, d_weight
@@ -128,64 +131,70 @@ if not interpreted():
             torch.randn(20, generator=gen)
 
         def out_and_grads(x, weight, bias):
-            leaves = [t.requires_grad_() for t in (x, weight, bias)]
+            ops = torch.ops.udn_kernels_triton
             if op == "gaussian_linear":  # weight_mu, weight_sigma, bias_mu; no bias noise
-                out = torch.ops.udn_kernels_triton.gaussian_linear_fwd(leaves[0], leaves[1], leaves[1].abs(),
-                                                                       leaves[2], None, 7, *args)[0]
-            else:
-                out = torch.ops.udn_kernels_triton.bernoulli_linear_fwd(*leaves, 0.25, 7, *args)
-            return torch.autograd.grad(out.sum(), leaves)
+                tensors = (x, weight, weight.abs(), bias, None)
+                out, std = ops.gaussian_linear_fwd(*tensors, 7, *args)
+                return ops.gaussian_linear_bwd(torch.ones_like(out), *tensors, std, 7, *args)
+            out = ops.bernoulli_linear_fwd(x, weight, bias, 0.25, 7, *args)
+            return ops.bernoulli_linear_bwd(torch.ones_like(out), x, weight, bias, 0.25, 7, *args)
 
         kernels, _ = trace(out_and_grads, x, weight, bias)
         assert [name for name, _ in kernels] == kernel_names
         assert not {"x_ptr", "w_ptr", "sig_ptr"} & set().union(*(cloned for _, cloned in kernels))
 
     class _Traced(Exception):
-        """Raised by the compiled forward: the graphs are captured, and there is no GPU to run them."""
+        """Raised by the compiled function: the graph is captured, and there is no GPU to run it."""
 
     @pytest.mark.parametrize("op,kernel_names", [
         ("depth_loglik", ["_fwd_kernel", "_bwd_rows_kernel", "_bwd_weight_kernel"]),
-        ("depth_mixture_predict", ["_lse_kernel", "_predict_kernel"]),  # eager-formula backward
-        ("depth_loglik_dot", ["_fused_rows_kernel"] * 2),  # mixture mode: no backward kernel
+        ("depth_mixture_predict", ["_lse_kernel", "_predict_kernel"]),
+        ("depth_loglik_mixture_fwd_bwd", ["_fused_rows_kernel"] * 2),
         ("gaussian_linear", ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),
     ])
     def test_torch_compile_fullgraph_sees_the_kernels(trace, op, kernel_names):
-        """The real pipeline, Dynamo (fullgraph) + AOTAutograd: its joint forward/backward graph,
-        as handed to the partitioner (then Inductor), holds the kernels themselves."""
+        """The real pipeline, Dynamo (fullgraph) + AOTAutograd: the graph it hands to the compiler
+        (Inductor's place) holds the kernels themselves."""
         from torch._dynamo.backends.common import aot_autograd
-        from torch._functorch.partitioners import default_partition
 
-        joint = []
+        graphs = []
 
-        def partition(graph_module, *args, **kwargs):
-            joint.append(graph_module)
-            return default_partition(graph_module, *args, **kwargs)
+        def compiler(graph_module, example_inputs):
+            graphs.append(graph_module)
 
-        def forward_compiler(graph_module, example_inputs):
             def stop(*args):
                 raise _Traced
             return stop
 
         hidden, weight, bias, target, log_weights = heads_inputs()
+        ops = torch.ops.udn_kernels_triton
+
+        def depth_loglik():
+            loglik, aux = ops.depth_loglik_fwd(hidden, weight, bias, target, None, False, -100)
+            return ops.depth_loglik_bwd(torch.ones_like(loglik), hidden, weight, bias, target, None, aux, False,
+                                        -100)
+
+        def gaussian_linear():
+            tensors = (hidden[:1], weight[0, :, :19], weight[1].abs(), None, None)
+            out, std = ops.gaussian_linear_fwd(*tensors, 3, "flipout", 2, False)
+            return ops.gaussian_linear_bwd(torch.ones_like(out), *tensors, std, 3, "flipout", 2, False)
+
         calls = {
-            "depth_loglik": lambda: torch.ops.udn_kernels_triton.depth_loglik_fwd(
-                hidden, weight, bias, target, None, False, -100)[0],
-            "depth_loglik_dot": lambda: torch.ops.udn_kernels_triton.depth_loglik_dot(
-                hidden, weight, bias, target, None, torch.full((hidden.shape[1],), 0.5), log_weights, False,
-                -100)[0],
-            "depth_mixture_predict": lambda: torch.ops.udn_kernels_triton.depth_mixture_predict(
-                hidden, weight[0].repeat(4, 1), bias.repeat(4), log_weights, False, None)[0],
-            "gaussian_linear": lambda: torch.ops.udn_kernels_triton.gaussian_linear_fwd(
-                hidden[:1], weight[0, :, :19], weight[1].abs(), None, None, 3, "flipout", 2, False)[0],
+            "depth_loglik": depth_loglik,
+            "depth_loglik_mixture_fwd_bwd": lambda: ops.depth_loglik_mixture_fwd_bwd(
+                hidden, weight, bias, target, None, log_weights, torch.full((hidden.shape[1],), 0.5), False,
+                -100),
+            "depth_mixture_predict": lambda: ops.depth_mixture_predict(
+                hidden, weight[0].repeat(4, 1), bias.repeat(4), log_weights, False, None),
+            "gaussian_linear": gaussian_linear,
         }
-        for t in (hidden, weight, bias, log_weights):
-            t.requires_grad_()
         torch._dynamo.reset()
-        compiled = torch.compile(lambda: calls[op]().sum(), fullgraph=True,
-                                 backend=aot_autograd(fw_compiler=forward_compiler, partition_fn=partition))
+        # Every output is used: a kernel whose outputs are all unused would be dead code.
+        compiled = torch.compile(lambda: sum(out.sum() for out in calls[op]()), fullgraph=True,
+                                 backend=aot_autograd(fw_compiler=compiler))
         with pytest.raises(_Traced):
             compiled()
-        nodes = [n for n in joint[0].graph.nodes if n.op == "call_function"]
+        nodes = [n for n in graphs[0].graph.nodes if n.op == "call_function"]
         names = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in nodes
                  if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
         torch._dynamo.reset()  # also clears the kernel side table
@@ -307,28 +316,30 @@ else:
         return [t.clone().requires_grad_() for t in
                 (hidden, weight, bias, log_weights, x.double(), mu.double(), sigma.double())]
 
-    @pytest.mark.parametrize("name", ["depth_loglik", "depth_mixture_nll", "depth_mixture_predict",
-                                      "gaussian_linear", "bernoulli_linear"])
-    def test_public_ops_run_through_triton_ops_with_autograd(name):
+    # The Triton kernels each public op runs, forward and backward: depth_mixture_nll (mean) takes
+    # the gradient in the forward; predict's backward is not a kernel.
+    PUBLIC_KERNELS = {
+        "depth_loglik": {"depth_loglik_fwd", "depth_loglik_bwd"},
+        "depth_mixture_nll": {"depth_loglik_mixture_fwd_bwd"},
+        "depth_mixture_predict": {"depth_mixture_predict"},
+        "gaussian_linear": {"gaussian_linear_fwd", "gaussian_linear_bwd"},
+        "bernoulli_linear": {"bernoulli_linear_fwd", "bernoulli_linear_bwd"},
+    }
+
+    @pytest.mark.parametrize("name", list(PUBLIC_KERNELS))
+    def test_public_ops_run_the_triton_kernels_with_autograd(name):
         fn = public_calls()[name]
 
         def run(backend):
             leaves = public_leaves()
-            recorder = record_ops()
-            with udn_kernels.backend(backend), recorder:
+            with udn_kernels.backend(backend), record_kernels(udn_kernels.triton.KERNELS) as kernels:
                 out = fn(*leaves)
                 weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)
                 (out * weights).sum().backward()
-            return recorder.names, [out.detach()] + [t.grad for t in leaves if t.grad is not None]
+            return kernels, [out.detach()] + [t.grad for t in leaves if t.grad is not None]
 
-        names, got = run("triton")
-        # depth_mixture_nll (mean): head gradients in the forward (depth_loglik_dot), no backward op
-        forward_op = {"depth_loglik": "depth_loglik_fwd", "depth_mixture_nll": "depth_loglik_dot",
-                      "depth_mixture_predict": "depth_mixture_predict"}.get(name, f"{name}_fwd")
-        assert f"udn_kernels_triton::{forward_op}" in names
-        if name not in ("depth_mixture_predict", "depth_mixture_nll"):  # predict's backward: eager torch
-            assert f"udn_kernels_triton::{forward_op.replace('_fwd', '_bwd')}" in names
-        assert not any(n.startswith("udn_kernels::") for n in names), names
+        kernels, got = run("triton")
+        assert kernels == PUBLIC_KERNELS[name]
         _, want = run("reference")
         # stochastic linear runs in fp32 on every backend's Triton kernel (docs/triton.md)
         assert_all_close(got, want, TOL32 if name.endswith("linear") else TOL64)

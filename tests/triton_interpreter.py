@@ -59,17 +59,21 @@ def only_programs(keep):
         interpreter.GridExecutor.__init__, interpreter.GridExecutor._restore_args_dev = init, restore
 
 
-def record_ops():
-    """A ``TorchDispatchMode`` whose ``names`` collects the ops dispatched inside its ``with`` block."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+@contextlib.contextmanager
+def record_kernels(kernels: dict):
+    """Within the block, every entry of the kernel table ``kernels`` (a backend's ``KERNELS``) adds
+    its name to the yielded set when called: which kernels a public op ran."""
+    names = set()
+    saved = dict(kernels)
 
-    class RecordOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = set()
+    def recording(name, kernel):
+        def run(*args, **kwargs):
+            names.add(name)
+            return kernel(*args, **kwargs)
+        return run
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.name())
-            return func(*args, **(kwargs or {}))
-
-    return RecordOps()
+    kernels.update({name: recording(name, kernel) for name, kernel in saved.items()})
+    try:
+        yield names
+    finally:
+        kernels.update(saved)

@@ -19,22 +19,20 @@ def op_caller(custom_op, impl: Callable, setup_context: Callable, backward: Call
     """``call(*inputs)``: ``custom_op(*inputs)`` when compiling, else an autograd.Function running
     ``impl`` / ``setup_context`` / ``backward`` — the functions the custom op is registered with."""
 
-    class Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = impl(*inputs)
-            setup_context(ctx, inputs, output)
-            ctx.eager = True
-            return output
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        ctx.eager = True
+        return output
 
-    Eager.backward = staticmethod(backward)
-    Eager.__name__ = Eager.__qualname__ = f"Eager_{custom_op._name}"
+    # Named after the op, so its autograd node reads e.g. ``Eager_depth_loglik_dotBackward``.
+    eager = type(f"Eager_{custom_op._name}", (torch.autograd.Function,),
+                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
     custom_op.register_autograd(backward, setup_context=setup_context)
 
     def call(*inputs):
-        return custom_op(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
+        return custom_op(*inputs) if torch.compiler.is_compiling() else eager.apply(*inputs)
 
-    call.eager_function = Eager
     return call
 
 

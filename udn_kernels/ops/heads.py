@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ..reference import heads as _reference
+from .._formulas import mixture_grad
 from ._dispatch import op_caller, stage
 from .._checks import check_choice, check_float_tensor, check_same, check_shape, check_tensor
 
@@ -190,7 +190,7 @@ def _backward_dot(ctx, grad_total, *unused):
         return saved if unit else grad_total * saved
 
     # d total / d loglik: coef (expected), -coef_n r[l, n] (mixture; r = softmax over depths)
-    grad_loglik = coef if log_weights is None else _reference.mixture_grad(loglik, log_weights, coef)
+    grad_loglik = coef if log_weights is None else mixture_grad(loglik, log_weights, coef)
     d_target = d_coef = d_log_weights = None
     if ctx.gaussian and ctx.needs_input_grad[3]:
         d_target = _gaussian_target_grad(grad_total * grad_loglik, hidden, weight, bias, target, noise_std)

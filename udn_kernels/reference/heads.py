@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from .._formulas import mixture_grad
+
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -138,13 +140,6 @@ def fwd_bwd_from(fwd, bwd):
         grads = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index)
         return (loglik, aux) + tuple(grads)
     return depth_loglik_fwd_bwd
-
-
-def mixture_grad(loglik, log_weights, row_scale):
-    """Gradient of the mixture NLL ``-sum_n s_n logsumexp_l(lw_l + loglik[l, n])`` w.r.t. ``loglik``:
-    ``-s_n r[l, n]`` with ``r`` the softmax over depths (exactly 0 on rows with ``s_n = 0``)."""
-    r = torch.softmax(log_weights[:, None] + loglik, dim=0)
-    return torch.where(row_scale == 0, torch.zeros_like(r), -row_scale * r)
 
 
 def depth_loglik_mixture_fwd_bwd(hidden, weight, bias, target, noise_std, log_weights, row_scale,

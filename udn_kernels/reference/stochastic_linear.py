@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._stochastic import local_reparam_grads
+from .._formulas import local_reparam_grads
 from .philox import normal_at, sign_at, uniform_at
 
 

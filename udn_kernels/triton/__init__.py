@@ -1,7 +1,7 @@
-"""Triton kernels (the CUDA path). On CPU tensors they run only under ``TRITON_INTERPRET=1``.
+"""The Triton backend (the CUDA path). On CPU tensors its kernels run only under ``TRITON_INTERPRET=1``.
 
-``KERNELS`` maps kernel names of docs/internals.md to launch functions with the same signature
-as the reference ones.
+``KERNELS`` maps kernel names of docs/internals.md to triton_ops with the same signature as the
+reference ones; the ``udn_kernels::`` ops call them (docs/triton.md, "Dispatch").
 """
 import importlib
 

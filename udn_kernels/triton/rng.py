@@ -84,7 +84,7 @@ def philox_normal(n: int, seed: int, offset: int, device: torch.device) -> Tenso
     return _launch(_NORMAL, torch.float32, n, seed, offset, 0.0, device)
 
 
-# torch.library.triton_op registrations (DESIGN section 5): ``udn_kernels_triton::philox_*``.
+# The Triton backend's RNG kernels, triton_ops ``udn_kernels_triton::philox_*``.
 @triton_op("udn_kernels_triton::philox_uint32", mutates_args=())
 def philox_uint32_op(n: int, seed: int, offset: int, device: torch.device) -> Tensor:
     """``n`` uint32 words (int64 tensor) of the stream of ``seed`` from element ``offset``."""

@@ -10,7 +10,7 @@ in registers from the Philox stream at the offsets of docs/rng.md, tile by tile 
 - ``_dw_kernel``: ``d_W = sum_s grad[s]^T x[s]``, weighted per draw by that draw's weight noise.
 
 The local-reparameterisation estimator has only output noise: ``_fwd_kernel`` also writes the
-output std ``[Sx, B, N]``, and the backward (``ops._stochastic.local_reparam_grads``) regenerates
+output std ``[Sx, B, N]``, and the backward (``_formulas.local_reparam_grads``) regenerates
 the output eps and finishes with plain matrix products, without recomputing the variance.
 
 ``sigma_softplus`` (the ``SOFTPLUS`` constexpr): the sigma arguments hold rho, softplus is applied
@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ..ops._stochastic import local_reparam_grads, register_triton_autograd
+from .._formulas import local_reparam_grads
 from .rng import philox_normal, randn
 
 # MODE values (constexpr).
@@ -357,9 +357,8 @@ def _empty(like):
     return like.new_empty(0)
 
 
-# torch.library.triton_op registrations (DESIGN section 5): ``udn_kernels_triton::*_linear_fwd/bwd``,
-# called directly on the Triton path of udn_kernels.ops (compiled graphs see the kernels) and as
-# the triton backend's kernel-table entries.
+# The Triton backend's kernels (``KERNELS``), run by the ``udn_kernels::`` ops. triton_ops so that
+# a graph of these calls shows the Triton kernels themselves (torch.compile, make_fx).
 @triton_op("udn_kernels_triton::gaussian_linear_fwd", mutates_args=())
 def gaussian_linear_fwd(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor, bias_mu: Optional[Tensor],
                         bias_sigma: Optional[Tensor], seed: int, estimator: str, samples: int,
@@ -426,9 +425,6 @@ def bernoulli_linear_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Opti
     d_bias = grad.sum((0, 1)).to(bias.dtype) if bias is not None else _empty(x)
     return dx, dw, d_bias
 
-
-register_triton_autograd(gaussian_linear_fwd, gaussian_linear_bwd, n_tensors=5, aux_outputs=True)
-register_triton_autograd(bernoulli_linear_fwd, bernoulli_linear_bwd, n_tensors=3)
 
 KERNELS = {
     "gaussian_linear_fwd": gaussian_linear_fwd,
