@@ -1,4 +1,4 @@
-"""The ``udn_kernels_triton::`` ops (``torch.library.triton_op`` + ``wrap_triton``, DESIGN §5).
+"""The ``udn_kernels_triton::`` ops (``torch.library.triton_op`` + ``wrap_triton``; docs/design.md, "Backends and dispatch").
 
 Two properties:
 
