@@ -1,4 +1,4 @@
-"""heads-small / heads-lm (DESIGN §6): the fused depth-mixture loss vs what users write.
+"""heads-small / heads-lm (docs/design.md, "Benchmarks"): the fused depth-mixture loss vs what users write.
 
 Methods (all compute the expected-mode loss ``sum_l w_l CE(head_l(h_l), y)`` and its gradients):
 ``fused`` (``udn_kernels.depth_mixture_nll`` on the C++ backend), ``eager`` (a loop of
@@ -6,8 +6,9 @@ Methods (all compute the expected-mode loss ``sum_l w_l CE(head_l(h_l), y)`` and
 ``linear_ce`` (``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, looping depths) and
 ``floor`` (the same three matrix products alone: logits, dH, dW). Passes: ``forward``,
 ``backward``, ``fwd+bwd``. Mixture mode (``-log sum_l w_l p_l``) is benchmarked too, with
-``recompute`` (forward + recomputing backward) in place of ``linear_ce``. Tiny shapes by default (so the suite never rots); ``UDN_BENCH_FULL=1``
-selects the DESIGN sizes.
+``recompute`` (forward + recomputing backward) in place of ``linear_ce``. Tiny shapes by default (so
+the suite never rots); ``UDN_BENCH_FULL=1`` selects the full sizes of ``udn bench``. The baselines,
+floors and full shapes are those of ``udn_kernels.bench.cases``.
 
 Run: ``python -m pytest benchmarks/bench_heads.py --benchmark-enable`` (pytest-benchmark table),
 ``python benchmarks/bench_heads.py [--threads N] [--cases a,b] [--methods a,b]`` (medians and
@@ -32,16 +33,14 @@ import time
 
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 import udn_kernels
+from udn_kernels.bench import cases as bench_cases
 
 FULL = os.environ.get("UDN_BENCH_FULL") == "1"
 CASES = {
     # name: (L, N, D, C, head per depth)
-    "heads-small": (16, 256, 128, 10, True) if FULL else (4, 32, 16, 10, True),
-    "heads-lm": (4, 2048, 256, 16384, False) if FULL else (2, 64, 32, 1000, False),
+    "heads-small": bench_cases.HEADS_SHAPES["heads-small"] if FULL else (4, 32, 16, 10, True),
+    "heads-lm": bench_cases.HEADS_SHAPES["heads-lm"] if FULL else (2, 64, 32, 1000, False),
 }
 METHODS = ("fused", "eager", "compiled", "linear_ce", "floor")
 # mixture mode has no F.linear_cross_entropy peer; "recompute" is its previous 4-GEMM path
@@ -50,7 +49,8 @@ PASSES = ("forward", "backward", "fwd+bwd")
 
 
 class Problem:
-    """Inputs of one case plus the per-depth ``nn.Linear`` heads holding the same parameters."""
+    """Inputs of one case: hidden states, the heads (``[L, C, D]`` + bias per depth, or one shared
+    bias-free ``[C, D]``), targets, log-weights and the logits gradients of the GEMM floor."""
 
     def __init__(self, L, N, D, C, per_depth, seed=0, mode="expected"):
         torch.manual_seed(seed)
@@ -58,20 +58,10 @@ class Problem:
         self.hidden = torch.randn(L, N, D).requires_grad_()
         self.target = torch.randint(0, C, (N,))
         self.log_weights = torch.log_softmax(torch.randn(L), 0).requires_grad_()
-        # heads-small has a biased head per depth (nn.Linear default); heads-lm a bias-free shared head
-        self.heads = nn.ModuleList(nn.Linear(D, C, bias=per_depth) for _ in range(L if per_depth else 1))
-        if per_depth:
-            self.weight = torch.stack([h.weight.detach() for h in self.heads]).requires_grad_()
-            self.bias = torch.stack([h.bias.detach() for h in self.heads]).requires_grad_()
-        else:
-            self.weight = self.heads[0].weight
-            self.bias = None
-        rows = L * N
-        self.grad_logits = torch.randn(L, N, C) if per_depth else torch.randn(rows, C)
+        self.weight = (torch.randn(*((L, C, D) if per_depth else (C, D))) / D ** 0.5).requires_grad_()
+        self.bias = torch.zeros(L, C, requires_grad=True) if per_depth else None
+        self.grad_logits = torch.randn(L, N, C) if per_depth else torch.randn(L * N, C)
         self._compiled = None
-
-    def head(self, l):
-        return self.heads[l if self.per_depth else 0]
 
     # ---- the methods: each returns the scalar loss
     def fused(self):
@@ -86,15 +76,8 @@ class Problem:
                                                  self.log_weights, mode=self.mode, reduction="none").mean()
 
     def eager(self):
-        w = self.log_weights.exp()
-        if self.mode == "mixture":
-            ll = torch.stack([-F.cross_entropy(self.head(l)(self.hidden[l]), self.target, reduction="none")
-                              for l in range(self.L)])
-            return -torch.logsumexp(self.log_weights[:, None] + ll, 0).mean()
-        loss = 0.0
-        for l in range(self.L):
-            loss = loss + w[l] * F.cross_entropy(self.head(l)(self.hidden[l]), self.target)
-        return loss
+        return bench_cases.eager_heads_loss(self.hidden, self.weight, self.bias, self.target,
+                                            self.log_weights, self.mode)
 
     def compiled(self):
         if self._compiled is None:
@@ -102,29 +85,17 @@ class Problem:
         return self._compiled()
 
     def linear_ce(self):
-        w = self.log_weights.exp()
-        options = torch.nn.LinearCrossEntropyOptions()
-        loss = 0.0
-        for l in range(self.L):
-            head = self.head(l)
-            loss = loss + w[l] * F.linear_cross_entropy(self.hidden[l], head.weight, self.target,
-                                                        linear_bias=head.bias, options=options)
-        return loss
+        return bench_cases.linear_ce_heads_loss(self.hidden, self.weight, self.bias, self.target,
+                                                self.log_weights)
 
     def floor_forward(self):
-        h = self.hidden.detach()
-        if self.per_depth:
-            return torch.bmm(h, self.weight.detach().transpose(1, 2))
-        return h.reshape(-1, self.D) @ self.weight.detach().t()
+        return bench_cases.heads_floor_forward(self.hidden, self.weight)
 
     def floor_backward(self):
-        h, w, g = self.hidden.detach(), self.weight.detach(), self.grad_logits
-        if self.per_depth:
-            return torch.bmm(g, w), torch.bmm(g.transpose(1, 2), h)
-        return g @ w, g.t() @ h.reshape(-1, self.D)
+        return bench_cases.heads_floor_backward(self.hidden, self.weight, self.grad_logits)
 
     def zero_grad(self):
-        for t in (self.hidden, self.log_weights, self.weight, self.bias, *self.heads.parameters()):
+        for t in (self.hidden, self.log_weights, self.weight, self.bias):
             if t is not None:
                 t.grad = None
 
@@ -201,8 +172,8 @@ def test_heads(benchmark, case, mode, method, pass_):
 # ------------------------------------------------------------------ depth_mixture_predict (no backward)
 PREDICT_CASES = {
     # name: (L, N, D, C, head per depth)
-    "predict-small": (16, 256, 128, 10, True) if FULL else (4, 32, 16, 10, True),
-    "predict-lm": (8, 2048, 256, 16384, False) if FULL else (2, 64, 32, 1000, False),
+    "predict-small": bench_cases.HEADS_SHAPES["heads-small"] if FULL else (4, 32, 16, 10, True),
+    "predict-lm": bench_cases.PREDICT_SHAPE if FULL else (2, 64, 32, 1000, False),
 }
 PREDICT_METHODS = ("fused", "eager", "floor")
 
@@ -219,18 +190,8 @@ def predict_methods(L, N, D, C, per_depth, seed=0):
         with udn_kernels.backend("cpu"):
             return udn_kernels.depth_mixture_predict(hidden, weight, bias, log_weights)
 
-    def eager():
-        w = log_weights.exp()
-        out = 0.0
-        for l in range(L):
-            wl, bl = (weight[l], bias[l]) if per_depth else (weight, None)
-            out = out + w[l] * torch.softmax(F.linear(hidden[l], wl, bl), dim=-1)
-        return out
-
-    def floor():
-        for l in range(L):
-            hidden[l] @ (weight[l] if per_depth else weight).t()
-    return {"fused": fused, "eager": eager, "floor": floor}
+    return {"fused": fused, "eager": lambda: bench_cases.eager_predict(hidden, weight, bias, log_weights),
+            "floor": lambda: bench_cases.predict_floor(hidden, weight)}
 
 
 @pytest.mark.parametrize("case", list(PREDICT_CASES))
@@ -305,8 +266,7 @@ def _memory_child(method, L, N, D, C):
         with udn_kernels.backend("cpu"):
             loss = udn_kernels.depth_mixture_nll(hidden, weight, None, target, log_weights)
     else:  # the eager loop; materialises L [N, C] logits (and their softmax for backward)
-        w = log_weights.exp()
-        loss = sum(w[l] * F.cross_entropy(hidden[l] @ weight.t(), target) for l in range(L))
+        loss = bench_cases.eager_heads_loss(hidden, weight, None, target, log_weights)
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"method": method, "peak_extra_bytes": peak - baseline}))

@@ -1,9 +1,10 @@
-"""rng (DESIGN §6): the Philox stream's C++ kernels vs torch's own generators.
+"""rng (docs/design.md, "Benchmarks"): the Philox stream's C++ kernels vs torch's own generators.
 
 Kinds: ``normal`` (``udn_kernels.rng.normal`` vs ``torch.randn``), ``uniform`` (``rng.uniform`` vs
 ``torch.rand``), ``bernoulli`` (``rng.bernoulli`` vs ``torch.empty(n).bernoulli_(p)``). Both sides
 return a fresh float32 tensor of ``n`` elements, so both pay for the allocation. ``n = 2^24`` with
-``UDN_BENCH_FULL=1``, else a tiny ``2^12`` so the suite never rots.
+``UDN_BENCH_FULL=1``, else a tiny ``2^12`` so the suite never rots. The methods are those of
+``udn_kernels.bench.cases.rng_methods``.
 
 Run: ``python -m pytest benchmarks/bench_rng.py --benchmark-enable`` (pytest-benchmark table) or
 ``python benchmarks/bench_rng.py`` (medians and speed-ups measured in one process).
@@ -18,28 +19,27 @@ import pytest
 import torch
 
 import udn_kernels
-from udn_kernels import rng
+from udn_kernels.bench.cases import BERNOULLI_P as P, RNG_SIZE, rng_methods
 
 FULL = os.environ.get("UDN_BENCH_FULL") == "1"
-N = 2**24 if FULL else 2**12
-P = 0.5
+N = RNG_SIZE if FULL else 2**12
 SEED = 1234
 KINDS = ("normal", "uniform", "bernoulli")
 METHODS = ("udn", "torch")
+# (kind, method) -> the name of that method in rng_methods
+METHOD_NAMES = {("normal", "udn"): "udn normal", ("normal", "torch"): "torch.randn",
+                ("uniform", "udn"): "udn uniform", ("uniform", "torch"): "torch.rand",
+                ("bernoulli", "udn"): "udn bernoulli", ("bernoulli", "torch"): "torch.bernoulli_"}
 
 
 def runner(kind: str, method: str, n: int = N):
     """A zero-argument callable producing ``n`` draws of ``kind`` with ``method``."""
-    if method == "udn":
-        fn = {"normal": lambda: rng.normal(n, SEED), "uniform": lambda: rng.uniform(n, SEED),
-              "bernoulli": lambda: rng.bernoulli(n, P, SEED)}[kind]
+    draw = rng_methods(n, SEED)[METHOD_NAMES[kind, method]]
 
-        def run():
-            with udn_kernels.backend("cpu"):
-                return fn()
-        return run
-    return {"normal": lambda: torch.randn(n), "uniform": lambda: torch.rand(n),
-            "bernoulli": lambda: torch.empty(n).bernoulli_(P)}[kind]
+    def run():
+        with udn_kernels.backend("cpu"):
+            return draw()
+    return run
 
 
 def measure(kind: str, repeats: int = 7) -> dict[str, float]:

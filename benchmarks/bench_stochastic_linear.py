@@ -1,4 +1,4 @@
-"""gauss-linear / bern-linear (DESIGN §6): in-kernel weight sampling vs what users write.
+"""gauss-linear / bern-linear (docs/design.md, "Benchmarks"): in-kernel weight sampling vs what users write.
 
 gauss-linear (B=256, K=N_out=1024; estimators sample/local/flipout; samples 1 and 8):
 ``udn`` (``udn_kernels.gaussian_linear(x, mu, rho, sigma_transform="softplus")`` on the C++
@@ -8,7 +8,8 @@ eager local-reparameterisation / Flipout formulas for the others; a Python loop 
 S=8) and ``floor`` (the 3 GEMMs of forward + backward, ``x W^T``, ``dY W``, ``dY^T x``, per draw).
 bern-linear (same shapes; masks input/weight/symmetric): ``udn``, ``eager`` (``F.dropout`` +
 ``F.linear``; a ``torch.bernoulli`` weight mask; a random-sign weight) and ``floor``.
-Tiny shapes by default so the suite never rots; ``UDN_BENCH_FULL=1`` selects the DESIGN sizes.
+Tiny shapes by default so the suite never rots; ``UDN_BENCH_FULL=1`` selects the full sizes of
+``udn bench``. The baselines, floors and full shapes are those of ``udn_kernels.bench.cases``.
 
 Run: ``python -m pytest benchmarks/bench_stochastic_linear.py --benchmark-enable`` (pytest-benchmark
 table) or ``python benchmarks/bench_stochastic_linear.py [--memory]`` (forward / backward /
@@ -23,14 +24,13 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import udn_kernels
-from udn_kernels.bench.harness import Method, measure_peak_in_this_process, time_method
+from udn_kernels.bench.cases import BERNOULLI_P as P, LINEAR_SHAPE, eager_bern, eager_gauss, linear_floor
+from udn_kernels.bench.harness import Method, time_method
 
 FULL = os.environ.get("UDN_BENCH_FULL") == "1"
-B, K, N = (256, 1024, 1024) if FULL else (16, 32, 24)
-P = 0.5
+B, K, N = LINEAR_SHAPE if FULL else (16, 32, 24)
 ESTIMATORS = ("sample", "local", "flipout")
 MASKS = ("input", "weight", "symmetric")
 SAMPLES = (1, 8)
@@ -43,34 +43,6 @@ def _gauss_inputs(seed=0):
     rho = torch.full((N, K), -4.0).requires_grad_()  # sigma = softplus(rho) ~ 0.018
     bias = torch.zeros(N, requires_grad=True)
     return x, mu, rho, bias
-
-
-def _eager_gauss(estimator, x, mu, rho, bias):
-    """One draw written as users write it in eager PyTorch (bayesian-torch for sample/flipout)."""
-    sigma = F.softplus(rho)
-    if estimator == "sample":
-        return F.linear(x, mu + sigma * torch.randn_like(mu), bias)
-    if estimator == "local":
-        mean = F.linear(x, mu, bias)
-        return mean + torch.sqrt(F.linear(x * x, sigma * sigma)) * torch.randn_like(mean)
-    sign_in = torch.empty_like(x).bernoulli_(0.5) * 2 - 1
-    sign_out = torch.empty(x.shape[0], N).bernoulli_(0.5) * 2 - 1
-    return F.linear(x, mu, bias) + F.linear(x * sign_in, sigma * torch.randn_like(mu)) * sign_out
-
-
-def _floor(x, weight, samples):
-    """The GEMMs alone: x W^T, dY W, dY^T x for each draw."""
-    grad = torch.randn(samples, x.shape[0], weight.shape[0])
-
-    def run():
-        with torch.no_grad():
-            xs, w = x.detach(), weight.detach()
-            for s in range(samples):
-                torch.mm(xs, w.t())
-                torch.mm(grad[s], w)
-                torch.mm(grad[s].t(), xs)
-        return grad
-    return run
 
 
 def _loop(fn, samples):
@@ -86,9 +58,9 @@ def gauss_methods(estimator: str, samples: int) -> list[Method]:
         return udn_kernels.gaussian_linear(x, mu, rho, bias, estimator=estimator, samples=S,
                                            sigma_transform="softplus")
 
-    eager = _loop(lambda: _eager_gauss(estimator, x, mu, rho, bias), samples)
+    eager = _loop(lambda: eager_gauss(estimator, x, mu, rho, bias), samples)
     return [Method("udn", udn, role="ours"), Method("eager", eager),
-            Method("floor", _floor(x, mu, samples), backward=False, role="floor")]
+            Method("floor", linear_floor(x, mu, samples), backward=False, role="floor")]
 
 
 def bern_methods(mask: str, samples: int = 1) -> list[Method]:
@@ -99,15 +71,8 @@ def bern_methods(mask: str, samples: int = 1) -> list[Method]:
     def udn():
         return udn_kernels.bernoulli_linear(x, weight, bias, p=P, mask=mask, samples=S)
 
-    def eager_one():
-        if mask == "input":
-            return F.linear(F.dropout(x, P, training=True), weight, bias)
-        if mask == "weight":
-            return F.linear(x, weight * torch.empty_like(weight).bernoulli_(1 - P) / (1 - P), bias)
-        return F.linear(x, weight * (torch.empty_like(weight).bernoulli_(0.5) * 2 - 1), bias)
-
-    return [Method("udn", udn, role="ours"), Method("eager", _loop(eager_one, samples)),
-            Method("floor", _floor(x, weight, samples), backward=False, role="floor")]
+    return [Method("udn", udn, role="ours"), Method("eager", _loop(lambda: eager_bern(mask, x, weight, bias, P), samples)),
+            Method("floor", linear_floor(x, weight, samples), backward=False, role="floor")]
 
 
 def _fwd_bwd(method: Method):

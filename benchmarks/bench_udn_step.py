@@ -1,11 +1,12 @@
-"""udn-step (DESIGN §6): one UDN training step, fused heads vs an eager reference-style UDN.
+"""udn-step (docs/design.md, "Benchmarks"): one UDN training step, fused heads vs an eager reference-style UDN.
 
 Both sides train the same parameters with the same ELBO: ``UDN.mlp`` computes every depth's head
 and the q-weighted likelihood in one ``depth_mixture_nll`` call; the eager side is written like the
 reference implementation (Nazaret & Blei's code): a Python loop over depths, the ``nn.Linear``
 head of each depth, ``F.cross_entropy`` per depth, per-depth prior terms. A step is
 loss + backward + Adam update. Tiny shapes by default (so the suite never rots);
-``UDN_BENCH_FULL=1`` selects DESIGN §6's width 32, ~10 depths (rate 5 -> L = 10), batch 256.
+``UDN_BENCH_FULL=1`` selects the udn-step case's width 32, ~10 depths (rate 5 -> L = 10), batch 256
+(``udn_kernels.bench.cases.UDN_STEP_SHAPE``).
 
 Run: ``python -m pytest benchmarks/bench_udn_step.py --benchmark-enable`` (pytest-benchmark
 table) or ``python benchmarks/bench_udn_step.py`` (medians and the speed-up, one process).
@@ -19,12 +20,12 @@ import time
 import pytest
 import torch
 
-from udn_kernels.bench.cases import eager_udn_loss as eager_loss
+from udn_kernels.bench.cases import UDN_STEP_SHAPE, eager_udn_loss as eager_loss
 from udn_kernels.data import spirals
 from udn_kernels.nn import UDN
 
 FULL = os.environ.get("UDN_BENCH_FULL") == "1"
-BATCH, WIDTH, RATE = (256, 32, 5.0) if FULL else (64, 8, 2.0)
+BATCH, WIDTH, RATE = UDN_STEP_SHAPE if FULL else (64, 8, 2.0)
 N_DATA = 4 * BATCH
 
 

@@ -4,7 +4,7 @@ Every round runs each method once, in turn, so machine load hits all of them ali
 the median over rounds of each method's time and of each ratio. The inputs' ``.grad`` are reset
 to None before each timed call (untimed), as ``optimizer.zero_grad()`` does in a training step. With ``--threads 1`` (default) the
 clock is the thread's CPU time, which other jobs on a shared box do not inflate; with more threads
-it is wall time. Shapes of DESIGN §6: B=256, K=N_out=1024, fp32, forward + ``sum().backward()``. Ours takes ``rho`` with
+it is wall time. Shapes of the gauss-linear case (docs/design.md, "Benchmarks"): B=256, K=N_out=1024, fp32, forward + ``sum().backward()``. Ours takes ``rho`` with
 ``sigma_transform="softplus"`` (softplus inside the kernel); "udn sample, sigma given" is the same
 layer fed ``F.softplus(rho)`` by the caller, as eager does.
 
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 import udn_kernels
 from udn_kernels import _backend, rng
+from udn_kernels.bench.cases import LINEAR_SHAPE, eager_bern, eager_gauss, linear_floor
 
-SHAPE = (256, 1024, 1024)  # B, K, N_out
+SHAPE = LINEAR_SHAPE  # B, K, N_out
 S8 = 8
 
 
@@ -45,17 +46,6 @@ def _fwd_bwd(fn):
     return lambda: fn().sum().backward()
 
 
-def _gemm_floor(x, w, draws):
-    """x W^T, dY W and dY^T x for each draw: the 3 GEMMs of a dense linear layer's step."""
-    grad = torch.randn(draws, x.shape[0], w.shape[0])
-
-    def run():
-        with torch.no_grad():
-            for s in range(draws):
-                x @ w.t(), grad[s] @ w, grad[s].t() @ x
-    return run
-
-
 def methods(B: int, K: int, N: int) -> tuple[dict, list, tuple]:
     """Name -> callable, the (numerator, denominator) ratios to report, and the leaf tensors."""
     x, mu, rho, bias = _inputs(B, K, N)
@@ -64,30 +54,19 @@ def methods(B: int, K: int, N: int) -> tuple[dict, list, tuple]:
         return _fwd_bwd(lambda: udn_kernels.gaussian_linear(x, mu, rho, estimator=estimator, samples=samples,
                                                             sigma_transform="softplus"))
 
-    def eager():  # bayesian-torch style
-        return F.linear(x, mu + F.softplus(rho) * torch.randn_like(mu))
-
-    def eager_local():
-        sigma = F.softplus(rho)
-        mean = F.linear(x, mu)
-        return mean + torch.sqrt(F.linear(x * x, sigma * sigma)) * torch.randn_like(mean)
-
-    def eager_flipout():
-        sigma = F.softplus(rho)
-        sign_in = torch.empty_like(x).bernoulli_(0.5) * 2 - 1
-        sign_out = torch.empty(B, N).bernoulli_(0.5) * 2 - 1
-        return F.linear(x, mu) + F.linear(x * sign_in, sigma * torch.randn_like(mu)) * sign_out
+    def eager(estimator):
+        return lambda: eager_gauss(estimator, x, mu, rho)
 
     m = {
-        "udn sample": ours("sample"), "eager sample": _fwd_bwd(eager),
+        "udn sample": ours("sample"), "eager sample": _fwd_bwd(eager("sample")),
         "udn sample, sigma given": _fwd_bwd(lambda: udn_kernels.gaussian_linear(x, mu, F.softplus(rho))),
-        "udn local": ours("local"), "eager local": _fwd_bwd(eager_local),
-        "udn flipout": ours("flipout"), "eager flipout": _fwd_bwd(eager_flipout),
+        "udn local": ours("local"), "eager local": _fwd_bwd(eager("local")),
+        "udn flipout": ours("flipout"), "eager flipout": _fwd_bwd(eager("flipout")),
         "udn sample S=8": ours("sample", S8),
-        "eager loop S=8": _fwd_bwd(lambda: torch.stack([eager() for _ in range(S8)])),
+        "eager loop S=8": _fwd_bwd(lambda: torch.stack([eager("sample")() for _ in range(S8)])),
         "udn bern input": _fwd_bwd(lambda: udn_kernels.bernoulli_linear(x, mu, bias, p=0.5, mask="input")),
-        "F.dropout+F.linear": _fwd_bwd(lambda: F.linear(F.dropout(x, 0.5, training=True), mu, bias)),
-        "floor": _gemm_floor(x, mu, 1), "floor S=8": _gemm_floor(x, mu, S8),
+        "F.dropout+F.linear": _fwd_bwd(lambda: eager_bern("input", x, mu, bias)),
+        "floor": linear_floor(x, mu, 1), "floor S=8": linear_floor(x, mu, S8),
     }
     ratios = [("eager sample", "udn sample"), ("udn sample", "floor"), ("eager sample", "floor"),
               ("udn sample, sigma given", "floor"),

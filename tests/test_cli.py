@@ -1,9 +1,10 @@
 """The `udn` command, each subcommand run small."""
 import json
-
-import torch
+import re
 import subprocess
 import sys
+
+import torch
 
 import pytest
 
@@ -21,7 +22,12 @@ def test_info_reports_backends_and_isa():
     assert "cpu=yes" in out.stdout and "C++ ISA       avx2" in out.stdout
 
 
-def test_bench_quick_writes_json_and_plot(tmp_path):
+def _table_cells(table: str) -> list[list[str]]:
+    """Cells of every line of a results table, split where two or more spaces separate them."""
+    return [re.split(r" {2,}", line.strip()) for line in table.splitlines() if not line.startswith("-")]
+
+
+def test_bench_quick_writes_json_plot_progress_and_table(tmp_path, capsys):
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
     code = cli.main(["bench", "--quick", "--cases", "rng", "heads-small", "--repeats", "1",
                      "--no-memory", "--json", str(json_path), "--plot", str(png_path)])
@@ -32,6 +38,36 @@ def test_bench_quick_writes_json_and_plot(tmp_path):
     assert {"udn_kernels", "eager", "3-GEMM floor"} <= set(methods)
     assert all(t["total_ms"] > 0 for t in methods.values())
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    stdout, stderr = capsys.readouterr()
+    # Progress on stderr: a line per case, then one per method as it is measured, in order.
+    expected = []
+    for index, case in enumerate(("rng", "heads-small"), 1):
+        names = [t["method"] for t in data["cases"][case]]
+        expected.append(f"[{index}/2] {case}: {len(names)} methods")
+        expected += [f"[{index}/2] {case} {i}/{len(names)} {name}: total " for i, name in enumerate(names, 1)]
+    progress = [line for line in stderr.splitlines() if line.startswith("[")]
+    assert len(progress) == len(expected) and all(p.startswith(e) for p, e in zip(progress, expected))
+    # The table on stdout: every row has all its cells, separated (no peak MB with --no-memory).
+    table = stdout[:stdout.index("ours x: total time")]
+    header, *rows = _table_cells(table)
+    assert header == list(harness.TABLE_HEADER[:-1])
+    assert [row[:2] for row in rows] == [[case, t["method"]] for case in ("rng", "heads-small")
+                                         for t in data["cases"][case]]
+    assert all(len(row) == len(header) for row in rows)
+
+
+def test_bench_table_columns_fit_the_longest_names():
+    # "heads-predict" once ran into its method name: widths must come from the content.
+    long_method = "torch.compile(eager) of a long name"
+    results = {"heads-predict": [harness.Timing("udn_kernels", "ours", 1.5, None, 2.0, 12.0),
+                                 harness.Timing(long_method, "peer", 1000.25, 2.0, 3000.5, None),
+                                 harness.Timing("1-GEMM floor", "floor", 1.0, None, 1.0, 0.0)]}
+    header, *rows = _table_cells(harness.format_table(results))
+    assert header == list(harness.TABLE_HEADER)
+    assert rows == [["heads-predict", "udn_kernels", "1.50", "-", "2.00", "-", "2.00", "12.0"],
+                    ["heads-predict", long_method, "1000.25", "2.00", "3000.50", "1500.25", "3000.50", "-"],
+                    ["heads-predict", "1-GEMM floor", "1.00", "-", "1.00", "0.50", "-", "0.0"]]
 
 
 def test_bench_every_case_builds_and_ours_matches_eager_value():

@@ -18,7 +18,7 @@ def _set_rate(model: UDN, rate: float) -> None:
 
 
 def _eager_elbo(model: UDN, x, y, n_data, prior_rate):
-    """The ELBO of DESIGN §1 written from scratch: a Python loop over depths, one head at a time."""
+    """The ELBO of docs/design.md ("UDN model") written from scratch: a Python loop over depths, one head at a time."""
     nu = F.softplus(model.depth.raw_rate)
     L = max(int(stats.poisson.ppf(0.95, float(nu.detach()))), math.floor(float(nu.detach())) + 1) + 1
     k = torch.arange(L, dtype=x.dtype)

@@ -40,10 +40,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _fmt(value, spec="8.2f"):
-    return format(value, spec) if value is not None else " " * (int(spec.split(".")[0]) - 1) + "-"
-
-
 def cmd_bench(args) -> int:
     from .bench import cases, harness
     check_writable(args.json, "--json")
@@ -54,25 +50,9 @@ def cmd_bench(args) -> int:
     for name in names:
         if name not in cases.CASES:
             raise CLIError(f"--cases: unknown case {name!r}; expected some of {', '.join(cases.CASES)}")
-    results = {}
-    header = f"{'case':<13}{'method':<26}{'fwd ms':>9}{'bwd ms':>9}{'total ms':>10}{'ours x':>8}{'/floor':>8}{'peak MB':>9}"
-    print(header)
-    print("-" * len(header))
-    for name in names:
-        methods = cases.build(name, args.quick, args.device)
-        timings = [harness.time_method(m, repeats=args.repeats) for m in methods]
-        if args.memory:
-            for t in timings:
-                t.peak_mb = harness.measure_peak(name, t.method, args.quick, args.device)
-        results[name] = timings
-        ratios = harness.speedups(timings)
-        floor = next((t for t in timings if t.role == "floor"), None)
-        for t in timings:
-            vs_floor = t.total_ms / floor.total_ms if floor and t.role != "floor" else None
-            print(f"{name:<13}{t.method:<26}{_fmt(t.forward_ms, '9.2f')}{_fmt(t.backward_ms, '9.2f')}"
-                  f"{_fmt(t.total_ms, '10.2f')}{_fmt(ratios.get(t.method), '8.2f')}"
-                  f"{_fmt(vs_floor, '8.2f')}{_fmt(t.peak_mb, '9.1f')}")
-        sys.stdout.flush()
+    results = harness.run_cases(names, quick=args.quick, device=args.device, repeats=args.repeats,
+                                memory=args.memory)
+    print(harness.format_table(results, memory=args.memory))
     print("ours x: total time of that method / total time of ours (>1: ours is faster). "
           "/floor: total time / the GEMM floor's.")
     meta = {"quick": args.quick, "device": args.device, "info": info_lines()}

@@ -69,7 +69,9 @@ def uniform(n: int, seed=None, offset: int = 0, *, device=None) -> torch.Tensor:
 
 
 def normal(n: int, seed=None, offset: int = 0, *, device=None) -> torch.Tensor:
-    """``n`` float32 standard normals (Triton's ``tl.randn``: Box-Muller, cosine branch).
+    """``n`` float32 standard normals, four per Philox call: stream element ``e`` is
+    ``tl.randn4x(seed, e >> 2)[e & 3]`` (Box-Muller; layout in docs/rng.md). Within 4e-6 of the
+    other backends, not bit-identical (float32 ``log``/``sin``/``cos`` differ by an ulp or two).
 
     Arguments as :func:`random_uint32`.
     """

@@ -1,1 +1,1 @@
-"""Benchmark cases (DESIGN §6) and the harness shared by `udn bench` and benchmarks/."""
+"""Benchmark cases (docs/design.md, "Benchmarks") and the harness shared by `udn bench` and benchmarks/."""

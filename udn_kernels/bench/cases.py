@@ -1,8 +1,9 @@
-"""The benchmark cases of DESIGN §6, each a list of methods on shared inputs.
+"""The benchmark cases (docs/design.md, "Benchmarks"), each a list of methods on shared inputs.
 
 ``build(case, quick, device)`` returns the methods: ours first, then the peers a user would otherwise
 write, then the GEMM floor (the same matrix products alone). ``quick`` shrinks the shapes so the
-whole set runs in minutes on 2 cores; the full shapes are DESIGN §6's.
+whole set runs in minutes on 2 cores. The full shapes, the eager baselines and the GEMM floors
+defined here are also the ones the pytest-benchmark suites in benchmarks/ import.
 """
 from __future__ import annotations
 
@@ -40,6 +41,127 @@ def method_by_name(case_name: str, method: str, quick: bool, device: str = "cpu"
     return next(m for m in build(case_name, quick, device) if m.name == method)
 
 
+# Full shapes of the cases: heads (L, N, D, C, a head per depth), linear (B, K, N_out), rng size.
+HEADS_SHAPES = {"heads-small": (16, 256, 128, 10, True), "heads-lm": (4, 2048, 256, 16384, False)}
+PREDICT_SHAPE = (8, 2048, 256, 16384, False)
+LINEAR_SHAPE = (256, 1024, 1024)
+RNG_SIZE = 1 << 24
+UDN_STEP_SHAPE = (256, 32, 5.0)  # batch, width, initial rate of q(l) (rate 5 -> 10 depths)
+BERNOULLI_P = 0.5
+
+
+def _head(weight, bias, l: int) -> tuple:
+    """Weight and bias of depth ``l``'s head (a shared ``[C, D]`` head serves every depth)."""
+    return (weight if weight.dim() == 2 else weight[l]), (None if bias is None else (bias if bias.dim() == 1 else bias[l]))
+
+
+def eager_heads_loss(hidden, weight, bias, target, log_weights, mode: str = "expected") -> torch.Tensor:
+    """The depth-mixture loss as users write it: a loop over depths of ``F.linear`` (what an
+    ``nn.Linear`` head does) and ``F.cross_entropy``; ``weight [C, D]`` is a shared head."""
+    def logits(l):
+        return F.linear(hidden[l], *_head(weight, bias, l))
+
+    if mode == "mixture":
+        loglik = torch.stack([-F.cross_entropy(logits(l), target, reduction="none") for l in range(len(hidden))])
+        return -torch.logsumexp(log_weights[:, None] + loglik, 0).mean()
+    w = log_weights.exp()
+    return sum(w[l] * F.cross_entropy(logits(l), target) for l in range(len(hidden)))
+
+
+def linear_ce_heads_loss(hidden, weight, bias, target, log_weights) -> torch.Tensor:
+    """The expected-mode loss with ``F.linear_cross_entropy`` (``LinearCrossEntropyOptions()``) per depth."""
+    w, options = log_weights.exp(), torch.nn.LinearCrossEntropyOptions()
+    total = 0.0
+    for l in range(len(hidden)):
+        wl, bl = _head(weight, bias, l)
+        total = total + w[l] * F.linear_cross_entropy(hidden[l], wl, target, linear_bias=bl, options=options)
+    return total
+
+
+def heads_floor_forward(hidden, weight) -> torch.Tensor:
+    """The logits GEMM(s) of every depth, nothing else."""
+    with torch.no_grad():
+        if weight.dim() == 3:
+            return torch.bmm(hidden, weight.transpose(1, 2))
+        return hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
+
+
+def heads_floor_backward(hidden, weight, grad_logits) -> tuple:
+    """d hidden and d weight from given logits gradients (``[L, N, C]``, or ``[L*N, C]`` for a shared head)."""
+    with torch.no_grad():
+        if weight.dim() == 3:
+            return torch.bmm(grad_logits, weight), torch.bmm(grad_logits.transpose(1, 2), hidden)
+        return grad_logits @ weight, grad_logits.t() @ hidden.reshape(-1, hidden.shape[-1])
+
+
+def eager_predict(hidden, weight, bias, log_weights) -> torch.Tensor:
+    """``sum_l softmax(log_weights)_l softmax(head_l(h_l))`` as a loop over depths."""
+    w = torch.softmax(log_weights, 0)
+    total = 0.0
+    for l in range(len(hidden)):
+        wl, bl = _head(weight, bias, l)
+        total = total + w[l] * torch.softmax(F.linear(hidden[l], wl, bl), dim=-1)
+    return total
+
+
+def predict_floor(hidden, weight) -> torch.Tensor:
+    """The L logits GEMMs of the predictive, nothing else."""
+    with torch.no_grad():
+        for l in range(len(hidden)):
+            hidden[l] @ _head(weight, None, l)[0].t()
+    return hidden
+
+
+def linear_floor(x: torch.Tensor, weight: torch.Tensor, samples: int) -> Callable[[], torch.Tensor]:
+    """x W^T, dY W and dY^T x for each draw: the 3 GEMMs of a dense linear layer's step."""
+    grad_out = torch.randn(samples, x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+
+    def floor():
+        with torch.no_grad():
+            for s in range(samples):
+                torch.mm(x, weight.t())
+                torch.mm(grad_out[s], weight)
+                torch.mm(grad_out[s].t(), x)
+        return grad_out
+    return floor
+
+
+def eager_gauss(estimator: str, x, mu, rho, bias=None) -> torch.Tensor:
+    """One draw of a Gaussian layer with ``sigma = softplus(rho)`` as users write it in eager
+    PyTorch: bayesian-torch style for "sample" (materialise the weight, then ``F.linear``) and
+    "flipout"; the local-reparameterisation formula for "local"."""
+    sigma = F.softplus(rho)
+    if estimator == "sample":
+        return F.linear(x, mu + sigma * torch.randn_like(mu), bias)
+    if estimator == "local":
+        mean = F.linear(x, mu, bias)
+        return mean + torch.sqrt(F.linear(x * x, sigma * sigma)) * torch.randn_like(mean)
+    sign_in = torch.empty_like(x).bernoulli_(0.5) * 2 - 1
+    sign_out = torch.empty(*x.shape[:-1], mu.shape[0], dtype=x.dtype, device=x.device).bernoulli_(0.5) * 2 - 1
+    return F.linear(x, mu, bias) + F.linear(x * sign_in, sigma * torch.randn_like(mu)) * sign_out
+
+
+def eager_bern(mask: str, x, weight, bias=None, p: float = BERNOULLI_P) -> torch.Tensor:
+    """One draw of a Bernoulli layer in eager PyTorch: ``F.dropout`` + ``F.linear`` ("input"), a
+    ``bernoulli_`` weight mask ("weight"), random weight signs ("symmetric")."""
+    if mask == "input":
+        return F.linear(F.dropout(x, p, training=True), weight, bias)
+    if mask == "weight":
+        return F.linear(x, weight * torch.empty_like(weight).bernoulli_(1 - p) / (1 - p), bias)
+    return F.linear(x, weight * (torch.empty_like(weight).bernoulli_(0.5) * 2 - 1), bias)
+
+
+def rng_methods(n: int, seed: int = 1, device=None) -> dict[str, Callable[[], torch.Tensor]]:
+    """``n`` draws of each kind, ours and torch's: ``{"udn normal": ..., "torch.randn": ..., ...}``."""
+    from udn_kernels import rng as urng
+    return {"udn normal": lambda: urng.normal(n, seed=seed, device=device),
+            "torch.randn": lambda: torch.randn(n, device=device),
+            "udn uniform": lambda: urng.uniform(n, seed=seed, device=device),
+            "torch.rand": lambda: torch.rand(n, device=device),
+            "udn bernoulli": lambda: urng.bernoulli(n, BERNOULLI_P, seed=seed, device=device),
+            "torch.bernoulli_": lambda: torch.empty(n, device=device).bernoulli_(BERNOULLI_P)}
+
+
 def _depth_log_weights(depths: int) -> torch.Tensor:
     rate = depths / 2.0
     log_q = torch.tensor([(l * math.log(rate) - math.lgamma(l + 1)) for l in range(depths)])
@@ -53,52 +175,25 @@ def _heads_methods(L: int, N: int, D: int, C: int, shared: bool) -> list[Method]
     bias = None if shared else torch.zeros(L, C, requires_grad=True)
     target = torch.randint(0, C, (N,))
     log_w = _depth_log_weights(L)
-    w = log_w.exp()
 
     def ours():
         return udn_kernels.depth_mixture_nll(hidden, weight, bias, target, log_w, mode="expected")
 
-    def head(l):
-        return (weight if shared else weight[l]), (None if bias is None else bias[l])
-
     def eager_loop():
-        total = 0.0
-        for l in range(L):
-            wl, bl = head(l)
-            total = total + w[l] * F.cross_entropy(F.linear(hidden[l], wl, bl), target)
-        return total
-
-    compiled_loop = torch.compile(eager_loop)
-
-    def linear_ce():
-        total = 0.0
-        options = torch.nn.LinearCrossEntropyOptions()
-        for l in range(L):
-            wl, bl = head(l)
-            total = total + w[l] * F.linear_cross_entropy(hidden[l], wl, target, linear_bias=bl,
-                                                          options=options)
-        return total
+        return eager_heads_loss(hidden, weight, bias, target, log_w)
 
     grad_logits = torch.randn(L, N, C) if not shared else torch.randn(L * N, C)
 
-    def gemm_floor():
-        # forward logits, d hidden, d weight: the three products any exact method performs.
-        with torch.no_grad():
-            if shared:
-                h2 = hidden.reshape(L * N, D)
-                torch.mm(h2, weight.t())
-                torch.mm(grad_logits, weight)
-                torch.mm(grad_logits.t(), h2)
-            else:
-                torch.bmm(hidden, weight.transpose(1, 2))
-                torch.bmm(grad_logits, weight)
-                torch.bmm(grad_logits.transpose(1, 2), hidden)
+    def gemm_floor():  # forward logits, d hidden, d weight: the three products any exact method performs
+        heads_floor_forward(hidden, weight)
+        heads_floor_backward(hidden, weight, grad_logits)
         return hidden.sum()
 
     methods = [Method("udn_kernels", ours, role="ours"), Method("eager", eager_loop),
-               Method("torch.compile(eager)", compiled_loop)]
+               Method("torch.compile(eager)", torch.compile(eager_loop))]
     if shared:
-        methods.append(Method("F.linear_cross_entropy", linear_ce))
+        methods.append(Method("F.linear_cross_entropy",
+                              lambda: linear_ce_heads_loss(hidden, weight, bias, target, log_w)))
     methods.append(Method("3-GEMM floor", gemm_floor, backward=False, role="floor"))
     return methods
 
@@ -106,62 +201,43 @@ def _heads_methods(L: int, N: int, D: int, C: int, shared: bool) -> list[Method]
 @case("heads-small")
 def heads_small(quick: bool) -> list[Method]:
     """L=16, N=256, D=128, C=10, a head per depth."""
-    return _heads_methods(16, 256, 128, 10, shared=False)
+    L, N, D, C, _ = HEADS_SHAPES["heads-small"]
+    return _heads_methods(L, N, D, C, shared=False)
 
 
 @case("heads-lm")
 def heads_lm(quick: bool) -> list[Method]:
     """L=4, N=2048, D=256, C=16384, one head shared by all depths (quick: N=512, C=4096)."""
-    return _heads_methods(4, 512 if quick else 2048, 256, 4096 if quick else 16384, shared=True)
+    L, N, D, C, _ = HEADS_SHAPES["heads-lm"]
+    return _heads_methods(L, 512 if quick else N, D, 4096 if quick else C, shared=True)
 
 
 @case("heads-predict")
 def heads_predict(quick: bool) -> list[Method]:
     """Posterior predictive ``sum_l w_l softmax(H_l W^T)``: L=8, N=2048, D=256, C=16384, shared
     head (quick: N=512, C=4096); no backward."""
-    L, N, D, C = (8, 512, 256, 4096) if quick else (8, 2048, 256, 16384)
+    L, N, D, C, _ = PREDICT_SHAPE
+    N, C = (512, 4096) if quick else (N, C)
     hidden = torch.randn(L, N, D)
     weight = torch.randn(C, D) / math.sqrt(D)
     log_w = _depth_log_weights(L)
-    w = log_w.exp()
 
     def ours():
         return udn_kernels.depth_mixture_predict(hidden, weight, None, log_w)
 
     def eager_loop():
-        total = 0.0
-        for l in range(L):
-            total = total + w[l] * torch.softmax(hidden[l] @ weight.t(), dim=-1)
-        return total
-
-    def gemm_floor():
-        for l in range(L):
-            torch.mm(hidden[l], weight.t())
-        return hidden.sum()
+        return eager_predict(hidden, weight, None, log_w)
 
     return [Method("udn_kernels", ours, backward=False, role="ours"),
             Method("eager", eager_loop, backward=False),
             Method("torch.compile(eager)", torch.compile(eager_loop), backward=False),
-            Method("1-GEMM floor", gemm_floor, backward=False, role="floor")]
-
-
-def _linear_floor(x: torch.Tensor, weight: torch.Tensor, samples: int) -> Callable:
-    grad_out = torch.randn(samples, x.shape[0], weight.shape[0])
-
-    def floor():
-        with torch.no_grad():
-            for s in range(samples):
-                torch.mm(x, weight.t())
-                torch.mm(grad_out[s], weight)
-                torch.mm(grad_out[s].t(), x)
-        return x.sum()
-    return floor
+            Method("1-GEMM floor", lambda: predict_floor(hidden, weight), backward=False, role="floor")]
 
 
 @case("gauss-linear")
 def gauss_linear(quick: bool) -> list[Method]:
     """B=256, K=N_out=1024 (quick: 512), estimators sample/local/flipout, samples 1 and 8."""
-    B, K, N = (256, 512, 512) if quick else (256, 1024, 1024)
+    B, K, N = (LINEAR_SHAPE[0], 512, 512) if quick else LINEAR_SHAPE
     x = torch.randn(B, K, requires_grad=True)
     mu = (torch.randn(N, K) / math.sqrt(K)).requires_grad_()
     rho = torch.full((N, K), -4.0, requires_grad=True)
@@ -170,8 +246,8 @@ def gauss_linear(quick: bool) -> list[Method]:
         return lambda: udn_kernels.gaussian_linear(x, mu, rho, estimator=estimator, samples=samples,
                                                    sigma_transform="softplus")
 
-    def eager():  # bayesian-torch style: materialise the sampled weight, then F.linear
-        return F.linear(x, mu + F.softplus(rho) * torch.randn_like(mu))
+    def eager():
+        return eager_gauss("sample", x, mu, rho)
 
     def eager_loop8():
         return torch.stack([eager() for _ in range(8)])
@@ -180,45 +256,38 @@ def gauss_linear(quick: bool) -> list[Method]:
             Method("udn local", ours("local")), Method("udn flipout", ours("flipout")),
             Method("eager sample", eager),
             Method("udn sample S=8", ours("sample", 8)), Method("eager loop S=8", eager_loop8),
-            Method("3-GEMM floor", _linear_floor(x, mu, 1), backward=False, role="floor"),
-            Method("3-GEMM floor S=8", _linear_floor(x, mu, 8), backward=False, role="floor")]
+            Method("3-GEMM floor", linear_floor(x, mu, 1), backward=False, role="floor"),
+            Method("3-GEMM floor S=8", linear_floor(x, mu, 8), backward=False, role="floor")]
 
 
 @case("bern-linear")
 def bern_linear(quick: bool) -> list[Method]:
     """B=256, K=N_out=1024 (quick: 512), masks input/weight/symmetric."""
-    B, K, N = (256, 512, 512) if quick else (256, 1024, 1024)
+    B, K, N = (LINEAR_SHAPE[0], 512, 512) if quick else LINEAR_SHAPE
     x = torch.randn(B, K, requires_grad=True)
     weight = (torch.randn(N, K) / math.sqrt(K)).requires_grad_()
     bias = torch.zeros(N, requires_grad=True)
 
     def ours(mask):
-        return lambda: udn_kernels.bernoulli_linear(x, weight, bias, p=0.5, mask=mask)
+        return lambda: udn_kernels.bernoulli_linear(x, weight, bias, p=BERNOULLI_P, mask=mask)
 
-    def dropout_linear():
-        return F.linear(F.dropout(x, 0.5, training=True), weight, bias)
-
-    def eager_weight_mask():
-        return F.linear(x, weight * torch.bernoulli(torch.full_like(weight, 0.5)) * 2.0, bias)
+    def eager(mask):
+        return lambda: eager_bern(mask, x, weight, bias)
 
     return [Method("udn input", ours("input"), role="ours"), Method("udn weight", ours("weight")),
             Method("udn symmetric", ours("symmetric")),
-            Method("F.dropout + F.linear", dropout_linear), Method("eager weight mask", eager_weight_mask),
-            Method("3-GEMM floor", _linear_floor(x, weight, 1), backward=False, role="floor")]
+            Method("F.dropout + F.linear", eager("input")), Method("eager weight mask", eager("weight")),
+            Method("3-GEMM floor", linear_floor(x, weight, 1), backward=False, role="floor")]
 
 
 @case("rng")
 def rng(quick: bool) -> list[Method]:
     """2^24 normals / uniforms / bernoullis (quick: 2^22)."""
-    from udn_kernels import rng as urng
-    n = 1 << (22 if quick else 24)
+    n = RNG_SIZE >> 2 if quick else RNG_SIZE
     device = torch.empty(0).device  # the device context build() entered
-    return [Method("udn normal", lambda: urng.normal(n, seed=1, device=device), backward=False, role="ours"),
-            Method("torch.randn", lambda: torch.randn(n), backward=False),
-            Method("udn uniform", lambda: urng.uniform(n, seed=1, device=device), backward=False),
-            Method("torch.rand", lambda: torch.rand(n), backward=False),
-            Method("udn bernoulli", lambda: urng.bernoulli(n, 0.5, seed=1, device=device), backward=False),
-            Method("torch.bernoulli_", lambda: torch.empty(n).bernoulli_(0.5), backward=False)]
+    methods = [Method(name, draw, backward=False) for name, draw in rng_methods(n, device=device).items()]
+    methods[0].role = "ours"
+    return methods
 
 
 def eager_udn_loss(model, x: torch.Tensor, y: torch.Tensor, n_data: int) -> torch.Tensor:
@@ -250,8 +319,9 @@ def udn_step(quick: bool) -> list[Method]:
     from udn_kernels.nn import UDN
     from udn_kernels.data import spirals
     device = torch.empty(0).device
-    x, y = (t.to(device) for t in spirals(256, phase=3.0, noise=0.05, seed=0))
-    model = UDN.mlp(2, 32, 2, init_rate=5.0).to(device)
+    batch, width, rate = UDN_STEP_SHAPE
+    x, y = (t.to(device) for t in spirals(batch, phase=3.0, noise=0.05, seed=0))
+    model = UDN.mlp(2, width, 2, init_rate=rate).to(device)
     depths = model.depth.max_depth
     return [Method(f"UDN.mlp ({depths} depths)", lambda: model.loss(x, y, 1024), role="ours"),
             Method("eager UDN", lambda: eager_udn_loss(model, x, y, 1024))]

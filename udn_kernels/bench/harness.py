@@ -1,4 +1,4 @@
-"""Timing and memory measurement shared by `udn bench` and benchmarks/.
+"""Timing, memory measurement and the results table shared by `udn bench` and benchmarks/.
 
 A benchmark case is a list of :class:`Method` s built on the same inputs. Times are medians over
 repeats after warm-up, measured in one process so ratios compare like with like. Before each
@@ -170,6 +170,70 @@ def speedups(timings: list[Timing]) -> dict[str, float]:
     """Total-time ratio of every other method to the first "ours" method (>1: ours is faster)."""
     ours = next(t for t in timings if t.role == "ours")
     return {t.method: t.total_ms / ours.total_ms for t in timings if t is not ours}
+
+
+def run_cases(names: list[str], *, quick: bool, device: str = "cpu", repeats: int = 5,
+              memory: bool = True, progress: bool = True) -> dict[str, list[Timing]]:
+    """Time (and, with ``memory``, probe the peak memory of) every method of the named cases.
+
+    A run takes minutes, so with ``progress`` a line per case and per measured method goes to
+    stderr as it happens.
+    """
+    from . import cases  # cases imports this module for Method
+
+    def report(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr, flush=True)
+
+    results = {}
+    for case_index, name in enumerate(names, 1):
+        methods = cases.build(name, quick, device)
+        report(f"[{case_index}/{len(names)}] {name}: {len(methods)} methods")
+        timings = []
+        for method_index, method in enumerate(methods, 1):
+            timing = time_method(method, repeats=repeats)
+            if memory:
+                timing.peak_mb = measure_peak(name, method.name, quick, device)
+            timings.append(timing)
+            peak = f", peak {timing.peak_mb:.1f} MB" if timing.peak_mb is not None else ""
+            report(f"[{case_index}/{len(names)}] {name} {method_index}/{len(methods)} {method.name}: "
+                   f"total {timing.total_ms:.2f} ms{peak}")
+        results[name] = timings
+    return results
+
+
+TABLE_HEADER = ("case", "method", "fwd ms", "bwd ms", "total ms", "ours x", "/floor", "peak MB")
+
+
+def table_rows(results: dict[str, list[Timing]]) -> list[tuple[str, ...]]:
+    """One tuple of cells per method, in ``TABLE_HEADER`` order ("-" where a value does not apply)."""
+
+    def cell(value: float | None, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = []
+    for name, timings in results.items():
+        ratios = speedups(timings)
+        floor = next((t for t in timings if t.role == "floor"), None)
+        for t in timings:
+            vs_floor = t.total_ms / floor.total_ms if floor and t.role != "floor" else None
+            rows.append((name, t.method, cell(t.forward_ms), cell(t.backward_ms), cell(t.total_ms),
+                         cell(ratios.get(t.method)), cell(vs_floor), cell(t.peak_mb, 1)))
+    return rows
+
+
+def format_table(results: dict[str, list[Timing]], *, memory: bool = True) -> str:
+    """The results as a text table whose column widths come from the content, so a long case or
+    method name never runs into its neighbour; without ``memory`` the peak MB column is left out."""
+    columns = len(TABLE_HEADER) if memory else len(TABLE_HEADER) - 1
+    lines = [TABLE_HEADER[:columns], *(row[:columns] for row in table_rows(results))]
+    widths = [max(len(line[i]) for line in lines) for i in range(columns)]
+
+    def render(cells) -> str:  # text columns left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    header = render(lines[0])
+    return "\n".join([header, "-" * len(header), *(render(line) for line in lines[1:])])
 
 
 def to_json(results: dict[str, list[Timing]], path: str, meta: dict) -> None:

@@ -2,7 +2,7 @@
 
 Stochastic layers sample in train and eval mode; use :func:`deterministic` for mean-weight
 prediction and :func:`mc_predict` (or ``UDN.predict(samples=S)``) for batched Monte-Carlo
-prediction. The training loss of a UDN is ``-ELBO / n`` (DESIGN §1).
+prediction. The training loss of a UDN is ``-ELBO / n`` (docs/design.md, "Mathematics").
 """
 from .depth import PositivePoisson, TruncatedPoisson, poisson_quantile
 from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear, StochasticLayer,

@@ -2,7 +2,7 @@
 
 A :class:`UDN` holds hidden blocks ``f_1, f_2, ...`` (built lazily), one linear head per depth, the
 variational depth posterior ``q(l)`` (:class:`TruncatedPoisson`, ``model.depth``) and the prior
-``mu(l)`` (:class:`PositivePoisson`). Its loss is ``-ELBO / n`` (DESIGN §1) where the data term
+``mu(l)`` (:class:`PositivePoisson`). Its loss is ``-ELBO / n`` (docs/design.md, "Mathematics") where the data term
 ``sum_l q(l) sum_i log p(y_i | Omega_l(x_i))`` is ONE fused ``udn_kernels.depth_loglik`` call (the
 kernel under ``depth_mixture_nll``) over the stacked hidden states ``[L, N, D]`` and stacked heads
 ``[L, C, D]``.
@@ -456,7 +456,7 @@ class UDN(nn.Module):
 
     # ----------------------------------------------------------------- objective and prediction
     def elbo(self, x: torch.Tensor, y: torch.Tensor, n_data: int, samples: int | None = None) -> torch.Tensor:
-        """The ELBO of DESIGN §1 for a dataset of ``n_data`` points estimated from the batch ``(x, y)``.
+        """The ELBO of docs/design.md ("Mathematics") for a dataset of ``n_data`` points estimated from the batch ``(x, y)``.
 
         The data term is exact over the depth support (one fused ``depth_loglik`` call for all
         depths) and scaled by ``n_data / B``; with ``samples=S`` it averages ``S`` weight draws in

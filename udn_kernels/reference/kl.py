@@ -1,6 +1,6 @@
 """KL divergences of stochastic-weight posteriors (plain differentiable PyTorch).
 
-Both are summed over elements, never averaged: the loss convention is ``-ELBO / n`` (docs/design.md).
+Both are summed over elements, never averaged: the loss convention is ``-ELBO / n`` (docs/design.md, "Mathematics").
 """
 from __future__ import annotations
 
