@@ -1,4 +1,4 @@
-// Vectorised row epilogues shared by the depth-head kernels (heads.cpp, heads_predict.cpp).
+// Vectorised row epilogues shared by the depth-head kernels (heads_*.cpp).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "checks.h"
 #include "heads_epilogue.h"
 
 namespace {
@@ -196,28 +197,14 @@ void predict_impl(const Tensor& hidden, const Tensor& weight, const T* bias, boo
 std::tuple<Tensor, Tensor> depth_mixture_predict(const Tensor& hidden, const Tensor& weight,
                                                  const c10::optional<Tensor>& bias, const Tensor& log_weights,
                                                  bool gaussian, const c10::optional<Tensor>& noise_std) {
-  TORCH_CHECK(hidden.dim() == 3, "depth_mixture_predict: hidden: expected [L, N, D], got ", hidden.sizes());
-  const int64_t L = hidden.size(0), N = hidden.size(1), D = hidden.size(2);
-  TORCH_CHECK(weight.dim() == 2 || (weight.dim() == 3 && weight.size(0) == L),
-              "depth_mixture_predict: weight: expected [C, D] or [L, C, D] with L = ", L, ", got ", weight.sizes());
-  const int64_t C = weight.size(-2);
-  TORCH_CHECK(weight.size(-1) == D, "depth_mixture_predict: weight: expected last dim D = ", D, ", got ",
-              weight.size(-1));
-  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type() && log_weights.scalar_type() == hidden.scalar_type(),
-              "depth_mixture_predict: weight and log_weights: expected dtype ", hidden.scalar_type());
-  TORCH_CHECK(log_weights.dim() == 1 && log_weights.numel() == L,
-              "depth_mixture_predict: log_weights: expected [", L, "], got ", log_weights.sizes());
+  // Any layout: the op takes contiguous copies of its inputs.
+  const udn::ArgChecks check{"depth_mixture_predict"};
+  const int64_t C = udn::check_heads_params(check, hidden, weight, bias, /*any_layout=*/true);
+  const int64_t L = hidden.size(0), N = hidden.size(1);
+  check.tensor("log_weights", log_weights, hidden.scalar_type(), {L}, /*any_layout=*/true);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias)
-    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type() &&
-                    (bias->sizes() == at::IntArrayRef{C} || bias->sizes() == at::IntArrayRef{L, C}),
-                "depth_mixture_predict: bias: expected [", C, "] or [", L, ", ", C, "] of dtype ",
-                hidden.scalar_type(), ", got ", bias->sizes());
   const bool has_noise = gaussian && noise_std.has_value() && noise_std->defined();
-  if (has_noise)
-    TORCH_CHECK(noise_std->numel() == C && noise_std->scalar_type() == hidden.scalar_type(),
-                "depth_mixture_predict: noise_std: expected [", C, "] of dtype ", hidden.scalar_type(), ", got ",
-                noise_std->sizes());
+  if (has_noise) check.tensor("noise_std", *noise_std, hidden.scalar_type(), {C}, /*any_layout=*/true);
   // detached contiguous aliases: the tile GEMMs run on worker threads (no autograd there)
   const Tensor h = hidden.detach().contiguous(), wt = weight.detach().contiguous();
   const Tensor b = has_bias ? bias->detach().contiguous() : Tensor();

@@ -1,0 +1,297 @@
+// Shared by the depth_loglik kernels (heads_forward.cpp, heads_backward.cpp, heads_small.cpp,
+// heads_fused.cpp; the ops in heads_ops.cpp): the problem description Heads, the per-row forward
+// state, the gradient sinks and their fixed-order reduction, the mixture-mode upstream gradient,
+// and the entry points of each algorithm (design notes: docs/heads.md).
+//
+// Work is cut into (row block x class tile) logits tiles computed with at::mm_out into a
+// cache-sized per-thread buffer; vectorised epilogues turn a tile into an online logsumexp /
+// target-logit pick (forward) or into the logits gradient G (backward), which feeds two more
+// GEMMs: dH += G W_tile and dW_tile += G^T H. With a shared head the depths are stacked into the
+// row dimension (rows = L*N), so every GEMM is as large as the problem allows.
+// The entry points are templates instantiated for float and double in their own files.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "heads_epilogue.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace udn_heads {
+
+using at::Tensor;
+
+constexpr int64_t kMaxRowTile = 256;  // rows of a logits tile
+constexpr int64_t kClassTile = 512;   // classes of a logits tile (256 x 512 fp32 = 512 KiB, fits L2)
+// Up to this many classes the batched class-major path runs (small_forward / small_backward):
+// row-major tiles with only C output columns run far below GEMM peak.
+constexpr int64_t kSmallClasses = 32;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+void add_into(T* acc, const T* x, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) (Vec<T>::loadu(acc + j) + Vec<T>::loadu(x + j)).store(acc + j);
+  for (; j < n; ++j) acc[j] += x[j];
+}
+
+// ---------------------------------------------------------------- problem description
+template <typename T>
+struct Heads {
+  Tensor hidden2d;  // [L*N, D]: depths stacked into rows
+  Tensor weight;    // [C, D] or [L, C, D]
+  const T* bias = nullptr;
+  const int64_t* target_idx = nullptr;  // categorical [N]
+  const T* target_val = nullptr;        // gaussian [N, C]
+  int64_t L, N, D, C, rows, row_tile, class_tile;
+  bool per_depth, bias_per_depth, gaussian, class_major;
+  int64_t ignore_index;
+  std::vector<T> inv_s, inv_s2;  // gaussian 1/s and 1/s^2
+  T gauss_const = 0;             // -sum_c log s_c - C/2 log(2 pi)
+
+  // Arguments checked by the op first (check_heads_args); only the target class range, which reads
+  // the data, is checked here.
+  Heads(const Tensor& hidden, const Tensor& weight_, const c10::optional<Tensor>& bias_,
+        const Tensor& target, const c10::optional<Tensor>& noise_std, bool gaussian_,
+        int64_t ignore_index_)
+      : weight(weight_.detach()), gaussian(gaussian_), ignore_index(ignore_index_) {
+    L = hidden.size(0), N = hidden.size(1), D = hidden.size(2);
+    rows = L * N;
+    per_depth = weight.dim() == 3;
+    C = weight.size(-2);
+    // detached aliases: the tile GEMMs run on worker threads, where a TLS autograd guard would not
+    // reach, and must not be recorded by autograd when the caller's tensors require grad
+    hidden2d = hidden.detach().view({rows, D});
+    if (bias_.has_value() && bias_->defined()) {
+      bias_per_depth = bias_->dim() == 2;
+      bias = bias_->data_ptr<T>();
+    } else {
+      bias_per_depth = false;
+    }
+    if (gaussian) {
+      target_val = target.data_ptr<T>();
+      inv_s.assign(C, T(1));
+      inv_s2.assign(C, T(1));
+      double log_s = 0;
+      if (noise_std.has_value() && noise_std->defined()) {
+        const T* s = noise_std->data_ptr<T>();
+        for (int64_t c = 0; c < C; ++c) {
+          inv_s[c] = T(1) / s[c];
+          inv_s2[c] = inv_s[c] * inv_s[c];
+          log_s += std::log(static_cast<double>(s[c]));
+        }
+      }
+      gauss_const = static_cast<T>(-log_s - 0.5 * C * std::log(2.0 * M_PI));
+    } else {
+      target_idx = target.data_ptr<int64_t>();
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t t = target_idx[i];
+        TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < C), "target: expected class indices in [0, ", C,
+                          ") or ignore_index=", ignore_index, ", got ", t);
+      }
+    }
+    // Row tile from the shape only (never from the thread count) so results do not depend on it
+    // beyond the documented reduction order.
+    class_major = C <= kSmallClasses;
+    class_tile = std::min<int64_t>(kClassTile, std::max<int64_t>(C, 1));
+    row_tile = std::min<int64_t>(kMaxRowTile, std::max<int64_t>(16, ceil_div(ceil_div(rows, 16), 8) * 8));
+  }
+
+  // Row blocks [r0, r1) of the stacked rows; a per-depth head keeps each block inside one depth.
+  std::vector<std::pair<int64_t, int64_t>> row_blocks() const {
+    std::vector<std::pair<int64_t, int64_t>> out;
+    const int64_t segment = per_depth ? N : rows;
+    for (int64_t s0 = 0; s0 < rows; s0 += segment)
+      for (int64_t r = s0; r < s0 + segment; r += row_tile) out.emplace_back(r, std::min(r + row_tile, s0 + segment));
+    return out;
+  }
+
+  const T* bias_of_row(int64_t r) const {
+    if (!bias) return nullptr;
+    return bias_per_depth ? bias + (r / N) * C : bias;
+  }
+
+  Tensor head(int64_t r0) const { return per_depth ? weight.select(0, r0 / N) : weight; }
+
+  // The prologue of every class-tiled pass: logits tile H[r0:r0+m] W[c0:c0+ct]^T plus bias,
+  // computed into `slot` (at least m * ct elements).
+  Tensor logits(const Tensor& slot, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
+    Tensor S = slot.narrow(0, 0, m * ct).view({m, ct});
+    at::mm_out(S, hidden2d.narrow(0, r0, m), head(r0).narrow(0, c0, ct).t());
+    add_bias(S.data_ptr<T>(), r0, m, c0, ct);
+    return S;
+  }
+
+  // s [m, ct] (rows r0.., classes c0..) += bias.
+  void add_bias(T* s, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
+    if (!bias) return;
+    for (int64_t i = 0; i < m; ++i) add_into(s + i * ct, bias_of_row(r0 + i) + c0, ct);
+  }
+};
+
+// d/ds_c sum_r g_r [-(y-mu)^2 / (2 s^2) - log s] = (sum_r g_r r^2) / s^3 - (sum_r g_r) / s,
+// from the per-class sums A_c = sum_r g_r r^2.
+template <typename T>
+void finish_noise_grad(const Heads<T>& p, const T* grad, const T* sq_sums, T* d_noise) {
+  double gsum = 0;
+  for (int64_t r = 0; r < p.rows; ++r) gsum += grad[r];
+  for (int64_t c = 0; c < p.C; ++c) {
+    const T inv = p.inv_s[c];
+    d_noise[c] = sq_sums[c] * inv * inv * inv - static_cast<T>(gsum) * inv;
+  }
+}
+
+// Forward epilogue of one class tile (heads_forward.cpp).
+template <typename T>
+void forward_tile(const Heads<T>& p, T* s, int64_t r0, int64_t m, int64_t c0, int64_t ct, T* mx, T* se,
+                  T* picked);
+
+// Forward state of rows [r0, r0 + m) across class tiles (forward_tile), then their loglik / aux.
+template <typename T>
+struct RowState {
+  int64_t r0, m;
+  std::vector<T> mx, se, picked;
+  RowState(int64_t r0_, int64_t m_)
+      : r0(r0_), m(m_), mx(m_, -std::numeric_limits<T>::infinity()), se(m_, T(0)), picked(m_, T(0)) {}
+
+  void tile(const Heads<T>& p, T* s, int64_t c0, int64_t ct) {
+    forward_tile(p, s, r0, m, c0, ct, mx.data(), se.data(), picked.data());
+  }
+
+  void finish(const Heads<T>& p, T* loglik, T* aux) const {
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t r = r0 + i;
+      if (p.gaussian) {
+        loglik[r] = T(-0.5) * se[i] + p.gauss_const;
+      } else {
+        const T lse = mx[i] + std::log(se[i]);
+        aux[r] = lse;
+        loglik[r] = p.target_idx[r % p.N] == p.ignore_index ? T(0) : picked[i] - lse;
+      }
+    }
+  }
+};
+
+// Gradient sinks of one task: where its dH rows, dW rows, d_bias and d_noise go.
+template <typename T>
+struct Sinks {
+  Tensor d_hidden2d;  // [L*N, D]
+  Tensor d_weight;    // [C, D] or [L, C, D]
+  T* d_bias;          // [C] or [L*C] or null
+  T* d_noise;         // [C] or null (gaussian partial sum of g r^2)
+};
+
+// Sums partial buffers into dst in a fixed order (partials[0] first), in parallel over elements.
+template <typename T>
+void reduce_into(T* dst, const std::vector<T*>& partials, int64_t n) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t e0, int64_t e1) {
+    for (T* part : partials) add_into(dst + e0, part + e0, e1 - e0);
+  });
+}
+
+// Gradient outputs and their per-task sinks. A task owns either a class range (its dW rows are
+// exclusive, dH is shared) or a row range (dH exclusive, dW shared). Task 0 accumulates the
+// shared gradient in the output, the others in zeroed partials; bias / noise column sums are
+// per task. finish() adds everything up in task order: same thread count -> bit-identical.
+template <typename T>
+struct Gradients {
+  Tensor d_hidden2d, d_weight;  // outputs
+  T* d_bias;                    // output or null
+  int64_t bias_numel;
+  T* d_noise;                   // output or null
+  bool by_class = false;
+  std::vector<Tensor> shared_parts;
+  Tensor small;                 // [tasks, bias_numel (+ C)]
+
+  void plan(bool by_class_, int64_t ntasks) {
+    by_class = by_class_;
+    d_hidden2d.zero_();  // the class-tiled passes accumulate into dH and dW
+    d_weight.zero_();
+    Tensor& shared_out = by_class ? d_hidden2d : d_weight;
+    shared_parts.assign(ntasks, Tensor());
+    shared_parts[0] = shared_out;
+    for (int64_t k = 1; k < ntasks; ++k) shared_parts[k] = at::zeros_like(shared_out);
+    small = at::zeros({ntasks, bias_numel + (d_noise ? d_weight.size(-2) : 0)}, d_hidden2d.options());
+  }
+
+  Sinks<T> sinks(int64_t k) {
+    T* small_k = small.select(0, k).data_ptr<T>();
+    return {by_class ? shared_parts[k] : d_hidden2d, by_class ? d_weight : shared_parts[k],
+            bias_numel ? small_k : nullptr, d_noise ? small_k + bias_numel : nullptr};
+  }
+
+  void finish(const Heads<T>& p, const T* grad) {
+    std::vector<T*> parts;
+    for (size_t k = 1; k < shared_parts.size(); ++k) parts.push_back(shared_parts[k].data_ptr<T>());
+    reduce_into(shared_parts[0].data_ptr<T>(), parts, shared_parts[0].numel());
+    // bias and noise partials: sum tasks in order (small vectors)
+    const int64_t width = small.size(1);
+    std::vector<T> totals(width, T(0));
+    const T* sp = small.data_ptr<T>();
+    for (int64_t k = 0; k < small.size(0); ++k) add_into(totals.data(), sp + k * width, width);
+    if (bias_numel) std::copy(totals.begin(), totals.begin() + bias_numel, d_bias);
+    if (d_noise) finish_noise_grad(p, grad, totals.data() + bias_numel, d_noise);
+  }
+};
+
+// Mixture-mode NLL sum_n s_n (-logsumexp_l(lw_l + loglik[l, n])): its upstream gradient
+// d/d loglik[l, n] = -s_n r[l, n], r = softmax over depths of lw + loglik, needs every depth's
+// log-likelihood of row n, so it is formed after their forward (0 on ignored rows and rows with
+// s_n = 0).
+template <typename T>
+struct Mixture {
+  const T* log_weights;  // [L]
+  const T* row_scale;    // [N]
+
+  void grad(const Heads<T>& p, const T* loglik, int64_t n0, int64_t n1, T* g) const {
+    std::vector<T> v(p.L);
+    for (int64_t n = n0; n < n1; ++n) {
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t l = 0; l < p.L; ++l) mx = max_nan(mx, v[l] = log_weights[l] + loglik[l * p.N + n]);
+      T sum = 0;
+      for (int64_t l = 0; l < p.L; ++l) sum += v[l] = std::exp(v[l] - mx);
+      const T s = p.gaussian || p.target_idx[n] != p.ignore_index ? row_scale[n] : T(0);
+      for (int64_t l = 0; l < p.L; ++l) g[l * p.N + n] = s == T(0) ? T(0) : -s * v[l] / sum;
+    }
+  }
+};
+
+// ---------------------------------------------------------------- algorithms
+// heads_forward.cpp: the class-tiled forward. forward_block computes one row block; keep_rows > 0
+// keeps its logits tiles in buf for a fused backward loop (see its definition).
+template <typename T>
+void forward_block(const Heads<T>& p, Tensor& buf, int64_t keep_rows, int64_t keep_row0, int64_t r0, int64_t m,
+                   T* loglik, T* aux);
+template <typename T>
+void forward_impl(const Heads<T>& p, T* loglik, T* aux);
+
+// heads_backward.cpp: the class-tiled backward that recomputes the logits, and its per-tile steps.
+template <typename T>
+void backward_epilogue(const Heads<T>& p, const T* grad, const T* lse, T* s, int64_t r0, int64_t m, int64_t c0,
+                       int64_t ct, Sinks<T>& out);
+template <typename T>
+void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& S, int64_t r0, int64_t m, int64_t c0,
+                   int64_t ct, Sinks<T>& out);
+template <typename T>
+void backward_impl(const Heads<T>& p, const T* grad, const T* lse, Gradients<T>& out);
+
+// heads_small.cpp: C <= kSmallClasses, forward / backward / both in one pass over class-major chunks.
+template <typename T>
+void small_pass(const Heads<T>& p, T* loglik, T* lse, const T* grad, Gradients<T>* out,
+                const Mixture<T>* mix = nullptr);
+
+// heads_fused.cpp: forward and backward of a known upstream gradient (expected mode) or of the
+// mixture NLL (mix) with the logits computed once.
+template <typename T>
+void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T>& out,
+                const Mixture<T>* mix = nullptr);
+
+}  // namespace udn_heads

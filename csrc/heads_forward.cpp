@@ -1,0 +1,89 @@
+// depth_loglik forward, class-tiled (C > kSmallClasses; smaller heads take heads_small.cpp): per
+// row block, logits tiles H W_tile^T + bias fold into an online logsumexp and target pick
+// (categorical) or a squared residual sum (Gaussian) per row, then loglik / aux. Also the per-tile
+// step (forward_tile, forward_block) that the fused pass (heads_fused.cpp) reuses.
+#include "heads_common.h"
+
+namespace udn_heads {
+namespace {
+
+// sum_j ((y_j - s_j) * inv_j)^2.
+template <typename T>
+T gauss_sq(const T* s, const T* y, const T* inv, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> acc(0);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec<T> r = (Vec<T>::loadu(y + j) - Vec<T>::loadu(s + j)) * Vec<T>::loadu(inv + j);
+    acc = at::vec::fmadd(r, r, acc);
+  }
+  T total = lane_sum(acc);
+  for (; j < n; ++j) {
+    const T r = (y[j] - s[j]) * inv[j];
+    total += r * r;
+  }
+  return total;
+}
+
+}  // namespace
+
+// Forward epilogue of one class tile S ([m, ct], bias included): online logsumexp and target pick
+// (categorical) or squared residual sum (Gaussian) into the per-row state.
+template <typename T>
+void forward_tile(const Heads<T>& p, T* s, int64_t r0, int64_t m, int64_t c0, int64_t ct, T* mx, T* se,
+                  T* picked) {
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t r = r0 + i;
+    T* srow = s + i * ct;
+    if (p.gaussian) {
+      se[i] += gauss_sq(srow, p.target_val + (r % p.N) * p.C + c0, p.inv_s.data() + c0, ct);
+      continue;
+    }
+    // online logsumexp: rescale the running sum to the new maximum (a NaN maximum sticks).
+    // While every logit so far is -inf there is nothing to add (exp(-inf - -inf) is NaN);
+    // the picked logit is still taken, so all -inf logits give -inf - -inf = NaN.
+    const T new_max = max_nan(mx[i], add_bias_max(srow, static_cast<const T*>(nullptr), ct));
+    if (new_max != -std::numeric_limits<T>::infinity()) {
+      se[i] = se[i] * std::exp(mx[i] - new_max) + sum_exp(srow, new_max, ct);
+      mx[i] = new_max;
+    }
+    const int64_t t = p.target_idx[r % p.N];
+    if (t >= c0 && t < c0 + ct) picked[i] = srow[t - c0];
+  }
+}
+
+// Forward of one row block into loglik / aux. keep_rows > 0 keeps the logits for a fused backward
+// loop: tile c0 is left at offset c0 * keep_rows + keep_row0 * ct of buf, i.e. in the class-tile
+// c0 slab [keep_rows, ct] of a group of blocks, at row keep_row0; otherwise every tile reuses the
+// start of buf.
+template <typename T>
+void forward_block(const Heads<T>& p, Tensor& buf, int64_t keep_rows, int64_t keep_row0, int64_t r0, int64_t m,
+                   T* loglik, T* aux) {
+  RowState<T> state(r0, m);
+  for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
+    const int64_t ct = std::min(p.class_tile, p.C - c0);
+    Tensor S = p.logits(buf.narrow(0, keep_rows ? c0 * keep_rows + keep_row0 * ct : 0, m * ct), r0, m, c0, ct);
+    state.tile(p, S.data_ptr<T>(), c0, ct);
+  }
+  state.finish(p, loglik, aux);
+}
+
+template <typename T>
+void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
+  const auto blocks = p.row_blocks();
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    Tensor buf = at::empty({p.row_tile * p.class_tile}, p.hidden2d.options());
+    for (int64_t bi = b0; bi < b1; ++bi)
+      forward_block(p, buf, 0, 0, blocks[bi].first, blocks[bi].second - blocks[bi].first, loglik, aux);
+  });
+}
+
+#define UDN_HEADS_INSTANTIATE(T)                                                                           \
+  template void forward_tile<T>(const Heads<T>&, T*, int64_t, int64_t, int64_t, int64_t, T*, T*, T*);          \
+  template void forward_block<T>(const Heads<T>&, Tensor&, int64_t, int64_t, int64_t, int64_t, T*, T*);       \
+  template void forward_impl<T>(const Heads<T>&, T*, T*);
+UDN_HEADS_INSTANTIATE(float)
+UDN_HEADS_INSTANTIATE(double)
+#undef UDN_HEADS_INSTANTIATE
+
+}  // namespace udn_heads

@@ -1,0 +1,173 @@
+// The depth_loglik ops of udn_kernels_C: argument checks (checks.h), output allocation and the
+// choice of algorithm -- small_pass for C <= kSmallClasses (heads_small.cpp), else forward_impl
+// (heads_forward.cpp), backward_impl (heads_backward.cpp), fused_impl (heads_fused.cpp).
+#include <torch/library.h>
+
+#include "checks.h"
+#include "heads_common.h"
+
+#include <tuple>
+
+namespace {
+
+using at::Tensor;
+using namespace udn_heads;
+
+// loglik [L, N] and aux (categorical logsumexp [L, N], Gaussian empty).
+std::tuple<Tensor, Tensor> forward_outputs(const Tensor& hidden, bool gaussian) {
+  const int64_t L = hidden.size(0), N = hidden.size(1);
+  return {at::empty({L, N}, hidden.options()),
+          gaussian ? at::empty({0}, hidden.options()) : at::empty({L, N}, hidden.options())};
+}
+
+template <typename T>
+T* aux_ptr(Tensor& aux, bool gaussian) {
+  return gaussian ? nullptr : aux.data_ptr<T>();
+}
+
+// Gradient outputs, uninitialised: every path writes all of them (the class-tiled ones zero dH / dW
+// first, Gradients::plan); d_bias / d_noise are empty when the input is None.
+struct GradTensors {
+  Tensor d_hidden, d_weight, d_bias, d_noise;
+  GradTensors(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
+              const c10::optional<Tensor>& noise_std, bool gaussian)
+      : d_hidden(at::empty_like(hidden)), d_weight(at::empty_like(weight)) {
+    has_bias = bias.has_value() && bias->defined();
+    has_noise = gaussian && noise_std.has_value() && noise_std->defined();
+    d_bias = has_bias ? at::empty_like(*bias) : at::empty({0}, hidden.options());
+    d_noise = has_noise ? at::empty_like(*noise_std) : at::empty({0}, hidden.options());
+  }
+  bool has_bias, has_noise;
+
+  void zero() {  // no rows: nothing to write, zero gradients
+    for (Tensor* t : {&d_weight, &d_bias, &d_noise}) t->zero_();
+  }
+
+  template <typename T>
+  Gradients<T> sinks(int64_t rows, int64_t D) {
+    return {d_hidden.view({rows, D}), d_weight, has_bias ? d_bias.data_ptr<T>() : nullptr,
+            has_bias ? d_bias.numel() : 0, has_noise ? d_noise.data_ptr<T>() : nullptr};
+  }
+};
+
+using OptTensor = c10::optional<Tensor>;
+
+// The arguments every depth_loglik op takes: hidden [L, N, D] float32/64; weight [C, D] or
+// [L, C, D]; bias None, [C] or [L, C]; target int64 [N] (categorical) or [N, C] (Gaussian);
+// noise_std None or [C] (Gaussian only; ignored otherwise). All CPU, contiguous, of hidden's dtype.
+udn::ArgChecks check_heads_args(const char* op, const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                const Tensor& target, const OptTensor& noise_std, bool gaussian) {
+  const udn::ArgChecks check{op};
+  const int64_t C = udn::check_heads_params(check, hidden, weight, bias, /*any_layout=*/false);
+  const auto dtype = hidden.scalar_type();
+  const int64_t N = hidden.size(1);
+  if (gaussian) {
+    check.tensor("target", target, dtype, {N, C});
+    check.optional("noise_std", noise_std, dtype, {C});
+  } else {
+    check.tensor("target", target, at::kLong, {N});
+  }
+  return check;
+}
+
+std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& weight,
+                                            const c10::optional<Tensor>& bias, const Tensor& target,
+                                            const c10::optional<Tensor>& noise_std, bool gaussian,
+                                            int64_t ignore_index) {
+  check_heads_args("depth_loglik_fwd", hidden, weight, bias, target, noise_std, gaussian);
+  auto [loglik, aux] = forward_outputs(hidden, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd", [&] {
+    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+    if (p.rows == 0) return;
+    if (p.class_major)
+      small_pass<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian), nullptr, nullptr);
+    else
+      forward_impl<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian));
+  });
+  return {loglik, aux};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
+    const Tensor& grad_loglik, const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
+    const Tensor& target, const c10::optional<Tensor>& noise_std, const Tensor& aux, bool gaussian,
+    int64_t ignore_index) {
+  const auto check = check_heads_args("depth_loglik_bwd", hidden, weight, bias, target, noise_std, gaussian);
+  const at::IntArrayRef L_N = hidden.sizes().slice(0, 2);
+  check.tensor("grad_loglik", grad_loglik, hidden.scalar_type(), L_N);
+  if (!gaussian) check.tensor("aux", aux, hidden.scalar_type(), L_N);  // the forward's logsumexp
+  GradTensors g(hidden, weight, bias, noise_std, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_bwd", [&] {
+    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+    if (p.rows == 0) return g.zero();
+    Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
+    scalar_t* lse = gaussian ? nullptr : aux.data_ptr<scalar_t>();
+    if (p.class_major)
+      small_pass<scalar_t>(p, nullptr, lse, grad_loglik.data_ptr<scalar_t>(), &out);
+    else
+      backward_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), lse, out);
+  });
+  return {g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
+}
+
+// depth_loglik_fwd and depth_loglik_bwd(grad_loglik, ...) in one pass (see fused_impl).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_fwd_bwd(
+    const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
+    const c10::optional<Tensor>& noise_std, const Tensor& grad_loglik, bool gaussian, int64_t ignore_index) {
+  const auto check = check_heads_args("depth_loglik_fwd_bwd", hidden, weight, bias, target, noise_std, gaussian);
+  check.tensor("grad_loglik", grad_loglik, hidden.scalar_type(), hidden.sizes().slice(0, 2));
+  auto [loglik, aux] = forward_outputs(hidden, gaussian);
+  GradTensors g(hidden, weight, bias, noise_std, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd_bwd", [&] {
+    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+    if (p.rows == 0) return g.zero();
+    Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
+    fused_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), loglik.data_ptr<scalar_t>(),
+                         aux_ptr<scalar_t>(aux, gaussian), out);
+  });
+  return {loglik, aux, g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
+}
+
+// Mixture-mode NLL (see Mixture) and its head gradients in one pass (fused_impl): the logits of
+// every depth of a range of samples are kept until their gradient is known: 3 GEMMs.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_mixture_fwd_bwd(
+    const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
+    const c10::optional<Tensor>& noise_std, const Tensor& log_weights, const Tensor& row_scale, bool gaussian,
+    int64_t ignore_index) {
+  const auto check =
+      check_heads_args("depth_loglik_mixture_fwd_bwd", hidden, weight, bias, target, noise_std, gaussian);
+  check.tensor("log_weights", log_weights, hidden.scalar_type(), {hidden.size(0)});
+  check.tensor("row_scale", row_scale, hidden.scalar_type(), {hidden.size(1)});
+  auto [loglik, aux] = forward_outputs(hidden, gaussian);
+  GradTensors g(hidden, weight, bias, noise_std, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_mixture_fwd_bwd", [&] {
+    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+    if (p.rows == 0) return g.zero();
+    Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
+    const Mixture<scalar_t> mix{log_weights.data_ptr<scalar_t>(), row_scale.data_ptr<scalar_t>()};
+    scalar_t* ll = loglik.data_ptr<scalar_t>();
+    scalar_t* lse = aux_ptr<scalar_t>(aux, gaussian);
+    fused_impl<scalar_t>(p, nullptr, ll, lse, out, &mix);
+  });
+  return {loglik, aux, g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
+  m.def("depth_loglik_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
+        "bool gaussian, int ignore_index) -> (Tensor, Tensor)");
+  m.def("depth_loglik_bwd(Tensor grad_loglik, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+        "Tensor? noise_std, Tensor aux, bool gaussian, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("depth_loglik_fwd_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
+        "Tensor grad_loglik, bool gaussian, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("depth_loglik_mixture_fwd_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
+        "Tensor log_weights, Tensor row_scale, bool gaussian, int ignore_index) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(udn_kernels_C, CPU, m) {
+  m.impl("depth_loglik_fwd", &depth_loglik_fwd);
+  m.impl("depth_loglik_bwd", &depth_loglik_bwd);
+  m.impl("depth_loglik_fwd_bwd", &depth_loglik_fwd_bwd);
+  m.impl("depth_loglik_mixture_fwd_bwd", &depth_loglik_mixture_fwd_bwd);
+}
