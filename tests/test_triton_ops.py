@@ -320,7 +320,7 @@ else:
     # the gradient in the forward; predict's backward is not a kernel.
     PUBLIC_KERNELS = {
         "depth_loglik": {"depth_loglik_fwd", "depth_loglik_bwd"},
-        "depth_mixture_nll": {"depth_loglik_mixture_fwd_bwd"},
+        "depth_mixture_nll": {"depth_loglik_fwd_bwd"},  # expected mode, the default
         "depth_mixture_predict": {"depth_mixture_predict"},
         "gaussian_linear": {"gaussian_linear_fwd", "gaussian_linear_bwd"},
         "bernoulli_linear": {"bernoulli_linear_fwd", "bernoulli_linear_bwd"},
