@@ -47,6 +47,10 @@ def test_triton_on_cpu_tensors_needs_the_interpreter():
             _backend.resolve(torch.device("cpu"))
 
 
+def _without_strict_mode() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "UDN_KERNELS_STRICT"}
+
+
 def test_missing_kernel_falls_back_to_reference_with_one_warning():
     script = (
         "import warnings, torch, udn_kernels\n"
@@ -58,11 +62,13 @@ def test_missing_kernel_falls_back_to_reference_with_one_warning():
         "    b = _backend.resolve(torch.device('cpu'), '_probe')\n"
         "print(a, b, _backend.kernel(a, '_probe')(), sum('no cpu kernel' in str(x.message) for x in w))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env=_without_strict_mode())
     assert out.stdout.split() == ["reference", "reference", "ref", "1"]
 
 
 def test_strict_mode_raises_instead_of_falling_back(monkeypatch):
+    monkeypatch.delenv("UDN_KERNELS_STRICT", raising=False)
     device = torch.device("cpu")
     with udn_kernels.backend(strict=True):
         assert _backend.resolve(device, "philox_normal") == "cpu"  # nothing to fall back from
@@ -94,7 +100,8 @@ def test_strict_mode_raises_without_the_extension():
         "except udn_kernels.FallbackError as exc:\n"
         "    print('raised', 'strict mode' in str(exc))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env=_without_strict_mode())
     assert out.stdout.split() == ["1", "raised", "True"]
 
 
@@ -108,7 +115,8 @@ def test_cuda_without_triton_warns_once():
         "    names = [_backend.resolve(torch.device('cuda'), 'philox_normal') for _ in range(3)]\n"
         "print(*names, sum('Triton is not installed' in str(m.message) for m in w))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env=_without_strict_mode())
     assert out.stdout.split() == ["reference"] * 3 + ["1"]
 
 
