@@ -29,15 +29,10 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-@functools.lru_cache(maxsize=None)
 def load_extension():
-    """The compiled ``udn_kernels._C`` module, or None (with one warning) if it is not built."""
-    try:
-        return importlib.import_module("udn_kernels._C")
-    except ImportError as exc:
-        _warn_once("extension", f"udn_kernels._C is not built ({exc}); CPU ops fall back to the "
-                   "reference implementation. Reinstall with `pip install --no-build-isolation -e .`.")
-        return None
+    """The C++ extension variant this CPU runs, or None (``udn_kernels._extension``)."""
+    from ._extension import load_extension
+    return load_extension()
 
 
 @functools.lru_cache(maxsize=None)

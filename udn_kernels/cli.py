@@ -1,4 +1,4 @@
-"""The ``udn`` command: info, bench, train (also ``python -m udn_kernels``)."""
+"""The ``udn`` command: info, bench, selftest, train (also ``python -m udn_kernels``)."""
 from __future__ import annotations
 
 import argparse
@@ -32,22 +32,30 @@ def _check_writable(path: str | None, what: str) -> None:
 
 
 def info_lines() -> list[str]:
-    """What `udn info` prints: versions, backends, CPU ISA of the build, threads."""
+    """What `udn info` prints: versions, platform, backends, the C++ variant loaded and its build
+    flags, threads, the GPU."""
     backends = udn_kernels.available_backends()
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    isa = torch.ops.udn_kernels_C.build_info() if backends["cpu"] else "extension not built"
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    from ._extension import extension_info
+    ext = extension_info()
+    if torch.cuda.is_available():
+        cuda = "{} (sm_{}{})".format(torch.cuda.get_device_name(0), *torch.cuda.get_device_capability(0))
+    else:
+        cuda = "none"
     return [
         f"udn_kernels   {udn_kernels.__version__}",
         f"torch         {torch.__version__}",
         f"triton        {triton_version}",
         f"python        {platform.python_version()} ({platform.machine()})",
+        f"platform      {platform.platform()}",
         f"backends      " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in backends.items()),
-        f"C++ ISA       {isa}",
+        f"C++ module    {ext['module'] or 'extension not built'}",
+        f"C++ ISA       {ext['isa']} (Philox fills: {ext['philox']})",
+        f"build flags   {ext['flags']}",
         f"torch CPU ISA {torch.backends.cpu.get_cpu_capability()}",
         f"threads       {torch.get_num_threads()}",
         f"CUDA device   {cuda}",
@@ -141,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-memory", dest="memory", action="store_false",
                        help="skip the per-method peak-memory subprocesses")
     bench.set_defaults(run=cmd_bench)
+    from .selftest import add_selftest_parser
+    add_selftest_parser(sub)
     from .train import add_train_parser
     add_train_parser(sub)
     from .experiments import add_experiment_parser
