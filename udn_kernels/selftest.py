@@ -46,11 +46,11 @@ class Check:
 
 @dataclasses.dataclass
 class OpCase:
-    """One op call: ``call(*tensors)`` on the tensors ``make(dtype, device)`` returns; every
-    floating tensor is differentiated."""
+    """One op call: ``call(**tensors)`` on the named tensors ``make(dtype, device)`` returns;
+    every floating tensor is differentiated."""
     op: str
     variant: str
-    make: Callable[[torch.dtype, torch.device], list[torch.Tensor]]
+    make: Callable[[torch.dtype, torch.device], dict[str, torch.Tensor]]
     call: Callable[..., torch.Tensor | tuple]
 
 
@@ -69,15 +69,13 @@ def _heads_inputs(gaussian: bool, per_depth: bool):
         if gaussian:
             target = _randn(N, C, dtype=dtype, device=device, generator=g)
             noise_std = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(device=device, dtype=dtype)
-            return [hidden, weight, bias, target, log_weights, noise_std]
-        target = torch.randint(0, C, (N,), generator=g).to(device)
-        target[3] = -100  # an ignored row
-        return [hidden, weight, bias, target, log_weights]
+        else:
+            target = torch.randint(0, C, (N,), generator=g).to(device)
+            target[3] = -100  # an ignored row
+            noise_std = None
+        return {"hidden": hidden, "weight": weight, "bias": bias, "target": target, "log_weights": log_weights,
+                "noise_std": noise_std}
     return make
-
-
-def _likelihood(gaussian: bool) -> dict:
-    return {"likelihood": "gaussian"} if gaussian else {}
 
 
 def _heads_cases() -> list[OpCase]:
@@ -87,19 +85,21 @@ def _heads_cases() -> list[OpCase]:
         for per_depth in (False, True):
             cases.append(OpCase("depth_loglik", f"{kind} {'per-depth' if per_depth else 'shared'} head",
                                 _heads_inputs(gaussian, per_depth),
-                                lambda h, w, b, t, lw, *ns, _g=gaussian: udn_kernels.depth_loglik(
-                                    h, w, b, t, **_likelihood(_g), **({"noise_std": ns[0]} if ns else {}))))
+                                lambda hidden, weight, bias, target, log_weights, noise_std, _kind=kind:
+                                udn_kernels.depth_loglik(hidden, weight, bias, target, likelihood=_kind,
+                                                         noise_std=noise_std)))
         for mode in ("expected", "mixture"):
             for reduction in ("mean", "sum", "none"):
                 cases.append(OpCase("depth_mixture_nll", f"{kind} {mode} {reduction}",
                                     _heads_inputs(gaussian, per_depth=False),
-                                    lambda h, w, b, t, lw, *ns, _g=gaussian, _m=mode, _r=reduction:
-                                    udn_kernels.depth_mixture_nll(
-                                        h, w, b, t, lw, mode=_m, reduction=_r, **_likelihood(_g),
-                                        **({"noise_std": ns[0]} if ns else {}))))
+                                    lambda hidden, weight, bias, target, log_weights, noise_std, _kind=kind,
+                                    _mode=mode, _reduction=reduction: udn_kernels.depth_mixture_nll(
+                                        hidden, weight, bias, target, log_weights, mode=_mode,
+                                        reduction=_reduction, likelihood=_kind, noise_std=noise_std)))
         cases.append(OpCase("depth_mixture_predict", kind, _heads_inputs(gaussian, per_depth=False),
-                            lambda h, w, b, t, lw, *ns, _g=gaussian: udn_kernels.depth_mixture_predict(
-                                h, w, b, lw, **_likelihood(_g), **({"noise_std": ns[0]} if ns else {}))))
+                            lambda hidden, weight, bias, target, log_weights, noise_std, _kind=kind:
+                            udn_kernels.depth_mixture_predict(hidden, weight, bias, log_weights,
+                                                              likelihood=_kind, noise_std=noise_std)))
     return cases
 
 
@@ -110,11 +110,11 @@ def _linear_inputs(with_sigma: bool):
         weight = _randn(OUT, K, dtype=dtype, device=device, generator=g) * 0.3
         bias = _randn(OUT, dtype=dtype, device=device, generator=g)
         if not with_sigma:
-            return [x, weight, bias]
+            return {"x": x, "weight": weight, "bias": bias}
         # Positive standard deviations; with sigma_transform="softplus" they are read as rho.
         sigma = (torch.rand(OUT, K, generator=g, dtype=torch.float64) * 0.2 + 0.05).to(device=device, dtype=dtype)
         bias_sigma = (torch.rand(OUT, generator=g, dtype=torch.float64) * 0.2 + 0.05).to(device=device, dtype=dtype)
-        return [x, weight, sigma, bias, bias_sigma]
+        return {"x": x, "weight_mu": weight, "weight_sigma": sigma, "bias_mu": bias, "bias_sigma": bias_sigma}
     return make
 
 
@@ -126,15 +126,15 @@ def _linear_cases() -> list[OpCase]:
                 cases.append(OpCase(
                     "gaussian_linear", f"{estimator} samples={samples} sigma_transform={transform}",
                     _linear_inputs(with_sigma=True),
-                    lambda x, mu, sigma, bmu, bsigma, _e=estimator, _s=samples, _t=transform:
-                    udn_kernels.gaussian_linear(x, mu, sigma, bmu, bsigma, estimator=_e, samples=_s,
-                                                seed=SEED, sigma_transform=_t)))
+                    lambda x, weight_mu, weight_sigma, bias_mu, bias_sigma, _e=estimator, _s=samples, _t=transform:
+                    udn_kernels.gaussian_linear(x, weight_mu, weight_sigma, bias_mu, bias_sigma, estimator=_e,
+                                                samples=_s, seed=SEED, sigma_transform=_t)))
     for mask in ("input", "weight", "symmetric"):
         for samples in (None, S):
             cases.append(OpCase(
                 "bernoulli_linear", f"{mask} samples={samples}", _linear_inputs(with_sigma=False),
-                lambda x, w, b, _m=mask, _s=samples:
-                udn_kernels.bernoulli_linear(x, w, b, p=0.3, mask=_m, samples=_s, seed=SEED)))
+                lambda x, weight, bias, _m=mask, _s=samples:
+                udn_kernels.bernoulli_linear(x, weight, bias, p=0.3, mask=_m, samples=_s, seed=SEED)))
     return cases
 
 
@@ -143,10 +143,12 @@ def _kl_cases() -> list[OpCase]:
         g = torch.Generator().manual_seed(SEED)
         mu = _randn(OUT, K, dtype=dtype, device=device, generator=g)
         sigma = (torch.rand(OUT, K, generator=g, dtype=torch.float64) + 0.1).to(device=device, dtype=dtype)
-        return [mu, sigma]
+        return {"mu": mu, "sigma": sigma}
     return [OpCase("gaussian_kl", "mu", make, lambda mu, sigma: udn_kernels.gaussian_kl(mu, sigma, 0.7)),
-            OpCase("gaussian_kl", "mu=None", make, lambda mu, sigma: udn_kernels.gaussian_kl(None, sigma, 0.7)),
-            OpCase("log_uniform_kl", "", make, lambda mu, sigma: udn_kernels.log_uniform_kl(mu))]
+            OpCase("gaussian_kl", "mu=None", lambda dtype, device: {"sigma": make(dtype, device)["sigma"]},
+                   lambda sigma: udn_kernels.gaussian_kl(None, sigma, 0.7)),
+            OpCase("log_uniform_kl", "", lambda dtype, device: {"log_alpha": make(dtype, device)["mu"]},
+                   lambda log_alpha: udn_kernels.log_uniform_kl(log_alpha))]
 
 
 def op_cases() -> list[OpCase]:
@@ -158,15 +160,20 @@ def _as_tuple(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
-def _forward_backward(case: OpCase, tensors: list[torch.Tensor], call: Callable):
-    """Outputs and the gradients of every floating input, for a fixed pseudo-random cotangent."""
-    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
-    outputs = _as_tuple(call(*leaves))
+def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().requires_grad_(t.is_floating_point())
+
+
+def _forward_backward(tensors: dict[str, torch.Tensor | None], call: Callable):
+    """Outputs and the gradients of every floating input (by name), for a fixed pseudo-random
+    cotangent."""
+    leaves = {name: _leaf(t) for name, t in tensors.items()}
+    outputs = _as_tuple(call(**leaves))
     g = torch.Generator().manual_seed(SEED + 1)
     loss = sum((out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)).sum() for out in outputs)
-    differentiable = [t for t in leaves if t.requires_grad]
-    grads = torch.autograd.grad(loss, differentiable, allow_unused=True)
-    grads = [torch.zeros_like(t) if d is None else d for t, d in zip(differentiable, grads)]
+    differentiable = {name: t for name, t in leaves.items() if t is not None and t.requires_grad}
+    grads = torch.autograd.grad(loss, list(differentiable.values()), allow_unused=True)
+    grads = {name: torch.zeros_like(t) if d is None else d for (name, t), d in zip(differentiable.items(), grads)}
     return [o.detach() for o in outputs], grads
 
 
@@ -179,24 +186,24 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / max(1.0, float(want.abs().max())))
 
 
-def _compare(name: str, tolerance: float, got: list[torch.Tensor], want: list[torch.Tensor]) -> list[Check]:
-    if len(got) != len(want):
-        return [Check(f"{name} (count {len(got)} vs {len(want)})", math.inf, tolerance)]
-    return [Check(f"{name}[{i}]" if len(got) > 1 else name, _error(a, b), tolerance)
-            for i, (a, b) in enumerate(zip(got, want))]
+def _compare(label: str, tolerance: float, got, want) -> list[Check]:
+    """Checks of ``got`` against ``want``: (outputs, {input name: gradient}) pairs."""
+    (outputs, grads), (want_outputs, want_grads) = got, want
+    names = [f"{label} forward" + (f"[{i}]" if len(outputs) > 1 else "") for i in range(len(outputs))]
+    pairs = list(zip(outputs, want_outputs)) + [(grads[name], want_grads[name]) for name in grads]
+    names += [f"{label} grad {name}" for name in grads]
+    return [Check(name, _error(a, b), tolerance) for name, (a, b) in zip(names, pairs)]
 
 
 def check_op(case: OpCase, dtype: torch.dtype, device: torch.device) -> list[Check]:
     """Forward and every gradient of ``case`` on ``device`` against float64 reference."""
     tensors = case.make(dtype, device)
-    outputs, grads = _forward_backward(case, tensors, case.call)
+    got = _forward_backward(tensors, case.call)
     with udn_kernels.backend("reference"):
-        want_outputs, want_grads = _forward_backward(
-            case, [t.double() if t.is_floating_point() else t for t in tensors], case.call)
+        want = _forward_backward({name: t.double() if t is not None and t.is_floating_point() else t
+                                  for name, t in tensors.items()}, case.call)
     label = f"{case.op} {case.variant} {str(dtype).replace('torch.', '')}".replace("  ", " ")
-    tolerance = TOLERANCE[dtype]
-    return (_compare(f"{label} forward", tolerance, outputs, want_outputs)
-            + _compare(f"{label} grad", tolerance, grads, want_grads))
+    return _compare(label, TOLERANCE[dtype], got, want)
 
 
 def check_compiled(case: OpCase, device: torch.device, compile_backend: str) -> list[Check]:
@@ -204,12 +211,9 @@ def check_compiled(case: OpCase, device: torch.device, compile_backend: str) -> 
     tensors = case.make(torch.float32, device)
     torch._dynamo.reset()
     compiled = torch.compile(case.call, fullgraph=True, backend=compile_backend)
-    outputs, grads = _forward_backward(case, tensors, compiled)
-    want_outputs, want_grads = _forward_backward(case, tensors, case.call)
     label = f"compile({compile_backend}) {case.op} {case.variant}".strip()
-    tolerance = TOLERANCE[torch.float32]
-    return (_compare(f"{label} forward", tolerance, outputs, want_outputs)
-            + _compare(f"{label} grad", tolerance, grads, want_grads))
+    return _compare(label, TOLERANCE[torch.float32], _forward_backward(tensors, compiled),
+                    _forward_backward(tensors, case.call))
 
 
 def check_philox(device: torch.device) -> list[Check]:
@@ -254,7 +258,7 @@ def run(device: str = "cpu", fast: bool = True, progress: Callable[[Check], None
 
 
 def format_row(check: Check) -> str:
-    return f"{check.name:<78}{check.error:>11.2e}{check.tolerance:>10.0e}  {'ok' if check.passed else 'FAIL'}"
+    return f"{check.name:<84}{check.error:>11.2e}{check.tolerance:>10.0e}  {'ok' if check.passed else 'FAIL'}"
 
 
 def to_json(checks: list[Check], path: str, meta: dict, bench: list[dict] | None = None) -> None:
@@ -311,7 +315,7 @@ def cmd_selftest(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device: {args.device!r} requested but no CUDA device is available")
     mode = args.mode or ("fast" if args.device == "cpu" else "full")
-    print(f"{'check':<78}{'max error':>11}{'tol':>10}  result")
+    print(f"{'check':<84}{'max error':>11}{'tol':>10}  result")
     checks = run(args.device, fast=mode == "fast", progress=lambda check: print(format_row(check), flush=True))
     failed = [c for c in checks if not c.passed]
     print(f"{len(checks) - len(failed)}/{len(checks)} checks passed on {args.device} ({mode} mode)")
