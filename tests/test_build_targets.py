@@ -33,7 +33,7 @@ def test_x86_64_builds_a_portable_and_an_avx2_module():
     assert all("-fopenmp" in flags for flags in variants.values())
 
 
-@pytest.mark.parametrize("target", [bt.Target("aarch64", "linux"), bt.Target("arm64", "darwin", clang=True)])
+@pytest.mark.parametrize("target", [bt.Target("aarch64", "linux"), bt.Target("arm64", "darwin")])
 def test_arm_builds_one_portable_module_without_x86_flags(target):
     (variant,) = bt.extension_variants(target)
     assert variant.name == "udn_kernels._C"
@@ -42,7 +42,7 @@ def test_arm_builds_one_portable_module_without_x86_flags(target):
 
 
 def test_macos_uses_openmp_only_when_a_runtime_is_found(tmp_path):
-    mac = bt.Target("arm64", "darwin", clang=True)
+    mac = bt.Target("arm64", "darwin")
     (without,) = bt.extension_variants(mac, macos_openmp_prefix=None)
     assert not any("openmp" in flag for flag in without.compile_args + without.link_args)
     (tmp_path / "include").mkdir()

@@ -25,10 +25,9 @@ MACOS_OPENMP_PREFIXES = ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp", "/
 @dataclass(frozen=True)
 class Target:
     """What the compiler builds for: ``machine`` as in ``$CXX -dumpmachine``'s first field
-    (``x86_64``, ``aarch64``, ``arm64``), ``system`` (``linux``, ``darwin``), ``clang`` or not."""
+    (``x86_64``, ``aarch64``, ``arm64``) and ``system`` (``linux``, ``darwin``)."""
     machine: str
     system: str
-    clang: bool = False
 
     @property
     def x86_64(self) -> bool:
@@ -49,11 +48,9 @@ class Variant:
 
 def target_of(cxx: str) -> Target:
     """The target of compiler ``cxx``, from ``cxx -dumpmachine`` (``aarch64-linux-gnu``,
-    ``arm64-apple-darwin23.0.0``, ...) and whether ``cxx --version`` names clang."""
+    ``arm64-apple-darwin23.0.0``, ...)."""
     triple = subprocess.run([cxx, "-dumpmachine"], capture_output=True, text=True, check=True).stdout.strip()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    system = "darwin" if "apple" in triple or "darwin" in triple else "linux"
-    return Target(triple.split("-")[0], system, clang="clang" in version)
+    return Target(triple.split("-")[0], "darwin" if "apple" in triple or "darwin" in triple else "linux")
 
 
 def find_macos_openmp(prefixes=MACOS_OPENMP_PREFIXES) -> str | None:
