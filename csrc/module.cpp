@@ -26,7 +26,7 @@ static std::string build_info() {
 #endif
   std::string philox = "scalar";
 #if defined(UDN_PHILOX_AVX2)
-  philox = udn::philox::use_avx512() ? "avx512" : "avx2";
+  philox = udn::philox::detail::use_avx512() ? "avx512" : "avx2";
 #endif
   return "isa=" + isa + "\nphilox=" + philox + "\nflags=" + UDN_BUILD_FLAGS;
 }
