@@ -86,7 +86,7 @@ def test_strict_mode_raises_without_the_extension():
     # A process where importing udn_kernels._C fails: one warning by default, an error in strict mode.
     script = (
         "import sys, warnings, torch\n"
-        "sys.modules['udn_kernels._C'] = None\n"
+        "sys.modules['udn_kernels._C'] = sys.modules['udn_kernels._C_avx2'] = None\n"
         "import udn_kernels\n"
         "x = torch.randn(3, 4)\n"
         "with warnings.catch_warnings(record=True) as w:\n"

@@ -1,12 +1,12 @@
 """The `udn` command, each subcommand run small."""
 import json
+import os
 import re
 import subprocess
 import sys
 
-import torch
-
 import pytest
+import torch
 
 from udn_kernels import _cli_support, cli
 from udn_kernels.bench import cases, harness
@@ -20,6 +20,11 @@ def test_info_reports_backends_and_isa():
     out = run_cli("info")
     assert out.returncode == 0, out.stderr
     assert "cpu=yes" in out.stdout and "C++ ISA       avx2" in out.stdout
+    assert "C++ module    udn_kernels._C_avx2" in out.stdout and "-mavx2" in out.stdout  # flags recorded at build
+    portable = subprocess.run([sys.executable, "-m", "udn_kernels", "info"], capture_output=True, text=True,
+                              env={**os.environ, "UDN_KERNELS_NO_AVX2": "1"})
+    assert "C++ module    udn_kernels._C\n" in portable.stdout and "C++ ISA       generic" in portable.stdout
+    assert "-mavx2" not in portable.stdout
 
 
 def _table_cells(table: str) -> list[list[str]]:

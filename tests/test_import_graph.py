@@ -30,6 +30,7 @@ GROUPS = {
     "udn_kernels.experiments": "app",
     "udn_kernels.bench": "app",
     "udn_kernels._cli_support": "app",
+    "udn_kernels.selftest": "app",
     "udn_kernels.nn": "nn",
     "udn_kernels": "api",  # re-exports the ops, rng and backend selection
     "udn_kernels.ops": "api",
@@ -38,8 +39,11 @@ GROUPS = {
     "udn_kernels.reference": "kernels",
     "udn_kernels.triton": "kernels",
     "udn_kernels._C": "kernels",
+    "udn_kernels._C_avx2": "kernels",
+    "udn_kernels._extension": "kernels",  # loads the C++ module this CPU runs
     "udn_kernels._formulas": "base",
     "udn_kernels._checks": "base",
+    "udn_kernels._build_targets": "base",  # setup.py's flag choice, no imports
     "udn_kernels.metrics": "base",
     "udn_kernels.data": "base",
 }

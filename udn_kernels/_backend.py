@@ -36,13 +36,10 @@ class FallbackError(RuntimeError):
     """Strict mode: an op would have fallen back to the reference implementation."""
 
 
-@functools.lru_cache(maxsize=None)
 def load_extension():
-    """The compiled ``udn_kernels._C`` module, or None if it is not built."""
-    try:
-        return importlib.import_module("udn_kernels._C")
-    except ImportError:
-        return None
+    """The C++ extension variant this CPU runs, or None (``udn_kernels._extension``)."""
+    from ._extension import load_extension
+    return load_extension()
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,4 @@
-"""The ``udn`` command: info, bench, train (also ``python -m udn_kernels``)."""
+"""The ``udn`` command: info, bench, selftest, train (also ``python -m udn_kernels``)."""
 from __future__ import annotations
 
 import argparse
@@ -13,22 +13,30 @@ from ._cli_support import CLIError, check_writable, pyplot
 
 
 def info_lines() -> list[str]:
-    """What `udn info` prints: versions, backends, CPU ISA of the build, threads."""
+    """What `udn info` prints: versions, platform, backends, the C++ variant loaded and its build
+    flags, threads, the GPU."""
     backends = udn_kernels.available_backends()
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    isa = torch.ops.udn_kernels_C.build_info() if backends["cpu"] else "extension not built"
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    from ._extension import extension_info
+    ext = extension_info()
+    if torch.cuda.is_available():
+        cuda = "{} (sm_{}{})".format(torch.cuda.get_device_name(0), *torch.cuda.get_device_capability(0))
+    else:
+        cuda = "none"
     return [
         f"udn_kernels   {udn_kernels.__version__}",
         f"torch         {torch.__version__}",
         f"triton        {triton_version}",
         f"python        {platform.python_version()} ({platform.machine()})",
+        f"platform      {platform.platform()}",
         f"backends      " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in backends.items()),
-        f"C++ ISA       {isa}",
+        f"C++ module    {ext['module'] or 'extension not built'}",
+        f"C++ ISA       {ext['isa']} (Philox fills: {ext['philox']})",
+        f"build flags   {ext['flags']}",
         f"torch CPU ISA {torch.backends.cpu.get_cpu_capability()}",
         f"threads       {torch.get_num_threads()}",
         f"CUDA device   {cuda}",
@@ -50,8 +58,8 @@ def cmd_bench(args) -> int:
     for name in names:
         if name not in cases.CASES:
             raise CLIError(f"--cases: unknown case {name!r}; expected some of {', '.join(cases.CASES)}")
-    results = harness.run_cases(names, quick=args.quick, device=args.device, repeats=args.repeats,
-                                memory=args.memory)
+    results = harness.run_cases(names, cases.build, quick=args.quick, device=args.device,
+                                repeats=args.repeats, memory=args.memory)
     print(harness.format_table(results, memory=args.memory))
     print("ours x: total time of that method / total time of ours (>1: ours is faster). "
           "/floor: total time / the GEMM floor's.")
@@ -99,11 +107,43 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-memory", dest="memory", action="store_false",
                        help="skip the per-method peak-memory subprocesses")
     bench.set_defaults(run=cmd_bench)
+    _add_selftest_parser(sub)
     from .train import add_train_parser
     add_train_parser(sub)
     from .experiments import add_experiment_parser
     add_experiment_parser(sub)
     return parser
+
+
+def cmd_selftest(args) -> int:
+    from . import selftest
+    check_writable(args.json, "--json")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device: {args.device!r} requested but no CUDA device is available")
+    mode = args.mode or ("fast" if args.device == "cpu" else "full")
+    print(f"{'check':<84}{'max error':>11}{'tol':>10}  result")
+    checks = selftest.run(args.device, fast=mode == "fast",
+                          progress=lambda check: print(selftest.format_row(check), flush=True))
+    failed = [c for c in checks if not c.passed]
+    print(f"{len(checks) - len(failed)}/{len(checks)} checks passed on {args.device} ({mode} mode)")
+    bench = selftest.run_bench(args.device) if args.bench else None
+    if args.json:
+        selftest.to_json(checks, args.json, {"device": args.device, "mode": mode, "info": info_lines()}, bench)
+        print(f"wrote {args.json}")
+    return 1 if failed else 0
+
+
+def _add_selftest_parser(sub) -> None:
+    """The ``udn selftest`` subcommand."""
+    parser = sub.add_parser("selftest", help="check every op on a device against the reference")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to check (default: cuda when available, else cpu)")
+    parser.add_argument("--mode", choices=("fast", "full"),
+                        help="fast: compile one call per op with aot_eager; full: every call with "
+                             "inductor (default: fast on cpu, full on cuda)")
+    parser.add_argument("--bench", action="store_true", help="then run the quick benchmark")
+    parser.add_argument("--json", help="write the checks (and bench results) as JSON")
+    parser.set_defaults(run=cmd_selftest)
 
 
 def main(argv: list[str] | None = None) -> int:

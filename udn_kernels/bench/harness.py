@@ -172,14 +172,15 @@ def speedups(timings: list[Timing]) -> dict[str, float]:
     return {t.method: t.total_ms / ours.total_ms for t in timings if t is not ours}
 
 
-def run_cases(names: list[str], *, quick: bool, device: str = "cpu", repeats: int = 5,
-              memory: bool = True, progress: bool = True) -> dict[str, list[Timing]]:
-    """Time (and, with ``memory``, probe the peak memory of) every method of the named cases.
+def run_cases(names: list[str], build: Callable[[str, bool, str], list[Method]], *, quick: bool,
+              device: str = "cpu", repeats: int = 5, memory: bool = True,
+              progress: bool = True) -> dict[str, list[Timing]]:
+    """Time (and, with ``memory``, probe the peak memory of) every method of the named cases,
+    ``build(name, quick, device)`` giving a case's methods (``bench.cases.build``).
 
     A run takes minutes, so with ``progress`` a line per case and per measured method goes to
     stderr as it happens.
     """
-    from . import cases  # cases imports this module for Method
 
     def report(line: str) -> None:
         if progress:
@@ -187,7 +188,7 @@ def run_cases(names: list[str], *, quick: bool, device: str = "cpu", repeats: in
 
     results = {}
     for case_index, name in enumerate(names, 1):
-        methods = cases.build(name, quick, device)
+        methods = build(name, quick, device)
         report(f"[{case_index}/{len(names)}] {name}: {len(methods)} methods")
         timings = []
         for method_index, method in enumerate(methods, 1):
