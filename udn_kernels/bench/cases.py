@@ -491,6 +491,12 @@ def _gaussian_layer_group(estimator: str, width: int, x, peers) -> list[Method]:
     return [ours, Method(f"bayesian-torch {peer_name} + kl", peer_loss, group=group)]
 
 
+def gaussian_mlps(widths) -> tuple[nn.Sequential, nn.Sequential]:
+    """An MLP of ``udn_nn.GaussianLinear`` s and a copy for :func:`eager_gaussian_mlp_loss`."""
+    ours = mlp(widths, lambda i, n_in, n_out: [udn_nn.GaussianLinear(n_in, n_out)])
+    return ours, copy.deepcopy(ours)
+
+
 @sized_case("bnn-step")
 def bnn_step(size: str) -> list[Method]:
     """``nn.GaussianLinear(1024, 1024)`` forward + backward with its KL vs bayesian-torch's
@@ -502,8 +508,7 @@ def bnn_step(size: str) -> list[Method]:
     x = torch.randn(batch, width, requires_grad=True)  # a hidden layer's input
     methods = _gaussian_layer_group("sample", width, x, peers) + _gaussian_layer_group("flipout", width, x, peers)
     data, labels = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
-    ours = mlp(widths, lambda i, n_in, n_out: [udn_nn.GaussianLinear(n_in, n_out)])
-    by_hand = copy.deepcopy(ours)
+    ours, by_hand = gaussian_mlps(widths)
     methods.append(adam_step("udn GaussianLinear MLP", ours,
                              lambda: F.cross_entropy(ours(data), labels) + udn_nn.kl(ours) / N_DATA, "ours", "mlp"))
     if peers is None:
@@ -518,12 +523,9 @@ def bnn_step(size: str) -> list[Method]:
     return methods
 
 
-@sized_case("mcdropout-step")
-def mcdropout_step(size: str) -> list[Method]:
-    """Adam step of an MC-dropout MLP 784-1024-1024-10, B=256, p=0.5 before the 2nd and 3rd
-    Linear: ``BernoulliLinear`` vs ``nn.Dropout`` + ``nn.Linear`` (same initial weights)."""
-    widths, batch = STEP_SHAPES["mcdropout-step"][size]
-    data, labels = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
+def mcdropout_mlps(widths) -> tuple[nn.Sequential, nn.Sequential]:
+    """The MC-dropout MLP (p before the 2nd and later Linear) with ``BernoulliLinear``, and with
+    ``nn.Dropout`` + ``nn.Linear`` starting from the same weights."""
     ours = mlp(widths, lambda i, n_in, n_out: [nn.Linear(n_in, n_out) if i == 0 else
                                                udn_nn.BernoulliLinear(n_in, n_out, p=BERNOULLI_P)])
     eager = mlp(widths, lambda i, n_in, n_out: ([nn.Dropout(BERNOULLI_P)] if i else []) + [nn.Linear(n_in, n_out)])
@@ -531,6 +533,16 @@ def mcdropout_step(size: str) -> list[Method]:
         for mine, theirs in zip(*([m for m in model if hasattr(m, "weight")] for model in (ours, eager))):
             theirs.weight.copy_(mine.weight)
             theirs.bias.copy_(mine.bias)
+    return ours, eager
+
+
+@sized_case("mcdropout-step")
+def mcdropout_step(size: str) -> list[Method]:
+    """Adam step of an MC-dropout MLP 784-1024-1024-10, B=256, p=0.5 before the 2nd and 3rd
+    Linear: ``BernoulliLinear`` vs ``nn.Dropout`` + ``nn.Linear`` (same initial weights)."""
+    widths, batch = STEP_SHAPES["mcdropout-step"][size]
+    data, labels = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
+    ours, eager = mcdropout_mlps(widths)
     return [adam_step("udn BernoulliLinear MLP", ours, lambda: F.cross_entropy(ours(data), labels), "ours"),
             adam_step("nn.Dropout + nn.Linear MLP", eager, lambda: F.cross_entropy(eager(data), labels))]
 

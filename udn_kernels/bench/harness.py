@@ -64,7 +64,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _leaves(out) -> list[torch.Tensor]:
+def grad_leaves(out) -> list[torch.Tensor]:
     """The leaf tensors that would receive gradients from ``out`` (its graph's AccumulateGrad nodes)."""
     found, seen = [], set()
     stack = [_first_tensor(out).grad_fn]
@@ -91,7 +91,7 @@ def num_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
-def _train_once(method: Method) -> None:
+def train_once(method: Method) -> None:
     """One forward, backward (when the method has one) and update (when it has one)."""
     out = _first_tensor(method.forward())
     if method.backward:
@@ -131,10 +131,10 @@ def _time_method(method: Method, warmup: int, repeats: int, min_time: float) -> 
             method.forward()
 
     for _ in range(warmup):
-        _train_once(method)
-    leaves = _leaves(method.forward()) if method.backward else []
+        train_once(method)
+    leaves = grad_leaves(method.forward()) if method.backward else []
     fwd = _median_ms(forward_only, repeats, min_time)
-    total = _median_ms(lambda: _train_once(method), repeats, min_time, setup=lambda: _clear_grads(leaves))
+    total = _median_ms(lambda: train_once(method), repeats, min_time, setup=lambda: _clear_grads(leaves))
     if not method.backward:
         return Timing(method.name, method.role, fwd, None, total, group=method.group)
     # backward alone: forward untimed, then time the backward.
@@ -150,6 +150,24 @@ def _time_method(method: Method, warmup: int, repeats: int, min_time: float) -> 
     return Timing(method.name, method.role, fwd, statistics.median(samples), total, group=method.group)
 
 
+def interleaved_ms(methods: list[Method], rounds: int, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Each method's times (ms) over ``rounds`` rounds that each run every method once
+    (forward, backward, step), in turn, so load on a shared machine hits them all alike; after
+    one warm-up round, with the leaves' gradients reset before each call (untimed)."""
+    leaves = {m.name: grad_leaves(m.forward()) if m.backward else [] for m in methods}
+    times = {m.name: [] for m in methods}
+    for round_index in range(rounds + 1):
+        for m in methods:
+            _clear_grads(leaves[m.name])
+            _sync()
+            t0 = clock()
+            train_once(m)
+            _sync()
+            if round_index:
+                times[m.name].append((clock() - t0) * 1e3)
+    return times
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -162,11 +180,11 @@ def measure_peak_in_this_process(method: Method) -> float:
     """Peak resident memory (MB) added by one forward+backward(+step) of ``method`` beyond its
     inputs, at the method's thread count."""
     with num_threads(method.threads):
-        _train_once(method)  # warm caches, the allocator, the thread pool and optimizer state first
+        train_once(method)  # warm caches, the allocator, the thread pool and optimizer state first
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # resets VmHWM to the current RSS
         before = _rss_kib("VmRSS")
-        _train_once(method)
+        train_once(method)
         return (_rss_kib("VmHWM") - before) / 1024.0
 
 
@@ -175,7 +193,7 @@ def measure_peak_cuda(method: Method) -> float:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    _train_once(method)
+    train_once(method)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
