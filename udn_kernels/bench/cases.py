@@ -7,16 +7,23 @@ defined here are also the ones the pytest-benchmark suites in benchmarks/ import
 """
 from __future__ import annotations
 
+import copy
+import importlib
 import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import udn_kernels
+from udn_kernels import nn as udn_nn
 from .harness import Method
 
 CASES: dict[str, Callable[[bool], list[Method]]] = {}
+# Cases that also have "tiny" shapes (run by the test suite and benchmarks/step_ratios.py):
+# their builders take the size, "tiny", "quick" or "full".
+SIZED_CASES: dict[str, Callable[[str], list[Method]]] = {}
 
 
 def case(name: str):
@@ -26,19 +33,29 @@ def case(name: str):
     return register
 
 
-def build(name: str, quick: bool, device: str = "cpu") -> list[Method]:
+def sized_case(name: str):
+    def register(fn):
+        SIZED_CASES[name] = fn
+        CASES[name] = lambda quick: fn("quick" if quick else "full")
+        return fn
+    return register
+
+
+def build(name: str, quick: bool, device: str = "cpu", size: str | None = None) -> list[Method]:
     """Methods of case ``name`` with inputs on ``device`` (tensor factories follow the device
-    context, so on CUDA the ops dispatch to the Triton kernels); ValueError for an unknown case."""
-    if name not in CASES:
-        raise ValueError(f"case: expected one of {tuple(CASES)}, got {name!r}")
+    context, so on CUDA the ops dispatch to the Triton kernels); ``size`` ("tiny", "quick",
+    "full"), for the cases that have it, overrides ``quick``. ValueError for an unknown case."""
+    if name not in CASES or (size is not None and name not in SIZED_CASES):
+        raise ValueError(f"case: expected one of {tuple(CASES if size is None else SIZED_CASES)}, got {name!r}")
     torch.manual_seed(0)
     with torch.device(device):
-        return CASES[name](quick)
+        return CASES[name](quick) if size is None else SIZED_CASES[name](size)
 
 
-def method_by_name(case_name: str, method: str, quick: bool, device: str = "cpu") -> Method:
+def method_by_name(case_name: str, method: str, quick: bool, device: str = "cpu",
+                   size: str | None = None) -> Method:
     """One method of a case (used by the memory probe subprocess)."""
-    return next(m for m in build(case_name, quick, device) if m.name == method)
+    return next(m for m in build(case_name, quick, device, size) if m.name == method)
 
 
 # Full shapes of the cases: heads (L, N, D, C, a head per depth), linear (B, K, N_out), rng size.
@@ -86,12 +103,16 @@ def heads_floor_forward(hidden, weight) -> torch.Tensor:
         return hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
 
 
-def heads_floor_backward(hidden, weight, grad_logits) -> tuple:
-    """d hidden and d weight from given logits gradients (``[L, N, C]``, or ``[L*N, C]`` for a shared head)."""
+def heads_floor_backward(hidden, weight, grad_logits, *, hidden_grad: bool = True,
+                         weight_grad: bool = True) -> tuple:
+    """d hidden and d weight from given logits gradients (``[L, N, C]``, or ``[L*N, C]`` for a
+    shared head); a gradient not asked for is None, its GEMM not issued."""
     with torch.no_grad():
         if weight.dim() == 3:
-            return torch.bmm(grad_logits, weight), torch.bmm(grad_logits.transpose(1, 2), hidden)
-        return grad_logits @ weight, grad_logits.t() @ hidden.reshape(-1, hidden.shape[-1])
+            return (torch.bmm(grad_logits, weight) if hidden_grad else None,
+                    torch.bmm(grad_logits.transpose(1, 2), hidden) if weight_grad else None)
+        return (grad_logits @ weight if hidden_grad else None,
+                grad_logits.t() @ hidden.reshape(-1, hidden.shape[-1]) if weight_grad else None)
 
 
 def eager_predict(hidden, weight, bias, log_weights) -> torch.Tensor:
@@ -112,15 +133,18 @@ def predict_floor(hidden, weight) -> torch.Tensor:
     return hidden
 
 
-def linear_floor(x: torch.Tensor, weight: torch.Tensor, samples: int) -> Callable[[], torch.Tensor]:
-    """x W^T, dY W and dY^T x for each draw: the 3 GEMMs of a dense linear layer's step."""
+def linear_floor(x: torch.Tensor, weight: torch.Tensor, samples: int,
+                 input_grad: bool = True) -> Callable[[], torch.Tensor]:
+    """x W^T, dY W and dY^T x for each draw: the 3 GEMMs of a dense linear layer's step (without
+    ``input_grad``, the 2 left when ``x`` needs no gradient: no dY W)."""
     grad_out = torch.randn(samples, x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
 
     def floor():
         with torch.no_grad():
             for s in range(samples):
                 torch.mm(x, weight.t())
-                torch.mm(grad_out[s], weight)
+                if input_grad:
+                    torch.mm(grad_out[s], weight)
                 torch.mm(grad_out[s].t(), x)
         return grad_out
     return floor
@@ -325,3 +349,224 @@ def udn_step(quick: bool) -> list[Method]:
     depths = model.depth.max_depth
     return [Method(f"UDN.mlp ({depths} depths)", lambda: model.loss(x, y, 1024), role="ours"),
             Method("eager UDN", lambda: eager_udn_loss(model, x, y, 1024))]
+
+
+# ------------------------------------------------------------------ training steps as users run them
+# Shapes per size: "full" (the figures), "quick" (`udn bench --quick`), "tiny" (the test suite).
+STEP_SHAPES = {
+    "heads-frozen": {"full": (4, 1024, 256, 16384), "quick": (4, 256, 256, 4096), "tiny": (3, 8, 16, 32)},  # L, N, D, C
+    "first-layer": {"full": LINEAR_SHAPE, "quick": (256, 512, 512), "tiny": (8, 16, 12)},  # B, K, N_out
+    # layer width; MLP widths; batch
+    "bnn-step": {"full": (1024, (784, 1024, 1024, 10), 256), "quick": (512, (784, 256, 256, 10), 128),
+                 "tiny": (16, (12, 16, 16, 3), 8)},
+    "mcdropout-step": {"full": ((784, 1024, 1024, 10), 256), "quick": ((784, 256, 256, 10), 128),
+                       "tiny": ((12, 16, 16, 3), 8)},
+    # heads (L, N, D, C) and gaussian_linear (B, K, N_out) of the thread-memory rows
+    "threads": {"full": ((2, 1024, 1024, 32000), LINEAR_SHAPE), "quick": ((2, 256, 256, 4096), (256, 512, 512)),
+                "tiny": ((2, 8, 16, 32), (8, 16, 12))},
+}
+THREAD_COUNTS = (1, 2, 8, 16)
+N_DATA = 60000  # the KL is divided by the data set size (MNIST's), as in a mini-batch ELBO
+# bayesian-torch's documented dnn_to_bnn settings
+BAYESIAN_TORCH_PRIOR = {"prior_mu": 0.0, "prior_sigma": 1.0, "posterior_mu_init": 0.0,
+                        "posterior_rho_init": -3.0, "type": "Reparameterization",
+                        "moped_enable": False, "moped_delta": 0.5}
+NOT_INSTALLED = "bayesian-torch not installed: pip install 'udn_kernels[peers]'"
+
+
+def bayesian_torch():
+    """The bayesian-torch package, or None when it is not installed (its rows are then skipped)."""
+    try:
+        return importlib.import_module("bayesian_torch.layers"), importlib.import_module("bayesian_torch.models.dnn_to_bnn")
+    except ImportError:
+        return None
+
+
+def stacked_heads_loss(hidden, weight, target, log_weights) -> torch.Tensor:
+    """The expected-mode loss of a head shared by all depths as users write it for stacked depths:
+    one logits GEMM over ``[L, N, D]``, then cross-entropy (log_softmax + target pick) per depth."""
+    L, N = hidden.shape[:2]
+    nll = F.cross_entropy((hidden @ weight.t()).flatten(0, 1), target.repeat(L), reduction="none")
+    return (log_weights.exp() * nll.view(L, N).mean(1)).sum()
+
+
+def _heads_frozen_group(frozen: str, L: int, N: int, D: int, C: int, target, log_w, grad_logits) -> list[Method]:
+    hidden = torch.randn(L, N, D, requires_grad=frozen != "hidden")
+    weight = (torch.randn(C, D) / math.sqrt(D)).requires_grad_(frozen != "head")
+    group = f"{frozen} frozen"
+
+    def floor():  # forward logits and the one backward product still needed
+        heads_floor_forward(hidden, weight)
+        heads_floor_backward(hidden, weight, grad_logits, hidden_grad=hidden.requires_grad,
+                             weight_grad=weight.requires_grad)
+        return grad_logits
+
+    return [Method(f"udn, {group}", lambda: udn_kernels.depth_mixture_nll(hidden, weight, None, target, log_w),
+                   role="ours", group=group),
+            Method(f"eager, {group}", lambda: stacked_heads_loss(hidden, weight, target, log_w), group=group),
+            Method(f"2-GEMM floor, {group}", floor, backward=False, role="floor", group=group)]
+
+
+@sized_case("heads-frozen")
+def heads_frozen(size: str) -> list[Method]:
+    """heads-lm-like (L=4, N=1024, D=256, C=16384, shared head), the head frozen or the hidden
+    states frozen (``requires_grad=False``): ours vs the stacked eager loss and the 2-GEMM floor."""
+    L, N, D, C = STEP_SHAPES["heads-frozen"][size]
+    target, log_w, grad_logits = torch.randint(0, C, (N,)), _depth_log_weights(L), torch.randn(L * N, C)
+    return [m for frozen in ("head", "hidden") for m in _heads_frozen_group(frozen, L, N, D, C, target, log_w, grad_logits)]
+
+
+@sized_case("first-layer")
+def first_layer(size: str) -> list[Method]:
+    """``gaussian_linear`` sample and ``bernoulli_linear`` input mask on an input without grad
+    (a network's first layer), B=256, K=N_out=1024: ours vs eager and the 2-GEMM floor."""
+    B, K, N = STEP_SHAPES["first-layer"][size]
+    x = torch.randn(B, K)  # the data: no gradient
+    mu = (torch.randn(N, K) / math.sqrt(K)).requires_grad_()
+    rho = torch.full((N, K), -4.0, requires_grad=True)
+    weight = (torch.randn(N, K) / math.sqrt(K)).requires_grad_()
+    bias = torch.zeros(N, requires_grad=True)
+    gauss, bern = "gaussian sample", "bernoulli input"
+    return [Method("udn gaussian sample", lambda: udn_kernels.gaussian_linear(x, mu, rho, sigma_transform="softplus"),
+                   role="ours", group=gauss),
+            Method("eager gaussian sample", lambda: eager_gauss("sample", x, mu, rho), group=gauss),
+            Method("2-GEMM floor, gaussian", linear_floor(x, mu, 1, input_grad=False), backward=False,
+                   role="floor", group=gauss),
+            Method("udn bernoulli input", lambda: udn_kernels.bernoulli_linear(x, weight, bias, p=BERNOULLI_P),
+                   role="ours", group=bern),
+            Method("F.dropout + F.linear", lambda: eager_bern("input", x, weight, bias), group=bern),
+            Method("2-GEMM floor, bernoulli", linear_floor(x, weight, 1, input_grad=False), backward=False,
+                   role="floor", group=bern)]
+
+
+def mlp(widths, layer: Callable[[int, int, int], list[nn.Module]]) -> nn.Sequential:
+    """An MLP of ``widths`` whose layer ``i`` is the modules ``layer(i, n_in, n_out)``, ReLU between layers."""
+    modules = []
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        modules += ([nn.ReLU()] if i else []) + layer(i, n_in, n_out)
+    return nn.Sequential(*modules)
+
+
+def adam_step(name: str, model: nn.Module, loss: Callable[[], torch.Tensor], role: str = "peer",
+              group: str = "") -> Method:
+    """A training step: ``loss()``, backward, then an Adam update of ``model``."""
+    return Method(name, loss, role=role, group=group, step=torch.optim.Adam(model.parameters(), lr=1e-3).step)
+
+
+def eager_gaussian_kl(mu, sigma, prior_std: float = 1.0) -> torch.Tensor:
+    """``sum KL(N(mu, sigma^2) || N(0, prior_std^2))`` in eager PyTorch."""
+    return (math.log(prior_std) - sigma.log() + (sigma * sigma + mu * mu) / (2 * prior_std ** 2) - 0.5).sum()
+
+
+def eager_gaussian_mlp_loss(model: nn.Sequential, x, y, n_data: int) -> torch.Tensor:
+    """Cross-entropy + KL / n_data of an MLP of ``udn_nn.GaussianLinear`` s (sigma = softplus(rho),
+    prior N(0, prior_std^2)) written by hand: each layer samples its weight and bias, ``F.linear``,
+    ReLU between layers, closed-form KL."""
+    h, kl = x, 0.0
+    for module in model:
+        if not isinstance(module, udn_nn.GaussianLinear):
+            h = module(h)
+            continue
+        w_sigma, b_sigma = F.softplus(module.weight_rho), F.softplus(module.bias_rho)
+        h = F.linear(h, module.weight_mu + w_sigma * torch.randn_like(w_sigma),
+                     module.bias_mu + b_sigma * torch.randn_like(b_sigma))
+        kl = kl + eager_gaussian_kl(module.weight_mu, w_sigma, module.prior_std) \
+            + eager_gaussian_kl(module.bias_mu, b_sigma, module.prior_std)
+    return F.cross_entropy(h, y) + kl / n_data
+
+
+def _gaussian_layer_group(estimator: str, width: int, x, peers) -> list[Method]:
+    layer = udn_nn.GaussianLinear(width, width, estimator=estimator)
+    peer_name = {"sample": "LinearReparameterization", "flipout": "LinearFlipout"}[estimator]
+    group = f"layer {estimator}"
+    ours = Method(f"udn GaussianLinear {estimator} + kl()", lambda: layer(x).sum() + layer.kl(), role="ours", group=group)
+    if peers is None:
+        return [ours, Method(f"bayesian-torch {peer_name}", None, group=group, missing=NOT_INSTALLED)]
+    peer = getattr(peers[0], peer_name)(width, width)
+
+    def peer_loss():  # its documented use: forward returns the output and the layer's KL
+        out, kl = peer(x)
+        return out.sum() + kl
+
+    return [ours, Method(f"bayesian-torch {peer_name} + kl", peer_loss, group=group)]
+
+
+def gaussian_mlps(widths) -> tuple[nn.Sequential, nn.Sequential]:
+    """An MLP of ``udn_nn.GaussianLinear`` s and a copy for :func:`eager_gaussian_mlp_loss`."""
+    ours = mlp(widths, lambda i, n_in, n_out: [udn_nn.GaussianLinear(n_in, n_out)])
+    return ours, copy.deepcopy(ours)
+
+
+@sized_case("bnn-step")
+def bnn_step(size: str) -> list[Method]:
+    """``nn.GaussianLinear(1024, 1024)`` forward + backward with its KL vs bayesian-torch's
+    ``LinearReparameterization`` / ``LinearFlipout`` (sample, flipout); and an Adam step of a Bayesian
+    MLP 784-1024-1024-10, B=256, cross-entropy + KL / 60000: ours vs bayesian-torch's ``dnn_to_bnn``
+    of the same MLP and vs eager PyTorch written by hand."""
+    width, widths, batch = STEP_SHAPES["bnn-step"][size]
+    peers = bayesian_torch()
+    x = torch.randn(batch, width, requires_grad=True)  # a hidden layer's input
+    methods = _gaussian_layer_group("sample", width, x, peers) + _gaussian_layer_group("flipout", width, x, peers)
+    data, labels = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
+    ours, by_hand = gaussian_mlps(widths)
+    methods.append(adam_step("udn GaussianLinear MLP", ours,
+                             lambda: F.cross_entropy(ours(data), labels) + udn_nn.kl(ours) / N_DATA, "ours", "mlp"))
+    if peers is None:
+        methods.append(Method("bayesian-torch dnn_to_bnn MLP", None, group="mlp", missing=NOT_INSTALLED))
+    else:
+        converted = mlp(widths, lambda i, n_in, n_out: [nn.Linear(n_in, n_out)])
+        peers[1].dnn_to_bnn(converted, BAYESIAN_TORCH_PRIOR)
+        methods.append(adam_step("bayesian-torch dnn_to_bnn MLP", converted, lambda: F.cross_entropy(
+            converted(data), labels) + peers[1].get_kl_loss(converted) / N_DATA, group="mlp"))
+    methods.append(adam_step("eager MLP by hand", by_hand,
+                             lambda: eager_gaussian_mlp_loss(by_hand, data, labels, N_DATA), group="mlp"))
+    return methods
+
+
+def mcdropout_mlps(widths) -> tuple[nn.Sequential, nn.Sequential]:
+    """The MC-dropout MLP (p before the 2nd and later Linear) with ``BernoulliLinear``, and with
+    ``nn.Dropout`` + ``nn.Linear`` starting from the same weights."""
+    ours = mlp(widths, lambda i, n_in, n_out: [nn.Linear(n_in, n_out) if i == 0 else
+                                               udn_nn.BernoulliLinear(n_in, n_out, p=BERNOULLI_P)])
+    eager = mlp(widths, lambda i, n_in, n_out: ([nn.Dropout(BERNOULLI_P)] if i else []) + [nn.Linear(n_in, n_out)])
+    with torch.no_grad():
+        for mine, theirs in zip(*([m for m in model if hasattr(m, "weight")] for model in (ours, eager))):
+            theirs.weight.copy_(mine.weight)
+            theirs.bias.copy_(mine.bias)
+    return ours, eager
+
+
+@sized_case("mcdropout-step")
+def mcdropout_step(size: str) -> list[Method]:
+    """Adam step of an MC-dropout MLP 784-1024-1024-10, B=256, p=0.5 before the 2nd and 3rd
+    Linear: ``BernoulliLinear`` vs ``nn.Dropout`` + ``nn.Linear`` (same initial weights)."""
+    widths, batch = STEP_SHAPES["mcdropout-step"][size]
+    data, labels = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
+    ours, eager = mcdropout_mlps(widths)
+    return [adam_step("udn BernoulliLinear MLP", ours, lambda: F.cross_entropy(ours(data), labels), "ours"),
+            adam_step("nn.Dropout + nn.Linear MLP", eager, lambda: F.cross_entropy(eager(data), labels))]
+
+
+@sized_case("threads")
+def threads(size: str, thread_counts=THREAD_COUNTS) -> list[Method]:
+    """Peak extra memory (and time) at 1/2/8/16 torch threads of the fused heads forward+backward
+    (L=2, N=1024, D=1024, C=32000, shared head, everything trainable) and of ``gaussian_linear``
+    sample forward+backward (B=256, K=N_out=1024), each vs eager at the same thread count."""
+    (L, N, D, C), (B, K, N_out) = STEP_SHAPES["threads"][size]
+    hidden = torch.randn(L, N, D, requires_grad=True)
+    weight = (torch.randn(C, D) / math.sqrt(D)).requires_grad_()
+    target, log_w = torch.randint(0, C, (N,)), _depth_log_weights(L)
+    x = torch.randn(B, K, requires_grad=True)
+    mu = (torch.randn(N_out, K) / math.sqrt(K)).requires_grad_()
+    rho = torch.full((N_out, K), -4.0, requires_grad=True)
+    methods = []
+    for t in thread_counts:
+        heads, gauss = f"heads, {t} threads", f"gaussian sample, {t} threads"
+        methods += [Method(f"udn {heads}", lambda: udn_kernels.depth_mixture_nll(hidden, weight, None, target, log_w),
+                           role="ours", group=heads, threads=t),
+                    Method(f"eager {heads}", lambda: stacked_heads_loss(hidden, weight, target, log_w),
+                           group=heads, threads=t)]
+        methods += [Method(f"udn {gauss}", lambda: udn_kernels.gaussian_linear(x, mu, rho, sigma_transform="softplus"),
+                           role="ours", group=gauss, threads=t),
+                    Method(f"eager {gauss}", lambda: eager_gauss("sample", x, mu, rho), group=gauss, threads=t)]
+    return methods

@@ -4,12 +4,16 @@ A benchmark case is a list of :class:`Method` s built on the same inputs. Times 
 repeats after warm-up, measured in one process so ratios compare like with like. Before each
 timed forward+backward the leaves' ``.grad`` are reset to None, untimed, as a training step's
 ``optimizer.zero_grad()`` does: backward assigns the gradients instead of adding them to the
-previous repeat's (work no training step does, and the GEMM floors do not include). Peak extra
+previous repeat's (work no training step does, and the GEMM floors do not include). A method
+with a ``step`` (an optimizer update) runs it after backward, inside the timed total. Peak extra
 memory is measured in a fresh subprocess per method (Linux VmHWM reset through
 ``/proc/self/clear_refs``), which sees ATen's CPU allocations, unlike Python-level tracers.
+Ratios (to ours, to the floor) are taken within a method's ``group``, so one case can hold
+several configurations.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -24,22 +28,30 @@ import torch
 @dataclasses.dataclass
 class Method:
     """One way of computing a case: ``forward()`` returns a tensor; ``backward`` says whether
-    ``forward().sum().backward()`` is part of the measured work."""
+    ``forward().sum().backward()`` is part of the measured work, ``step`` (an optimizer update)
+    runs after it; ``threads`` is the torch thread count to measure with (None: the current one);
+    ``missing`` says why the method cannot run here (an optional peer not installed): it is
+    reported, not measured."""
 
     name: str
-    forward: Callable[[], torch.Tensor | tuple]
+    forward: Callable[[], torch.Tensor | tuple] | None
     backward: bool = True
     role: str = "peer"  # "ours", "peer" or "floor"
+    group: str = ""
+    step: Callable[[], object] | None = None
+    threads: int | None = None
+    missing: str | None = None
 
 
 @dataclasses.dataclass
 class Timing:
     method: str
     role: str
-    forward_ms: float
+    forward_ms: float | None
     backward_ms: float | None
-    total_ms: float
+    total_ms: float | None
     peak_mb: float | None = None
+    group: str = ""
 
 
 def _first_tensor(out) -> torch.Tensor:
@@ -52,7 +64,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _leaves(out) -> list[torch.Tensor]:
+def grad_leaves(out) -> list[torch.Tensor]:
     """The leaf tensors that would receive gradients from ``out`` (its graph's AccumulateGrad nodes)."""
     found, seen = [], set()
     stack = [_first_tensor(out).grad_fn]
@@ -65,6 +77,27 @@ def _leaves(out) -> list[torch.Tensor]:
             found.append(node.variable)
         stack.extend(child for child, _ in node.next_functions)
     return found
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None):
+    """Run the block with ``torch.set_num_threads(threads)`` (None: unchanged), then restore."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train_once(method: Method) -> None:
+    """One forward, backward (when the method has one) and update (when it has one)."""
+    out = _first_tensor(method.forward())
+    if method.backward:
+        out.sum().backward()
+    if method.step is not None:
+        method.step()
 
 
 def _clear_grads(leaves: list[torch.Tensor]) -> None:
@@ -87,24 +120,23 @@ def _median_ms(fn: Callable[[], None], repeats: int, min_time: float,
 
 
 def time_method(method: Method, *, warmup: int = 2, repeats: int = 5, min_time: float = 0.2) -> Timing:
-    """Median forward, backward and forward+backward wall time of ``method`` in ms."""
+    """Median forward, backward and forward+backward(+step) wall time of ``method`` in ms."""
+    with num_threads(method.threads):
+        return _time_method(method, warmup, repeats, min_time)
 
+
+def _time_method(method: Method, warmup: int, repeats: int, min_time: float) -> Timing:
     def forward_only():
         with torch.no_grad():
             method.forward()
 
-    def forward_backward():
-        out = _first_tensor(method.forward())
-        if method.backward:
-            out.sum().backward()
-
     for _ in range(warmup):
-        forward_backward()
-    leaves = _leaves(method.forward()) if method.backward else []
+        train_once(method)
+    leaves = grad_leaves(method.forward()) if method.backward else []
     fwd = _median_ms(forward_only, repeats, min_time)
-    total = _median_ms(forward_backward, repeats, min_time, setup=lambda: _clear_grads(leaves))
+    total = _median_ms(lambda: train_once(method), repeats, min_time, setup=lambda: _clear_grads(leaves))
     if not method.backward:
-        return Timing(method.name, method.role, fwd, None, total)
+        return Timing(method.name, method.role, fwd, None, total, group=method.group)
     # backward alone: forward untimed, then time the backward.
     samples = []
     for _ in range(repeats):
@@ -115,7 +147,25 @@ def time_method(method: Method, *, warmup: int = 2, repeats: int = 5, min_time: 
         out.backward()
         _sync()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return Timing(method.name, method.role, fwd, statistics.median(samples), total)
+    return Timing(method.name, method.role, fwd, statistics.median(samples), total, group=method.group)
+
+
+def interleaved_ms(methods: list[Method], rounds: int, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Each method's times (ms) over ``rounds`` rounds that each run every method once
+    (forward, backward, step), in turn, so load on a shared machine hits them all alike; after
+    one warm-up round, with the leaves' gradients reset before each call (untimed)."""
+    leaves = {m.name: grad_leaves(m.forward()) if m.backward else [] for m in methods}
+    times = {m.name: [] for m in methods}
+    for round_index in range(rounds + 1):
+        for m in methods:
+            _clear_grads(leaves[m.name])
+            _sync()
+            t0 = clock()
+            train_once(m)
+            _sync()
+            if round_index:
+                times[m.name].append((clock() - t0) * 1e3)
+    return times
 
 
 def _rss_kib(field: str) -> int:
@@ -127,38 +177,34 @@ def _rss_kib(field: str) -> int:
 
 
 def measure_peak_in_this_process(method: Method) -> float:
-    """Peak resident memory (MB) added by one forward+backward of ``method``, beyond its inputs."""
-    out = _first_tensor(method.forward())  # warm caches and allocator first
-    if method.backward:
-        out.sum().backward()
-    del out
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # resets VmHWM to the current RSS
-    before = _rss_kib("VmRSS")
-    out = _first_tensor(method.forward())
-    if method.backward:
-        out.sum().backward()
-    return (_rss_kib("VmHWM") - before) / 1024.0
+    """Peak resident memory (MB) added by one forward+backward(+step) of ``method`` beyond its
+    inputs, at the method's thread count."""
+    with num_threads(method.threads):
+        train_once(method)  # warm caches, the allocator, the thread pool and optimizer state first
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current RSS
+        before = _rss_kib("VmRSS")
+        train_once(method)
+        return (_rss_kib("VmHWM") - before) / 1024.0
 
 
 def measure_peak_cuda(method: Method) -> float:
-    """Peak CUDA memory (MB) allocated by one forward+backward of ``method`` beyond its inputs."""
+    """Peak CUDA memory (MB) allocated by one forward+backward(+step) of ``method`` beyond its inputs."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out = _first_tensor(method.forward())
-    if method.backward:
-        out.sum().backward()
+    train_once(method)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def measure_peak(case: str, method: str, quick: bool, device: str = "cpu") -> float | None:
-    """Peak extra memory of one method of a case, measured in a fresh interpreter: resident
-    memory on CPU (:func:`measure_peak_in_this_process`), the caching allocator's peak on CUDA."""
+def measure_peak(case: str, method: str, quick: bool, device: str = "cpu", size: str | None = None) -> float | None:
+    """Peak extra memory of one method of a case (``size`` as in ``cases.build``), measured in a
+    fresh interpreter: resident memory on CPU (:func:`measure_peak_in_this_process`), the caching
+    allocator's peak on CUDA."""
     probe = "measure_peak_cuda" if device.startswith("cuda") else "measure_peak_in_this_process"
     code = ("import sys; from udn_kernels.bench import cases, harness; "
-            f"m = cases.method_by_name({case!r}, {method!r}, quick={quick}, device={device!r}); "
+            f"m = cases.method_by_name({case!r}, {method!r}, quick={quick}, device={device!r}, size={size!r}); "
             f"print(harness.{probe}(m))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if result.returncode != 0:
@@ -166,10 +212,20 @@ def measure_peak(case: str, method: str, quick: bool, device: str = "cpu") -> fl
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def _first_of_group(timings: list[Timing], timing: Timing, role: str) -> Timing | None:
+    """The first measured method of ``role`` in ``timing``'s group."""
+    return next((t for t in timings if t.role == role and t.group == timing.group and t.total_ms is not None), None)
+
+
 def speedups(timings: list[Timing]) -> dict[str, float]:
-    """Total-time ratio of every other method to the first "ours" method (>1: ours is faster)."""
-    ours = next(t for t in timings if t.role == "ours")
-    return {t.method: t.total_ms / ours.total_ms for t in timings if t is not ours}
+    """Total-time ratio of every other measured method to the first "ours" method of its group
+    (>1: ours is faster)."""
+    ratios = {}
+    for t in timings:
+        ours = _first_of_group(timings, t, "ours")
+        if ours is not None and t is not ours and t.total_ms is not None:
+            ratios[t.method] = t.total_ms / ours.total_ms
+    return ratios
 
 
 def run_cases(names: list[str], build: Callable[[str, bool, str], list[Method]], *, quick: bool,
@@ -192,6 +248,12 @@ def run_cases(names: list[str], build: Callable[[str, bool, str], list[Method]],
         report(f"[{case_index}/{len(names)}] {name}: {len(methods)} methods")
         timings = []
         for method_index, method in enumerate(methods, 1):
+            if method.missing:
+                timings.append(Timing(f"{method.name} ({method.missing})", method.role, None, None, None,
+                                      group=method.group))
+                report(f"[{case_index}/{len(names)}] {name} {method_index}/{len(methods)} {method.name}: "
+                       f"skipped, {method.missing}")
+                continue
             timing = time_method(method, repeats=repeats)
             if memory:
                 timing.peak_mb = measure_peak(name, method.name, quick, device)
@@ -215,9 +277,9 @@ def table_rows(results: dict[str, list[Timing]]) -> list[tuple[str, ...]]:
     rows = []
     for name, timings in results.items():
         ratios = speedups(timings)
-        floor = next((t for t in timings if t.role == "floor"), None)
         for t in timings:
-            vs_floor = t.total_ms / floor.total_ms if floor and t.role != "floor" else None
+            floor = _first_of_group(timings, t, "floor")
+            vs_floor = t.total_ms / floor.total_ms if floor and t.role != "floor" and t.total_ms else None
             rows.append((name, t.method, cell(t.forward_ms), cell(t.backward_ms), cell(t.total_ms),
                          cell(ratios.get(t.method)), cell(vs_floor), cell(t.peak_mb, 1)))
     return rows
