@@ -41,9 +41,10 @@ def test_one_config_per_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_pat
         assert "error" not in r
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert 0 < r["registers"] <= 255 and r["stack"] >= 0, r
+        assert r["shared_bytes"] <= aot.SHARED_LIMIT_BYTES[int(r["arch"][3:])], r
     heads = [r for r in rows if not r["kernel"].startswith(("philox", "gaussian", "bernoulli"))]
     assert len(heads) == 12 and all(r["shared_bytes"] > 0 for r in heads)  # 6 kernels x 2 archs
-    assert "0 spilling" in proc.stdout
+    assert "0 spilling, 0 over the shared-memory limit" in proc.stdout
 
 
 def test_specs_mirror_the_launch_configs():

@@ -9,8 +9,9 @@ constexprs`` and optionally ``config`` (a label), ``attrs`` (ASTSource argument 
 spill stores/loads, stack frame and shared memory per kernel/config/arch. Registers, spills and
 stack frame come from the bundled ``ptxas -v`` on the compiled PTX (a stack frame alone is not a
 spill: ``tl.randn``'s libdevice ``cosf`` keeps a 28-byte local array); shared memory is Triton's
-dynamic shared allocation from the kernel metadata. Exit status 1 on any compile failure or any
-spill store.
+dynamic shared allocation from the kernel metadata, checked against the arch's per-block limit
+(``SHARED_LIMIT_BYTES``). Exit status 1 on any compile failure, spill store or shared-memory
+overrun.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ import traceback
 
 MODULES = ("heads", "rng", "stochastic_linear")
 ARCHS = (80, 90)
+# Largest dynamic shared memory one block may use (CUDA's opt-in maximum per block): a config above
+# it compiles but fails at launch.
+SHARED_LIMIT_BYTES = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def collect_specs(modules=MODULES) -> list[tuple[str, int, dict]]:
@@ -151,16 +155,21 @@ def main(argv=None) -> int:
     print(format_table(rows))
     failures = [r for r in rows if "error" in r]
     spills = [r for r in rows if r.get("spill_stores")]
+    overruns = [r for r in rows if r.get("shared_bytes", 0) > SHARED_LIMIT_BYTES[int(r["arch"][3:])]]
     for r in failures:
         print(f"\nFAILED {r['kernel']} [{r['config']}] {r['arch']}:\n{r['error']}", file=sys.stderr)
     for r in spills:
         print(f"SPILL {r['kernel']} [{r['config']}] {r['arch']}: {r['spill_stores']} bytes stored, "
               f"{r['spill_loads']} bytes loaded", file=sys.stderr)
+    for r in overruns:
+        print(f"SHARED {r['kernel']} [{r['config']}] {r['arch']}: {r['shared_bytes']} bytes > "
+              f"{SHARED_LIMIT_BYTES[int(r['arch'][3:])]}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
-    print(f"\n{len(rows)} compiles, {len(failures)} failed, {len(spills)} spilling")
-    return 1 if failures or spills else 0
+    print(f"\n{len(rows)} compiles, {len(failures)} failed, {len(spills)} spilling, "
+          f"{len(overruns)} over the shared-memory limit")
+    return 1 if failures or spills or overruns else 0
 
 
 if __name__ == "__main__":
