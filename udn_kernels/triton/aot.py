@@ -25,7 +25,7 @@ import sys
 import tempfile
 import traceback
 
-MODULES = ("heads", "rng", "stochastic_linear")
+MODULES = ("heads", "kl", "rng", "stochastic_linear")
 ARCHS = (80, 90)
 
 
