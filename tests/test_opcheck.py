@@ -82,9 +82,10 @@ def _cases(backend):
             tag = f"{'rho' if softplus else 'sigma'}-{prior_name}"
             args = (mu, sigma, prior_std, softplus, backend)
             cases[f"gaussian_kl_fwd-{tag}"] = (kl_ops._gauss_fwd, args)
-            cases[f"gaussian_kl_bwd-{tag}"] = (
-                kl_ops._gauss_bwd, (torch.tensor(0.3, dtype=torch.float64), mu.detach(), sigma.detach(),
-                                    prior_std.detach(), softplus, [True, True, True], backend))
+            for mask in ([True, True, True], [False, True, False]):
+                cases[f"gaussian_kl_bwd-{tag}-{''.join('1' if m else '0' for m in mask)}"] = (
+                    kl_ops._gauss_bwd, (torch.tensor(0.3, dtype=torch.float64), mu.detach(), sigma.detach(),
+                                        prior_std.detach(), softplus, mask, backend))
     log_alpha = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     cases["log_uniform_kl_fwd"] = (kl_ops._lu_fwd, (log_alpha, -1.0, 1.0, backend))
     cases["log_uniform_kl_bwd"] = (kl_ops._lu_bwd, (torch.tensor(0.3, dtype=torch.float64), log_alpha.detach(),

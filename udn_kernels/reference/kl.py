@@ -44,13 +44,13 @@ def gaussian_kl_bwd(grad, mu, sigma, prior_std, sigma_softplus, output_mask):
     is False (and for d_mu when mu is None); d_sigma is d_rho with ``sigma_softplus``."""
     std = F.softplus(sigma) if sigma_softplus else sigma
     inv_var = grad / (prior_std * prior_std)
-    empty = sigma.new_empty(0)
-    d_mu = inv_var * mu if output_mask[0] and mu is not None else empty
-    d_sigma = empty
+    # a fresh empty tensor per unwanted output: custom-op outputs must not alias each other
+    d_mu = inv_var * mu if output_mask[0] and mu is not None else sigma.new_empty(0)
+    d_sigma = sigma.new_empty(0)
     if output_mask[1]:
         d_sigma = inv_var * std - grad / std
         d_sigma = d_sigma * torch.sigmoid(sigma) if sigma_softplus else d_sigma
-    d_prior = empty
+    d_prior = sigma.new_empty(0)
     if output_mask[2]:
         second_moment = std * std if mu is None else std * std + mu * mu
         d_prior = (grad - inv_var * second_moment) / prior_std

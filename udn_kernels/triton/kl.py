@@ -17,12 +17,14 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from ..reference import kl as reference_kl
 from .stochastic_linear import _softplus
 
 BLOCK = 1024
-NUM_WARPS = 4
-# Molchanov et al. 2017, eq. (14) (the constants of reference/kl.py).
-K1, K2, K3 = 0.63576, 1.87320, 1.48695
+LAUNCH = {"num_warps": 4, "num_stages": 1}  # the launchers' and the AOT specs'
+# Molchanov et al. 2017, eq. (14); constexpr, since compiled kernels read no other globals
+# (and kept right of tensors in expressions: the interpreter cannot multiply a constexpr by a tensor).
+K1, K2, K3 = (tl.constexpr(k) for k in (reference_kl.K1, reference_kl.K2, reference_kl.K3))
 
 
 @triton.jit
@@ -89,7 +91,7 @@ def _log_uniform_terms(la_ptr, off, mask, low, high):
     """``(clamped log_alpha, inside the clamp, sigmoid(K2 + K3 la))`` at ``off`` (float32)."""
     raw = tl.load(la_ptr + off, mask=mask, other=0.0).to(tl.float32)
     la = tl.minimum(tl.maximum(raw, low), high)
-    return la, (raw >= low) & (raw <= high), tl.sigmoid(K2 + K3 * la)
+    return la, (raw >= low) & (raw <= high), tl.sigmoid(la * K3 + K2)
 
 
 @triton.jit
@@ -98,7 +100,7 @@ def _log_uniform_kl_fwd_kernel(la_ptr, partial_ptr, n, low, high, BLOCK: tl.cons
     off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = off < n
     la, _, s = _log_uniform_terms(la_ptr, off, mask, low, high)
-    term = K1 - K1 * s + 0.5 * _softplus(-la)[0]
+    term = (1.0 - s) * K1 + 0.5 * _softplus(-la)[0]
     tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(mask, term, 0.0), axis=0))
 
 
@@ -109,7 +111,7 @@ def _log_uniform_kl_bwd_kernel(grad_ptr, la_ptr, dla_ptr, n, low, high, BLOCK: t
     mask = off < n
     la, inside, s = _log_uniform_terms(la_ptr, off, mask, low, high)
     g = tl.load(grad_ptr).to(tl.float32)
-    d = g * (-K1 * K3 * s * (1.0 - s) - 0.5 * _softplus(-la)[1])
+    d = -g * (s * (1.0 - s) * K1 * K3 + 0.5 * _softplus(-la)[1])
     tl.store(dla_ptr + off, tl.where(inside, d, 0.0).to(dla_ptr.dtype.element_ty), mask=mask)
 
 
@@ -126,7 +128,7 @@ def gaussian_kl_fwd(mu: Optional[Tensor], sigma: Tensor, prior_std: Tensor, sigm
     if n:
         wrap_triton(_gaussian_kl_fwd_kernel)[(partial.numel(),)](
             sigma if mu is None else mu, sigma, prior_std, partial, n, HAS_MU=mu is not None,
-            SOFTPLUS=sigma_softplus, PRIOR_PER_ELEMENT=prior_std.numel() > 1, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            SOFTPLUS=sigma_softplus, PRIOR_PER_ELEMENT=prior_std.numel() > 1, BLOCK=BLOCK, **LAUNCH)
     return _sum_partials(partial, sigma)
 
 
@@ -136,17 +138,19 @@ def gaussian_kl_bwd(grad: Tensor, mu: Optional[Tensor], sigma: Tensor, prior_std
     """``(d_mu, d_sigma, d_prior_std)`` of ``grad * gaussian_kl_fwd``, empty where not wanted."""
     n, per_element = sigma.numel(), prior_std.numel() > 1
     want_mu, want_sigma, want_prior = bool(output_mask[0]) and mu is not None, bool(output_mask[1]), bool(output_mask[2])
-    empty = sigma.new_empty(0)
-    d_mu = torch.empty_like(sigma) if want_mu else empty
-    d_sigma = torch.empty_like(sigma) if want_sigma else empty
+    # a fresh empty tensor per unwanted output: custom-op outputs must not alias each other
+    d_mu = torch.empty_like(sigma) if want_mu else sigma.new_empty(0)
+    d_sigma = torch.empty_like(sigma) if want_sigma else sigma.new_empty(0)
     blocks = triton.cdiv(n, BLOCK)
-    d_prior = (torch.empty_like(sigma) if per_element else torch.zeros(blocks, dtype=torch.float32,
-                                                                        device=sigma.device)) if want_prior else empty
+    d_prior = sigma.new_empty(0)
+    if want_prior:
+        d_prior = torch.empty_like(sigma) if per_element else torch.zeros(blocks, dtype=torch.float32,
+                                                                         device=sigma.device)
     if n and (want_mu or want_sigma or want_prior):
         wrap_triton(_gaussian_kl_bwd_kernel)[(blocks,)](
             grad, sigma if mu is None else mu, sigma, prior_std, d_mu, d_sigma, d_prior, n, HAS_MU=mu is not None,
             SOFTPLUS=sigma_softplus, PRIOR_PER_ELEMENT=per_element, WANT_MU=want_mu, WANT_SIGMA=want_sigma,
-            WANT_PRIOR=want_prior, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            WANT_PRIOR=want_prior, BLOCK=BLOCK, **LAUNCH)
     if want_prior and not per_element:
         d_prior = _sum_partials(d_prior, sigma).reshape(prior_std.shape)
     return d_mu, d_sigma, d_prior
@@ -159,7 +163,7 @@ def log_uniform_kl_fwd(log_alpha: Tensor, min: float, max: float) -> Tensor:  # 
     partial = torch.zeros(triton.cdiv(n, BLOCK), dtype=torch.float32, device=log_alpha.device)
     if n:
         wrap_triton(_log_uniform_kl_fwd_kernel)[(partial.numel(),)](log_alpha, partial, n, min, max, BLOCK=BLOCK,
-                                                                      num_warps=NUM_WARPS)
+                                                                      **LAUNCH)
     return _sum_partials(partial, log_alpha)
 
 
@@ -170,7 +174,7 @@ def log_uniform_kl_bwd(grad: Tensor, log_alpha: Tensor, min: float, max: float) 
     d = torch.empty_like(log_alpha)
     if n:
         wrap_triton(_log_uniform_kl_bwd_kernel)[(triton.cdiv(n, BLOCK),)](grad, log_alpha, d, n, min, max,
-                                                                          BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                                                          BLOCK=BLOCK, **LAUNCH)
     return d
 
 
@@ -193,7 +197,6 @@ def _aot_specs():
     """Each kernel, float32 and bf16 storage; the Gaussian ones for sigma and rho (``softplus``),
     scalar and per-element prior (labels ``<sigma|rho>[+prior]/<dtype>``, ``log_alpha/<dtype>``)."""
     specs = []
-    launch = {"num_warps": NUM_WARPS, "num_stages": 1}
     for dtype in ("fp32", "bf16"):
         ptr = f"*{dtype}"
         for softplus in (False, True):
@@ -203,24 +206,24 @@ def _aot_specs():
                 sig = {"mu_ptr": ptr, "sig_ptr": ptr, "prior_ptr": ptr, "partial_ptr": "*fp32", "n": "i64",
                        **{k: "constexpr" for k in flags}}
                 specs.append({"name": "gaussian_kl_fwd", "config": config, "fn": _gaussian_kl_fwd_kernel,
-                              "signature": _ordered(_gaussian_kl_fwd_kernel, sig), "constexprs": flags, **launch})
+                              "signature": _ordered(_gaussian_kl_fwd_kernel, sig), "constexprs": flags, **LAUNCH})
                 bwd_flags = {**flags, "WANT_MU": True, "WANT_SIGMA": True, "WANT_PRIOR": True}
                 sig = {"grad_ptr": ptr, "mu_ptr": ptr, "sig_ptr": ptr, "prior_ptr": ptr, "dmu_ptr": ptr,
                        "dsig_ptr": ptr, "dprior_ptr": ptr if per_element else "*fp32", "n": "i64",
                        **{k: "constexpr" for k in bwd_flags}}
                 specs.append({"name": "gaussian_kl_bwd", "config": config, "fn": _gaussian_kl_bwd_kernel,
                               "signature": _ordered(_gaussian_kl_bwd_kernel, sig), "constexprs": bwd_flags,
-                              **launch})
+                              **LAUNCH})
         consts = {"BLOCK": BLOCK}
         scalars = {"n": "i64", "low": "fp32", "high": "fp32", "BLOCK": "constexpr"}
         specs.append({"name": "log_uniform_kl_fwd", "config": f"log_alpha/{dtype}", "fn": _log_uniform_kl_fwd_kernel,
                       "signature": _ordered(_log_uniform_kl_fwd_kernel, {"la_ptr": ptr, "partial_ptr": "*fp32",
                                                                          **scalars}),
-                      "constexprs": consts, **launch})
+                      "constexprs": consts, **LAUNCH})
         specs.append({"name": "log_uniform_kl_bwd", "config": f"log_alpha/{dtype}", "fn": _log_uniform_kl_bwd_kernel,
                       "signature": _ordered(_log_uniform_kl_bwd_kernel, {"grad_ptr": ptr, "la_ptr": ptr,
                                                                          "dla_ptr": ptr, **scalars}),
-                      "constexprs": consts, **launch})
+                      "constexprs": consts, **LAUNCH})
     return specs
 
 
