@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "stochastic_common.h"
+#include "vec_softplus.h"
 
 namespace udn_stochastic {
 namespace {
@@ -40,35 +41,6 @@ void for_noise_chunks(const Noise& noise, int64_t count, int64_t offset, std::ve
     noise.fill_as(buf.data(), n, offset + i, scratch);
     visit(i, buf.data(), n);
   }
-}
-
-// softplus(r) = max(r, 0) + log1p(t) and softplus'(r) = sigmoid(r), from t = exp(-|r|) (F.softplus
-// without its threshold: beyond 20 the two agree to rounding). float: ATen's exp_u20 (~20 ulp;
-// 0 below ln(FLT_MIN)) and log1p(t) = t P(t) on [0, 1], P a degree-8 Chebyshev fit (2.3e-7
-// relative error, no log, no division); double: ATen's exp and log1p.
-template <typename T>
-C10_ALWAYS_INLINE Vec<T> exp_neg_abs(Vec<T> r) {
-  const Vec<T> neg_abs = at::vec::minimum(r, Vec<T>(0) - r);
-  if constexpr (std::is_same_v<T, float>) return neg_abs.exp_u20(); else return neg_abs.exp();
-}
-
-template <typename T>
-C10_ALWAYS_INLINE Vec<T> softplus_from(Vec<T> r, Vec<T> t) {
-  if constexpr (std::is_same_v<T, float>) {
-    constexpr float kLog1pOverT[] = {0.9999999404f, -0.4999925494f, 0.3331601024f, -0.2482564896f,
-                                     0.1905595511f, -0.1358394176f, 0.0775403827f, -0.0292102676f,
-                                     0.0051860036f};
-    Vec<T> p(kLog1pOverT[8]);
-    for (int64_t i = 7; i >= 0; --i) p = at::vec::fmadd(p, t, Vec<T>(kLog1pOverT[i]));
-    return at::vec::fmadd(t, p, at::vec::maximum(r, Vec<T>(0)));
-  } else {
-    return at::vec::maximum(r, Vec<T>(0)) + t.log1p();
-  }
-}
-
-template <typename T>
-C10_ALWAYS_INLINE Vec<T> sigmoid_from(Vec<T> r, Vec<T> t) {
-  return Vec<T>::blendv(t, Vec<T>(1), r >= Vec<T>(0)) / (Vec<T>(1) + t);
 }
 
 // w = a + sigma(b) * r (a may be null) over n elements.

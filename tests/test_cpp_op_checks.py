@@ -34,6 +34,7 @@ X, XS = torch.randn(1, B, K, dtype=f64), torch.randn(S, B, K, dtype=f64)
 MU, SIG = torch.randn(NO, K, dtype=f64), torch.rand(NO, K, dtype=f64)
 BMU, BSIG, GO = torch.randn(NO, dtype=f64), torch.rand(NO, dtype=f64), torch.randn(S, B, NO, dtype=f64)
 STD = ops.gaussian_linear_fwd(X, MU, SIG, BMU, BSIG, 1, "local", S, False, False)[1]
+PRIOR, G0 = torch.tensor(0.8, dtype=f64), torch.tensor(0.3, dtype=f64)
 
 DEFAULTS = {
     "depth_loglik_fwd": dict(hidden=H, weight=W, bias=BIAS, target=Y, noise_std=None, gaussian=False,
@@ -54,6 +55,11 @@ DEFAULTS = {
                                  x_sampled=False),
     "bernoulli_linear_bwd": dict(grad_out=GO, x=X, weight=MU, bias=BMU, p=0.5, seed=1, mask="weight", samples=S,
                                  x_sampled=False),
+    "gaussian_kl_fwd": dict(mu=MU, sigma=SIG, prior_std=PRIOR, sigma_softplus=False),
+    "gaussian_kl_bwd": dict(grad=G0, mu=MU, sigma=SIG, prior_std=PRIOR, sigma_softplus=False,
+                            output_mask=[True, True, True]),
+    "log_uniform_kl_fwd": dict(log_alpha=MU, min=-1.0, max=1.0),
+    "log_uniform_kl_bwd": dict(grad=G0, log_alpha=MU, min=-1.0, max=1.0),
 }
 
 
@@ -116,11 +122,15 @@ TENSOR_ARGS = [
       for mask in ("input", "weight", "symmetric")
       for arg, value in (("x", "X"), ("weight", "MU"), ("bias", "BMU"))],
     ("bernoulli_linear_bwd", "grad_out", "GO", {}),
+    *[(op, arg, value, {}) for op in ("gaussian_kl_fwd", "gaussian_kl_bwd")
+      for arg, value in (("sigma", "SIG"), ("mu", "MU"), ("prior_std", "SIG"))],
+    ("log_uniform_kl_fwd", "log_alpha", "MU", {}),
+    ("log_uniform_kl_bwd", "log_alpha", "MU", {}),
 ]
 # The first tensor argument sets the dtype and sizes the others are checked against: its wrong dtype
 # is a non-float one, and a wrong shape of it is reported on the argument it then mismatches
 # (the explicit cases below).
-REFERENCE_ARGS = ("hidden", "x")
+REFERENCE_ARGS = ("hidden", "x", "sigma", "log_alpha")
 # Arguments the op copies into contiguous memory itself: any layout is valid.
 ANY_LAYOUT = {("depth_mixture_predict", a) for a in ("hidden", "weight", "bias", "log_weights", "noise_std")} | {
     ("gaussian_linear_bwd", "grad_out"), ("gaussian_linear_bwd", "std"), ("bernoulli_linear_bwd", "grad_out")}
@@ -172,6 +182,13 @@ def _cases():
         ("bernoulli_linear_bwd", {"p": "-0.5"}, "p: expected a probability"),
         ("bernoulli_linear_fwd", {"samples": "0"}, "samples: expected >= 1"),
         ("bernoulli_linear_fwd", {"mask": "'dropout'"}, "unknown mask"),
+        ("gaussian_kl_fwd", {"mu": "None"}, None),
+        ("gaussian_kl_fwd", {"prior_std": "PRIOR.reshape(1, 1)"}, None),  # one element: the scalar prior
+        ("gaussian_kl_fwd", {"prior_std": "SIG[:1]"}, "prior_std: expected shape"),  # a row: not expanded
+        ("gaussian_kl_bwd", {"grad": "G0.reshape(1)"}, "grad: expected shape"),
+        ("gaussian_kl_bwd", {"grad": "G0.float()"}, "grad: expected dtype"),
+        ("log_uniform_kl_fwd", {"min": "2.0"}, "clamp: expected min <= max"),
+        ("log_uniform_kl_bwd", {"grad": "G0.reshape(1)"}, "grad: expected shape"),
     ]
     for op, overrides, fragment in explicit:
         expect = None if fragment is None else (fragment if fragment == "unknown mask" else f"{op}: {fragment}")

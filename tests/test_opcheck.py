@@ -11,6 +11,7 @@ import udn_kernels
 from udn_kernels.ops import bernoulli_linear as bern_ops
 from udn_kernels.ops import gaussian_linear as gauss_ops
 from udn_kernels.ops import heads as heads_ops
+from udn_kernels.ops import kl as kl_ops
 
 BACKENDS = ["reference"] + (["cpu"] if udn_kernels.available_backends()["cpu"] else [])
 
@@ -75,6 +76,20 @@ def _cases(backend):
         out = bern_ops._fwd(*args)
         cases[f"bernoulli_bwd-{mask}"] = (
             bern_ops._bwd, (torch.randn_like(out), x.detach(), mu.detach(), bias.detach(), *args[3:]))
+    for softplus in (False, True):
+        prior = torch.rand(4, 5, generator=g, dtype=torch.float64).add_(0.5).requires_grad_()
+        for prior_name, prior_std in (("scalar", torch.tensor(0.8, dtype=torch.float64)), ("full", prior)):
+            tag = f"{'rho' if softplus else 'sigma'}-{prior_name}"
+            args = (mu, sigma, prior_std, softplus, backend)
+            cases[f"gaussian_kl_fwd-{tag}"] = (kl_ops._gauss_fwd, args)
+            for mask in ([True, True, True], [False, True, False]):
+                cases[f"gaussian_kl_bwd-{tag}-{''.join('1' if m else '0' for m in mask)}"] = (
+                    kl_ops._gauss_bwd, (torch.tensor(0.3, dtype=torch.float64), mu.detach(), sigma.detach(),
+                                        prior_std.detach(), softplus, mask, backend))
+    log_alpha = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    cases["log_uniform_kl_fwd"] = (kl_ops._lu_fwd, (log_alpha, -1.0, 1.0, backend))
+    cases["log_uniform_kl_bwd"] = (kl_ops._lu_bwd, (torch.tensor(0.3, dtype=torch.float64), log_alpha.detach(),
+                                                    -1.0, 1.0, backend))
     return cases
 
 

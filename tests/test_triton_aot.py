@@ -17,11 +17,11 @@ import sys
 # kernel (categorical forward + gradient, fp32 storage: its most registers), gaussian flipout fp32,
 # gaussian local fp32 (variance + std output), bernoulli weight fp32, and every Philox kernel;
 # plus gaussian flipout with sigma_softplus (the SOFTPLUS paths of fwd, dx and dw's epilogue
-# compile; same register counts as plain flipout).
+# compile; same register counts as plain flipout); the KL kernels on rho and on log_alpha.
 ONE_CONFIG_PER_KERNEL = ("[fp32/gaussian/fp32]", "_lse_kernel [fp32/categorical/fp32]",
                          "_fused_rows_kernel [narrow/categorical/fwd+grad/fp32]", "philox_",
                          "[flipout/fp32]", "[flipout+softplus/fp32]", "gaussian_linear_fwd [local/fp32]",
-                         "[weight/fp32]")
+                         "[weight/fp32]", "[rho/fp32]", "[log_alpha/fp32]")
 
 
 def test_one_config_per_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
@@ -42,7 +42,7 @@ def test_one_config_per_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_pat
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert 0 < r["registers"] <= 255 and r["stack"] >= 0, r
         assert r["shared_bytes"] <= aot.SHARED_LIMIT_BYTES[int(r["arch"][3:])], r
-    heads = [r for r in rows if not r["kernel"].startswith(("philox", "gaussian", "bernoulli"))]
+    heads = [r for r in rows if not r["kernel"].startswith(("philox", "gaussian", "bernoulli", "log_uniform"))]
     assert len(heads) == 12 and all(r["shared_bytes"] > 0 for r in heads)  # 6 kernels x 2 archs
     assert "0 spilling, 0 over the shared-memory limit" in proc.stdout
 

@@ -27,6 +27,8 @@ from .._checks import check_choice, check_probability, check_samples, resolve_se
 from .. import rng
 from .depth import _softplus_inverse
 
+LOG_ALPHA_RANGE = (-10.0, 8.0)  # VariationalDropoutLinear's clamp of log_alpha
+
 
 class _SamplingState(threading.local):
     def __init__(self):
@@ -116,10 +118,11 @@ def deterministic(model: nn.Module) -> Iterator[nn.Module]:
             m.deterministic_mode = value
 
 
-def _gaussian_kl(weight_mu, weight_sigma, bias_mu, bias_sigma, prior_std: float) -> torch.Tensor:
-    total = udn_kernels.gaussian_kl(weight_mu, weight_sigma, prior_std)
-    if bias_sigma is not None:
-        total = total + udn_kernels.gaussian_kl(bias_mu, bias_sigma, prior_std)
+def _gaussian_kl(weight_mu, weight_rho, bias_mu, bias_rho, prior_std: float) -> torch.Tensor:
+    """KL of a layer parameterised by ``rho`` (sigma = softplus(rho), taken inside the fused kernels)."""
+    total = udn_kernels.gaussian_kl(weight_mu, weight_rho, prior_std, sigma_transform="softplus")
+    if bias_rho is not None:
+        total = total + udn_kernels.gaussian_kl(bias_mu, bias_rho, prior_std, sigma_transform="softplus")
     return total
 
 
@@ -198,7 +201,7 @@ class GaussianLinear(StochasticLayer):
                                            input_has_samples=has_samples, sigma_transform="softplus")
 
     def kl(self) -> torch.Tensor:
-        return _gaussian_kl(self.weight_mu, self.weight_sigma, self.bias_mu, self.bias_sigma, self.prior_std)
+        return _gaussian_kl(self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, self.prior_std)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -262,7 +265,7 @@ class VariationalDropoutLinear(StochasticLayer):
         _init_like_linear(self.weight, self.bias, in_features)
 
     def clamped_log_alpha(self) -> torch.Tensor:
-        return self.log_alpha.clamp(-10.0, 8.0)
+        return self.log_alpha.clamp(*LOG_ALPHA_RANGE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deterministic_mode:
@@ -273,7 +276,7 @@ class VariationalDropoutLinear(StochasticLayer):
                                            samples=samples, input_has_samples=has_samples)
 
     def kl(self) -> torch.Tensor:
-        return udn_kernels.log_uniform_kl(self.clamped_log_alpha())
+        return udn_kernels.log_uniform_kl(self.log_alpha, clamp=LOG_ALPHA_RANGE)
 
     def sparsity(self) -> float:
         """Fraction of weights dropped by the ``log_alpha > threshold`` rule."""
@@ -363,9 +366,7 @@ class GaussianConv2d(_StochasticConv2d):
         return out[0] if squeeze else out
 
     def kl(self) -> torch.Tensor:
-        bias_sigma = None if self.bias_rho is None else F.softplus(self.bias_rho)
-        return _gaussian_kl(self.weight_mu, F.softplus(self.weight_rho), self.bias_mu, bias_sigma,
-                            self.prior_std)
+        return _gaussian_kl(self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, self.prior_std)
 
 
 class BernoulliConv2d(_StochasticConv2d):

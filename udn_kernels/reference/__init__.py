@@ -2,7 +2,7 @@
 
 ``KERNELS`` maps each kernel name of docs/internals.md to its reference implementation.
 """
-from . import heads, philox, stochastic_linear
+from . import heads, kl, philox, stochastic_linear
 
 KERNELS: dict = {
     "philox_uint32": lambda n, seed, offset: philox.random_uint32(n, seed, offset),
@@ -11,4 +11,5 @@ KERNELS: dict = {
     "philox_bernoulli": lambda n, p, seed, offset: philox.bernoulli(n, p, seed, offset),
     **heads.KERNELS,
     **stochastic_linear.KERNELS,
+    **kl.KERNELS,
 }

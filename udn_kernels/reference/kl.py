@@ -1,6 +1,9 @@
 """KL divergences of stochastic-weight posteriors (plain differentiable PyTorch).
 
 Both are summed over elements, never averaged: the loss convention is ``-ELBO / n`` (docs/design.md, "Mathematics").
+``gaussian_kl`` / ``log_uniform_kl`` are the eager formulas (the oracle of the tests);
+``KERNELS`` are the reference backend's kernels of the fused ops (docs/internals.md, "KL"): the
+same values, and the gradients written out by hand.
 """
 from __future__ import annotations
 
@@ -26,3 +29,52 @@ def log_uniform_kl(log_alpha: torch.Tensor) -> torch.Tensor:
     """
     neg_kl = K1 * torch.sigmoid(K2 + K3 * log_alpha) - 0.5 * F.softplus(-log_alpha) - K1
     return -neg_kl.sum()
+
+
+def gaussian_kl_fwd(mu, sigma, prior_std, sigma_softplus):
+    """:func:`gaussian_kl` of ``sigma`` (``softplus(sigma)`` with ``sigma_softplus``); ``prior_std``
+    has one element or sigma's shape."""
+    with torch.no_grad():
+        return gaussian_kl(mu, F.softplus(sigma) if sigma_softplus else sigma, prior_std.reshape(-1)[0]
+                           if prior_std.numel() == 1 else prior_std)
+
+
+def gaussian_kl_bwd(grad, mu, sigma, prior_std, sigma_softplus, output_mask):
+    """``(d_mu, d_sigma, d_prior_std)`` of ``grad * gaussian_kl_fwd``; empty where ``output_mask``
+    is False (and for d_mu when mu is None); d_sigma is d_rho with ``sigma_softplus``."""
+    std = F.softplus(sigma) if sigma_softplus else sigma
+    inv_var = grad / (prior_std * prior_std)
+    # a fresh empty tensor per unwanted output: custom-op outputs must not alias each other
+    d_mu = inv_var * mu if output_mask[0] and mu is not None else sigma.new_empty(0)
+    d_sigma = sigma.new_empty(0)
+    if output_mask[1]:
+        d_sigma = inv_var * std - grad / std
+        d_sigma = d_sigma * torch.sigmoid(sigma) if sigma_softplus else d_sigma
+    d_prior = sigma.new_empty(0)
+    if output_mask[2]:
+        second_moment = std * std if mu is None else std * std + mu * mu
+        d_prior = (grad - inv_var * second_moment) / prior_std
+        d_prior = d_prior.sum().reshape(prior_std.shape) if prior_std.numel() == 1 else d_prior
+    return d_mu, d_sigma, d_prior
+
+
+def log_uniform_kl_fwd(log_alpha, min, max):  # noqa: A002 (the schema's names)
+    """:func:`log_uniform_kl` of ``log_alpha.clamp(min, max)``."""
+    with torch.no_grad():
+        return log_uniform_kl(log_alpha.clamp(min, max))
+
+
+def log_uniform_kl_bwd(grad, log_alpha, min, max):  # noqa: A002
+    """``d log_alpha`` of ``grad * log_uniform_kl_fwd`` (0 where the clamp cuts, torch.clamp's rule)."""
+    clamped = log_alpha.clamp(min, max)
+    s = torch.sigmoid(K2 + K3 * clamped)
+    d = grad * (-K1 * K3 * s * (1 - s) - 0.5 * torch.sigmoid(-clamped))
+    return torch.where((log_alpha >= min) & (log_alpha <= max), d, torch.zeros_like(d))
+
+
+KERNELS = {
+    "gaussian_kl_fwd": gaussian_kl_fwd,
+    "gaussian_kl_bwd": gaussian_kl_bwd,
+    "log_uniform_kl_fwd": log_uniform_kl_fwd,
+    "log_uniform_kl_bwd": log_uniform_kl_bwd,
+}

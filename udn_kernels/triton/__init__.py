@@ -7,7 +7,7 @@ import importlib
 
 KERNELS: dict = {}
 
-for _name in ("rng", "heads", "stochastic_linear"):
+for _name in ("rng", "heads", "stochastic_linear", "kl"):
     try:
         _module = importlib.import_module(f"{__name__}.{_name}")
     except ModuleNotFoundError as exc:

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import traceback
 
-MODULES = ("heads", "rng", "stochastic_linear")
+MODULES = ("heads", "kl", "rng", "stochastic_linear")
 ARCHS = (80, 90)
 # Largest dynamic shared memory one block may use (CUDA's opt-in maximum per block): a config above
 # it compiles but fails at launch.
