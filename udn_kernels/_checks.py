@@ -1,6 +1,7 @@
 """Input checks shared by every public op: each error names the argument, the expected and the actual."""
 from __future__ import annotations
 
+import os
 from typing import Iterable, Sequence
 
 import torch
@@ -8,6 +9,19 @@ import torch
 CPU_FLOAT_DTYPES = (torch.float32, torch.float64)
 CUDA_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 MAX_SEED = 2**63 - 1
+
+
+CHECK_VALUES_ENV = "UDN_KERNELS_CHECK_VALUES"
+
+
+def checks_values(tensor: torch.Tensor) -> bool:
+    """Whether an op runs its data-dependent checks (ranges, signs, finiteness) on ``tensor``:
+    eager calls on CPU tensors, where reading a value costs no device synchronisation; on other
+    devices only with ``UDN_KERNELS_CHECK_VALUES=1`` (each check would stall the host until the
+    device catches up, and break CUDA-graph capture); never inside torch.compile (a graph break)."""
+    if torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == "cpu" or os.environ.get(CHECK_VALUES_ENV, "0") == "1"
 
 
 def float_dtypes_for(device: torch.device) -> tuple[torch.dtype, ...]:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import check_choice, check_float_tensor, check_same, check_shape
+from .._checks import check_choice, check_float_tensor, check_same, check_shape, checks_values
 from ._dispatch import op_caller, stage
 from ._stochastic import none_if_empty
 
@@ -93,7 +93,8 @@ def gaussian_kl(mu: Optional[Tensor], sigma: Tensor, prior_std, *,
     """Summed ``KL(N(mu, sigma^2) || N(0, prior_std^2))`` over all elements (0-d tensor).
 
     ``mu=None`` is a zero-mean posterior (variance layer). ``prior_std`` is a positive float or
-    a tensor broadcastable to ``sigma`` (its values are checked in eager calls only). ``sigma``
+    a tensor broadcastable to ``sigma`` (its values are checked as ``_checks.checks_values`` says:
+    eager CPU calls). ``sigma``
     must be positive (not checked: a device sync on a weight-sized tensor).
     ``sigma_transform="softplus"``: ``sigma`` holds unconstrained ``rho`` and the standard deviations
     are ``softplus(rho)``, computed inside the kernels (gradients are for ``rho``) — what the
@@ -115,8 +116,7 @@ def gaussian_kl(mu: Optional[Tensor], sigma: Tensor, prior_std, *,
         if broadcast != sigma.shape:
             raise ValueError(f"prior_std: expected a shape broadcastable to {tuple(sigma.shape)}, "
                              f"got {tuple(prior_std.shape)}")
-        # Eager calls check the values (one sync on a small tensor); a compiled graph cannot branch on them.
-        if not torch.compiler.is_compiling() and not bool((prior_std > 0).all()):
+        if checks_values(prior_std) and not bool((prior_std > 0).all()):
             raise ValueError(f"prior_std: expected positive values, got min {prior_std.min().item()}")
     elif isinstance(prior_std, bool) or not isinstance(prior_std, numbers.Real):
         raise TypeError(f"prior_std: expected a positive float or a tensor, got {type(prior_std).__name__}")
