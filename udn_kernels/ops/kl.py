@@ -93,9 +93,9 @@ def gaussian_kl(mu: Optional[Tensor], sigma: Tensor, prior_std, *,
     """Summed ``KL(N(mu, sigma^2) || N(0, prior_std^2))`` over all elements (0-d tensor).
 
     ``mu=None`` is a zero-mean posterior (variance layer). ``prior_std`` is a positive float or
-    a tensor broadcastable to ``sigma`` (its values are checked as ``_checks.checks_values`` says:
-    eager CPU calls). ``sigma``
-    must be positive (not checked: a device sync on a weight-sized tensor).
+    a tensor broadcastable to ``sigma`` (its values are checked in eager CPU calls, elsewhere only
+    with ``UDN_KERNELS_CHECK_VALUES=1``). ``sigma`` must be positive (not checked: a device sync
+    on a weight-sized tensor).
     ``sigma_transform="softplus"``: ``sigma`` holds unconstrained ``rho`` and the standard deviations
     are ``softplus(rho)``, computed inside the kernels (gradients are for ``rho``) — what the
     layers' ``kl()`` use, so no sigma tensor is made.
