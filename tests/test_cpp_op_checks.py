@@ -49,11 +49,11 @@ DEFAULTS = {
                                 estimator="sample", samples=S, x_sampled=False, sigma_softplus=False),
     "gaussian_linear_bwd": dict(grad_out=GO, x=X, weight_mu=MU, weight_sigma=SIG, bias_mu=BMU, bias_sigma=BSIG,
                                 std=torch.empty(0, dtype=f64), seed=1, estimator="sample", samples=S,
-                                x_sampled=False, sigma_softplus=False),
+                                x_sampled=False, sigma_softplus=False, grad_mask=[True] * 5),
     "bernoulli_linear_fwd": dict(x=X, weight=MU, bias=BMU, p=0.5, seed=1, mask="weight", samples=S,
                                  x_sampled=False),
     "bernoulli_linear_bwd": dict(grad_out=GO, x=X, weight=MU, bias=BMU, p=0.5, seed=1, mask="weight", samples=S,
-                                 x_sampled=False),
+                                 x_sampled=False, grad_mask=[True] * 3),
 }
 
 

@@ -24,9 +24,13 @@ def _close(actual, expected, what):
         assert err <= RTOL * max(1.0, expected.abs().max().item()), f"{what}: {err}"
 
 
+ALL_GRADS = [True] * 5
+
+
 def _with_std(args, std):
-    """The backward kernels' arguments: the forward's inputs with its std output after bias_sigma."""
-    return (*args[:5], std, *args[5:])
+    """The backward kernels' arguments: the forward's inputs with its std output after bias_sigma,
+    asking for every gradient."""
+    return (*args[:5], std, *args[5:], ALL_GRADS)
 
 
 def _check_kernel_against_reference(args, what, grad=None):
@@ -160,7 +164,8 @@ def test_local_reference_backward_equals_autograd_of_its_forward():
     out, std = ref.gaussian_linear_fwd(*leaves, 9, "local", 3, True)
     grad = torch.randn_like(out)
     want = torch.autograd.grad(out, leaves, grad)
-    got = ref.gaussian_linear_bwd(grad, x, mu, sigma, bmu, bsig, std.detach(), 9, "local", 3, True)
+    got = ref.gaussian_linear_bwd(grad, x, mu, sigma, bmu, bsig, std.detach(), 9, "local", 3, True, False,
+                                  ALL_GRADS)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -170,7 +175,7 @@ def test_local_backward_rejects_a_wrong_std():
     grad = torch.randn(2, x.shape[1], sigma.shape[0])
     with pytest.raises(RuntimeError, match="std: expected"):
         C.gaussian_linear_bwd(grad, x, mu, sigma, None, None, torch.ones(2, x.shape[1], sigma.shape[0]), 1,
-                              "local", 2, False)
+                              "local", 2, False, False, ALL_GRADS)
 
 
 @pytest.mark.parametrize("sigma_transform", [None, "softplus"])
