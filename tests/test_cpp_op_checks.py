@@ -166,10 +166,18 @@ def _cases():
         ("gaussian_linear_bwd", {"estimator": "'reparam'"}, "estimator: expected"),
         ("gaussian_linear_bwd", {"estimator": "'local'", "std": "STD.expand(S, B, NO)"}, "std: expected shape"),
         ("gaussian_linear_bwd", {"grad_out": "GO[:1]"}, "grad_out: expected shape"),
+        # grad_mask: any subset of the gradients is a valid call
+        ("gaussian_linear_bwd", {"grad_mask": "[False] * 5"}, None),
+        ("gaussian_linear_bwd", {"grad_mask": "[False, True, False, True, False]"}, None),
+        ("gaussian_linear_bwd", {"grad_mask": "[True, False, True, False, True]", "estimator": "'local'",
+                                 "std": "STD"}, None),
+        ("gaussian_linear_bwd", {"grad_mask": "[False, True, True, False, False]", "estimator": "'flipout'"}, None),
         ("bernoulli_linear_fwd", {"x": "shrunk(X)"}, "weight: expected shape"),
         ("bernoulli_linear_fwd", {"x": "XS", "x_sampled": "True"}, None),
         ("bernoulli_linear_fwd", {"p": "1.0"}, "p: expected a probability"),
         ("bernoulli_linear_bwd", {"p": "-0.5"}, "p: expected a probability"),
+        ("bernoulli_linear_bwd", {"grad_mask": "[True, False, False]"}, None),
+        ("bernoulli_linear_bwd", {"grad_mask": "[False, True, True]", "mask": "'input'"}, None),
         ("bernoulli_linear_fwd", {"samples": "0"}, "samples: expected >= 1"),
         ("bernoulli_linear_fwd", {"mask": "'dropout'"}, "unknown mask"),
     ]

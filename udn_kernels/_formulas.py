@@ -25,8 +25,7 @@ def local_reparam_grads(grad, x, weight_mu, weight_sigma, bias_mu, bias_sigma, s
     ct = torch.promote_types(x.dtype, torch.float32)
     g, std, eps = grad.to(ct), std.to(ct), eps.to(ct)
     xs = x.to(ct).expand(g.shape[0], -1, -1)
-    empty = x.new_empty(0)
-    d_x = d_mu = d_sigma = d_bmu = d_bsig = empty
+    d_x, d_mu, d_sigma, d_bmu, d_bsig = (x.new_empty(0) for _ in range(5))  # distinct: outputs must not alias
     if want_x or want_sigma or want_bsig:
         positive = std > 0
         # 2 dL/dvar = g eps / std: the 2 cancels those of d(x^2) and d(sigma^2).
