@@ -276,6 +276,7 @@ void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight
       }
     }
   });
+  if (want.x && N == 0) d_x.zero_();  // no row block: an empty sum
 }
 
 #define UDN_STOCHASTIC_INSTANTIATE(T)                                                                    \
