@@ -133,7 +133,7 @@ def test_kernel_matches_reference_across_weight_tiles(estimator, S, sampled, wit
 def test_kernel_matches_reference_on_empty_dimensions(estimator, B, K, N, S, sampled):
     # K = 0 or N = 0 leaves matrices with a zero dimension, where a reshape to (-1, 0) is ambiguous.
     x, mu, sigma, bmu, bsig = _inputs(torch.float32, S, sampled, True, "both", B=B, K=K, N=N)
-    _check_kernel_against_reference((x, mu, sigma, bmu, bsig, 5, estimator, S, sampled), "empty")
+    _check_kernel_against_reference((x, mu, sigma, bmu, bsig, 5, estimator, S, sampled, False), "empty")
 
 
 def test_local_zero_variance_rows_have_finite_gradients():
