@@ -139,7 +139,7 @@ def test_kernel_matches_reference_on_empty_dimensions(estimator, B, K, N, S, sam
 def test_local_zero_variance_rows_have_finite_gradients():
     x, mu, sigma, _, _ = _inputs(torch.float64, 2, True, True, "none")
     x[0, 1] = 0.0
-    _check_kernel_against_reference((x, mu, sigma, None, None, 5, "local", 2, True), "zero variance")
+    _check_kernel_against_reference((x, mu, sigma, None, None, 5, "local", 2, True, False), "zero variance")
 
 
 @pytest.mark.parametrize("S, sampled", [(1, False), (3, False), (3, True)])
