@@ -145,8 +145,8 @@ Blocks backward_blocks(int64_t N, int64_t K) {
 
 // `count` scratch tensors of `shape` as one [count, shape...] tensor, allocated on the calling thread:
 // a buffer a worker allocates itself comes from that worker's glibc arena, which trims it on free,
-// so every call page-faulted its tiles and d_x partials in afresh (~1200 faults per backward at the
-// benchmark shapes); the caller's arena keeps freed blocks for the next call.
+// so every call page-faulted its tiles in afresh (~1200 faults per backward at the benchmark shapes);
+// the caller's arena keeps freed blocks for the next call.
 Tensor scratch_stack(int64_t count, at::IntArrayRef shape, const at::TensorOptions& opt) {
   std::vector<int64_t> sizes{count};
   sizes.insert(sizes.end(), shape.begin(), shape.end());
