@@ -222,7 +222,8 @@ void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, 
 template <typename T>
 void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, NoisyGrads want,
                            Tensor& d_x, Tensor& d_a, Tensor& d_b) {
-  TORCH_INTERNAL_ASSERT((want.x || want.b) && (want.b || !want.a), "noisy_weight_backward: nothing to do, or d_a without d_b");
+  TORCH_INTERNAL_ASSERT((want.x || want.b) && (want.b || !want.a),
+                        "noisy_weight_backward: nothing to do, or d_a without d_b");
   const int64_t N = nw.b.size(0), K = nw.b.size(1), Se = xe.size(0), S = nw.S;
   const Blocks blk = backward_blocks(N, K);
   const int64_t col_blocks = (K + blk.cols - 1) / blk.cols;
