@@ -41,7 +41,8 @@ def _bwd_impl(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, grad
 
 @torch.library.custom_op("udn_kernels::bernoulli_linear_bwd", mutates_args=())
 def _bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], p: float, seed: Tensor,
-         mask: str, samples: int, x_sampled: bool, grad_mask: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+         mask: str, samples: int, x_sampled: bool, grad_mask: list[bool],
+         backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return _bwd_impl(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, grad_mask, backend)
 
 
