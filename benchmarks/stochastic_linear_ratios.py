@@ -89,9 +89,11 @@ def phases(B: int, K: int, N: int) -> tuple[dict, list, tuple]:
     rho_args = (x3, mu, rho, None, None, 5, "sample", 1, False, True)
     m = {
         "kernel fwd": lambda: ops.gaussian_linear_fwd(*args),
-        "kernel bwd": lambda: ops.gaussian_linear_bwd(grad, *args[:5], x.new_empty(0), *args[5:]),
+        "kernel bwd": lambda: ops.gaussian_linear_bwd(grad, *args[:5], x.new_empty(0), *args[5:], False,
+                                                     [True] * 5),
         "kernel fwd, rho": lambda: ops.gaussian_linear_fwd(*rho_args),
-        "kernel bwd, rho": lambda: ops.gaussian_linear_bwd(grad, *rho_args[:5], x.new_empty(0), *rho_args[5:]),
+        "kernel bwd, rho": lambda: ops.gaussian_linear_bwd(grad, *rho_args[:5], x.new_empty(0), *rho_args[5:],
+                                                          [True] * 5),
         "GEMM x W^T": lambda: x @ mu.t(),
         "GEMMs dY W, dY^T x": lambda: (grad[0] @ mu, grad[0].t() @ x),
         "N*K normals": lambda: rng.normal(N * K, seed=5),

@@ -7,6 +7,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
 
+#include <array>
 #include <string_view>
 #include <tuple>
 
@@ -54,12 +55,13 @@ Tensor mean_product(const Tensor& x, const Tensor& mu) { return at::matmul(x, mu
 // Contiguous [Sx, B, M] viewed as the matrix [Sx*B, M] (explicit sizes: -1 is ambiguous when M is 0).
 Tensor rows_of(const Tensor& t) { return t.view({t.size(0) * t.size(1), t.size(2)}); }
 
-// Gradients of the mean part x mu^T (local, flipout): d_x [Sx, B, K] += g mu and d_mu = g^T x,
-// with g summed over the draws first when x is shared (one GEMM each instead of one per draw).
-void add_mean_part_grads(const Tensor& g, const Tensor& x, const Tensor& mu, Tensor& d_x, Tensor& d_mu) {
+// Gradients of the mean part x mu^T (local, flipout; sample's d_mu when sigma is frozen): d_x [Sx, B, K]
+// += g mu (when d_x is given) and d_mu = g^T x (when d_mu is given), with g summed over the draws first
+// when x is shared (one GEMM each instead of one per draw).
+void add_mean_part_grads(const Tensor& g, const Tensor& x, const Tensor& mu, Tensor* d_x, Tensor* d_mu) {
   const Tensor g_mean = rows_of(sum_draws_if_shared(g, x.size(0)));
-  rows_of(d_x).addmm_(g_mean, mu);
-  d_mu = at::mm(g_mean.t(), rows_of(x));
+  if (d_x) rows_of(*d_x).addmm_(g_mean, mu);
+  if (d_mu) *d_mu = at::mm(g_mean.t(), rows_of(x));
 }
 
 // With sigma_softplus the sigma arguments hold rho and the standard deviations are softplus(rho):
@@ -163,7 +165,7 @@ std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor&
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
     const Tensor& grad_out, const Tensor& x, const OptTensor& weight_mu_opt, const Tensor& weight_sigma,
     const OptTensor& bias_mu_opt, const OptTensor& bias_sigma_opt, const Tensor& std_in, int64_t seed_in,
-    c10::string_view estimator, int64_t S, bool x_sampled, bool sigma_softplus) {
+    c10::string_view estimator, int64_t S, bool x_sampled, bool sigma_softplus, std::array<bool, 5> grad_mask) {
   const udn::ArgChecks check{"gaussian_linear_bwd"};
   const int64_t N_out = check_gaussian_args(check, x, weight_mu_opt, weight_sigma, bias_mu_opt, bias_sigma_opt,
                                             estimator, S, x_sampled);
@@ -173,80 +175,99 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
   const Tensor* mu = ptr_or_null(weight_mu_opt);
   const Tensor* bias_mu = ptr_or_null(bias_mu_opt);
   const Tensor* bias_rho = ptr_or_null(bias_sigma_opt);  // the bias sigma argument (rho with sigma_softplus)
-  const Tensor bias_std = bias_rho ? std_from(*bias_rho, sigma_softplus) : Tensor();
-  const Tensor* bias_sigma = bias_rho ? &bias_std : nullptr;
+  // The gradients asked for (grad_mask: x, weight_mu, weight_sigma, bias_mu, bias_sigma); the others
+  // are returned empty and their GEMMs and noise passes never run.
+  const bool want_x = grad_mask[0], want_mu = grad_mask[1] && mu, want_sigma = grad_mask[2];
+  const bool want_bias_mu = grad_mask[3] && bias_mu, want_bias_sigma = grad_mask[4] && bias_rho;
+  const Tensor bias_std = want_bias_sigma ? std_from(*bias_rho, sigma_softplus) : Tensor();
   const uint64_t seed = static_cast<uint64_t>(seed_in);
   const int64_t Sx = x.size(0), B = x.size(1), K = x.size(2), N = weight_sigma.size(0);
   const auto opt = x.options();
   const Tensor g = grad_out.contiguous();
-  Tensor d_x, d_mu = mu ? Tensor() : x.new_empty({0}), d_sigma;
-  Tensor d_bias_mu = bias_mu ? g.sum({0, 1}) : x.new_empty({0});
+  Tensor d_x = x.new_empty({0}), d_mu = x.new_empty({0}), d_sigma = x.new_empty({0});
+  const Tensor d_bias_mu = want_bias_mu ? g.sum({0, 1}) : x.new_empty({0});
   Tensor d_bias_sigma = x.new_empty({0});
   if (estimator == "local") {
-    const Tensor sd = std_in.contiguous();
-    // 2 dL/dvar per draw = g * eps / std (0 where std == 0): the 2 cancels the 2 of d(x^2) and d(sigma^2).
-    Tensor d_var = at::empty({S, B, N}, opt);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd_local", [&] {
-      const scalar_t* sdp = sd.data_ptr<scalar_t>();
-      const scalar_t* gp = g.data_ptr<scalar_t>();
-      scalar_t* dv = d_var.data_ptr<scalar_t>();
-      at::parallel_for(0, S * B, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scratch;
-        for (int64_t row = begin; row < end; ++row) {
-          const scalar_t* srow = sdp + (Sx == 1 ? row % B : row) * N;
-          scalar_t* drow = dv + row * N;
-          Noise{Noise::kNormal, seed}.fill_as(drow, N, row * N, scratch);
-          using V = Vec<scalar_t>;
-          const scalar_t* grow = gp + row * N;
-          int64_t n = 0;
-          for (; n + V::size() <= N; n += V::size()) {
-            const V std_n = V::loadu(srow + n);
-            const V value = V::loadu(grow + n) * V::loadu(drow + n) / std_n;
-            V::blendv(V(0), value, std_n > V(0)).store(drow + n);
+    if (want_x || want_sigma || want_bias_sigma) {
+      const Tensor sd = std_in.contiguous();
+      // 2 dL/dvar per draw = g * eps / std (0 where std == 0): the 2 cancels the 2 of d(x^2) and d(sigma^2).
+      Tensor d_var = at::empty({S, B, N}, opt);
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd_local", [&] {
+        const scalar_t* sdp = sd.data_ptr<scalar_t>();
+        const scalar_t* gp = g.data_ptr<scalar_t>();
+        scalar_t* dv = d_var.data_ptr<scalar_t>();
+        at::parallel_for(0, S * B, 1, [&](int64_t begin, int64_t end) {
+          std::vector<float> scratch;
+          for (int64_t row = begin; row < end; ++row) {
+            const scalar_t* srow = sdp + (Sx == 1 ? row % B : row) * N;
+            scalar_t* drow = dv + row * N;
+            Noise{Noise::kNormal, seed}.fill_as(drow, N, row * N, scratch);
+            using V = Vec<scalar_t>;
+            const scalar_t* grow = gp + row * N;
+            int64_t n = 0;
+            for (; n + V::size() <= N; n += V::size()) {
+              const V std_n = V::loadu(srow + n);
+              const V value = V::loadu(grow + n) * V::loadu(drow + n) / std_n;
+              V::blendv(V(0), value, std_n > V(0)).store(drow + n);
+            }
+            for (; n < N; ++n) drow[n] = srow[n] > 0 ? grow[n] * drow[n] / srow[n] : scalar_t(0);
           }
-          for (; n < N; ++n) drow[n] = srow[n] > 0 ? grow[n] * drow[n] / srow[n] : scalar_t(0);
-        }
+        });
       });
-    });
-    const Tensor d_var_x = sum_draws_if_shared(d_var, Sx);  // [Sx, B, N]
-    const Tensor sigma = std_from(weight_sigma, sigma_softplus);
-    d_x = at::matmul(d_var_x, sigma.square()).mul_(x);
-    d_sigma = at::mm(rows_of(d_var_x).t(), rows_of(x * x)).mul_(sigma);
-    chain_softplus(d_sigma, weight_sigma, sigma_softplus);
-    if (bias_sigma) {
-      d_bias_sigma = d_var.sum({0, 1}).mul_(*bias_sigma);
-      chain_softplus(d_bias_sigma, *bias_rho, sigma_softplus);
+      const Tensor d_var_x = sum_draws_if_shared(d_var, Sx);  // [Sx, B, N]
+      const Tensor sigma = want_x || want_sigma ? std_from(weight_sigma, sigma_softplus) : Tensor();
+      if (want_x) d_x = at::matmul(d_var_x, sigma.square()).mul_(x);
+      if (want_sigma) {
+        d_sigma = at::mm(rows_of(d_var_x).t(), rows_of(x * x)).mul_(sigma);
+        chain_softplus(d_sigma, weight_sigma, sigma_softplus);
+      }
+      if (want_bias_sigma) {
+        d_bias_sigma = d_var.sum({0, 1}).mul_(bias_std);
+        chain_softplus(d_bias_sigma, *bias_rho, sigma_softplus);
+      }
     }
-    if (mu) add_mean_part_grads(g, x, *mu, d_x, d_mu);
+    if (mu && (want_x || want_mu)) add_mean_part_grads(g, x, *mu, want_x ? &d_x : nullptr, want_mu ? &d_mu : nullptr);
     return {d_x, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
   }
   const bool flipout = estimator == "flipout";
-  if (bias_sigma) {
+  if (want_bias_sigma) {
     const Tensor beps = noise_tensor({Noise::kNormal, seed}, {S, N}, S * N * K, opt);
     d_bias_sigma = (g.sum(1) * beps).sum(0);
     chain_softplus(d_bias_sigma, *bias_rho, sigma_softplus);
   }
-  const NoisyWeight nw = gaussian_draws(flipout ? nullptr : mu, weight_sigma, seed, S, sigma_softplus);
-  const bool chain_after = sigma_softplus && !nw.softplus_b;
-  Tensor d_xe, d_a;
-  if (!flipout) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd", [&] {
-      noisy_weight_backward<scalar_t>(x, g, nw, mu != nullptr, d_xe, d_a, d_sigma);
-    });
-    if (mu) d_mu = d_a;
-    chain_softplus(d_sigma, weight_sigma, chain_after);
-    return {d_xe, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
+  // sample: d_mu = sum_s G_s comes with d_sigma's G_s = g_s^T x_s from the tile engine; alone (sigma
+  // frozen) it is the mean part's one GEMM. flipout's d_mu is always the mean part's.
+  const bool mu_in_engine = !flipout && want_mu && want_sigma;
+  const NoisyGrads want{want_x, mu_in_engine, want_sigma};
+  Tensor d_xe, d_a, d_s;
+  if (want.x || want.b) {
+    const NoisyWeight nw = gaussian_draws(flipout ? nullptr : mu, weight_sigma, seed, S, sigma_softplus);
+    if (!flipout) {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd", [&] {
+        noisy_weight_backward<scalar_t>(x, g, nw, want, d_xe, d_a, d_s);
+      });
+      if (want_x) d_x = d_xe;
+    } else {
+      const Flipout fo = flipout_offsets(S, B, N, K);
+      const Tensor sign_in = noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, opt);
+      // x * sign_in feeds only d_sigma's G GEMMs; d_x alone needs just its [S, B, K] shape.
+      const Tensor xe = want_sigma ? x.expand({S, B, K}) * sign_in : x.expand({S, B, K});
+      const Tensor ge = noise_tensor({Noise::kSign, seed}, {S, B, N}, fo.out_offset, opt).mul_(g);
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd_flipout", [&] {
+        noisy_weight_backward<scalar_t>(xe, ge, nw, want, d_xe, d_a, d_s);
+      });
+      if (want_x) d_x = sum_draws_if_shared(d_xe.mul_(sign_in), Sx);
+    }
+    if (want_sigma) {
+      d_sigma = d_s;
+      chain_softplus(d_sigma, weight_sigma, sigma_softplus && !nw.softplus_b);
+    }
   }
-  const Flipout fo = flipout_offsets(S, B, N, K);
-  const Tensor sign_in = noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, opt);
-  const Tensor xe = x.expand({S, B, K}) * sign_in;
-  const Tensor ge = noise_tensor({Noise::kSign, seed}, {S, B, N}, fo.out_offset, opt).mul_(g);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd_flipout", [&] {
-    noisy_weight_backward<scalar_t>(xe, ge, nw, false, d_xe, d_a, d_sigma);
-  });
-  d_x = sum_draws_if_shared(d_xe.mul_(sign_in), Sx);
-  if (mu) add_mean_part_grads(g, x, *mu, d_x, d_mu);
-  chain_softplus(d_sigma, weight_sigma, chain_after);
+  if (mu_in_engine) d_mu = d_a;
+  // The mean part: flipout's d_x term, and d_mu where the engine did not make it.
+  Tensor* mean_d_x = flipout && want_x && mu ? &d_x : nullptr;
+  Tensor* mean_d_mu = want_mu && !mu_in_engine ? &d_mu : nullptr;
+  if (mean_d_x || mean_d_mu) add_mean_part_grads(g, x, *mu, mean_d_x, mean_d_mu);
   return {d_x, d_mu, d_sigma, d_bias_mu, d_bias_sigma};
 }
 
@@ -258,7 +279,7 @@ TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
         "-> (Tensor, Tensor)");
   m.def("gaussian_linear_bwd(Tensor grad_out, Tensor x, Tensor? weight_mu, Tensor weight_sigma, "
         "Tensor? bias_mu, Tensor? bias_sigma, Tensor std, int seed, str estimator, int samples, bool x_sampled, "
-        "bool sigma_softplus=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool sigma_softplus, bool[5] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(udn_kernels_C, CPU, m) {

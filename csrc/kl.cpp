@@ -132,16 +132,16 @@ Tensor gaussian_kl_fwd(const OptTensor& mu, const Tensor& sigma, const Tensor& p
   return at::scalar_tensor(total, sigma.options());
 }
 
-// (d_mu, d_sigma, d_prior_std) of grad * gaussian_kl; the ones output_mask leaves out are empty.
+// (d_mu, d_sigma, d_prior_std) of grad * gaussian_kl; the ones grad_mask leaves out are empty.
 // d_sigma is d_rho with sigma_softplus; a scalar prior gets a summed one-element d_prior_std.
 std::tuple<Tensor, Tensor, Tensor> gaussian_kl_bwd(const Tensor& grad, const OptTensor& mu, const Tensor& sigma,
                                                    const Tensor& prior_std, bool sigma_softplus,
-                                                   std::array<bool, 3> output_mask) {
+                                                   std::array<bool, 3> grad_mask) {
   const udn::ArgChecks check{"gaussian_kl_bwd"};
   check_gaussian(check, mu, sigma, prior_std);
   check.tensor("grad", grad, sigma.scalar_type(), {}, true);
-  const bool want_mu = output_mask[0] && mu.has_value() && mu->defined(), want_sigma = output_mask[1],
-             want_prior = output_mask[2];
+  const bool want_mu = grad_mask[0] && mu.has_value() && mu->defined(), want_sigma = grad_mask[1],
+             want_prior = grad_mask[2];
   const bool scalar_prior = prior_std.numel() == 1;
   Tensor d_mu = want_mu ? at::empty_like(sigma) : sigma.new_empty(0);
   Tensor d_sigma = want_sigma ? at::empty_like(sigma) : sigma.new_empty(0);
@@ -240,7 +240,7 @@ Tensor log_uniform_kl_bwd(const Tensor& grad, const Tensor& log_alpha, double lo
 TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
   m.def("gaussian_kl_fwd(Tensor? mu, Tensor sigma, Tensor prior_std, bool sigma_softplus) -> Tensor");
   m.def("gaussian_kl_bwd(Tensor grad, Tensor? mu, Tensor sigma, Tensor prior_std, bool sigma_softplus, "
-        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+        "bool[3] grad_mask) -> (Tensor, Tensor, Tensor)");
   m.def("log_uniform_kl_fwd(Tensor log_alpha, float min, float max) -> Tensor");
   m.def("log_uniform_kl_bwd(Tensor grad, Tensor log_alpha, float min, float max) -> Tensor");
 }

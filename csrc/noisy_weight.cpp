@@ -15,7 +15,8 @@ namespace {
 
 // Weight tile: 512 KiB of float32 (128 rows at K = 1024). Smaller tiles starve the backward
 // GEMMs (d_x = ge_blk W_tile has the tile's row count as inner dimension): 64-row tiles cost
-// ~25% more GEMM time than the 3 whole-matrix GEMMs, 128-row tiles none.
+// ~25% more GEMM time than the 3 whole-matrix GEMMs, 128-row tiles none. The backward's blocks
+// (backward_blocks) share this budget among the threads.
 constexpr int64_t kTileElements = 1 << 17;
 constexpr int64_t kNoiseChunk = 2048;  // noise generated per L1-resident chunk of a tile
 
@@ -55,8 +56,8 @@ void combine(T* w, const T* a, const T* b, const T* r, int64_t n, bool softplus_
   }
 }
 
-// One noise chunk of a draw in the backward: the regenerated weight w = a + sigma(b) * r for d_x,
-// and d_b = g * r (first draw) or d_b += g * r, times sigma'(b) after the last draw (softplus_b).
+// One noise chunk of a draw in the backward: the regenerated weight w = a + sigma(b) * r for d_x (unless w
+// is null), and d_b = g * r (first draw) or d_b += g * r, times sigma'(b) after the last draw (softplus_b).
 template <typename T>
 void backward_chunk(T* w, const T* a, const T* b, const T* r, const T* g, T* db, int64_t n, bool first, bool last,
                     bool softplus_b) {
@@ -65,17 +66,59 @@ void backward_chunk(T* w, const T* a, const T* b, const T* r, const T* g, T* db,
     const int64_t m = std::min<int64_t>(V::size(), n - i);
     const V bv = V::loadu(b + i, m), rv = V::loadu(r + i, m);
     const V t = softplus_b ? exp_neg_abs(bv) : V(0);
-    const V prod = (softplus_b ? softplus_from(bv, t) : bv) * rv;
-    (a ? prod + V::loadu(a + i, m) : prod).store(w + i, m);
+    if (w) {
+      const V prod = (softplus_b ? softplus_from(bv, t) : bv) * rv;
+      (a ? prod + V::loadu(a + i, m) : prod).store(w + i, m);
+    }
     const V grad = first ? V::loadu(g + i, m) * rv : at::vec::fmadd(V::loadu(g + i, m), rv, V::loadu(db + i, m));
     (softplus_b && last ? grad * sigmoid_from(bv, t) : grad).store(db + i, m);
   }
 }
 
+// Visits the noise of the [rows, cols] block at (n0, k0) of draw s's [N, K] weight, at most kNoiseChunk
+// elements at a time: visit(tile_index, weight_index, r, n) gets n elements, at tile_index of the
+// row-major block and weight_index of the weight (one run of rows * K when the block spans whole rows).
+template <typename T, typename Visit>
+void for_block_noise(const Noise& noise, int64_t s, int64_t N, int64_t K, int64_t n0, int64_t rows, int64_t k0,
+                     int64_t cols, std::vector<T>& buf, std::vector<float>& scratch, Visit visit) {
+  const bool whole_rows = cols == K;
+  const int64_t runs = whole_rows ? 1 : rows, run = whole_rows ? rows * K : cols;
+  buf.resize(std::min(kNoiseChunk, run));
+  for (int64_t j = 0; j < runs; ++j) {
+    for (int64_t c = 0; c < run; c += kNoiseChunk) {
+      const int64_t n = std::min(kNoiseChunk, run - c), weight_index = (n0 + j) * K + k0 + c;
+      noise.fill_as(buf.data(), n, s * N * K + weight_index, scratch);
+      visit(j * run + c, weight_index, buf.data(), n);
+    }
+  }
+}
+
+// The backward's weight blocks: the parallel tasks are column blocks of the weight, each running down
+// every row block, so each thread writes its own columns of d_x (no per-thread d_x partials) and its own
+// blocks of d_a / d_b. A block has at most max(kMinBlock, kTileElements / threads) elements, so the
+// scratch (a weight block and a G block per thread) stays within 2 max(kTileElements, kMinBlock threads)
+// elements whatever the thread count, up to 16 threads; blocks keep >= kMinBlockRows rows where N allows,
+// the inner dimension of the d_x GEMM.
+constexpr int64_t kMinBlock = 1 << 13;
+constexpr int64_t kMinBlockRows = 256;
+
+struct Blocks {
+  int64_t rows, cols;
+};
+
+Blocks backward_blocks(int64_t N, int64_t K) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t elements = std::max(kMinBlock, kTileElements / threads);
+  const int64_t per_thread = (K + threads - 1) / threads;
+  int64_t cols = std::min(K, (per_thread + 15) / 16 * 16);  // whole vectors; one column block per thread
+  cols = std::max<int64_t>(1, std::min(cols, elements / std::max<int64_t>(1, std::min(N, kMinBlockRows))));
+  return {std::max<int64_t>(1, std::min(N, elements / cols)), cols};
+}
+
 // `count` scratch tensors of `shape` as one [count, shape...] tensor, allocated on the calling thread:
 // a buffer a worker allocates itself comes from that worker's glibc arena, which trims it on free,
-// so every call page-faulted its tiles and d_x partials in afresh (~1200 faults per backward at the
-// benchmark shapes); the caller's arena keeps freed blocks for the next call.
+// so every call page-faulted its tiles in afresh (~1200 faults per backward at the benchmark shapes);
+// the caller's arena keeps freed blocks for the next call.
 Tensor scratch_stack(int64_t count, at::IntArrayRef shape, const at::TensorOptions& opt) {
   std::vector<int64_t> sizes{count};
   sizes.insert(sizes.end(), shape.begin(), shape.end());
@@ -142,82 +185,78 @@ void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, 
   });
 }
 
-// Gradients of sum_s <ge_s, x_s W_s^T>: d_x [Se, B, K], d_a = sum_s ge_s^T x_s (if want_da),
-// d_b = sigma'(b) * sum_s (ge_s^T x_s) * r_s. Each tile's noise r_s is generated once and feeds both the
-// d_b epilogue and the regenerated weight tile of d_x. Draw 0 writes d_a / d_b / the thread's
-// d_x partial directly (no zero fill, no extra pass); later draws accumulate.
+// Gradients of sum_s <ge_s, x_s W_s^T>, those asked for in `want` (the others stay undefined): d_x [Se, B, K],
+// d_b = sigma'(b) * sum_s (ge_s^T x_s) * r_s and d_a = sum_s ge_s^T x_s, the latter only with d_b, whose
+// G_s = ge_s^T x_s it reuses. Each block's noise r_s is generated once and feeds both the d_b epilogue and
+// the regenerated weight block of d_x; without d_b no G GEMM runs, without d_x no weight block is built and
+// no d_x GEMM runs. Draw 0 writes d_a / d_b and the first row block writes d_x's columns directly (no zero
+// fill, no extra pass); later ones accumulate.
 template <typename T>
-void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, bool want_da,
+void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, NoisyGrads want,
                            Tensor& d_x, Tensor& d_a, Tensor& d_b) {
+  TORCH_INTERNAL_ASSERT((want.x || want.b) && (want.b || !want.a),
+                        "noisy_weight_backward: nothing to do, or d_a without d_b");
   const int64_t N = nw.b.size(0), K = nw.b.size(1), Se = xe.size(0), S = nw.S;
-  const int64_t nb = tile_rows(N, K), blocks = (N + nb - 1) / nb;
+  const Blocks blk = backward_blocks(N, K);
+  const int64_t col_blocks = (K + blk.cols - 1) / blk.cols;
   const T* a = nw.a ? nw.a->data_ptr<T>() : nullptr;
   const T* b = nw.b.data_ptr<T>();
-  d_a = want_da ? at::empty_like(nw.b) : Tensor();
-  d_b = at::empty_like(nw.b);
-  T* da = want_da ? d_a.data_ptr<T>() : nullptr;
-  T* db = d_b.data_ptr<T>();
-  // d_x partial sums, one per thread (thread 0's is d_x itself); a thread's first tile of draw se
-  // overwrites its slice.
-  const int64_t threads = at::get_num_threads();
-  d_x = at::empty_like(xe);
-  const Tensor other_partials = scratch_stack(threads - 1, xe.sizes(), xe.options());
-  const auto partial = [&](int64_t tid) { return tid == 0 ? d_x : other_partials[tid - 1]; };
-  const Tensor tiles = scratch_stack(threads, {2, nb, K}, nw.b.options());
-  std::vector<std::vector<char>> touched(threads, std::vector<char>(Se, 0));
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  d_x = want.x ? at::empty(xe.sizes(), xe.options()) : Tensor();
+  d_a = want.a ? at::empty_like(nw.b) : Tensor();
+  d_b = want.b ? at::empty_like(nw.b) : Tensor();
+  T* da = want.a ? d_a.data_ptr<T>() : nullptr;
+  T* db = want.b ? d_b.data_ptr<T>() : nullptr;
+  // Per thread: the weight block (for d_x) and the G block (for d_b), those needed.
+  const int64_t w_index = 0, g_index = want.x ? 1 : 0;
+  const Tensor blocks = scratch_stack(at::get_num_threads(), {int64_t{want.x} + want.b, blk.rows, blk.cols},
+                                      nw.b.options());
+  at::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
     const WorkerGuard guard;
-    const int tid = at::get_thread_num();
-    Tensor acc = partial(tid);
-    Tensor w_tile = tiles[tid][0];
-    Tensor g_tile = tiles[tid][1];
+    const Tensor mine = blocks[at::get_thread_num()];
     std::vector<float> scratch;
     std::vector<T> r;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n0 = blk * nb, rows = std::min(nb, N - n0), count = rows * K;
-      T* w = w_tile.data_ptr<T>();
-      const T* a0 = a ? a + n0 * K : nullptr;
-      T* da0 = da ? da + n0 * K : nullptr;
-      T* db0 = db + n0 * K;
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t se = Se == 1 ? 0 : s;
-        Tensor ge_blk = ge[s].narrow(1, n0, rows);  // [B, rows], row stride N
-        // ge_s^T x_s for these output rows: straight into d_a for draw 0.
-        Tensor g_view = da && s == 0 ? d_a.narrow(0, n0, rows) : g_tile.narrow(0, 0, rows);
-        at::mm_out(g_view, ge_blk.t(), xe[se]);
-        const T* g0 = g_view.data_ptr<T>();
-        // One pass per noise chunk: the weight tile for d_x and the d_a / d_b epilogue.
-        for_noise_chunks(nw.noise, count, s * N * K + n0 * K, r, scratch, [&](int64_t i, const T* rc, int64_t n) {
-          const T* g = g0 + i;
-          backward_chunk(w + i, a0 ? a0 + i : nullptr, b + n0 * K + i, rc, g, db0 + i, n, s == 0, s == S - 1,
-                         nw.softplus_b);
-          if (da0 && s > 0) at::vec::map2<T>([](Vec<T> x, Vec<T> y) { return x + y; }, da0 + i, da0 + i, g, n);
-        });
-        Tensor acc_s = acc[se];
-        if (touched[tid][se]) {
-          acc_s.addmm_(ge_blk, w_tile.narrow(0, 0, rows));
-        } else {
-          at::mm_out(acc_s, ge_blk, w_tile.narrow(0, 0, rows));
-          touched[tid][se] = 1;
+    for (int64_t cb = begin; cb < end; ++cb) {
+      const int64_t k0 = cb * blk.cols, cols = std::min(blk.cols, K - k0);
+      for (int64_t n0 = 0; n0 < N; n0 += blk.rows) {
+        const int64_t rows = std::min(blk.rows, N - n0);
+        const Tensor w_block = want.x ? mine[w_index].view(-1).narrow(0, 0, rows * cols).view({rows, cols}) : Tensor();
+        const Tensor g_block = want.b ? mine[g_index].view(-1).narrow(0, 0, rows * cols).view({rows, cols}) : Tensor();
+        T* w = want.x ? w_block.data_ptr<T>() : nullptr;
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t se = Se == 1 ? 0 : s;
+          const Tensor ge_blk = ge[s].narrow(1, n0, rows);  // [B, rows], row stride N
+          const T* g = nullptr;
+          if (want.b) {
+            Tensor g_view = g_block;
+            at::mm_out(g_view, ge_blk.t(), xe[se].narrow(1, k0, cols));
+            g = g_block.data_ptr<T>();
+          }
+          // One pass per noise chunk: the weight block for d_x and the d_a / d_b epilogue.
+          for_block_noise(nw.noise, s, N, K, n0, rows, k0, cols, r, scratch,
+                          [&](int64_t i, int64_t wi, const T* rc, int64_t n) {
+            if (!want.b) return combine(w + i, a ? a + wi : nullptr, b + wi, rc, n, nw.softplus_b);
+            backward_chunk(w ? w + i : nullptr, a ? a + wi : nullptr, b + wi, rc, g + i, db + wi, n, s == 0,
+                           s == S - 1, nw.softplus_b);
+            if (!da) return;
+            if (s == 0) std::copy(g + i, g + i + n, da + wi);
+            else at::vec::map2<T>([](Vec<T> x, Vec<T> y) { return x + y; }, da + wi, da + wi, g + i, n);
+          });
+          if (want.x) {
+            Tensor dst = d_x[se].narrow(1, k0, cols);
+            if (n0 == 0 && (Se > 1 || s == 0)) at::mm_out(dst, ge_blk, w_block); else dst.addmm_(ge_blk, w_block);
+          }
         }
       }
     }
   });
-  // A thread that ran did every draw of its tiles, so the partial of each thread that ran is fully written.
-  bool written = touched[0][0];
-  for (int64_t tid = 1; tid < threads; ++tid) {
-    if (!touched[tid][0]) continue;
-    if (written) d_x.add_(partial(tid)); else d_x.copy_(partial(tid));
-    written = true;
-  }
-  if (!written) d_x.zero_();
+  if (want.x && N == 0) d_x.zero_();  // no row block: an empty sum
 }
 
 #define UDN_STOCHASTIC_INSTANTIATE(T)                                                                    \
   template void noisy_weight_forward<T>(const Tensor&, const NoisyWeight&, Tensor&, const Tensor&, const Noise*, \
                                         int64_t);                                                           \
-  template void noisy_weight_backward<T>(const Tensor&, const Tensor&, const NoisyWeight&, bool, Tensor&, Tensor&, \
-                                         Tensor&);
+  template void noisy_weight_backward<T>(const Tensor&, const Tensor&, const NoisyWeight&, NoisyGrads, Tensor&, \
+                                         Tensor&, Tensor&);
 UDN_STOCHASTIC_INSTANTIATE(float)
 UDN_STOCHASTIC_INSTANTIATE(double)
 #undef UDN_STOCHASTIC_INSTANTIATE

@@ -66,13 +66,18 @@ struct NoisyWeight {
   bool softplus_b = false;
 };
 
+// Which gradients noisy_weight_backward computes (d_a only together with d_b).
+struct NoisyGrads {
+  bool x, a, b;
+};
+
 // The tile engine (noisy_weight.cpp, float and double): out [S, B, N] = x_s W_s^T (+ bias), with
 // flipout's output signs when flip is given; and the gradients d_x, d_a, d_b of sum_s <ge_s, x_s W_s^T>.
 template <typename T>
 void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tensor& bias,
                           const Noise* flip, int64_t flip_offset);
 template <typename T>
-void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, bool want_da,
+void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, NoisyGrads want,
                            Tensor& d_x, Tensor& d_a, Tensor& d_b);
 
 inline const Tensor* ptr_or_null(const OptTensor& t) { return t.has_value() && t->defined() ? &*t : nullptr; }

@@ -24,6 +24,9 @@ def _close(actual, expected, dtype, what):
         assert err <= RTOL[dtype] * max(1.0, expected.abs().max().item()), f"{what}: {err}"
 
 
+ALL_GRADS = [True] * 3
+
+
 def _inputs(dtype, S, sampled, bias, B=5, K=37, N=23, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(S if sampled else 1, B, K, dtype=dtype, generator=g)
@@ -49,8 +52,8 @@ def test_kernel_matches_reference(dtype, mask):
         out = C.bernoulli_linear_fwd(*args)
         _close(out, ref.bernoulli_linear_fwd(*args), dtype, what + " out")
         grad = torch.randn_like(out)
-        for name, a, e in zip(("d_x", "d_weight", "d_bias"), C.bernoulli_linear_bwd(grad, *args),
-                              ref.bernoulli_linear_bwd(grad, *args)):
+        for name, a, e in zip(("d_x", "d_weight", "d_bias"), C.bernoulli_linear_bwd(grad, *args, ALL_GRADS),
+                              ref.bernoulli_linear_bwd(grad, *args, ALL_GRADS)):
             _close(a, e, dtype, f"{what} {name}")
 
 
@@ -62,7 +65,7 @@ def test_kernel_matches_reference_across_tiles(mask):
     out = C.bernoulli_linear_fwd(*args)
     _close(out, ref.bernoulli_linear_fwd(*args), torch.float32, "out")
     grad = torch.randn_like(out)
-    for a, e in zip(C.bernoulli_linear_bwd(grad, *args), ref.bernoulli_linear_bwd(grad, *args)):
+    for a, e in zip(C.bernoulli_linear_bwd(grad, *args, ALL_GRADS), ref.bernoulli_linear_bwd(grad, *args, ALL_GRADS)):
         _close(a, e, torch.float32, "grad")
 
 

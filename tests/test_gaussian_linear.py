@@ -24,9 +24,13 @@ def _close(actual, expected, what):
         assert err <= RTOL * max(1.0, expected.abs().max().item()), f"{what}: {err}"
 
 
+ALL_GRADS = [True] * 5
+
+
 def _with_std(args, std):
-    """The backward kernels' arguments: the forward's inputs with its std output after bias_sigma."""
-    return (*args[:5], std, *args[5:])
+    """The backward kernels' arguments: the forward's inputs with its std output after bias_sigma,
+    asking for every gradient."""
+    return (*args[:5], std, *args[5:], ALL_GRADS)
 
 
 def _check_kernel_against_reference(args, what, grad=None):
@@ -129,13 +133,13 @@ def test_kernel_matches_reference_across_weight_tiles(estimator, S, sampled, wit
 def test_kernel_matches_reference_on_empty_dimensions(estimator, B, K, N, S, sampled):
     # K = 0 or N = 0 leaves matrices with a zero dimension, where a reshape to (-1, 0) is ambiguous.
     x, mu, sigma, bmu, bsig = _inputs(torch.float32, S, sampled, True, "both", B=B, K=K, N=N)
-    _check_kernel_against_reference((x, mu, sigma, bmu, bsig, 5, estimator, S, sampled), "empty")
+    _check_kernel_against_reference((x, mu, sigma, bmu, bsig, 5, estimator, S, sampled, False), "empty")
 
 
 def test_local_zero_variance_rows_have_finite_gradients():
     x, mu, sigma, _, _ = _inputs(torch.float64, 2, True, True, "none")
     x[0, 1] = 0.0
-    _check_kernel_against_reference((x, mu, sigma, None, None, 5, "local", 2, True), "zero variance")
+    _check_kernel_against_reference((x, mu, sigma, None, None, 5, "local", 2, True, False), "zero variance")
 
 
 @pytest.mark.parametrize("S, sampled", [(1, False), (3, False), (3, True)])
@@ -160,7 +164,8 @@ def test_local_reference_backward_equals_autograd_of_its_forward():
     out, std = ref.gaussian_linear_fwd(*leaves, 9, "local", 3, True)
     grad = torch.randn_like(out)
     want = torch.autograd.grad(out, leaves, grad)
-    got = ref.gaussian_linear_bwd(grad, x, mu, sigma, bmu, bsig, std.detach(), 9, "local", 3, True)
+    got = ref.gaussian_linear_bwd(grad, x, mu, sigma, bmu, bsig, std.detach(), 9, "local", 3, True, False,
+                                  ALL_GRADS)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -170,7 +175,7 @@ def test_local_backward_rejects_a_wrong_std():
     grad = torch.randn(2, x.shape[1], sigma.shape[0])
     with pytest.raises(RuntimeError, match="std: expected"):
         C.gaussian_linear_bwd(grad, x, mu, sigma, None, None, torch.ones(2, x.shape[1], sigma.shape[0]), 1,
-                              "local", 2, False)
+                              "local", 2, False, False, ALL_GRADS)
 
 
 @pytest.mark.parametrize("sigma_transform", [None, "softplus"])

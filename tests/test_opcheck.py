@@ -68,14 +68,18 @@ def _cases(backend):
         cases[f"gaussian_fwd-{estimator}"] = (gauss_ops._fwd, args)
         out, std = gauss_ops._fwd(*args)
         detached = tuple(t.detach() for t in args[:5])
-        cases[f"gaussian_bwd-{estimator}"] = (
-            gauss_ops._bwd, (torch.randn_like(out), *detached, std, *args[5:]))
+        # every gradient, and x and sigma frozen (their outputs empty)
+        for tag, grad_mask in (("", [True] * 5), ("-frozen", [False, True, False, True, True])):
+            cases[f"gaussian_bwd-{estimator}{tag}"] = (
+                gauss_ops._bwd, (torch.randn_like(out), *detached, std, *args[5:-1], grad_mask, backend))
     for mask in ("input", "weight", "symmetric"):
         args = (x, mu, bias, 0.25, seed, mask, 2, False, backend)
         cases[f"bernoulli_fwd-{mask}"] = (bern_ops._fwd, args)
         out = bern_ops._fwd(*args)
-        cases[f"bernoulli_bwd-{mask}"] = (
-            bern_ops._bwd, (torch.randn_like(out), x.detach(), mu.detach(), bias.detach(), *args[3:]))
+        for tag, grad_mask in (("", [True] * 3), ("-frozen", [False, True, False])):
+            cases[f"bernoulli_bwd-{mask}{tag}"] = (
+                bern_ops._bwd, (torch.randn_like(out), x.detach(), mu.detach(), bias.detach(), *args[3:-1], grad_mask,
+                                backend))
     for softplus in (False, True):
         prior = torch.rand(4, 5, generator=g, dtype=torch.float64).add_(0.5).requires_grad_()
         for prior_name, prior_std in (("scalar", torch.tensor(0.8, dtype=torch.float64)), ("full", prior)):

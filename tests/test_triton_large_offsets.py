@@ -182,7 +182,7 @@ else:
 
         grad = filled_tail((1, B, N), n0, 2, gen)
         with only_programs(programs_from(0, n0 // dw_block)):
-            d_mu, d_sigma = tsl._grad_w(grad, x, sigma, SEED, tsl.SAMPLE, 1, need_dw=True)
+            d_mu, d_sigma = tsl._grad_w(grad, x, sigma, SEED, tsl.SAMPLE, 1, need_dw=True, need_dsig=True)
         g_x = grad[0, :, n0:].T @ x[0]
         eps = philox.normal_at(rows[:, None] * K + torch.arange(K), SEED)
         torch.testing.assert_close(d_mu[n0:], g_x, **TOL)

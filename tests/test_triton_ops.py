@@ -118,11 +118,11 @@ if not interpreted():
         assert "aten._softmax.default" in ops  # the mixture weights, a graph op Inductor can fuse
 
     @pytest.mark.parametrize("op,args,kernel_names", [
-        ("gaussian_linear", ("sample", 2, False), ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),
+        ("gaussian_linear", ("sample", 2, False, False), ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),
         # sigma_softplus: _dw_kernel also reads rho (sig_ptr), which must not be cloned
         ("gaussian_linear", ("flipout", 2, False, True), ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),
         # local: the forward also writes the output std; backward regenerates the output eps only
-        ("gaussian_linear", ("local", 2, False), ["_fwd_kernel", "_philox_fill_kernel"]),
+        ("gaussian_linear", ("local", 2, False, False), ["_fwd_kernel", "_philox_fill_kernel"]),
         ("bernoulli_linear", ("weight", 2, False), ["_fwd_kernel", "_dx_kernel", "_dw_kernel"]),
     ])
     def test_stochastic_linear_traces_to_kernels(trace, op, args, kernel_names):
@@ -135,9 +135,9 @@ if not interpreted():
             if op == "gaussian_linear":  # weight_mu, weight_sigma, bias_mu; no bias noise
                 tensors = (x, weight, weight.abs(), bias, None)
                 out, std = ops.gaussian_linear_fwd(*tensors, 7, *args)
-                return ops.gaussian_linear_bwd(torch.ones_like(out), *tensors, std, 7, *args)
+                return ops.gaussian_linear_bwd(torch.ones_like(out), *tensors, std, 7, *args, [True] * 5)
             out = ops.bernoulli_linear_fwd(x, weight, bias, 0.25, 7, *args)
-            return ops.bernoulli_linear_bwd(torch.ones_like(out), x, weight, bias, 0.25, 7, *args)
+            return ops.bernoulli_linear_bwd(torch.ones_like(out), x, weight, bias, 0.25, 7, *args, [True] * 3)
 
         kernels, _ = trace(out_and_grads, x, weight, bias)
         assert [name for name, _ in kernels] == kernel_names
@@ -177,7 +177,8 @@ if not interpreted():
         def gaussian_linear():
             tensors = (hidden[:1], weight[0, :, :19], weight[1].abs(), None, None)
             out, std = ops.gaussian_linear_fwd(*tensors, 3, "flipout", 2, False)
-            return ops.gaussian_linear_bwd(torch.ones_like(out), *tensors, std, 3, "flipout", 2, False)
+            return ops.gaussian_linear_bwd(torch.ones_like(out), *tensors, std, 3, "flipout", 2, False, False,
+                                           [True] * 5)
 
         calls = {
             "depth_loglik": depth_loglik,
@@ -280,8 +281,9 @@ else:
         torch.testing.assert_close(out, want_out, **TOL32)
         torch.testing.assert_close(std, want_std, **TOL32)  # local's output std [Sx, B, N], else empty
         grad = torch.randn(out.shape, generator=gen)
-        assert_all_close(torch.ops.udn_kernels_triton.gaussian_linear_bwd(grad, *args[:5], std, *args[5:]),
-                         reference.KERNELS["gaussian_linear_bwd"](grad, *args[:5], want_std, *args[5:]), TOL32)
+        bwd_options = (*args[5:], False, [True] * 5)
+        assert_all_close(torch.ops.udn_kernels_triton.gaussian_linear_bwd(grad, *args[:5], std, *bwd_options),
+                         reference.KERNELS["gaussian_linear_bwd"](grad, *args[:5], want_std, *bwd_options), TOL32)
 
     @pytest.mark.parametrize("mask", ["input", "weight", "symmetric"])
     def test_bernoulli_linear_ops_equal_reference(mask):
@@ -292,8 +294,8 @@ else:
         out = torch.ops.udn_kernels_triton.bernoulli_linear_fwd(*args)
         torch.testing.assert_close(out, reference.KERNELS["bernoulli_linear_fwd"](*args), **TOL32)
         grad = torch.randn(out.shape, generator=gen)
-        assert_all_close(torch.ops.udn_kernels_triton.bernoulli_linear_bwd(grad, *args),
-                         reference.KERNELS["bernoulli_linear_bwd"](grad, *args), TOL32)
+        assert_all_close(torch.ops.udn_kernels_triton.bernoulli_linear_bwd(grad, *args, [True] * 3),
+                         reference.KERNELS["bernoulli_linear_bwd"](grad, *args, [True] * 3), TOL32)
 
     def public_calls():
         """``name -> fn(leaves) -> output`` over the public ops; leaves as ``public_leaves()``."""

@@ -72,7 +72,7 @@ else:
         bias_sigma = sigmas((N,)) if has_bias in ("sigma", "both") else None
         grad = torch.randn(S, B, N, generator=gen)
         args = (x, mu, sigma, bias_mu, bias_sigma, 2**40 + 3, estimator, S, x_sampled, sigma_softplus)
-        _check("gaussian_linear", args, args, grad)
+        _check("gaussian_linear", args, (*args, [True] * 5), grad)
 
     @triton.jit
     def _softplus_kernel(r_ptr, sp_ptr, sg_ptr, n, BLOCK: tl.constexpr):
@@ -101,7 +101,7 @@ else:
         bias = torch.randn(N, generator=gen) if has_bias else None
         grad = torch.randn(S, B, N, generator=gen)
         args = (x, weight, bias, 0.3, 2**32 - 5, mask, S, x_sampled)
-        _check("bernoulli_linear", args, args, grad)
+        _check("bernoulli_linear", args, (*args, [True] * 3), grad)
 
     def test_noise_offsets_are_64_bit():
         """A seed/offset past 2^32 and a different seed give different, reference-exact noise."""

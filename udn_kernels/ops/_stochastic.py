@@ -36,9 +36,10 @@ def flatten_input(x: torch.Tensor, in_features: int, samples, input_has_samples)
     return x3, S, lead
 
 
-def none_if_empty(grad: torch.Tensor, source) -> torch.Tensor | None:
-    """Kernels return an empty tensor for the gradient of a None input; autograd wants None."""
-    return None if source is None else grad
+def input_grads(grads, sources, needed) -> tuple:
+    """The backward's gradients for autograd: None where the input is None or needs no gradient
+    (the kernels, told by their ``grad_mask``, return an empty tensor there)."""
+    return tuple(g if t is not None and want else None for g, t, want in zip(grads, sources, needed))
 
 
 def std_shape(x: torch.Tensor, weight_sigma: torch.Tensor, estimator: str) -> tuple:

@@ -8,7 +8,7 @@ import torch
 from .. import _backend
 from .._checks import check_choice, check_float_tensor, check_probability, check_same, check_shape, resolve_seed
 from ._dispatch import op_caller, stage
-from ._stochastic import flatten_input, none_if_empty
+from ._stochastic import flatten_input, input_grads
 
 MASKS = ("input", "weight", "symmetric")
 Tensor = torch.Tensor
@@ -34,20 +34,22 @@ def _(x, weight, bias, p, seed, mask, samples, x_sampled, backend):
     return x.new_empty(samples, x.shape[1], weight.shape[0])
 
 
-def _bwd_impl(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, backend):
+def _bwd_impl(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, grad_mask, backend):
     return tuple(_backend.kernel(backend, "bernoulli_linear_bwd")(grad_out, x, weight, bias, p, int(seed.item()),
-                                                                 mask, samples, x_sampled))
+                                                                 mask, samples, x_sampled, grad_mask))
 
 
 @torch.library.custom_op("udn_kernels::bernoulli_linear_bwd", mutates_args=())
 def _bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], p: float, seed: Tensor,
-         mask: str, samples: int, x_sampled: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _bwd_impl(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, backend)
+         mask: str, samples: int, x_sampled: bool, grad_mask: list[bool],
+         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, grad_mask, backend)
 
 
 @_bwd.register_fake
-def _(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, backend):
-    return torch.empty_like(x), torch.empty_like(weight), x.new_empty(0) if bias is None else torch.empty_like(bias)
+def _(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, grad_mask, backend):
+    return tuple(torch.empty_like(t) if t is not None and want else x.new_empty(0)
+                 for t, want in zip((x, weight, bias), grad_mask))
 
 
 def _setup_context(ctx, inputs, output):
@@ -59,9 +61,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, weight, bias, seed = ctx.saved_tensors
-    d_x, d_weight, d_bias = stage(ctx, _bwd, _bwd_impl)(grad_out.contiguous(), x, weight, bias, ctx.p, seed,
-                                                        *ctx.options)
-    return d_x, d_weight, none_if_empty(d_bias, bias), None, None, None, None, None, None
+    *options, backend = ctx.options
+    # The kernels compute only the gradients autograd asks for (x, weight, bias).
+    needed = list(ctx.needs_input_grad[:3])
+    grads = stage(ctx, _bwd, _bwd_impl)(grad_out.contiguous(), x, weight, bias, ctx.p, seed, *options, needed,
+                                        backend)
+    return (*input_grads(grads, (x, weight, bias), needed), None, None, None, None, None, None)
 
 
 _call = op_caller(_fwd, _fwd_impl, _setup_context, _backward)

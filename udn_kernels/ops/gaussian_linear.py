@@ -8,7 +8,7 @@ import torch
 from .. import _backend
 from .._checks import check_choice, check_float_tensor, check_same, check_shape, resolve_seed
 from ._dispatch import op_caller, stage
-from ._stochastic import flatten_input, none_if_empty, std_shape
+from ._stochastic import flatten_input, input_grads, std_shape
 
 ESTIMATORS = ("sample", "local", "flipout")
 SIGMA_TRANSFORMS = (None, "softplus")
@@ -41,26 +41,26 @@ def _(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples,
 
 
 def _bwd_impl(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed, estimator, samples,
-              x_sampled, sigma_softplus, backend):
+              x_sampled, sigma_softplus, grad_mask, backend):
     return tuple(_backend.kernel(backend, "gaussian_linear_bwd")(
         grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, int(seed.item()), estimator, samples,
-        x_sampled, sigma_softplus))
+        x_sampled, sigma_softplus, grad_mask))
 
 
 @torch.library.custom_op("udn_kernels::gaussian_linear_bwd", mutates_args=())
 def _bwd(grad_out: Tensor, x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
          bias_mu: Optional[Tensor], bias_sigma: Optional[Tensor], std: Tensor, seed: Tensor, estimator: str,
-         samples: int, x_sampled: bool, sigma_softplus: bool,
+         samples: int, x_sampled: bool, sigma_softplus: bool, grad_mask: list[bool],
          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _bwd_impl(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed, estimator, samples,
-                     x_sampled, sigma_softplus, backend)
+                     x_sampled, sigma_softplus, grad_mask, backend)
 
 
 @_bwd.register_fake
 def _(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed, estimator, samples, x_sampled,
-      sigma_softplus, backend):
-    return tuple(x.new_empty(0) if t is None else torch.empty_like(t)
-                 for t in (x, weight_mu, weight_sigma, bias_mu, bias_sigma))
+      sigma_softplus, grad_mask, backend):
+    return tuple(torch.empty_like(t) if t is not None and want else x.new_empty(0)
+                 for t, want in zip((x, weight_mu, weight_sigma, bias_mu, bias_sigma), grad_mask))
 
 
 def _setup_context(ctx, inputs, output):
@@ -74,8 +74,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_std):
     saved = ctx.saved_tensors
-    grads = stage(ctx, _bwd, _bwd_impl)(grad_out.contiguous(), *saved, *ctx.options)
-    return (*(none_if_empty(g, t) for g, t in zip(grads, saved[:5])), None, None, None, None, None, None)
+    *options, backend = ctx.options
+    # The kernels compute only the gradients autograd asks for (x, weight_mu, weight_sigma, bias_mu, bias_sigma).
+    needed = list(ctx.needs_input_grad[:5])
+    grads = stage(ctx, _bwd, _bwd_impl)(grad_out.contiguous(), *saved, *options, needed, backend)
+    return (*input_grads(grads, saved[:5], needed), None, None, None, None, None, None)
 
 
 _call = op_caller(_fwd, _fwd_impl, _setup_context, _backward)

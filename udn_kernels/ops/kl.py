@@ -40,20 +40,20 @@ def _(mu, sigma, prior_std, sigma_softplus, backend):
     return sigma.new_empty(())
 
 
-def _gauss_bwd_impl(grad, mu, sigma, prior_std, sigma_softplus, output_mask, backend):
+def _gauss_bwd_impl(grad, mu, sigma, prior_std, sigma_softplus, grad_mask, backend):
     return tuple(_backend.kernel(backend, "gaussian_kl_bwd")(grad, mu, sigma, prior_std, sigma_softplus,
-                                                            output_mask))
+                                                            grad_mask))
 
 
 @torch.library.custom_op("udn_kernels::gaussian_kl_bwd", mutates_args=())
 def _gauss_bwd(grad: Tensor, mu: Optional[Tensor], sigma: Tensor, prior_std: Tensor, sigma_softplus: bool,
-               output_mask: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _gauss_bwd_impl(grad, mu, sigma, prior_std, sigma_softplus, output_mask, backend)
+               grad_mask: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _gauss_bwd_impl(grad, mu, sigma, prior_std, sigma_softplus, grad_mask, backend)
 
 
 @_gauss_bwd.register_fake
-def _(grad, mu, sigma, prior_std, sigma_softplus, output_mask, backend):
-    want_mu, want_sigma, want_prior = output_mask
+def _(grad, mu, sigma, prior_std, sigma_softplus, grad_mask, backend):
+    want_mu, want_sigma, want_prior = grad_mask
     return (torch.empty_like(sigma) if want_mu and mu is not None else sigma.new_empty(0),
             torch.empty_like(sigma) if want_sigma else sigma.new_empty(0),
             torch.empty_like(prior_std) if want_prior else sigma.new_empty(0))
@@ -68,11 +68,11 @@ def _gauss_setup_context(ctx, inputs, output):
 def _gauss_backward(ctx, grad):
     mu, sigma, prior_std = ctx.saved_tensors
     sigma_softplus, backend = ctx.options
-    output_mask = list(ctx.needs_input_grad[:3])
-    grads = stage(ctx, _gauss_bwd, _gauss_bwd_impl)(grad, mu, sigma, prior_std, sigma_softplus, output_mask,
+    grad_mask = list(ctx.needs_input_grad[:3])
+    grads = stage(ctx, _gauss_bwd, _gauss_bwd_impl)(grad, mu, sigma, prior_std, sigma_softplus, grad_mask,
                                                      backend)
     return (*(none_if_empty(g, t) if want else None
-              for g, t, want in zip(grads, (mu, sigma, prior_std), output_mask)), None, None)
+              for g, t, want in zip(grads, (mu, sigma, prior_std), grad_mask)), None, None)
 
 
 _gauss_call = op_caller(_gauss_fwd, _gauss_fwd_impl, _gauss_setup_context, _gauss_backward)

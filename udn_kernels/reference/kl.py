@@ -39,19 +39,19 @@ def gaussian_kl_fwd(mu, sigma, prior_std, sigma_softplus):
                            if prior_std.numel() == 1 else prior_std)
 
 
-def gaussian_kl_bwd(grad, mu, sigma, prior_std, sigma_softplus, output_mask):
-    """``(d_mu, d_sigma, d_prior_std)`` of ``grad * gaussian_kl_fwd``; empty where ``output_mask``
+def gaussian_kl_bwd(grad, mu, sigma, prior_std, sigma_softplus, grad_mask):
+    """``(d_mu, d_sigma, d_prior_std)`` of ``grad * gaussian_kl_fwd``; empty where ``grad_mask``
     is False (and for d_mu when mu is None); d_sigma is d_rho with ``sigma_softplus``."""
     std = F.softplus(sigma) if sigma_softplus else sigma
     inv_var = grad / (prior_std * prior_std)
     # a fresh empty tensor per unwanted output: custom-op outputs must not alias each other
-    d_mu = inv_var * mu if output_mask[0] and mu is not None else sigma.new_empty(0)
+    d_mu = inv_var * mu if grad_mask[0] and mu is not None else sigma.new_empty(0)
     d_sigma = sigma.new_empty(0)
-    if output_mask[1]:
+    if grad_mask[1]:
         d_sigma = inv_var * std - grad / std
         d_sigma = d_sigma * torch.sigmoid(sigma) if sigma_softplus else d_sigma
     d_prior = sigma.new_empty(0)
-    if output_mask[2]:
+    if grad_mask[2]:
         second_moment = std * std if mu is None else std * std + mu * mu
         d_prior = (grad - inv_var * second_moment) / prior_std
         d_prior = d_prior.sum().reshape(prior_std.shape) if prior_std.numel() == 1 else d_prior

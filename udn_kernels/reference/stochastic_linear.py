@@ -84,17 +84,21 @@ def _gaussian_weight_draws(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed
     return out
 
 
-def _autograd_recompute(forward, tensors, options, grad_out):
-    """Gradients of ``forward(*tensors, *options)`` w.r.t. ``tensors`` (empty tensors for None)."""
-    inputs = [None if t is None else t.detach().requires_grad_(True) for t in tensors]
-    present = [t for t in inputs if t is not None]
+def _autograd_recompute(forward, tensors, grad_mask, grad_out):
+    """Gradients of ``forward(*tensors)`` w.r.t. the ``tensors`` that ``grad_mask`` asks for (empty
+    tensors for the others and for None): only those take part in autograd's recompute."""
+    inputs = [None if t is None else t.detach().requires_grad_(bool(want)) for t, want in zip(tensors, grad_mask)]
+    present = [t for t in inputs if t is not None and t.requires_grad]
+    if not present:
+        return tuple(tensors[0].new_empty(0) for _ in tensors)
     # Custom-op implementations run below the Autograd dispatch key; re-enable it to recompute.
     with torch.enable_grad(), torch._C._SetExcludeDispatchKeyGuard(
             torch._C.DispatchKey.AutogradFunctionality, False):
-        out = forward(*inputs, *options)
+        out = forward(*inputs)
         grads = iter(torch.autograd.grad(out, present, grad_out, allow_unused=True))
     like = tensors[0]
-    return tuple(like.new_empty(0) if t is None else _zeros_if_none(next(grads), t) for t in inputs)
+    return tuple(like.new_empty(0) if t is None or not t.requires_grad else _zeros_if_none(next(grads), t)
+                 for t in inputs)
 
 
 def _zeros_if_none(grad, t):
@@ -102,23 +106,25 @@ def _zeros_if_none(grad, t):
 
 
 def gaussian_linear_bwd(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed: int,
-                        estimator: str, samples: int, x_sampled: bool, sigma_softplus: bool = False):
-    """Gradients ``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)`` (empty for None);
-    ``std`` is the forward's second output (used by "local" only). With ``sigma_softplus`` the
-    sigma arguments hold ``rho`` and their gradients are with respect to ``rho``."""
+                        estimator: str, samples: int, x_sampled: bool, sigma_softplus: bool, grad_mask):
+    """Gradients ``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)``, empty for None and
+    where ``grad_mask`` (a bool per input, same order) is False; ``std`` is the forward's second
+    output (used by "local" only). With ``sigma_softplus`` the sigma arguments hold ``rho`` and
+    their gradients are with respect to ``rho``."""
     if sigma_softplus:  # d rho = d sigma * softplus'(rho) = d sigma * sigmoid(rho)
         grads = gaussian_linear_bwd(grad_out, x, weight_mu, _softplus_or_none(weight_sigma), bias_mu,
-                                    _softplus_or_none(bias_sigma), std, seed, estimator, samples, x_sampled)
-        return (grads[0], grads[1], grads[2] * torch.sigmoid(weight_sigma), grads[3],
-                grads[4] if bias_sigma is None else grads[4] * torch.sigmoid(bias_sigma))
+                                    _softplus_or_none(bias_sigma), std, seed, estimator, samples, x_sampled,
+                                    False, grad_mask)
+        return (grads[0], grads[1], grads[2] * torch.sigmoid(weight_sigma) if grads[2].numel() else grads[2],
+                grads[3], grads[4] * torch.sigmoid(bias_sigma) if grads[4].numel() else grads[4])
     if estimator == "local":
         return local_reparam_grads(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std,
-                                   _normal(0, tuple(grad_out.shape), seed, x), x_sampled)
+                                   _normal(0, tuple(grad_out.shape), seed, x), x_sampled, grad_mask)
 
     def forward(x, weight_mu, weight_sigma, bias_mu, bias_sigma):
         return _gaussian_weight_draws(x.expand(samples, -1, -1), weight_mu, weight_sigma, bias_mu,
                                       bias_sigma, seed, estimator, samples)
-    return _autograd_recompute(forward, (x, weight_mu, weight_sigma, bias_mu, bias_sigma), (), grad_out)
+    return _autograd_recompute(forward, (x, weight_mu, weight_sigma, bias_mu, bias_sigma), grad_mask, grad_out)
 
 
 def _bernoulli_weights(weight, p, seed, mask, samples):
@@ -142,10 +148,11 @@ def bernoulli_linear_fwd(x, weight, bias, p: float, seed: int, mask: str, sample
 
 
 def bernoulli_linear_bwd(grad_out, x, weight, bias, p: float, seed: int, mask: str, samples: int,
-                         x_sampled: bool):
-    """Gradients ``(d_x, d_weight, d_bias)`` (``d_bias`` empty when ``bias`` is None)."""
+                         x_sampled: bool, grad_mask):
+    """Gradients ``(d_x, d_weight, d_bias)``, empty for a None bias and where ``grad_mask`` (a bool
+    per input, same order) is False."""
     return _autograd_recompute(lambda x, weight, bias: bernoulli_linear_fwd(
-        x, weight, bias, p, seed, mask, samples, x_sampled), (x, weight, bias), (), grad_out)
+        x, weight, bias, p, seed, mask, samples, x_sampled), (x, weight, bias), grad_mask, grad_out)
 
 
 KERNELS = {

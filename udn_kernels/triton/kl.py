@@ -134,10 +134,10 @@ def gaussian_kl_fwd(mu: Optional[Tensor], sigma: Tensor, prior_std: Tensor, sigm
 
 @triton_op("udn_kernels_triton::gaussian_kl_bwd", mutates_args=())
 def gaussian_kl_bwd(grad: Tensor, mu: Optional[Tensor], sigma: Tensor, prior_std: Tensor, sigma_softplus: bool,
-                    output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                    grad_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_mu, d_sigma, d_prior_std)`` of ``grad * gaussian_kl_fwd``, empty where not wanted."""
     n, per_element = sigma.numel(), prior_std.numel() > 1
-    want_mu, want_sigma, want_prior = bool(output_mask[0]) and mu is not None, bool(output_mask[1]), bool(output_mask[2])
+    want_mu, want_sigma, want_prior = bool(grad_mask[0]) and mu is not None, bool(grad_mask[1]), bool(grad_mask[2])
     # a fresh empty tensor per unwanted output: custom-op outputs must not alias each other
     d_mu = torch.empty_like(sigma) if want_mu else sigma.new_empty(0)
     d_sigma = torch.empty_like(sigma) if want_sigma else sigma.new_empty(0)

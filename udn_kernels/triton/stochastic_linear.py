@@ -213,13 +213,14 @@ def _dx_kernel(g_ptr, w_ptr, sig_ptr, dx_ptr, S, B, N, K, seed, p, scale, sign_i
 
 @triton.jit
 def _dw_kernel(g_ptr, x_ptr, sig_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_stride, seed, p, scale,
-               sign_in_base, sign_out_base, MODE: tl.constexpr, NEED_DW: tl.constexpr, SOFTPLUS: tl.constexpr,
-               PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+               sign_in_base, sign_out_base, MODE: tl.constexpr, NEED_DW: tl.constexpr, NEED_DSIG: tl.constexpr,
+               SOFTPLUS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr):
     """Grid (N tiles, K tiles). ``G_s = grad[s]^T x[s]``; ``d_W = sum_s G_s * m_s`` for Bernoulli
     masks ``m_s`` (1 for input dropout, whose mask is applied to ``x``), and for Gaussian weights
-    ``d_mu = sum_s G_s``, ``d_sigma = sum_s G_s * eps_s`` (flipout: the sign-flipped product);
-    with ``SOFTPLUS`` (``sig_ptr`` holds rho) ``d_rho = d_sigma * sigmoid(rho)``, applied once to
-    the final tile."""
+    ``d_mu = sum_s G_s`` (``NEED_DW``), ``d_sigma = sum_s G_s * eps_s`` (``NEED_DSIG``; flipout: the
+    sign-flipped product); with ``SOFTPLUS`` (``sig_ptr`` holds rho) ``d_rho = d_sigma * sigmoid(rho)``,
+    applied once to the final tile. A gradient not needed costs neither its products nor its noise."""
     rn = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     rk = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
     rb0 = tl.arange(0, BM).to(tl.int64)
@@ -241,27 +242,28 @@ def _dw_kernel(g_ptr, x_ptr, sig_ptr, dw_ptr, dsig_ptr, S, B, N, K, x_draw_strid
             if MODE == 1:
                 if NEED_DW:
                     acc += tl.dot(g_t, x.to(dot_ty), input_precision=PRECISION)
-                g_flip = g_t.to(tl.float32) * _sign(seed, sign_out_base + g_elem)
-                x_flip = x.to(tl.float32) * _sign(seed, sign_in_base + s * B * K + x_elem)
-                per_draw += tl.dot(g_flip.to(dot_ty), x_flip.to(dot_ty), input_precision=PRECISION)
+                if NEED_DSIG:
+                    g_flip = g_t.to(tl.float32) * _sign(seed, sign_out_base + g_elem)
+                    x_flip = x.to(tl.float32) * _sign(seed, sign_in_base + s * B * K + x_elem)
+                    per_draw += tl.dot(g_flip.to(dot_ty), x_flip.to(dot_ty), input_precision=PRECISION)
             elif MODE == 3:
                 x_kept = x.to(tl.float32) * _keep(seed, s * B * K + x_elem, p, scale)
                 acc += tl.dot(g_t, x_kept.to(dot_ty), input_precision=PRECISION)
             else:
                 per_draw += tl.dot(g_t, x.to(dot_ty), input_precision=PRECISION)
         elem = s * N * K + w_off
-        if MODE == 0:
-            acc += per_draw
-            acc_sig += per_draw * randn(seed, elem)
-        elif MODE == 1:
-            acc_sig += per_draw * randn(seed, elem)
+        if MODE == 0 or MODE == 1:
+            if MODE == 0:
+                acc += per_draw
+            if NEED_DSIG:
+                acc_sig += per_draw * randn(seed, elem)
         elif MODE == 4:
             acc += per_draw * _keep(seed, elem, p, scale)
         elif MODE == 5:
             acc += per_draw * _sign(seed, elem)
     if NEED_DW:
         tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=nk_mask)
-    if MODE == 0 or MODE == 1:
+    if NEED_DSIG:
         if SOFTPLUS:
             acc_sig *= _softplus(tl.load(sig_ptr + w_off, mask=nk_mask, other=0.0).to(tl.float32))[1]
         tl.store(dsig_ptr + w_off, acc_sig.to(dsig_ptr.dtype.element_ty), mask=nk_mask)
@@ -336,20 +338,23 @@ def _grad_x(grad, x, w, sig, seed, mode, S, x_sampled, p=0.0, softplus=False):
     return dx
 
 
-def _grad_w(grad, x, like_w, seed, mode, S, need_dw, p=0.0, softplus=False):
-    """``(d_W, d_sigma)``; ``like_w`` is the weight (Bernoulli) or weight_sigma / rho (Gaussian),
-    read by the kernel only for softplus's ``d_rho = d_sigma * sigmoid(rho)``."""
+def _grad_w(grad, x, like_w, seed, mode, S, need_dw, need_dsig, p=0.0, softplus=False):
+    """``(d_W, d_sigma)``, each empty when not needed (no launch when neither is); ``like_w`` is the
+    weight (Bernoulli) or weight_sigma / rho (Gaussian), read by the kernel only for softplus's
+    ``d_rho = d_sigma * sigmoid(rho)``."""
+    dw = torch.empty_like(like_w) if need_dw else like_w.new_empty(0)
+    dsig = torch.empty_like(like_w) if need_dsig else like_w.new_empty(0)
+    if not (need_dw or need_dsig):
+        return dw, dsig
     Sx, B, K = x.shape
     N = grad.shape[2]
     tiles = _tiles("dw", B, N, K)
-    gaussian = mode in (SAMPLE, FLIPOUT)
-    dw = torch.empty_like(like_w) if need_dw else like_w.new_empty(0)
-    dsig = torch.empty_like(like_w) if gaussian else like_w.new_empty(0)
     _, sign_in_base, sign_out_base = _bases(S, B, N, K)
     grid = (triton.cdiv(N, tiles["BN"]), triton.cdiv(K, tiles["BK"]))
-    wrap_triton(_dw_kernel)[grid](grad, x, like_w, dw if need_dw else like_w, dsig if gaussian else like_w, S, B, N, K,
-                     0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p), sign_in_base, sign_out_base,
-                     MODE=mode, NEED_DW=need_dw, SOFTPLUS=softplus, PRECISION=_precision(x), **tiles)
+    wrap_triton(_dw_kernel)[grid](grad, x, like_w, dw if need_dw else like_w, dsig if need_dsig else like_w, S, B, N,
+                     K, 0 if Sx == 1 else B * K, seed, p, 1.0 / (1.0 - p), sign_in_base, sign_out_base,
+                     MODE=mode, NEED_DW=need_dw, NEED_DSIG=need_dsig, SOFTPLUS=softplus, PRECISION=_precision(x),
+                     **tiles)
     return dw, dsig
 
 
@@ -373,28 +378,34 @@ def gaussian_linear_fwd(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Te
 @triton_op("udn_kernels_triton::gaussian_linear_bwd", mutates_args=())
 def gaussian_linear_bwd(grad_out: Tensor, x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor,
                         bias_mu: Optional[Tensor], bias_sigma: Optional[Tensor], std: Tensor, seed: int,
-                        estimator: str, samples: int, x_sampled: bool,
-                        sigma_softplus: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)``; noise regenerated, local's
-    variance taken from the forward's ``std``. With ``sigma_softplus`` the sigma arguments hold rho
-    and their gradients are ``d_rho = d_sigma * sigmoid(rho)``."""
+                        estimator: str, samples: int, x_sampled: bool, sigma_softplus: bool,
+                        grad_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(d_x, d_weight_mu, d_weight_sigma, d_bias_mu, d_bias_sigma)``, empty for None and where
+    ``grad_mask`` (a bool per input, same order) is False: their kernels are not launched; noise
+    regenerated, local's variance taken from the forward's ``std``. With ``sigma_softplus`` the sigma
+    arguments hold rho and their gradients are ``d_rho = d_sigma * sigmoid(rho)``."""
     S, mode = samples, _GAUSSIAN_MODES[estimator]
     N = weight_sigma.shape[0]
     grad = grad_out.contiguous()
+    want_x, want_mu, want_sig, want_bmu, want_bsig = (
+        want and t is not None for want, t in zip(grad_mask, (x, weight_mu, weight_sigma, bias_mu, bias_sigma)))
     if mode == LOCAL:  # output noise only: the products are noise-free
         eps = philox_normal(grad.numel(), seed, 0, grad.device).view(grad.shape)
         if not sigma_softplus:
-            return local_reparam_grads(grad, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, eps, x_sampled)
+            return local_reparam_grads(grad, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, eps, x_sampled,
+                                       grad_mask)
         # torch code on sigma: softplus and its derivative are weight-sized elementwise passes here
         d_x, d_mu, d_sig, d_bmu, d_bsig = local_reparam_grads(
-            grad, x, weight_mu, F.softplus(weight_sigma), bias_mu, _softplus_or_none(bias_sigma), std, eps, x_sampled)
-        d_bsig = d_bsig if bias_sigma is None else d_bsig * torch.sigmoid(bias_sigma)
-        return d_x, d_mu, d_sig * torch.sigmoid(weight_sigma), d_bmu, d_bsig
-    d_bmu = grad.sum((0, 1)).to(bias_mu.dtype) if bias_mu is not None else _empty(x)
-    dx = _grad_x(grad, x, weight_mu, weight_sigma, seed, mode, S, x_sampled, softplus=sigma_softplus)
-    d_mu, d_sig = _grad_w(grad, x, weight_sigma, seed, mode, S, need_dw=weight_mu is not None,
+            grad, x, weight_mu, F.softplus(weight_sigma), bias_mu, _softplus_or_none(bias_sigma), std, eps, x_sampled,
+            grad_mask)
+        d_bsig = d_bsig * torch.sigmoid(bias_sigma) if want_bsig else d_bsig
+        return d_x, d_mu, d_sig * torch.sigmoid(weight_sigma) if want_sig else d_sig, d_bmu, d_bsig
+    d_bmu = grad.sum((0, 1)).to(bias_mu.dtype) if want_bmu else _empty(x)
+    dx = _grad_x(grad, x, weight_mu, weight_sigma, seed, mode, S, x_sampled, softplus=sigma_softplus) if want_x \
+        else _empty(x)
+    d_mu, d_sig = _grad_w(grad, x, weight_sigma, seed, mode, S, need_dw=want_mu, need_dsig=want_sig,
                           softplus=sigma_softplus)
-    if bias_sigma is not None:
+    if want_bsig:
         beps = philox_normal(S * N, seed, S * N * weight_sigma.shape[1], grad.device).view(S, N)
         d_bsig = (grad.float().sum(1) * beps).sum(0)
         d_bsig = (d_bsig * torch.sigmoid(bias_sigma.float()) if sigma_softplus else d_bsig).to(bias_sigma.dtype)
@@ -416,13 +427,15 @@ def bernoulli_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], p: f
 
 @triton_op("udn_kernels_triton::bernoulli_linear_bwd", mutates_args=())
 def bernoulli_linear_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], p: float, seed: int,
-                         mask: str, samples: int, x_sampled: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d_x, d_weight, d_bias)``; masks regenerated from (seed, offset)."""
+                         mask: str, samples: int, x_sampled: bool,
+                         grad_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d_x, d_weight, d_bias)``, empty for a None bias and where ``grad_mask`` (a bool per input,
+    same order) is False: their kernels are not launched; masks regenerated from (seed, offset)."""
     mode = _BERNOULLI_MODES[mask]
     grad = grad_out.contiguous()
-    dx = _grad_x(grad, x, weight, None, seed, mode, samples, x_sampled, p=p)
-    dw, _ = _grad_w(grad, x, weight, seed, mode, samples, need_dw=True, p=p)
-    d_bias = grad.sum((0, 1)).to(bias.dtype) if bias is not None else _empty(x)
+    dx = _grad_x(grad, x, weight, None, seed, mode, samples, x_sampled, p=p) if grad_mask[0] else _empty(x)
+    dw, _ = _grad_w(grad, x, weight, seed, mode, samples, need_dw=grad_mask[1], need_dsig=False, p=p)
+    d_bias = grad.sum((0, 1)).to(bias.dtype) if bias is not None and grad_mask[2] else _empty(x)
     return dx, dw, d_bias
 
 
@@ -480,8 +493,8 @@ def _aot_specs():
                               **launch("dx")})
                 sig = {"g_ptr": ptr, "x_ptr": ptr, "sig_ptr": ptr, "dw_ptr": ptr, "dsig_ptr": ptr, "S": "i32",
                        "B": "i32", "N": "i32", "K": "i32", "x_draw_stride": "i64", **scalars}
-                consts = {"MODE": mode, "NEED_DW": True, "SOFTPLUS": softplus, "PRECISION": precision,
-                          **tiles("dw")}
+                consts = {"MODE": mode, "NEED_DW": True, "NEED_DSIG": family == "gaussian", "SOFTPLUS": softplus,
+                          "PRECISION": precision, **tiles("dw")}
                 sig.update({name: "constexpr" for name in consts})
                 specs.append({"name": f"{family}_linear_bwd_dw", "config": config, "fn": _dw_kernel,
                               "signature": _ordered(_dw_kernel, sig), "constexprs": consts,
