@@ -45,3 +45,12 @@ def input_grads(grads, sources, needed) -> tuple:
 def std_shape(x: torch.Tensor, weight_sigma: torch.Tensor, estimator: str) -> tuple:
     """Shape of gaussian_linear_fwd's second output: local's output std ``[Sx, B, N]``, else empty."""
     return (x.shape[0], x.shape[1], weight_sigma.shape[0]) if estimator == "local" else (0,)
+
+
+def reject_float64_on_gpu(op: str, x: torch.Tensor, backend: str) -> None:
+    """float64 on a GPU's Triton kernels: a TypeError before any launch. Their tiles accumulate in
+    fp32 and the fp64 ``tl.dot`` does not compile into them (checked by AOT-compiling the fp64
+    specialisation for sm_80); the interpreter, the CPU kernels and the reference take float64."""
+    if backend == "triton" and x.device.type == "cuda" and x.dtype == torch.float64:
+        raise TypeError(f"{op}: float64 is not supported by the Triton kernels on CUDA; use float32, "
+                        f"bfloat16 or float16 (or the reference backend), got x of dtype {x.dtype}")

@@ -8,7 +8,7 @@ import torch
 from .. import _backend
 from .._checks import check_choice, check_float_tensor, check_probability, check_same, check_shape, resolve_seed
 from ._dispatch import op_caller, stage
-from ._stochastic import flatten_input, input_grads
+from ._stochastic import flatten_input, input_grads, reject_float64_on_gpu
 
 MASKS = ("input", "weight", "symmetric")
 Tensor = torch.Tensor
@@ -103,5 +103,7 @@ def bernoulli_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     check_choice("mask", mask, MASKS)
     x3, S, lead = flatten_input(x, in_features, samples, input_has_samples)
     args = (x3, weight.contiguous(), None if bias is None else bias.contiguous(), p)
-    out = _call(*args, resolve_seed(seed), mask, S, input_has_samples, _backend.choose(x.device, *KERNEL_NAMES))
+    backend = _backend.choose(x.device, *KERNEL_NAMES)
+    reject_float64_on_gpu("bernoulli_linear", x, backend)
+    out = _call(*args, resolve_seed(seed), mask, S, input_has_samples, backend)
     return out.reshape(*lead, out_features)

@@ -6,9 +6,9 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import check_choice, check_float_tensor, check_same, check_shape, resolve_seed
+from .._checks import check_choice, check_float_tensor, check_same, check_shape, checks_values, resolve_seed
 from ._dispatch import op_caller, stage
-from ._stochastic import flatten_input, input_grads, std_shape
+from ._stochastic import flatten_input, input_grads, reject_float64_on_gpu, std_shape
 
 ESTIMATORS = ("sample", "local", "flipout")
 SIGMA_TRANSFORMS = (None, "softplus")
@@ -131,7 +131,7 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
     check_choice("estimator", estimator, ESTIMATORS)
     check_choice("sigma_transform", sigma_transform, SIGMA_TRANSFORMS)
     sigma_softplus = sigma_transform == "softplus"
-    if not sigma_softplus and not torch.compiler.is_compiling():
+    if not sigma_softplus and checks_values(weight_sigma):
         for name, value in (("weight_sigma", weight_sigma), ("bias_sigma", bias_sigma)):
             # One reduction, no mask tensor and no autograd node: this check runs on every call.
             smallest = value.detach().min().item() if value is not None and value.numel() else 0.0
@@ -142,5 +142,6 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
     contiguous = [None if t is None else t.contiguous()
                   for t in (weight_mu, weight_sigma, bias_mu, bias_sigma)]
     backend = _backend.choose(x.device, *KERNEL_NAMES)
+    reject_float64_on_gpu("gaussian_linear", x, backend)
     out, _ = _call(x3, *contiguous, resolve_seed(seed), estimator, S, input_has_samples, sigma_softplus, backend)
     return out.reshape(*lead, out_features)
