@@ -16,7 +16,7 @@ import torch
 from .. import _backend
 from .._checks import check_choice, check_float_tensor, check_same, check_shape, checks_values
 from ._dispatch import op_caller, stage
-from ._stochastic import none_if_empty
+from ._stochastic import input_grads
 
 Tensor = torch.Tensor
 SIGMA_TRANSFORMS = (None, "softplus")
@@ -71,8 +71,7 @@ def _gauss_backward(ctx, grad):
     grad_mask = list(ctx.needs_input_grad[:3])
     grads = stage(ctx, _gauss_bwd, _gauss_bwd_impl)(grad, mu, sigma, prior_std, sigma_softplus, grad_mask,
                                                      backend)
-    return (*(none_if_empty(g, t) if want else None
-              for g, t, want in zip(grads, (mu, sigma, prior_std), grad_mask)), None, None)
+    return (*input_grads(grads, (mu, sigma, prior_std), grad_mask), None, None)
 
 
 _gauss_call = op_caller(_gauss_fwd, _gauss_fwd_impl, _gauss_setup_context, _gauss_backward)
