@@ -176,7 +176,7 @@ def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian
         return (zeros(hidden, want_hidden), zeros(weight, want_weight), zeros(bias, want_bias),
                 zeros(noise_std, want_noise))
 
-    d_hidden = d_bias = d_noise = empty()
+    d_hidden, d_bias, d_noise = empty(), empty(), empty()
     if want_hidden or want_bias or want_noise:
         consts, launch = _split_config(rows_config or select_config("bwd_rows", C, D, hidden.dtype))
         n_blocks = triton.cdiv(N, consts["BLOCK_N"])
