@@ -1,7 +1,7 @@
 // Shared by the depth_loglik kernels (heads_forward.cpp, heads_backward.cpp, heads_small.cpp,
 // heads_fused.cpp; the ops in heads_ops.cpp): the problem description Heads, the per-row forward
-// state, the gradient sinks and their fixed-order reduction, the mixture-mode upstream gradient,
-// and the entry points of each algorithm (design notes: docs/heads.md).
+// state, the gradient outputs, the mixture-mode upstream gradient, and the entry points of each
+// algorithm (design notes: docs/heads.md).
 //
 // Work is cut into (row block x class tile) logits tiles computed with at::mm_out into a
 // cache-sized per-thread buffer; vectorised epilogues turn a tile into an online logsumexp /
@@ -105,12 +105,12 @@ struct Heads {
     row_tile = std::min<int64_t>(kMaxRowTile, std::max<int64_t>(16, ceil_div(ceil_div(rows, 16), 8) * 8));
   }
 
-  // Row blocks [r0, r1) of the stacked rows; a per-depth head keeps each block inside one depth.
-  std::vector<std::pair<int64_t, int64_t>> row_blocks() const {
+  // Row blocks [r0, r1) of at most `tile` stacked rows; a per-depth head keeps each block inside one depth.
+  std::vector<std::pair<int64_t, int64_t>> row_blocks(int64_t tile) const {
     std::vector<std::pair<int64_t, int64_t>> out;
     const int64_t segment = per_depth ? N : rows;
     for (int64_t s0 = 0; s0 < rows; s0 += segment)
-      for (int64_t r = s0; r < s0 + segment; r += row_tile) out.emplace_back(r, std::min(r + row_tile, s0 + segment));
+      for (int64_t r = s0; r < s0 + segment; r += tile) out.emplace_back(r, std::min(r + tile, s0 + segment));
     return out;
   }
 
@@ -180,66 +180,19 @@ struct RowState {
   }
 };
 
-// Gradient sinks of one task: where its dH rows, dW rows, d_bias and d_noise go.
-template <typename T>
-struct Sinks {
-  Tensor d_hidden2d;  // [L*N, D]
-  Tensor d_weight;    // [C, D] or [L, C, D]
-  T* d_bias;          // [C] or [L*C] or null
-  T* d_noise;         // [C] or null (gaussian partial sum of g r^2)
-};
-
-// Sums partial buffers into dst in a fixed order (partials[0] first), in parallel over elements.
-template <typename T>
-void reduce_into(T* dst, const std::vector<T*>& partials, int64_t n) {
-  at::parallel_for(0, n, 1 << 14, [&](int64_t e0, int64_t e1) {
-    for (T* part : partials) add_into(dst + e0, part + e0, e1 - e0);
-  });
-}
-
-// Gradient outputs and their per-task sinks. A task owns either a class range (its dW rows are
-// exclusive, dH is shared) or a row range (dH exclusive, dW shared). Task 0 accumulates the
-// shared gradient in the output, the others in zeroed partials; bias / noise column sums are
-// per task. finish() adds everything up in task order: same thread count -> bit-identical.
+// Gradient outputs; d_hidden2d / d_weight undefined and d_bias / d_noise null where not wanted
+// (the ops' grad_mask). No per-thread partials: the class-tiled pass (tiled_pass) gives each
+// class tile's d_weight rows, d_bias columns and noise sums to one task and writes each group's
+// dH rows once, so its memory does not grow with the thread count.
 template <typename T>
 struct Gradients {
-  Tensor d_hidden2d, d_weight;  // outputs
-  T* d_bias;                    // output or null
+  Tensor d_hidden2d, d_weight;
+  T* d_bias;
   int64_t bias_numel;
-  T* d_noise;                   // output or null
-  bool by_class = false;
-  std::vector<Tensor> shared_parts;
-  Tensor small;                 // [tasks, bias_numel (+ C)]
+  T* d_noise;
+  std::vector<T> sq_sums;  // Gaussian d_noise: per-class sum_r g_r r^2 (tiled_pass)
 
-  void plan(bool by_class_, int64_t ntasks) {
-    by_class = by_class_;
-    d_hidden2d.zero_();  // the class-tiled passes accumulate into dH and dW
-    d_weight.zero_();
-    Tensor& shared_out = by_class ? d_hidden2d : d_weight;
-    shared_parts.assign(ntasks, Tensor());
-    shared_parts[0] = shared_out;
-    for (int64_t k = 1; k < ntasks; ++k) shared_parts[k] = at::zeros_like(shared_out);
-    small = at::zeros({ntasks, bias_numel + (d_noise ? d_weight.size(-2) : 0)}, d_hidden2d.options());
-  }
-
-  Sinks<T> sinks(int64_t k) {
-    T* small_k = small.select(0, k).data_ptr<T>();
-    return {by_class ? shared_parts[k] : d_hidden2d, by_class ? d_weight : shared_parts[k],
-            bias_numel ? small_k : nullptr, d_noise ? small_k + bias_numel : nullptr};
-  }
-
-  void finish(const Heads<T>& p, const T* grad) {
-    std::vector<T*> parts;
-    for (size_t k = 1; k < shared_parts.size(); ++k) parts.push_back(shared_parts[k].data_ptr<T>());
-    reduce_into(shared_parts[0].data_ptr<T>(), parts, shared_parts[0].numel());
-    // bias and noise partials: sum tasks in order (small vectors)
-    const int64_t width = small.size(1);
-    std::vector<T> totals(width, T(0));
-    const T* sp = small.data_ptr<T>();
-    for (int64_t k = 0; k < small.size(0); ++k) add_into(totals.data(), sp + k * width, width);
-    if (bias_numel) std::copy(totals.begin(), totals.begin() + bias_numel, d_bias);
-    if (d_noise) finish_noise_grad(p, grad, totals.data() + bias_numel, d_noise);
-  }
+  bool any() const { return d_hidden2d.defined() || d_weight.defined() || d_bias || d_noise; }
 };
 
 // Mixture-mode NLL sum_n s_n (-logsumexp_l(lw_l + loglik[l, n])): its upstream gradient
@@ -265,23 +218,26 @@ struct Mixture {
 };
 
 // ---------------------------------------------------------------- algorithms
-// heads_forward.cpp: the class-tiled forward. forward_block computes one row block; keep_rows > 0
-// keeps its logits tiles in buf for a fused backward loop (see its definition).
-template <typename T>
-void forward_block(const Heads<T>& p, Tensor& buf, int64_t keep_rows, int64_t keep_row0, int64_t r0, int64_t m,
-                   T* loglik, T* aux);
+// heads_forward.cpp: the class-tiled forward.
 template <typename T>
 void forward_impl(const Heads<T>& p, T* loglik, T* aux);
 
-// heads_backward.cpp: the class-tiled backward that recomputes the logits, and its per-tile steps.
+// heads_backward.cpp: the backward epilogue of one logits tile (G in place, d_bias and noise sums).
 template <typename T>
 void backward_epilogue(const Heads<T>& p, const T* grad, const T* lse, T* s, int64_t r0, int64_t m, int64_t c0,
-                       int64_t ct, Sinks<T>& out);
+                       int64_t ct, Gradients<T>& out);
+
+// heads_fused.cpp: the class-tiled gradient pass. Row groups in turn; per group the [rows, C]
+// logits are computed once, by class tiles in parallel. With loglik it runs the forward
+// (loglik, aux = lse) too, else it recomputes the logits for the given lse (aux).
 template <typename T>
-void backward_tile(const Heads<T>& p, const T* grad, const T* lse, Tensor& S, int64_t r0, int64_t m, int64_t c0,
-                   int64_t ct, Sinks<T>& out);
+void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T>& out,
+                const Mixture<T>* mix = nullptr);
+
 template <typename T>
-void backward_impl(const Heads<T>& p, const T* grad, const T* lse, Gradients<T>& out);
+void backward_impl(const Heads<T>& p, const T* grad, const T* lse, Gradients<T>& out) {
+  tiled_pass(p, grad, static_cast<T*>(nullptr), const_cast<T*>(lse), out);
+}
 
 // heads_small.cpp: C <= kSmallClasses, forward / backward / both in one pass over class-major chunks.
 template <typename T>

@@ -1,7 +1,7 @@
 // depth_loglik forward, class-tiled (C > kSmallClasses; smaller heads take heads_small.cpp): per
 // row block, logits tiles H W_tile^T + bias fold into an online logsumexp and target pick
 // (categorical) or a squared residual sum (Gaussian) per row, then loglik / aux. Also the per-tile
-// step (forward_tile, forward_block) that the fused pass (heads_fused.cpp) reuses.
+// step (forward_tile) that the gradient pass (heads_fused.cpp) reuses.
 #include "heads_common.h"
 
 namespace udn_heads {
@@ -52,35 +52,24 @@ void forward_tile(const Heads<T>& p, T* s, int64_t r0, int64_t m, int64_t c0, in
   }
 }
 
-// Forward of one row block into loglik / aux. keep_rows > 0 keeps the logits for a fused backward
-// loop: tile c0 is left at offset c0 * keep_rows + keep_row0 * ct of buf, i.e. in the class-tile
-// c0 slab [keep_rows, ct] of a group of blocks, at row keep_row0; otherwise every tile reuses the
-// start of buf.
-template <typename T>
-void forward_block(const Heads<T>& p, Tensor& buf, int64_t keep_rows, int64_t keep_row0, int64_t r0, int64_t m,
-                   T* loglik, T* aux) {
-  RowState<T> state(r0, m);
-  for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
-    const int64_t ct = std::min(p.class_tile, p.C - c0);
-    Tensor S = p.logits(buf.narrow(0, keep_rows ? c0 * keep_rows + keep_row0 * ct : 0, m * ct), r0, m, c0, ct);
-    state.tile(p, S.data_ptr<T>(), c0, ct);
-  }
-  state.finish(p, loglik, aux);
-}
-
 template <typename T>
 void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
-  const auto blocks = p.row_blocks();
+  const auto blocks = p.row_blocks(p.row_tile);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
     Tensor buf = at::empty({p.row_tile * p.class_tile}, p.hidden2d.options());
-    for (int64_t bi = b0; bi < b1; ++bi)
-      forward_block(p, buf, 0, 0, blocks[bi].first, blocks[bi].second - blocks[bi].first, loglik, aux);
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      RowState<T> state(blocks[bi].first, blocks[bi].second - blocks[bi].first);
+      for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
+        const int64_t ct = std::min(p.class_tile, p.C - c0);
+        state.tile(p, p.logits(buf, state.r0, state.m, c0, ct).template data_ptr<T>(), c0, ct);
+      }
+      state.finish(p, loglik, aux);
+    }
   });
 }
 
 #define UDN_HEADS_INSTANTIATE(T)                                                                           \
   template void forward_tile<T>(const Heads<T>&, T*, int64_t, int64_t, int64_t, int64_t, T*, T*, T*);          \
-  template void forward_block<T>(const Heads<T>&, Tensor&, int64_t, int64_t, int64_t, int64_t, T*, T*);       \
   template void forward_impl<T>(const Heads<T>&, T*, T*);
 UDN_HEADS_INSTANTIATE(float)
 UDN_HEADS_INSTANTIATE(double)

@@ -1,125 +1,180 @@
-// depth_loglik forward and backward in one pass when the upstream gradient is known before the
-// forward (depth_loglik_fwd_bwd: expected-mode NLL) or follows from the log-likelihoods of a row's
-// depths (depth_loglik_mixture_fwd_bwd: mixture NLL): a row block's logits tiles are kept after
-// its forward and turned into G in place, 3 GEMMs instead of the 4 of forward + recomputing
-// backward (fused_impl).
+// The class-tiled gradient pass (tiled_pass) of depth_loglik_bwd (recomputing the logits for the
+// forward's logsumexp) and of the fused ops -- depth_loglik_fwd_bwd (upstream gradient known
+// before the forward: expected-mode NLL) and depth_loglik_mixture_fwd_bwd (gradient formed from
+// the log-likelihoods of a row's depths: mixture NLL) -- which compute the logits once: 3 GEMMs
+// instead of the 4 of forward + recomputing backward (fused_impl).
 #include "heads_common.h"
 
 namespace udn_heads {
+namespace {
 
-// Forward with the gradient of sum(grad * loglik) in the same pass (grad known up front, e.g.
-// the expected-mode weights): each task owns groups of row blocks; per group the forward keeps
-// the blocks' whole [m, C] logits (one buffer per task, never [L, N, C]) and the backward loop
-// turns the stored tiles into G in place, so the logits are computed once: 3 GEMMs in all instead
-// of 4. Expected mode: a group is one row block. Mixture mode (mix): a group is the L blocks of a
-// sample range (row_tile / L samples of each depth), whose log-likelihoods give the gradient
-// (Mixture::grad) between the forward and the backward loops.
-// Small-C heads keep a whole chunk of logits (small_pass); problems with fewer groups than
-// threads use forward + recompute.
+using Block = std::pair<int64_t, int64_t>;
+
+constexpr int64_t kPieceRows = 16;  // rows per task of a group's forward epilogue
+
+// Row groups of the pass, each a list of blocks of stacked rows: blocks of kMaxRowTile rows, or
+// (mixture: a row's gradient needs every depth's log-likelihood) the L blocks of a sample range.
 template <typename T>
-void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T>& out,
-                const Mixture<T>* mix) {
-  if (p.class_major) return small_pass(p, loglik, aux, grad, &out, mix);
+std::vector<std::vector<Block>> row_groups(const Heads<T>& p, bool mixture) {
+  std::vector<std::vector<Block>> groups;
+  if (!mixture) {
+    for (const Block& b : p.row_blocks(kMaxRowTile)) groups.push_back({b});
+    return groups;
+  }
+  const int64_t k = std::max<int64_t>(8, kMaxRowTile / p.L);
+  for (int64_t n0 = 0; n0 < p.N; n0 += k) {
+    groups.emplace_back();
+    for (int64_t l = 0; l < p.L; ++l) groups.back().emplace_back(l * p.N + n0, l * p.N + std::min(n0 + k, p.N));
+  }
+  return groups;
+}
+
+// One GEMM operand set of a group: buffer rows [row0, row0 + m) hold the logits of hidden rows H
+// against head W; dH / dW are where their gradients go (undefined when not wanted).
+struct Operand {
+  int64_t row0, m;
+  Tensor H, W, dH, dW;
+};
+
+}  // namespace
+
+// Row groups in turn. Per group, its whole [rows, C] logits (one buffer, class-tile slabs
+// [rows, ct]) are computed by class tiles in parallel; with loglik, pieces of rows then run the
+// forward epilogue across the tiles in order (and mixture mode forms the group's gradient); the
+// class tiles, in parallel again, turn the logits into G in place and add G^T H into the
+// d_weight rows they own (d_bias / noise sums too: their columns are the tile's); finally
+// dH = G W is written once per group, as class-tile GEMMs in order, each threaded by ATen.
+// No task owns a partial of anything, so the scratch memory (group rows x C logits, a gathered
+// copy of the group's hidden rows) is the same at any thread count, and so are the results
+// (reduction orders follow the shape only).
+template <typename T>
+void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T>& out, const Mixture<T>* mix) {
+  const auto groups = row_groups(p, mix != nullptr);
   std::vector<T> mix_grad(mix ? p.rows : 0);
   if (mix) grad = mix_grad.data();  // each group fills the rows of its samples
-  using Block = std::pair<int64_t, int64_t>;
-  std::vector<std::vector<Block>> groups;
-  if (mix) {
-    const int64_t k = std::max<int64_t>(8, p.row_tile / p.L);
-    for (int64_t n0 = 0; n0 < p.N; n0 += k) {
-      groups.emplace_back();
-      for (int64_t l = 0; l < p.L; ++l) groups.back().emplace_back(l * p.N + n0, l * p.N + std::min(n0 + k, p.N));
-    }
-  } else {
-    for (const Block& b : p.row_blocks()) groups.push_back({b});
-  }
-  const int64_t ngroups = groups.size();
-  const int64_t threads = at::get_num_threads();
-  if (ngroups < threads) {
-    forward_impl(p, loglik, aux);
-    if (mix) mix->grad(p, loglik, 0, p.N, mix_grad.data());
-    return backward_impl(p, grad, aux, out);
-  }
   int64_t group_rows = 0;
   for (const auto& blocks : groups) {
     int64_t rows = 0;
     for (const Block& b : blocks) rows += b.second - b.first;
     group_rows = std::max(group_rows, rows);
   }
-  // Mixture groups with a shared head gather their hidden rows (hbuf) so each class tile takes
-  // one GEMM per product for the whole group (M or K = group rows, as in expected mode), the
-  // blocks' logits stacked in the tile's slab; dH goes through dhbuf and is scattered back.
-  const bool gathered = groups[0].size() > 1 && !p.per_depth;
-  const int64_t ntasks = threads;
-  out.plan(false, ntasks);
-  at::parallel_for(0, ntasks, 1, [&](int64_t k0, int64_t k1) {
-    Tensor buf = at::empty({group_rows * p.C}, p.hidden2d.options());
-    Tensor hbuf = gathered ? at::empty({group_rows, p.D}, p.hidden2d.options()) : Tensor();
-    Tensor dhbuf = gathered ? at::empty({group_rows, p.D}, p.hidden2d.options()) : Tensor();
-    for (int64_t k = k0; k < k1; ++k) {
-      Sinks<T> sinks = out.sinks(k);
-      for (int64_t gi = k * ngroups / ntasks; gi < (k + 1) * ngroups / ntasks; ++gi) {
-        const auto& blocks = groups[gi];
-        // block b's logits: rows [row0[b], row0[b] + m) of each class-tile slab [rows, ct] at c0 * rows
-        std::vector<int64_t> row0(blocks.size() + 1, 0);
-        for (size_t b = 0; b < blocks.size(); ++b) row0[b + 1] = row0[b] + blocks[b].second - blocks[b].first;
-        const int64_t rows = row0.back();
-        auto slab = [&](int64_t c0, int64_t ct) { return buf.narrow(0, c0 * rows, rows * ct).view({rows, ct}); };
-        if (gathered) {
-          std::vector<RowState<T>> states;
-          for (size_t b = 0; b < blocks.size(); ++b) {
-            states.emplace_back(blocks[b].first, row0[b + 1] - row0[b]);
-            hbuf.narrow(0, row0[b], states[b].m).copy_(p.hidden2d.narrow(0, blocks[b].first, states[b].m));
-          }
-          Tensor H = hbuf.narrow(0, 0, rows);
-          for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
-            const int64_t ct = std::min(p.class_tile, p.C - c0);
-            Tensor S = slab(c0, ct);
-            at::mm_out(S, H, p.weight.narrow(0, c0, ct).t());
-            for (size_t b = 0; b < blocks.size(); ++b) {
-              T* s = S.data_ptr<T>() + row0[b] * ct;
-              p.add_bias(s, states[b].r0, states[b].m, c0, ct);
-              states[b].tile(p, s, c0, ct);
-            }
-          }
-          for (const RowState<T>& state : states) state.finish(p, loglik, aux);
-        } else {
-          for (size_t b = 0; b < blocks.size(); ++b)
-            forward_block(p, buf, rows, row0[b], blocks[b].first, row0[b + 1] - row0[b], loglik, aux);
-        }
-        if (mix) mix->grad(p, loglik, blocks[0].first, blocks[0].second, mix_grad.data());
-        for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
-          const int64_t ct = std::min(p.class_tile, p.C - c0);
-          Tensor S = slab(c0, ct);
-          for (size_t b = 0; b < blocks.size(); ++b) {
-            const int64_t r0 = blocks[b].first, m = row0[b + 1] - row0[b];
-            Tensor Sb = S.narrow(0, row0[b], m);
-            if (gathered)
-              backward_epilogue(p, grad, aux, Sb.data_ptr<T>(), r0, m, c0, ct, sinks);
-            else
-              backward_tile(p, grad, aux, Sb, r0, m, c0, ct, sinks);
-          }
-          if (!gathered) continue;
-          Tensor W_t = p.weight.narrow(0, c0, ct), dH = dhbuf.narrow(0, 0, rows);
-          if (c0 == 0)
-            at::mm_out(dH, S, W_t);
-          else
-            dH.addmm_(S, W_t);
-          sinks.d_weight.narrow(0, c0, ct).addmm_(S.t(), hbuf.narrow(0, 0, rows));
-        }
-        if (gathered)
-          for (size_t b = 0; b < blocks.size(); ++b)
-            sinks.d_hidden2d.narrow(0, blocks[b].first, row0[b + 1] - row0[b])
-                .copy_(dhbuf.narrow(0, row0[b], row0[b + 1] - row0[b]));
+  const int64_t nctiles = ceil_div(p.C, p.class_tile);
+  if (out.d_weight.defined()) out.d_weight.zero_();
+  if (out.d_bias) std::fill(out.d_bias, out.d_bias + out.bias_numel, T(0));
+  out.sq_sums.assign(out.d_noise ? p.C : 0, T(0));
+  const auto options = p.hidden2d.options();
+  Tensor buf = at::empty({group_rows * p.C}, options);
+  // A shared head's mixture group gathers its hidden rows, so each class tile takes one GEMM per
+  // product for the whole group; dH goes through dhbuf and is scattered back.
+  const bool gathered = mix && !p.per_depth && p.L > 1;
+  Tensor hbuf = gathered ? at::empty({group_rows, p.D}, options) : Tensor();
+  Tensor dhbuf = gathered && out.d_hidden2d.defined() ? at::empty({group_rows, p.D}, options) : Tensor();
+
+  for (const auto& blocks : groups) {
+    std::vector<int64_t> row0(blocks.size() + 1, 0);  // block b: buffer rows [row0[b], row0[b + 1])
+    for (size_t b = 0; b < blocks.size(); ++b) row0[b + 1] = row0[b] + blocks[b].second - blocks[b].first;
+    const int64_t rows = row0.back();
+    T* const data = buf.data_ptr<T>();
+    auto slab = [&](int64_t ci) {
+      const int64_t c0 = ci * p.class_tile;
+      return buf.narrow(0, c0 * rows, rows * std::min(p.class_tile, p.C - c0)).view({rows, -1});
+    };
+    std::vector<Operand> operands;
+    if (!p.per_depth) {
+      Tensor H = p.hidden2d.narrow(0, blocks[0].first, rows), dH;
+      if (gathered) {
+        for (size_t b = 0; b < blocks.size(); ++b)
+          hbuf.narrow(0, row0[b], row0[b + 1] - row0[b]).copy_(p.hidden2d.narrow(0, blocks[b].first, row0[b + 1] - row0[b]));
+        H = hbuf.narrow(0, 0, rows);
+      }
+      if (out.d_hidden2d.defined())
+        dH = gathered ? dhbuf.narrow(0, 0, rows) : out.d_hidden2d.narrow(0, blocks[0].first, rows);
+      operands.push_back({0, rows, H, p.weight, dH, out.d_weight});
+    } else {
+      for (size_t b = 0; b < blocks.size(); ++b) {
+        const int64_t r0 = blocks[b].first, m = row0[b + 1] - row0[b];
+        operands.push_back({row0[b], m, p.hidden2d.narrow(0, r0, m), p.head(r0),
+                            out.d_hidden2d.defined() ? out.d_hidden2d.narrow(0, r0, m) : Tensor(),
+                            out.d_weight.defined() ? out.d_weight.select(0, r0 / p.N) : Tensor()});
       }
     }
-  });
-  out.finish(p, grad);
+
+    at::parallel_for(0, nctiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t ci = t0; ci < t1; ++ci) {
+        const int64_t c0 = ci * p.class_tile, ct = std::min(p.class_tile, p.C - c0);
+        Tensor S = slab(ci);
+        for (const Operand& op : operands) {
+          Tensor S_op = S.narrow(0, op.row0, op.m);
+          at::mm_out(S_op, op.H, op.W.narrow(0, c0, ct).t());
+        }
+        for (size_t b = 0; b < blocks.size(); ++b)
+          p.add_bias(S.data_ptr<T>() + row0[b] * ct, blocks[b].first, row0[b + 1] - row0[b], c0, ct);
+      }
+    });
+
+    if (loglik) {
+      std::vector<std::pair<size_t, int64_t>> pieces;  // (block, first row in it)
+      for (size_t b = 0; b < blocks.size(); ++b)
+        for (int64_t i0 = 0; i0 < row0[b + 1] - row0[b]; i0 += kPieceRows) pieces.emplace_back(b, i0);
+      at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const auto [b, i0] = pieces[k];
+          RowState<T> state(blocks[b].first + i0, std::min(kPieceRows, row0[b + 1] - row0[b] - i0));
+          for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {
+            const int64_t ct = std::min(p.class_tile, p.C - c0);
+            state.tile(p, data + c0 * rows + (row0[b] + i0) * ct, c0, ct);
+          }
+          state.finish(p, loglik, aux);
+        }
+      });
+      if (mix) mix->grad(p, loglik, blocks[0].first, blocks[0].second, mix_grad.data());
+    }
+
+    at::parallel_for(0, nctiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t ci = t0; ci < t1; ++ci) {
+        const int64_t c0 = ci * p.class_tile, ct = std::min(p.class_tile, p.C - c0);
+        Tensor S = slab(ci);
+        for (size_t b = 0; b < blocks.size(); ++b)
+          backward_epilogue(p, grad, aux, S.data_ptr<T>() + row0[b] * ct, blocks[b].first, row0[b + 1] - row0[b], c0,
+                            ct, out);
+        for (const Operand& op : operands)
+          if (op.dW.defined()) op.dW.narrow(0, c0, ct).addmm_(S.narrow(0, op.row0, op.m).t(), op.H);
+      }
+    });
+
+    if (!out.d_hidden2d.defined()) continue;
+    for (const Operand& op : operands) {
+      Tensor dH = op.dH;
+      for (int64_t ci = 0; ci < nctiles; ++ci) {
+        const int64_t c0 = ci * p.class_tile;
+        Tensor G = slab(ci).narrow(0, op.row0, op.m), W_t = op.W.narrow(0, c0, G.size(1));
+        if (ci == 0)
+          at::mm_out(dH, G, W_t);
+        else
+          dH.addmm_(G, W_t);
+      }
+    }
+    if (gathered)
+      for (size_t b = 0; b < blocks.size(); ++b)
+        out.d_hidden2d.narrow(0, blocks[b].first, row0[b + 1] - row0[b])
+            .copy_(dhbuf.narrow(0, row0[b], row0[b + 1] - row0[b]));
+  }
+  if (out.d_noise) finish_noise_grad(p, grad, out.sq_sums.data(), out.d_noise);
 }
 
-template void fused_impl<float>(const Heads<float>&, const float*, float*, float*, Gradients<float>&,
-                                const Mixture<float>*);
-template void fused_impl<double>(const Heads<double>&, const double*, double*, double*, Gradients<double>&,
-                                 const Mixture<double>*);
+// Forward with the head gradients (those wanted) in the same pass; only the forward when none is.
+template <typename T>
+void fused_impl(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T>& out, const Mixture<T>* mix) {
+  if (p.class_major) return small_pass(p, loglik, aux, grad, out.any() ? &out : nullptr, mix);
+  if (!out.any()) return forward_impl(p, loglik, aux);
+  tiled_pass(p, grad, loglik, aux, out, mix);
+}
+
+#define UDN_HEADS_INSTANTIATE(T)                                                                              \
+  template void tiled_pass<T>(const Heads<T>&, const T*, T*, T*, Gradients<T>&, const Mixture<T>*);          \
+  template void fused_impl<T>(const Heads<T>&, const T*, T*, T*, Gradients<T>&, const Mixture<T>*);
+UDN_HEADS_INSTANTIATE(float)
+UDN_HEADS_INSTANTIATE(double)
+#undef UDN_HEADS_INSTANTIATE
 
 }  // namespace udn_heads

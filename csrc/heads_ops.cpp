@@ -6,6 +6,7 @@
 #include "checks.h"
 #include "heads_common.h"
 
+#include <array>
 #include <tuple>
 
 namespace {
@@ -25,19 +26,25 @@ T* aux_ptr(Tensor& aux, bool gaussian) {
   return gaussian ? nullptr : aux.data_ptr<T>();
 }
 
-// Gradient outputs, uninitialised: every path writes all of them (the class-tiled ones zero dH / dW
-// first, Gradients::plan); d_bias / d_noise are empty when the input is None.
+// Gradient outputs, uninitialised (every path writes all the wanted ones). grad_mask says which of
+// (d_hidden, d_weight, d_bias, d_noise_std) are wanted: the others come back empty and are never
+// computed (their GEMMs never issued); d_bias / d_noise are empty when the input is None.
 struct GradTensors {
   Tensor d_hidden, d_weight, d_bias, d_noise;
+  bool has_hidden, has_weight, has_bias, has_noise;
   GradTensors(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
-              const c10::optional<Tensor>& noise_std, bool gaussian)
-      : d_hidden(at::empty_like(hidden)), d_weight(at::empty_like(weight)) {
-    has_bias = bias.has_value() && bias->defined();
-    has_noise = gaussian && noise_std.has_value() && noise_std->defined();
-    d_bias = has_bias ? at::empty_like(*bias) : at::empty({0}, hidden.options());
-    d_noise = has_noise ? at::empty_like(*noise_std) : at::empty({0}, hidden.options());
+              const c10::optional<Tensor>& noise_std, bool gaussian, std::array<bool, 4> grad_mask)
+      : has_hidden(grad_mask[0]), has_weight(grad_mask[1]) {
+    has_bias = grad_mask[2] && bias.has_value() && bias->defined();
+    has_noise = grad_mask[3] && gaussian && noise_std.has_value() && noise_std->defined();
+    const auto empty = [&] { return at::empty({0}, hidden.options()); };
+    d_hidden = has_hidden ? at::empty_like(hidden) : empty();
+    d_weight = has_weight ? at::empty_like(weight) : empty();
+    d_bias = has_bias ? at::empty_like(*bias) : empty();
+    d_noise = has_noise ? at::empty_like(*noise_std) : empty();
   }
-  bool has_bias, has_noise;
+
+  bool any() const { return has_hidden || has_weight || has_bias || has_noise; }
 
   void zero() {  // no rows: nothing to write, zero gradients
     for (Tensor* t : {&d_weight, &d_bias, &d_noise}) t->zero_();
@@ -45,8 +52,9 @@ struct GradTensors {
 
   template <typename T>
   Gradients<T> sinks(int64_t rows, int64_t D) {
-    return {d_hidden.view({rows, D}), d_weight, has_bias ? d_bias.data_ptr<T>() : nullptr,
-            has_bias ? d_bias.numel() : 0, has_noise ? d_noise.data_ptr<T>() : nullptr};
+    return {has_hidden ? d_hidden.view({rows, D}) : Tensor(), has_weight ? d_weight : Tensor(),
+            has_bias ? d_bias.data_ptr<T>() : nullptr, has_bias ? d_bias.numel() : 0,
+            has_noise ? d_noise.data_ptr<T>() : nullptr, {}};
   }
 };
 
@@ -90,15 +98,16 @@ std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
     const Tensor& grad_loglik, const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
     const Tensor& target, const c10::optional<Tensor>& noise_std, const Tensor& aux, bool gaussian,
-    int64_t ignore_index) {
+    int64_t ignore_index, std::array<bool, 4> grad_mask) {
   const auto check = check_heads_args("depth_loglik_bwd", hidden, weight, bias, target, noise_std, gaussian);
   const at::IntArrayRef L_N = hidden.sizes().slice(0, 2);
   check.tensor("grad_loglik", grad_loglik, hidden.scalar_type(), L_N);
   if (!gaussian) check.tensor("aux", aux, hidden.scalar_type(), L_N);  // the forward's logsumexp
-  GradTensors g(hidden, weight, bias, noise_std, gaussian);
+  GradTensors g(hidden, weight, bias, noise_std, gaussian, grad_mask);
   AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_bwd", [&] {
     Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
     if (p.rows == 0) return g.zero();
+    if (!g.any()) return;
     Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
     scalar_t* lse = gaussian ? nullptr : aux.data_ptr<scalar_t>();
     if (p.class_major)
@@ -112,11 +121,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
 // depth_loglik_fwd and depth_loglik_bwd(grad_loglik, ...) in one pass (see fused_impl).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_fwd_bwd(
     const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
-    const c10::optional<Tensor>& noise_std, const Tensor& grad_loglik, bool gaussian, int64_t ignore_index) {
+    const c10::optional<Tensor>& noise_std, const Tensor& grad_loglik, bool gaussian, int64_t ignore_index,
+    std::array<bool, 4> grad_mask) {
   const auto check = check_heads_args("depth_loglik_fwd_bwd", hidden, weight, bias, target, noise_std, gaussian);
   check.tensor("grad_loglik", grad_loglik, hidden.scalar_type(), hidden.sizes().slice(0, 2));
   auto [loglik, aux] = forward_outputs(hidden, gaussian);
-  GradTensors g(hidden, weight, bias, noise_std, gaussian);
+  GradTensors g(hidden, weight, bias, noise_std, gaussian, grad_mask);
   AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd_bwd", [&] {
     Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
     if (p.rows == 0) return g.zero();
@@ -132,13 +142,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_fwd_bwd(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_mixture_fwd_bwd(
     const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
     const c10::optional<Tensor>& noise_std, const Tensor& log_weights, const Tensor& row_scale, bool gaussian,
-    int64_t ignore_index) {
+    int64_t ignore_index, std::array<bool, 4> grad_mask) {
   const auto check =
       check_heads_args("depth_loglik_mixture_fwd_bwd", hidden, weight, bias, target, noise_std, gaussian);
   check.tensor("log_weights", log_weights, hidden.scalar_type(), {hidden.size(0)});
   check.tensor("row_scale", row_scale, hidden.scalar_type(), {hidden.size(1)});
   auto [loglik, aux] = forward_outputs(hidden, gaussian);
-  GradTensors g(hidden, weight, bias, noise_std, gaussian);
+  GradTensors g(hidden, weight, bias, noise_std, gaussian, grad_mask);
   AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_mixture_fwd_bwd", [&] {
     Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
     if (p.rows == 0) return g.zero();
@@ -157,11 +167,13 @@ TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
   m.def("depth_loglik_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
         "bool gaussian, int ignore_index) -> (Tensor, Tensor)");
   m.def("depth_loglik_bwd(Tensor grad_loglik, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
-        "Tensor? noise_std, Tensor aux, bool gaussian, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? noise_std, Tensor aux, bool gaussian, int ignore_index, bool[4] grad_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("depth_loglik_fwd_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
-        "Tensor grad_loglik, bool gaussian, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor grad_loglik, bool gaussian, int ignore_index, bool[4] grad_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("depth_loglik_mixture_fwd_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
-        "Tensor log_weights, Tensor row_scale, bool gaussian, int ignore_index) "
+        "Tensor log_weights, Tensor row_scale, bool gaussian, int ignore_index, bool[4] grad_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

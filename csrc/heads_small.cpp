@@ -220,11 +220,11 @@ void small_forward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const Smal
 
 // Backward epilogue of a chunk: G^T overwrites the logits (bias added first unless the forward
 // epilogue already did), one (depth, class) row per task; row_sums [g * C, 2] gets each row's sum
-// (d_bias) and sum g r^2 (Gaussian d_noise_std), reduced by the caller in a fixed order.
+// (d_bias, when want_bias) and sum g r^2 (Gaussian d_noise_std), reduced by the caller in a fixed order.
 // g: upstream gradient with ignored rows zeroed.
 template <typename T>
 void small_backward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const SmallChunk& k, const T* y, const T* g,
-                             const T* lse, bool add_bias, T* row_sums) {
+                             const T* lse, bool add_bias, bool want_bias, T* row_sums) {
   at::parallel_for(0, k.g * p.C, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t lr = t / p.C, c = t % p.C, l = k.l0 + lr, r0 = l * p.N + k.n0;
@@ -239,20 +239,25 @@ void small_backward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const Sma
         for (int64_t i = 0; i < k.m; ++i)
           if (target[i] == c) s[i] += g[r0 + i];
       }
-      row_sums[2 * t] = p.bias ? sum_of(s, k.m) : T(0);
+      row_sums[2 * t] = want_bias ? sum_of(s, k.m) : T(0);
     }
   });
 }
 
 // dH = G W written straight into the chunk's rows (each row once), and dW = G^T H: written by the
 // first chunk that touches a head (whole depths: every per-depth chunk), accumulated by the later
-// row ranges of a split depth / of a shared head. So no gradient output needs a zero fill.
+// row ranges of a split depth / of a shared head. So no gradient output needs a zero fill. An
+// undefined d_hidden2d / d_weight is not wanted: its GEMM is skipped.
 template <typename T>
 void small_backward_gemms(const Heads<T>& p, const SmallTile<T>& S, const SmallChunk& k, Tensor& d_hidden2d,
                           Tensor& d_weight) {
   if (small_batched(p, k)) {
-    Tensor H = small_hidden(p, p.hidden2d, k), dH = small_hidden(p, d_hidden2d, k);
-    at::bmm_out(dH, S.S.transpose(1, 2), small_heads(p, k));
+    Tensor H = small_hidden(p, p.hidden2d, k);
+    if (d_hidden2d.defined()) {
+      Tensor dH = small_hidden(p, d_hidden2d, k);
+      at::bmm_out(dH, S.S.transpose(1, 2), small_heads(p, k));
+    }
+    if (!d_weight.defined()) return;
     if (p.per_depth) {
       Tensor dW = d_weight.narrow(0, k.l0, k.g);
       if (k.n0 == 0)
@@ -268,8 +273,11 @@ void small_backward_gemms(const Heads<T>& p, const SmallTile<T>& S, const SmallC
     }
   } else {
     const int64_t r0 = k.l0 * p.N + k.n0, m = k.g * k.m;
-    Tensor dH = d_hidden2d.narrow(0, r0, m);
-    at::mm_out(dH, S.S.t(), p.weight);
+    if (d_hidden2d.defined()) {
+      Tensor dH = d_hidden2d.narrow(0, r0, m);
+      at::mm_out(dH, S.S.t(), p.weight);
+    }
+    if (!d_weight.defined()) return;
     if (r0 == 0)
       at::mm_out(d_weight, S.S, p.hidden2d.narrow(0, r0, m));
     else
@@ -308,7 +316,7 @@ void small_pass(const Heads<T>& p, T* loglik, T* lse, const T* grad, Gradients<T
     if (!out) continue;
     if (mix) mix->grad(p, loglik, k.n0, k.n0 + k.m, g.data());
     row_sums.resize(k.g * p.C * 2);
-    small_backward_epilogue(p, S, k, y, g.data(), lse, loglik == nullptr, row_sums.data());
+    small_backward_epilogue(p, S, k, y, g.data(), lse, loglik == nullptr, out->d_bias != nullptr, row_sums.data());
     for (int64_t t = 0; t < k.g * p.C; ++t) {  // (chunk, depth, class) order: thread-count independent
       const int64_t l = k.l0 + t / p.C, c = t % p.C;
       if (out->d_bias) bias_sums[(p.bias_per_depth ? l * p.C : 0) + c] += row_sums[2 * t];

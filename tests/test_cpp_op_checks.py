@@ -40,11 +40,11 @@ DEFAULTS = {
     "depth_loglik_fwd": dict(hidden=H, weight=W, bias=BIAS, target=Y, noise_std=None, gaussian=False,
                              ignore_index=-100),
     "depth_loglik_bwd": dict(grad_loglik=GL, hidden=H, weight=W, bias=BIAS, target=Y, noise_std=None, aux=AUX,
-                             gaussian=False, ignore_index=-100),
+                             gaussian=False, ignore_index=-100, grad_mask=[True] * 4),
     "depth_loglik_fwd_bwd": dict(hidden=H, weight=W, bias=BIAS, target=Y, noise_std=None, grad_loglik=GL,
-                                 gaussian=False, ignore_index=-100),
+                                 gaussian=False, ignore_index=-100, grad_mask=[True] * 4),
     "depth_loglik_mixture_fwd_bwd": dict(hidden=H, weight=W, bias=BIAS, target=Y, noise_std=None, log_weights=LW,
-                                         row_scale=RS, gaussian=False, ignore_index=-100),
+                                         row_scale=RS, gaussian=False, ignore_index=-100, grad_mask=[True] * 4),
     "depth_mixture_predict": dict(hidden=H, weight=W, bias=BIAS, log_weights=LW, gaussian=False, noise_std=None),
     "gaussian_linear_fwd": dict(x=X, weight_mu=MU, weight_sigma=SIG, bias_mu=BMU, bias_sigma=BSIG, seed=1,
                                 estimator="sample", samples=S, x_sampled=False, sigma_softplus=False),
@@ -165,6 +165,11 @@ def _cases():
         ("depth_loglik_bwd", {"aux": "AUX[:, :-1]"}, "aux: expected shape"),
         ("depth_loglik_fwd_bwd", {"grad_loglik": "GL.reshape(-1)"}, "grad_loglik: expected shape"),
         ("depth_loglik_mixture_fwd_bwd", {"row_scale": "RS[:-1]"}, "row_scale: expected shape"),
+        # grad_mask: any subset of the gradients, none included (arguments checked all the same)
+        *[(op, {"grad_mask": mask, **extra}, None) for op in HEADS_OPS[1:]
+          for mask in ("[False, True, False, False]", "[True, False, True, False]", "[False] * 4")
+          for extra in ({}, GAUSSIAN_HEADS)],
+        ("depth_loglik_bwd", {"grad_mask": "[False] * 4", "aux": "AUX[:, :-1]"}, "aux: expected shape"),
         ("depth_mixture_predict", {"hidden": "H[0]"}, "hidden: expected 3 dims"),
         ("depth_mixture_predict", {"bias": "BIAS_L[:2]"}, "bias: expected shape"),
         ("gaussian_linear_fwd", {"x": "shrunk(X)"}, "weight_sigma: expected shape"),  # sigma mismatched with x

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(not udn_kernels.available_backends()["cpu"],
                                 reason="C++ extension not built")
 
 IGNORE = -100
+ALL_GRADS = [True] * 4  # grad_mask of the backward kernels: every gradient
 
 
 def make(L, N, D, C, *, per_depth=False, bias="none", likelihood="categorical",
@@ -40,7 +41,7 @@ def kernel_outputs(backend, hidden, weight, bias, target, noise, gaussian, grad)
     kernels = udn_kernels._backend.kernels(backend)
     fwd, bwd = kernels.get("depth_loglik_fwd"), kernels.get("depth_loglik_bwd")
     loglik, aux = fwd(hidden, weight, bias, target, noise, gaussian, IGNORE)
-    grads = bwd(grad, hidden, weight, bias, target, noise, aux, gaussian, IGNORE)
+    grads = bwd(grad, hidden, weight, bias, target, noise, aux, gaussian, IGNORE, ALL_GRADS)
     return (loglik, aux) + tuple(grads)
 
 
@@ -100,7 +101,7 @@ def test_small_c_chunks_match_reference(shape, per_depth, likelihood):
     got = kernel_outputs("cpu", *inputs, gaussian, grad)
     want = kernel_outputs("reference", *inputs, gaussian, grad)
     # the fused forward + backward keeps each chunk's logits (3 GEMMs) and must agree too
-    fused = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, gaussian, IGNORE)
+    fused = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, gaussian, IGNORE, ALL_GRADS)
     for name, a, b, c in zip(("loglik", "aux", "d_hidden", "d_weight", "d_bias", "d_noise"), got, want, fused):
         assert_close_rel(a, b, 1e-10, name)
         assert_close_rel(c, b, 1e-10, "fused " + name)
@@ -124,7 +125,8 @@ def test_outputs_fully_written_over_recycled_nan_memory(C, per_depth):
 
     for _ in range(3):
         got = after_poison(lambda: kernel_outputs("cpu", *inputs, False, grad))
-        fused = after_poison(lambda: torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, False, IGNORE))
+        fused = after_poison(lambda: torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, False, IGNORE,
+                                                                                  ALL_GRADS))
         for name, a, b, c in zip(("loglik", "aux", "d_hidden", "d_weight", "d_bias"), got, want, fused):
             assert_close_rel(a, b, 1e-11, name)
             assert_close_rel(c, b, 1e-11, "fused " + name)
@@ -137,7 +139,7 @@ def test_no_rows_gives_zero_gradients(C, likelihood):
     inputs = make(2, 0, 4, C, bias="shared", likelihood=likelihood)
     grad = torch.zeros(2, 0, dtype=torch.float64)
     for got in (kernel_outputs("cpu", *inputs, gaussian, grad),
-                torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, gaussian, IGNORE)):
+                torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, gaussian, IGNORE, ALL_GRADS)):
         assert got[0].shape == (2, 0)
         for name, g in zip(("d_weight", "d_bias", "d_noise"), got[3:]):
             assert torch.equal(g, torch.zeros_like(g)), name
@@ -169,7 +171,7 @@ def test_reference_backward_matches_autograd(per_depth, likelihood):
                                        leaves[3] if gaussian else None, gaussian, IGNORE)
     grad = torch.randn_like(loglik)
     want = torch.autograd.grad(loglik, leaves, grad)
-    got = ref.depth_loglik_bwd(grad, hidden, weight, bias, target, noise, aux, gaussian, IGNORE)
+    got = ref.depth_loglik_bwd(grad, hidden, weight, bias, target, noise, aux, gaussian, IGNORE, ALL_GRADS)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 

@@ -11,7 +11,8 @@ import udn_kernels
 from udn_kernels import depth_mixture_nll
 from udn_kernels.reference import heads as ref
 
-from test_heads import IGNORE, KERNEL_OUTPUTS, assert_close_rel, assert_kernel_outputs_close, make
+from test_heads import (ALL_GRADS, IGNORE, KERNEL_OUTPUTS, assert_close_rel, assert_kernel_outputs_close,
+                        make)
 
 pytestmark = pytest.mark.skipif(not udn_kernels.available_backends()["cpu"],
                                 reason="C++ extension not built")
@@ -50,8 +51,9 @@ def test_fused_kernel_matches_reference_float64(shape, per_depth, likelihood, th
     gaussian = likelihood == "gaussian"
     inputs = make(L, N, D, C, per_depth=per_depth, bias="depth", likelihood=likelihood, ignore_every=3)
     grad = coefficients(L, N, torch.float64)
-    got = with_threads(threads, torch.ops.udn_kernels_C.depth_loglik_fwd_bwd, *inputs, grad, gaussian, IGNORE)
-    want = ref.KERNELS["depth_loglik_fwd_bwd"](*inputs, grad, gaussian, IGNORE)
+    got = with_threads(threads, torch.ops.udn_kernels_C.depth_loglik_fwd_bwd, *inputs, grad, gaussian, IGNORE,
+                       ALL_GRADS)
+    want = ref.KERNELS["depth_loglik_fwd_bwd"](*inputs, grad, gaussian, IGNORE, ALL_GRADS)
     assert_kernel_outputs_close(got, want, 1e-11)
 
 
@@ -81,8 +83,8 @@ def test_mixture_kernel_matches_reference_float64(shape, per_depth, likelihood, 
     inputs = make(L, N, D, C, per_depth=per_depth, bias="depth", likelihood=likelihood, ignore_every=4)
     lw, scale = mixture_inputs(L, N, torch.float64)
     got = with_threads(threads, torch.ops.udn_kernels_C.depth_loglik_mixture_fwd_bwd,
-                       *inputs, lw, scale, gaussian, IGNORE)
-    want = ref.KERNELS["depth_loglik_mixture_fwd_bwd"](*inputs, lw, scale, gaussian, IGNORE)
+                       *inputs, lw, scale, gaussian, IGNORE, ALL_GRADS)
+    want = ref.KERNELS["depth_loglik_mixture_fwd_bwd"](*inputs, lw, scale, gaussian, IGNORE, ALL_GRADS)
     assert_kernel_outputs_close(got, want, 1e-10)
 
 
@@ -93,8 +95,9 @@ def test_mixture_kernel_matches_reference_float32(per_depth, C):
     inputs64 = make(L, N, D, C, per_depth=per_depth, bias="depth", ignore_every=4)
     inputs32 = [None if t is None else (t.float() if t.is_floating_point() else t) for t in inputs64]
     lw, scale = mixture_inputs(L, N, torch.float64)
-    got = torch.ops.udn_kernels_C.depth_loglik_mixture_fwd_bwd(*inputs32, lw.float(), scale.float(), False, IGNORE)
-    want = ref.KERNELS["depth_loglik_mixture_fwd_bwd"](*inputs64, lw, scale, False, IGNORE)
+    got = torch.ops.udn_kernels_C.depth_loglik_mixture_fwd_bwd(*inputs32, lw.float(), scale.float(), False, IGNORE,
+                                                               ALL_GRADS)
+    want = ref.KERNELS["depth_loglik_mixture_fwd_bwd"](*inputs64, lw, scale, False, IGNORE, ALL_GRADS)
     assert_kernel_outputs_close(got, want, 2e-5, dtype=torch.float32)
 
 
@@ -102,9 +105,9 @@ def test_mixture_kernel_checks_weights_and_scale():
     inputs = make(2, 40, 5, 10)
     lw, scale = mixture_inputs(2, 40, torch.float64)
     with pytest.raises(RuntimeError, match="log_weights"):
-        torch.ops.udn_kernels_C.depth_loglik_mixture_fwd_bwd(*inputs, lw[:1], scale, False, IGNORE)
+        torch.ops.udn_kernels_C.depth_loglik_mixture_fwd_bwd(*inputs, lw[:1], scale, False, IGNORE, ALL_GRADS)
     with pytest.raises(RuntimeError, match="row_scale"):
-        torch.ops.udn_kernels_C.depth_loglik_mixture_fwd_bwd(*inputs, lw, scale.float(), False, IGNORE)
+        torch.ops.udn_kernels_C.depth_loglik_mixture_fwd_bwd(*inputs, lw, scale.float(), False, IGNORE, ALL_GRADS)
 
 
 @pytest.mark.parametrize("bias", ["none", "shared"])
@@ -115,16 +118,16 @@ def test_fused_kernel_matches_reference_float32(bias, likelihood):
     inputs64 = make(L, N, D, C, bias=bias, likelihood=likelihood, ignore_every=4)
     inputs32 = [None if t is None else (t.float() if t.is_floating_point() else t) for t in inputs64]
     grad = coefficients(L, N, torch.float64)
-    got = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs32, grad.float(), gaussian, IGNORE)
-    want = ref.KERNELS["depth_loglik_fwd_bwd"](*inputs64, grad, gaussian, IGNORE)
+    got = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs32, grad.float(), gaussian, IGNORE, ALL_GRADS)
+    want = ref.KERNELS["depth_loglik_fwd_bwd"](*inputs64, grad, gaussian, IGNORE, ALL_GRADS)
     assert_kernel_outputs_close(got, want, 2e-5, dtype=torch.float32)
 
 
 def test_fused_kernel_bitwise_deterministic():
     inputs = make(4, 300, 32, 3000, bias="depth", dtype=torch.float32, ignore_every=5)
     grad = coefficients(4, 300, torch.float32)
-    first = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, False, IGNORE)
-    second = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, False, IGNORE)
+    first = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, False, IGNORE, ALL_GRADS)
+    second = torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, grad, False, IGNORE, ALL_GRADS)
     for name, a, b in zip(KERNEL_OUTPUTS, first, second):
         assert torch.equal(a, b), name
 
@@ -133,7 +136,7 @@ def test_fused_kernel_checks_grad_shape():
     inputs = make(2, 40, 5, 600)
     with pytest.raises(RuntimeError, match="grad_loglik"):
         torch.ops.udn_kernels_C.depth_loglik_fwd_bwd(*inputs, torch.zeros(2, 39, dtype=torch.float64),
-                                                     False, IGNORE)
+                                                     False, IGNORE, ALL_GRADS)
 
 
 # ------------------------------------------------------------------ public op: which path, values

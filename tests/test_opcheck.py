@@ -42,18 +42,23 @@ def _cases(backend):
         cases[f"loglik_fwd-{likelihood}"] = (heads_ops._loglik_fwd, fwd_args)
         loglik, aux = heads_ops._loglik_fwd(*fwd_args)
         grad = torch.randn_like(loglik)
-        cases[f"loglik_bwd-{likelihood}"] = (
-            heads_ops._loglik_bwd, (grad, hidden.detach(), weight.detach(), bias.detach(), target, noise, aux,
-                                    gaussian, -100, backend))
+        for tag, mask in (("", [True] * 4), ("-frozen-hidden", [False, True, True, True])):
+            cases[f"loglik_bwd{tag}-{likelihood}"] = (
+                heads_ops._loglik_bwd, (grad, hidden.detach(), weight.detach(), bias.detach(), target, noise, aux,
+                                        gaussian, -100, mask, backend))
         L, N = loglik.shape
         coef = torch.full((L, N), -0.1, dtype=torch.float64, requires_grad=True)
         cases[f"loglik_dot-expected-{likelihood}"] = (
-            heads_ops._loglik_dot, (hidden, weight, bias, target, noise, coef, None, gaussian, -100, backend))
+            heads_ops._loglik_dot, (hidden, weight, bias, target, noise, coef, None, gaussian, -100, [True] * 4,
+                                    backend))
+        cases[f"loglik_dot-expected-frozen-head-{likelihood}"] = (  # the gradients the forward skips: empty
+            heads_ops._loglik_dot, (hidden, weight.detach(), bias, target, noise, coef, None, gaussian, -100,
+                                    [True, False, True, gaussian], backend))
         log_weights = torch.log_softmax(torch.randn(L, dtype=torch.float64), 0).requires_grad_()
         row_scale = torch.full((N,), 1.0 / N, dtype=torch.float64)
         cases[f"loglik_dot-mixture-{likelihood}"] = (
             heads_ops._loglik_dot, (hidden, weight, bias, target, noise, row_scale, log_weights, gaussian, -100,
-                                    backend))
+                                    [True] * 4, backend))
         cases[f"predict-{likelihood}"] = (
             heads_ops._predict, (hidden, weight, bias, log_weights, gaussian, noise, backend))
     g = torch.Generator().manual_seed(1)

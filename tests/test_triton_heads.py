@@ -37,6 +37,7 @@ else:
     TINY_BWD = dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, BLOCK_DO=16)
     N, C, D = 37, 23, 19
     IGNORE = -100
+    ALL_GRADS = [True] * 4  # grad_mask of the backward kernels: every gradient
     TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
     def make_inputs(L, C, D, *, per_depth, bias_kind, gaussian, noise, dtype, seed=0):
@@ -82,7 +83,7 @@ else:
             assert torch.all(ll[:, target == IGNORE] == 0)
 
         ref = reference.depth_loglik_bwd(up(grad), up(hidden), up(weight), up(bias), ref_target,
-                                         up(noise_std), ref_aux, gaussian, IGNORE)
+                                         up(noise_std), ref_aux, gaussian, IGNORE, ALL_GRADS)
         got = heads_backward.backward(grad, hidden, weight, bias, target, noise_std, aux, gaussian,
                                       IGNORE, bwd_config, bwd_config)
         for name, g, r, x in zip(("d_hidden", "d_weight", "d_bias", "d_noise_std"), got, ref,
@@ -126,7 +127,7 @@ else:
         ref_ll, ref_aux = reference.depth_loglik_fwd(up(hidden), up(weight), up(bias), ref_target,
                                                      up(noise_std), gaussian, IGNORE)
         ref = reference.depth_loglik_bwd(up(grad), up(hidden), up(weight), up(bias), ref_target,
-                                         up(noise_std), ref_aux, gaussian, IGNORE)
+                                         up(noise_std), ref_aux, gaussian, IGNORE, ALL_GRADS)
         names = ("loglik", "d_hidden", "d_weight", "d_bias", "d_noise_std")
         for name, g, r in zip(names, (ll,) + tuple(got), (ref_ll,) + tuple(ref)):
             if r.numel() == 0:
@@ -157,9 +158,9 @@ else:
         ref_ll, ref_aux = reference.depth_loglik_fwd(hidden, weight, bias, target, noise_std,
                                                      gaussian, IGNORE)
         assert_matches(ll, ref_ll, torch.float32, "loglik")
-        got = bwd(grad, hidden, weight, bias, target, noise_std, aux, gaussian, IGNORE)
+        got = bwd(grad, hidden, weight, bias, target, noise_std, aux, gaussian, IGNORE, ALL_GRADS)
         ref = reference.depth_loglik_bwd(grad, hidden, weight, bias, target, noise_std, ref_aux,
-                                         gaussian, IGNORE)
+                                         gaussian, IGNORE, ALL_GRADS)
         for name, g, r in zip(("d_hidden", "d_weight", "d_bias", "d_noise_std"), got, ref):
             assert_matches(g, r, torch.float32, name)
 
@@ -200,7 +201,7 @@ else:
         ref_args = (up(hidden), up(weight), up(bias), up(target) if gaussian else target, up(noise_std))
         if mode == "expected":
             kwargs = dict(grad_loglik=grad)
-            want = reference.KERNELS["depth_loglik_fwd_bwd"](*ref_args, up(grad), gaussian, IGNORE)
+            want = reference.KERNELS["depth_loglik_fwd_bwd"](*ref_args, up(grad), gaussian, IGNORE, ALL_GRADS)
         else:
             gen = torch.Generator().manual_seed(seed + 2)
             log_weights = torch.randn(L, generator=gen, dtype=torch.float64)
@@ -210,7 +211,7 @@ else:
             row_scale[3] = 0.0
             kwargs = dict(log_weights=log_weights.to(dtype), row_scale=row_scale.to(dtype))
             want = reference.depth_loglik_mixture_fwd_bwd(*ref_args, up(kwargs["log_weights"]),
-                                                          up(kwargs["row_scale"]), gaussian, IGNORE)
+                                                          up(kwargs["row_scale"]), gaussian, IGNORE, ALL_GRADS)
         return (hidden, weight, bias, target, noise_std, gaussian, IGNORE), kwargs, want
 
     def check_fused_dtypes(got, args):
@@ -293,18 +294,18 @@ else:
             if mode == "expected":
                 kernel = udn_kernels.triton.KERNELS["depth_loglik_fwd_bwd"]
                 assert kernel is heads_fused.depth_loglik_fwd_bwd
-                got = kernel(*args[:5], kwargs["grad_loglik"], gaussian, ignore)
+                got = kernel(*args[:5], kwargs["grad_loglik"], gaussian, ignore, ALL_GRADS)
             else:
                 kernel = udn_kernels.triton.KERNELS["depth_loglik_mixture_fwd_bwd"]
                 assert kernel is heads_fused.depth_loglik_mixture_fwd_bwd
-                got = kernel(*args[:5], kwargs["log_weights"], kwargs["row_scale"], gaussian, ignore)
+                got = kernel(*args[:5], kwargs["log_weights"], kwargs["row_scale"], gaussian, ignore, ALL_GRADS)
             for name, g, r in zip(FUSED_NAMES, got, want):
                 assert_matches(g, r, torch.float64, name)
 
     def test_fused_empty_batch():
         hidden, weight = torch.zeros(2, 0, D), torch.randn(C, D)
         got = heads_fused.depth_loglik_fwd_bwd(hidden, weight, torch.randn(C), torch.zeros(0, dtype=torch.int64),
-                                               None, torch.zeros(2, 0), False, IGNORE)
+                                               None, torch.zeros(2, 0), False, IGNORE, ALL_GRADS)
         assert got[0].shape == (2, 0) and got[1].shape == (2, 0) and got[2].shape == hidden.shape
         assert torch.equal(got[3], torch.zeros_like(weight)) and torch.equal(got[4], torch.zeros(C))
 
@@ -345,7 +346,7 @@ else:
                                                  None, False, IGNORE)
         assert ll.shape == (2, 0) and aux.shape == (2, 0)
         grads = heads_backward.depth_loglik_bwd(torch.zeros(2, 0), hidden, weight, None,
-                                                torch.zeros(0, dtype=torch.int64), None, aux, False, IGNORE)
+                                                torch.zeros(0, dtype=torch.int64), None, aux, False, IGNORE, ALL_GRADS)
         assert torch.equal(grads[1], torch.zeros_like(weight)) and grads[2].numel() == 0
 
     def test_zero_hidden_size_still_has_bias_gradient():
@@ -358,7 +359,7 @@ else:
         assert_matches(ll, ref_ll, torch.float64, "loglik")
         got = heads_backward.backward(grad, hidden, weight, bias, target, None, aux, False, IGNORE,
                                       TINY_BWD, TINY_BWD)
-        ref = reference.depth_loglik_bwd(grad, hidden, weight, bias, target, None, ref_aux, False, IGNORE)
+        ref = reference.depth_loglik_bwd(grad, hidden, weight, bias, target, None, ref_aux, False, IGNORE, ALL_GRADS)
         assert_matches(got[2], ref[2], torch.float64, "d_bias")
         assert got[0].shape == hidden.shape and got[1].shape == weight.shape
 

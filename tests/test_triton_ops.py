@@ -21,6 +21,8 @@ from triton_interpreter import interpreted, record_kernels, rerun_under_interpre
 
 import torch
 
+ALL_GRADS = [True] * 4  # grad_mask of the heads backward kernels: every gradient
+
 if not interpreted():
     import triton
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
@@ -73,7 +75,7 @@ if not interpreted():
             ops = torch.ops.udn_kernels_triton
             loglik, aux = ops.depth_loglik_fwd(hidden, weight, bias, target, None, False, -100)
             return ops.depth_loglik_bwd(torch.ones_like(loglik), hidden, weight, bias, target, None, aux, False,
-                                        -100)
+                                        -100, ALL_GRADS)
 
         kernels, _ = trace(loglik_and_grads, hidden, weight, bias, target)
         assert [name for name, _ in kernels] == ["_fwd_kernel", "_bwd_rows_kernel", "_bwd_weight_kernel"]
@@ -92,9 +94,9 @@ if not interpreted():
             ops = torch.ops.udn_kernels_triton
             if mode == "mixture":
                 return ops.depth_loglik_mixture_fwd_bwd(hidden, weight, bias, target, None, log_weights,
-                                                        torch.full((hidden.shape[1],), 0.5), False, -100)
+                                                        torch.full((hidden.shape[1],), 0.5), False, -100, ALL_GRADS)
             return ops.depth_loglik_fwd_bwd(hidden, weight, bias, target, None, torch.ones(hidden.shape[:2]),
-                                            False, -100)
+                                            False, -100, ALL_GRADS)
 
         kernels, ops = trace(loglik_and_grads, hidden, weight, bias, target, log_weights)
         assert [name for name, _ in kernels] == ["_fused_rows_kernel"] * (2 if mode == "mixture" else 1)
@@ -172,7 +174,7 @@ if not interpreted():
         def depth_loglik():
             loglik, aux = ops.depth_loglik_fwd(hidden, weight, bias, target, None, False, -100)
             return ops.depth_loglik_bwd(torch.ones_like(loglik), hidden, weight, bias, target, None, aux, False,
-                                        -100)
+                                        -100, ALL_GRADS)
 
         def gaussian_linear():
             tensors = (hidden[:1], weight[0, :, :19], weight[1].abs(), None, None)
@@ -184,7 +186,7 @@ if not interpreted():
             "depth_loglik": depth_loglik,
             "depth_loglik_mixture_fwd_bwd": lambda: ops.depth_loglik_mixture_fwd_bwd(
                 hidden, weight, bias, target, None, log_weights, torch.full((hidden.shape[1],), 0.5), False,
-                -100),
+                -100, ALL_GRADS),
             "depth_mixture_predict": lambda: ops.depth_mixture_predict(
                 hidden, weight[0].repeat(4, 1), bias.repeat(4), log_weights, False, None),
             "gaussian_linear": gaussian_linear,
@@ -240,20 +242,21 @@ else:
         fwd = ops.depth_loglik_fwd(hidden, weight, bias, target, noise, gaussian, -100)
         ref_fwd = reference.KERNELS["depth_loglik_fwd"](hidden, weight, bias, target, noise, gaussian, -100)
         assert_all_close(fwd, ref_fwd, TOL64)
-        args = (hidden, weight, bias, target, noise, fwd[1], gaussian, -100)
+        args = (hidden, weight, bias, target, noise, fwd[1], gaussian, -100, ALL_GRADS)
         got = ops.depth_loglik_bwd(grad, *args)
         want = reference.KERNELS["depth_loglik_bwd"](grad, *args[:5], ref_fwd[1], *args[6:])
         assert_all_close([g for g in got if g.numel()], [w for w in want if w.numel()], TOL64)
         nonempty = lambda outs: [t for t in outs if t.numel()]  # noqa: E731
         fused_args = (hidden, weight, bias, target, noise)
-        assert_all_close(nonempty(ops.depth_loglik_fwd_bwd(*fused_args, grad, gaussian, -100)),
-                         nonempty(reference.KERNELS["depth_loglik_fwd_bwd"](*fused_args, grad, gaussian, -100)),
+        assert_all_close(nonempty(ops.depth_loglik_fwd_bwd(*fused_args, grad, gaussian, -100, ALL_GRADS)),
+                         nonempty(reference.KERNELS["depth_loglik_fwd_bwd"](*fused_args, grad, gaussian, -100,
+                                                                            ALL_GRADS)),
                          TOL64)
         row_scale = torch.linspace(0, 1, grad.shape[1], dtype=torch.float64)
         assert_all_close(nonempty(ops.depth_loglik_mixture_fwd_bwd(*fused_args, log_weights, row_scale, gaussian,
-                                                                   -100)),
+                                                                   -100, ALL_GRADS)),
                          nonempty(reference.KERNELS["depth_loglik_mixture_fwd_bwd"](
-                             *fused_args, log_weights, row_scale, gaussian, -100)), TOL64)
+                             *fused_args, log_weights, row_scale, gaussian, -100, ALL_GRADS)), TOL64)
         log_weights[1] = -math.inf
         assert_all_close(ops.depth_mixture_predict(hidden, weight, bias, log_weights, gaussian, noise),
                          reference.KERNELS["depth_mixture_predict"](hidden, weight, bias, log_weights,

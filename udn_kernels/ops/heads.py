@@ -59,30 +59,37 @@ def _(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend):
 
 
 def _loglik_bwd_impl(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
-                     backend):
+                     grad_mask, backend):
     grads = _backend.kernel(backend, "depth_loglik_bwd")(grad_loglik.contiguous(), hidden, weight, bias,
-                                                         target, noise_std, aux, gaussian, ignore_index)
+                                                         target, noise_std, aux, gaussian, ignore_index,
+                                                         grad_mask)
     return tuple(grads)
 
 
 @torch.library.custom_op("udn_kernels::depth_loglik_bwd", mutates_args=())
 def _loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                 target: Tensor, noise_std: Optional[Tensor], aux: Tensor, gaussian: bool,
-                ignore_index: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                ignore_index: int, grad_mask: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _loglik_bwd_impl(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian,
-                            ignore_index, backend)
+                            ignore_index, grad_mask, backend)
 
 
-def _empty_grads(hidden, weight, bias, noise_std):
-    """Uninitialised ``(d_hidden, d_weight, d_bias, d_noise_std)`` (empty for None inputs)."""
-    return (torch.empty_like(hidden), torch.empty_like(weight),
-            hidden.new_empty(0) if bias is None else torch.empty_like(bias),
-            hidden.new_empty(0) if noise_std is None else torch.empty_like(noise_std))
+def _empty_grads(hidden, weight, bias, noise_std, grad_mask):
+    """Uninitialised ``(d_hidden, d_weight, d_bias, d_noise_std)``: empty where not wanted
+    (``grad_mask``) or for None inputs."""
+    wanted = zip(grad_mask, (hidden, weight, bias, noise_std))
+    return tuple(torch.empty_like(x) if want and x is not None else hidden.new_empty(0) for want, x in wanted)
+
+
+def _grad_mask(hidden, weight, bias, noise_std, wanted) -> list[bool]:
+    """Which of ``(d_hidden, d_weight, d_bias, d_noise_std)`` the kernels compute: those ``wanted``
+    (four bools) of the inputs that are given."""
+    return [bool(want) and x is not None for want, x in zip(wanted, (hidden, weight, bias, noise_std))]
 
 
 @_loglik_bwd.register_fake
-def _(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index, backend):
-    return _empty_grads(hidden, weight, bias, noise_std)
+def _(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index, grad_mask, backend):
+    return _empty_grads(hidden, weight, bias, noise_std, grad_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -110,30 +117,34 @@ def _backward(ctx, grad_loglik, grad_aux):
     if grad_loglik is None:  # not materialised: no gradient reached loglik
         return (None,) * 8
     hidden, weight, bias, target, noise_std, aux = ctx.saved_tensors
-    bwd = stage(ctx, _loglik_bwd, _loglik_bwd_impl)
-    d_hidden, d_weight, d_bias, d_noise = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux,
-                                              ctx.gaussian, ctx.ignore_index, ctx.backend)
+    needs = ctx.needs_input_grad
+    grad_mask = _grad_mask(hidden, weight, bias, noise_std, (needs[0], needs[1], needs[2], needs[4]))
+    grads = [None] * 4
+    if any(grad_mask):
+        bwd = stage(ctx, _loglik_bwd, _loglik_bwd_impl)
+        grads = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, ctx.gaussian, ctx.ignore_index,
+                    grad_mask, ctx.backend)
+    d_hidden, d_weight, d_bias, d_noise = (g if want else None for g, want in zip(grads, grad_mask))
     d_target = None
-    if ctx.gaussian and ctx.needs_input_grad[3]:
+    if ctx.gaussian and needs[3]:
         d_target = _gaussian_target_grad(grad_loglik, hidden, weight, bias, target, noise_std)
-    return (d_hidden, d_weight, None if bias is None else d_bias, d_target,
-            None if noise_std is None else d_noise, None, None, None)
+    return d_hidden, d_weight, d_bias, d_target, d_noise, None, None, None
 
 
 _loglik = op_caller(_loglik_fwd, _loglik_fwd_impl, _setup_context, _backward)
 
 
 def _loglik_dot_impl(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index,
-                     backend):
+                     grad_mask, backend):
     """``depth_loglik_dot``'s body on ``backend``'s ``depth_loglik_fwd_bwd`` (expected mode) or
     ``depth_loglik_mixture_fwd_bwd`` (mixture mode) kernel."""
     if log_weights is None:
         loglik, _, d_hidden, d_weight, d_bias, d_noise = _backend.kernel(backend, "depth_loglik_fwd_bwd")(
-            hidden, weight, bias, target, noise_std, coef.contiguous(), gaussian, ignore_index)
+            hidden, weight, bias, target, noise_std, coef.contiguous(), gaussian, ignore_index, grad_mask)
         return (coef * loglik).sum(), loglik, d_hidden, d_weight, d_bias, d_noise
     loglik, _, d_hidden, d_weight, d_bias, d_noise = _backend.kernel(backend, "depth_loglik_mixture_fwd_bwd")(
         hidden, weight, bias, target, noise_std, log_weights.contiguous(), coef.contiguous(), gaussian,
-        ignore_index)
+        ignore_index, grad_mask)
     total = -(coef * torch.logsumexp(log_weights[:, None] + loglik, dim=0)).sum()
     return total, loglik, d_hidden, d_weight, d_bias, d_noise
 
@@ -141,27 +152,30 @@ def _loglik_dot_impl(hidden, weight, bias, target, noise_std, coef, log_weights,
 @torch.library.custom_op("udn_kernels::depth_loglik_dot", mutates_args=())
 def _loglik_dot(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                 noise_std: Optional[Tensor], coef: Tensor, log_weights: Optional[Tensor], gaussian: bool,
-                ignore_index: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(total, loglik, d_hidden, d_weight, d_bias, d_noise)``: ``total`` and its head gradients,
-    computed in the forward pass; only ``total`` is differentiable. Without ``log_weights``
-    ``total = sum(coef * loglik)`` (expected mode, ``coef [L, N]``); with them the mixture NLL
+                ignore_index: int, grad_mask: list[bool],
+                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(total, loglik, d_hidden, d_weight, d_bias, d_noise)``: ``total`` and its head gradients
+    (those ``grad_mask`` asks for, the others empty), computed in the forward pass; only ``total``
+    is differentiable. Without ``log_weights`` ``total = sum(coef * loglik)`` (expected mode,
+    ``coef [L, N]``); with them the mixture NLL
     ``total = -sum_n coef_n logsumexp_l(log_weights_l + loglik[l, n])`` (``coef [N]``)."""
     return _loglik_dot_impl(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian,
-                            ignore_index, backend)
+                            ignore_index, grad_mask, backend)
 
 
 @_loglik_dot.register_fake
-def _(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, backend):
+def _(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, grad_mask, backend):
     L, N = hidden.shape[0], hidden.shape[1]
-    return (hidden.new_empty(()), hidden.new_empty((L, N))) + _empty_grads(hidden, weight, bias, noise_std)
+    return ((hidden.new_empty(()), hidden.new_empty((L, N)))
+            + _empty_grads(hidden, weight, bias, noise_std, grad_mask))
 
 
 def _setup_dot(ctx, inputs, output):
-    hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, backend = inputs
+    hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, grad_mask, backend = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     ctx.save_for_backward(hidden, weight, bias, target, noise_std, coef, log_weights, *output[1:])
-    ctx.gaussian = gaussian
+    ctx.gaussian, ctx.grad_mask = gaussian, grad_mask
 
 
 def _passes_saved_grads(ctx, grad_total) -> bool:
@@ -179,15 +193,20 @@ def _backward_dot(ctx, grad_total, *unused):
                            "with a mean/sum reduction: the head gradients are computed in the forward "
                            "pass")
     if grad_total is None:  # not materialised (set_materialize_grads(False)): no gradient reached total
-        return (None,) * 10
+        return (None,) * 11
     hidden, weight, bias, target, noise_std, coef, log_weights, loglik, d_hidden, d_weight, d_bias, d_noise = \
         ctx.saved_tensors
     unit = _passes_saved_grads(ctx, grad_total)
 
     def scaled(index, saved):
-        if saved is None or not ctx.needs_input_grad[index]:
+        if not ctx.needs_input_grad[index]:
             return None
         return saved if unit else grad_total * saved
+
+    # the forward computed the head gradients it was asked for (grad_mask); needs_input_grad, from
+    # the same requires_grad flags, asks for no other
+    d_hidden, d_weight, d_bias, d_noise = (g if want else None
+                                           for g, want in zip((d_hidden, d_weight, d_bias, d_noise), ctx.grad_mask))
 
     # d total / d loglik: coef (expected), -coef_n r[l, n] (mixture; r = softmax over depths)
     grad_loglik = coef if log_weights is None else mixture_grad(loglik, log_weights, coef)
@@ -198,8 +217,8 @@ def _backward_dot(ctx, grad_total, *unused):
         d_coef = scaled(5, loglik)
     elif ctx.needs_input_grad[6]:
         d_log_weights = grad_total * grad_loglik.sum(1)
-    return (scaled(0, d_hidden), scaled(1, d_weight), scaled(2, None if bias is None else d_bias), d_target,
-            scaled(4, None if noise_std is None else d_noise), d_coef, d_log_weights, None, None, None)
+    return (scaled(0, d_hidden), scaled(1, d_weight), scaled(2, d_bias), d_target, scaled(4, d_noise), d_coef,
+            d_log_weights, None, None, None, None)
 
 
 _loglik_dot_call = op_caller(_loglik_dot, _loglik_dot_impl, _setup_dot, _backward_dot)
@@ -373,28 +392,33 @@ def _predict_setup_context(ctx, inputs, output):
     hidden, weight, bias, log_weights, gaussian, noise_std, backend = inputs
     ctx.save_for_backward(hidden, weight, bias, log_weights, noise_std, output[0])
     ctx.gaussian = gaussian
+
+
 def _predict_backward(ctx, grad1, grad2):
     """Recomputes each depth's logits (one ``[N, C]`` matrix alive at a time, never ``[L, N, C]``).
 
     Categorical ``P = sum_l w_l p_l``: ``dz_l = w_l p_l (g - <g, p_l>)``, ``dw_l = sum <g, p_l>``.
     Gaussian ``mean = sum_l w_l mu_l``, ``var = s^2 + sum_l w_l mu_l^2 - mean^2``: with
     ``g' = g_mean - 2 mean g_var``, ``dmu_l = w_l (g' + 2 g_var mu_l)``, ``dw_l = sum g' mu_l + g_var mu_l^2``,
-    ``ds = 2 s sum_rows g_var``. Then the softmax backward from ``w`` to ``log_weights``.
+    ``ds = 2 s sum_rows g_var``. Then the softmax backward from ``w`` to ``log_weights``. Only the
+    gradients ``needs_input_grad`` asks for are computed (no ``dz @ W`` / ``dz^T H`` GEMM otherwise).
     """
     hidden, weight, bias, log_weights, noise_std, out1 = ctx.saved_tensors
     gaussian = ctx.gaussian
+    needs = ctx.needs_input_grad
+    want_hidden, want_weight, want_bias, want_lw = needs[0], needs[1], needs[2] and bias is not None, needs[3]
     w = torch.softmax(log_weights, dim=0)
     per_depth = weight.dim() == 3
-    d_hidden = torch.empty_like(hidden)
-    d_weight = torch.empty_like(weight) if per_depth else torch.zeros_like(weight)
+    d_hidden = torch.empty_like(hidden) if want_hidden else None
+    d_weight = (torch.empty_like(weight) if per_depth else torch.zeros_like(weight)) if want_weight else None
     d_bias = None
-    if bias is not None:
+    if want_bias:
         d_bias = torch.empty_like(bias) if bias.dim() == 2 else torch.zeros_like(bias)
     d_w = []
     if gaussian:
         g_var = grad2
         g_mean = grad1 - 2.0 * out1 * g_var
-    for depth in range(hidden.shape[0]):
+    for depth in range(hidden.shape[0] if want_hidden or want_weight or want_bias or want_lw else 0):
         h = hidden[depth]
         wl = weight[depth] if per_depth else weight
         bl = None if bias is None else (bias[depth] if bias.dim() == 2 else bias)
@@ -407,20 +431,24 @@ def _predict_backward(ctx, grad1, grad2):
             gp = (grad1 * p).sum(-1, keepdim=True)
             dz = w[depth] * p * (grad1 - gp)
             d_w.append(gp.sum())
-        d_hidden[depth] = dz @ wl
-        if per_depth:
-            d_weight[depth] = dz.t() @ h
-        else:
-            d_weight += dz.t() @ h
-        if bias is not None:
+        if want_hidden:
+            d_hidden[depth] = dz @ wl
+        if want_weight:
+            if per_depth:
+                d_weight[depth] = dz.t() @ h
+            else:
+                d_weight += dz.t() @ h
+        if want_bias:
             if bias.dim() == 2:
                 d_bias[depth] = dz.sum(0)
             else:
                 d_bias += dz.sum(0)
-    d_w = torch.stack(d_w)
-    d_log_weights = w * (d_w - (w * d_w).sum())
+    d_log_weights = None
+    if want_lw:
+        d_w = torch.stack(d_w)
+        d_log_weights = w * (d_w - (w * d_w).sum())
     d_noise = None
-    if gaussian and noise_std is not None:
+    if gaussian and noise_std is not None and needs[5]:
         d_noise = 2.0 * noise_std * grad2.sum(0)
     return d_hidden, d_weight, d_bias, d_log_weights, None, d_noise, None
 
@@ -456,8 +484,11 @@ def _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_
         coef = scale
     fused_kernel = "depth_loglik_fwd_bwd" if mode == "expected" else "depth_loglik_mixture_fwd_bwd"
     backend = _choose(hidden, weight, target, gaussian, ignore_index, fused_kernel)
+    # decided here, at forward: the gradients the backward will be asked for
+    grad_mask = _grad_mask(hidden, weight, bias, noise_std, [x is not None and x.requires_grad
+                                                             for x in (hidden, weight, bias, noise_std)])
     total = _loglik_dot_call(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index,
-                             backend)[0]
+                             grad_mask, backend)[0]
     if reduction == "mean":  # no kept row: NaN like F.cross_entropy (and like the eager path)
         total = torch.where(count > 0, total, torch.full_like(total, math.nan))
     return total

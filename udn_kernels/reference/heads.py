@@ -60,24 +60,27 @@ def depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian: bool, ig
 
 
 def depth_loglik_bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian: bool,
-                     ignore_index: int):
-    """``(d_hidden, d_weight, d_bias, d_noise_std)`` (empty tensors for None inputs).
+                     ignore_index: int, grad_mask):
+    """``(d_hidden, d_weight, d_bias, d_noise_std)``; ``grad_mask`` (four bools) says which are
+    wanted: the others, and those of None inputs, are empty tensors, never computed.
 
     Analytic gradients of ``depth_loglik_fwd`` per depth (custom-op impls run below autograd, so
     no autograd here; the tests check these against autograd through ``depth_loglik_fwd``):
     categorical ``dlogits = g (onehot - softmax)``, gaussian ``dmu = g (y - mu) / s^2``.
     """
     del aux  # recomputed per depth
+    want_hidden, want_weight = grad_mask[0], grad_mask[1]
+    want_bias, want_noise = grad_mask[2] and bias is not None, grad_mask[3] and gaussian and noise_std is not None
     acc = _acc_dtype(hidden.dtype)
     L = hidden.shape[0]
-    d_hidden = torch.empty_like(hidden)
-    d_weight = torch.zeros_like(weight, dtype=acc)
-    d_bias = None if bias is None else torch.zeros_like(bias, dtype=acc)
+    d_hidden = torch.empty_like(hidden) if want_hidden else None
+    d_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
+    d_bias = torch.zeros_like(bias, dtype=acc) if want_bias else None
     d_noise = None
     if gaussian:
         s = torch.ones(weight.shape[-2], dtype=acc) if noise_std is None else noise_std.to(acc)
         d_noise = torch.zeros_like(s)
-    for depth in range(L):
+    for depth in range(L if want_hidden or want_weight or want_bias or want_noise else 0):
         h = hidden[depth].to(acc)
         w, _ = _head(weight, bias, depth)
         w = w.to(acc)
@@ -91,19 +94,22 @@ def depth_loglik_bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, 
             valid = target != ignore_index
             onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0), logits.shape[1])
             dlogits = torch.where(valid[:, None], g * (onehot - torch.softmax(logits, dim=-1)), 0.0)
-        d_hidden[depth] = dlogits @ w
-        if weight.dim() == 2:
-            d_weight += dlogits.t() @ h
-        else:
-            d_weight[depth] = dlogits.t() @ h
-        if bias is not None:
+        if want_hidden:
+            d_hidden[depth] = dlogits @ w
+        if want_weight:
+            if weight.dim() == 2:
+                d_weight += dlogits.t() @ h
+            else:
+                d_weight[depth] = dlogits.t() @ h
+        if want_bias:
             if bias.dim() == 1:
                 d_bias += dlogits.sum(0)
             else:
                 d_bias[depth] = dlogits.sum(0)
-    return (d_hidden, d_weight.to(weight.dtype),
-            hidden.new_empty(0) if d_bias is None else d_bias.to(bias.dtype),
-            hidden.new_empty(0) if noise_std is None else d_noise.to(noise_std.dtype))
+    empty = lambda: hidden.new_empty(0)  # noqa: E731
+    return (d_hidden if want_hidden else empty(), d_weight.to(weight.dtype) if want_weight else empty(),
+            d_bias.to(bias.dtype) if want_bias else empty(),
+            d_noise.to(noise_std.dtype) if want_noise else empty())
 
 
 def depth_mixture_predict(hidden, weight, bias, log_weights, gaussian: bool, noise_std=None):
@@ -135,20 +141,21 @@ def fwd_bwd_from(fwd, bwd):
     """``depth_loglik_fwd_bwd`` (forward plus the gradient of ``sum(grad_loglik * loglik)``) of a
     backend without a fused kernel: its forward, then its (recomputing) backward."""
     def depth_loglik_fwd_bwd(hidden, weight, bias, target, noise_std, grad_loglik, gaussian: bool,
-                             ignore_index: int):
+                             ignore_index: int, grad_mask):
         loglik, aux = fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
-        grads = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index)
+        grads = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index, grad_mask)
         return (loglik, aux) + tuple(grads)
     return depth_loglik_fwd_bwd
 
 
 def depth_loglik_mixture_fwd_bwd(hidden, weight, bias, target, noise_std, log_weights, row_scale,
-                                 gaussian: bool, ignore_index: int):
+                                 gaussian: bool, ignore_index: int, grad_mask):
     """``depth_loglik_fwd`` plus the head gradients of the mixture NLL (``mixture_grad``): the
     forward, then the backward with that upstream gradient."""
     loglik, aux = depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
     grad = mixture_grad(loglik, log_weights, row_scale)
-    grads = depth_loglik_bwd(grad, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index)
+    grads = depth_loglik_bwd(grad, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
+                             grad_mask)
     return (loglik, aux) + tuple(grads)
 
 

@@ -156,8 +156,11 @@ def _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, sizes, ignore_index,
 
 
 def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
-             rows_config=None, weight_config=None):
-    """``depth_loglik_bwd`` with explicit launch configs (default: the shipped selection)."""
+             rows_config=None, weight_config=None, grad_mask=(True, True, True, True)):
+    """``depth_loglik_bwd`` with explicit launch configs (default: the shipped selection). The
+    gradients ``grad_mask`` leaves out come back empty and their launches are skipped; without
+    ``d_hidden`` but with a ``d_bias`` / ``d_noise_std`` column sum the rows kernel still runs, over
+    one D chunk (into a scratch ``d_hidden``)."""
     sizes, (b, t, s), flags = _common(hidden, weight, bias, target, noise_std, gaussian)
     L, N, C, D, stride_wl, stride_bl = sizes
     acc = _acc_dtype(hidden.dtype)
@@ -165,36 +168,48 @@ def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian
     lse = grad_loglik if gaussian else aux
     # A fresh empty tensor per absent gradient: custom-op outputs may not alias each other.
     empty = lambda: torch.empty(0, dtype=hidden.dtype, device=device)  # noqa: E731
+    want_hidden, want_weight = grad_mask[0], grad_mask[1]
     need_noise = gaussian and noise_std is not None
+    want_bias, want_noise = grad_mask[2] and bias is not None, grad_mask[3] and need_noise
     if L == 0 or N == 0:
-        zeros = lambda x: empty() if x is None else torch.zeros_like(x)  # noqa: E731
-        return torch.zeros_like(hidden), torch.zeros_like(weight), zeros(bias), zeros(noise_std)
+        zeros = lambda x, want: torch.zeros_like(x) if want else empty()  # noqa: E731
+        return (zeros(hidden, want_hidden), zeros(weight, want_weight), zeros(bias, want_bias),
+                zeros(noise_std, want_noise))
 
-    consts, launch = _split_config(rows_config or select_config("bwd_rows", C, D, hidden.dtype))
-    n_blocks = triton.cdiv(N, consts["BLOCK_N"])
-    d_hidden = torch.empty_like(hidden)
-    col_sums = torch.empty((2, L, n_blocks, C) if bias is not None or need_noise else (0,),
-                           dtype=acc, device=device)
-    grid = (n_blocks, L, max(1, triton.cdiv(D, consts["BLOCK_DO"])))  # D = 0 still needs column sums
-    wrap_triton(_bwd_rows_kernel)[grid](grad_loglik, hidden, weight, b, t, s, lse, d_hidden, col_sums,
-                           N, C, D, stride_wl, stride_bl, ignore_index, **flags, **consts, **launch)
-
-    d_weight = _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, sizes, ignore_index, flags,
-                            weight_config or select_config("bwd_weight", C, D, hidden.dtype))
-    d_bias = empty()
-    if bias is not None:
-        per_depth = col_sums[0].sum(1)
-        d_bias = (per_depth if bias.dim() == 2 else per_depth.sum(0)).to(bias.dtype)
-    d_noise = col_sums[1].sum((0, 1)).to(noise_std.dtype) if need_noise else empty()
+    d_hidden, d_bias, d_noise = empty(), empty(), empty()
+    if want_hidden or want_bias or want_noise:
+        consts, launch = _split_config(rows_config or select_config("bwd_rows", C, D, hidden.dtype))
+        n_blocks = triton.cdiv(N, consts["BLOCK_N"])
+        rows_out = torch.empty_like(hidden)
+        col_sums = torch.empty((2, L, n_blocks, C) if bias is not None or need_noise else (0,), dtype=acc,
+                               device=device)
+        # D = 0 still needs column sums
+        d_chunks = max(1, triton.cdiv(D, consts["BLOCK_DO"])) if want_hidden else 1
+        wrap_triton(_bwd_rows_kernel)[(n_blocks, L, d_chunks)](
+            grad_loglik, hidden, weight, b, t, s, lse, rows_out, col_sums, N, C, D, stride_wl, stride_bl,
+            ignore_index, **flags, **consts, **launch)
+        if want_hidden:
+            d_hidden = rows_out
+        if want_bias:
+            per_depth = col_sums[0].sum(1)
+            d_bias = (per_depth if bias.dim() == 2 else per_depth.sum(0)).to(bias.dtype)
+        if want_noise:
+            d_noise = col_sums[1].sum((0, 1)).to(noise_std.dtype)
+    d_weight = empty()
+    if want_weight:
+        d_weight = _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, sizes, ignore_index, flags,
+                                weight_config or select_config("bwd_weight", C, D, hidden.dtype))
     return d_hidden, d_weight, d_bias, d_noise
 
 
 @triton_op("udn_kernels_triton::depth_loglik_bwd", mutates_args=())
 def depth_loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                      target: Tensor, noise_std: Optional[Tensor], aux: Tensor, gaussian: bool,
-                     ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Triton ``depth_loglik_bwd`` (docs/internals.md): ``(d_hidden, d_weight, d_bias, d_noise_std)``."""
-    return backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index)
+                     ignore_index: int, grad_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton ``depth_loglik_bwd`` (docs/internals.md): ``(d_hidden, d_weight, d_bias, d_noise_std)``,
+    those ``grad_mask`` leaves out empty."""
+    return backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
+                    grad_mask=grad_mask)
 
 
 KERNELS = {"depth_loglik_bwd": depth_loglik_bwd}

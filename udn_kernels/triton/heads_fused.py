@@ -151,7 +151,7 @@ def _accumulate(total, part, index, first):
 
 
 def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ignore_index,
-                           grad_loglik=None, log_weights=None, row_scale=None,
+                           grad_loglik=None, log_weights=None, row_scale=None, grad_mask=(True, True, True, True),
                            max_chunk_logits=MAX_CHUNK_LOGITS, config=None):
     """``depth_loglik_fwd_bwd`` (``grad_loglik [L, N]`` given) or ``depth_loglik_mixture_fwd_bwd``
     (``log_weights [L]`` and ``row_scale [N]``: upstream gradient ``-row_scale_n r[l, n]``) by
@@ -161,7 +161,8 @@ def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ig
     (expected: one launch; mixture: forward launch, ``r`` in torch on the ``[L, k]`` chunk,
     gradient launch) turning them into ``d_logits`` (in place, or into an input-dtype buffer for
     16-bit inputs so the next GEMMs run on tensor cores), then ``d_hidden = d_logits @ W`` and
-    ``d_weight += d_logits^T @ H``: 3 GEMMs in all.
+    ``d_weight += d_logits^T @ H``: 3 GEMMs in all. The gradients ``grad_mask`` leaves out come
+    back empty: their GEMM is skipped, and with none wanted no ``d_logits`` are formed.
     """
     sizes, (b, t, s), flags = _common(hidden, weight, bias, target, noise_std, gaussian)
     L, N, C, D, _, stride_bl = sizes
@@ -172,16 +173,19 @@ def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ig
     empty = lambda: torch.empty(0, dtype=hidden.dtype, device=device)  # noqa: E731
     loglik = torch.empty((L, N), dtype=hidden.dtype, device=device)
     aux = torch.empty((0,) if gaussian else (L, N), dtype=acc, device=device)
+    want_hidden, want_weight = grad_mask[0], grad_mask[1]
+    want_bias, want_noise = grad_mask[2] and bias is not None, grad_mask[3] and gaussian and noise_std is not None
+    gradient = want_hidden or want_weight or want_bias or want_noise
     if L == 0 or N == 0:
-        zeros = lambda x: empty() if x is None else torch.zeros_like(x)  # noqa: E731
-        return (loglik, aux, torch.zeros_like(hidden), torch.zeros_like(weight), zeros(bias),
-                zeros(noise_std))
+        zeros = lambda x, want: torch.zeros_like(x) if want else empty()  # noqa: E731
+        return (loglik, aux, zeros(hidden, want_hidden), zeros(weight, want_weight), zeros(bias, want_bias),
+                zeros(noise_std, want_noise))
     per_depth = weight.dim() == 3
     need_noise = gaussian and noise_std is not None
-    d_hidden = torch.empty_like(hidden)
-    d_weight = torch.empty(weight.shape, dtype=acc, device=device)
-    d_bias = None if bias is None else torch.empty(bias.shape, dtype=acc, device=device)
-    d_noise = torch.zeros(C, dtype=acc, device=device) if need_noise else None
+    d_hidden = torch.empty_like(hidden) if want_hidden else empty()
+    d_weight = torch.empty(weight.shape, dtype=acc, device=device) if want_weight else None
+    d_bias = torch.empty(bias.shape, dtype=acc, device=device) if want_bias else None
+    d_noise = torch.zeros(C, dtype=acc, device=device) if want_noise else None
     grad = torch.empty((L, N), dtype=acc, device=device) if mixture else grad_loglik
     # Mixture mode forms r from the fp32 log-likelihoods (a 16-bit loglik of -40 is off by 0.1).
     ll = torch.empty((L, N), dtype=acc, device=device) if mixture else loglik
@@ -208,8 +212,11 @@ def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ig
                 z, gz, b, t, s, grad, ll, lse, col, N, C, k, l0, n0, stride_bl, ignore_index,
                 FORWARD=forward, GRADIENT=gradient, **flags, **consts, **launch)
 
-        if mixture:
+        if mixture or not gradient:
             rows_kernel(True, False)
+        if not gradient:
+            continue
+        if mixture:
             grad[:, n0:n1] = mixture_grad(ll[:, n0:n1], log_weights.to(acc), row_scale[n0:n1].to(acc))
             rows_kernel(False, True)
         else:
@@ -218,45 +225,50 @@ def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ig
         first = n0 == 0  # the first chunk touching these depths' d_weight / d_bias rows
         if per_depth:
             gz = gz.view(Lc, k, C)
-            d_hidden[l0:l1, n0:n1] = torch.bmm(gz, w)
-            _accumulate(d_weight, _matmul(gz.transpose(1, 2), x, acc), slice(l0, l1), first)
+            if want_hidden:
+                d_hidden[l0:l1, n0:n1] = torch.bmm(gz, w)
+            if want_weight:
+                _accumulate(d_weight, _matmul(gz.transpose(1, 2), x, acc), slice(l0, l1), first)
         else:
-            d_hidden[l0:l1, n0:n1] = torch.mm(gz, weight).view(Lc, k, D)
-            _accumulate(d_weight, _matmul(gz.t(), x, acc), slice(None), first and l0 == 0)
-        if bias is not None:
+            if want_hidden:
+                d_hidden[l0:l1, n0:n1] = torch.mm(gz, weight).view(Lc, k, D)
+            if want_weight:
+                _accumulate(d_weight, _matmul(gz.t(), x, acc), slice(None), first and l0 == 0)
+        if want_bias:
             per_chunk_depth = col[0].sum(1)  # [Lc, C]
             if bias.dim() == 2:
                 _accumulate(d_bias, per_chunk_depth, slice(l0, l1), first)
             else:
                 _accumulate(d_bias, per_chunk_depth.sum(0), slice(None), first and l0 == 0)
-        if need_noise:
+        if want_noise:
             d_noise += col[1].sum((0, 1))
     if mixture:
         loglik = ll.to(hidden.dtype)
-    return (loglik, aux, d_hidden, d_weight.to(weight.dtype),
-            empty() if bias is None else d_bias.to(bias.dtype),
-            d_noise.to(noise_std.dtype) if need_noise else empty())
+    return (loglik, aux, d_hidden, d_weight.to(weight.dtype) if want_weight else empty(),
+            d_bias.to(bias.dtype) if want_bias else empty(),
+            d_noise.to(noise_std.dtype) if want_noise else empty())
 
 
 @triton_op("udn_kernels_triton::depth_loglik_fwd_bwd", mutates_args=())
 def depth_loglik_fwd_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                          noise_std: Optional[Tensor], grad_loglik: Tensor, gaussian: bool,
-                         ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         ignore_index: int, grad_mask: list[bool]
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton ``depth_loglik_fwd_bwd`` (docs/internals.md): ``(loglik, aux, d_hidden, d_weight,
     d_bias, d_noise_std)`` for the upstream gradient ``grad_loglik [L, N]``, 3 GEMMs."""
     return fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ignore_index,
-                                  grad_loglik=grad_loglik)
+                                  grad_loglik=grad_loglik, grad_mask=grad_mask)
 
 
 @triton_op("udn_kernels_triton::depth_loglik_mixture_fwd_bwd", mutates_args=())
 def depth_loglik_mixture_fwd_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                                  noise_std: Optional[Tensor], log_weights: Tensor, row_scale: Tensor,
-                                 gaussian: bool, ignore_index: int
+                                 gaussian: bool, ignore_index: int, grad_mask: list[bool]
                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton ``depth_loglik_mixture_fwd_bwd`` (docs/internals.md): the forward and the head
     gradients of ``-sum_n row_scale_n logsumexp_l(log_weights_l + loglik[l, n])``, 3 GEMMs."""
     return fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ignore_index,
-                                  log_weights=log_weights, row_scale=row_scale)
+                                  log_weights=log_weights, row_scale=row_scale, grad_mask=grad_mask)
 
 
 KERNELS = {"depth_loglik_fwd_bwd": depth_loglik_fwd_bwd,
