@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import _backend
 from .._formulas import mixture_grad
 from ._dispatch import op_caller, stage
-from .._checks import check_choice, check_float_tensor, check_same, check_shape, check_tensor
+from .._checks import check_choice, check_float_tensor, check_same, check_shape, check_tensor, checks_values
 
 LIKELIHOODS = ("categorical", "gaussian")
 MODES = ("expected", "mixture")
@@ -224,12 +224,6 @@ def _backward_dot(ctx, grad_total, *unused):
 _loglik_dot_call = op_caller(_loglik_dot, _loglik_dot_impl, _setup_dot, _backward_dot)
 
 
-def _eager_checks() -> bool:
-    """Data-dependent checks (value ranges) run eagerly only: under torch.compile they would
-    break the graph; the kernels still bound-check targets."""
-    return not torch.compiler.is_compiling()
-
-
 def _check_head(hidden, weight, bias):
     """Checks ``hidden``, ``weight`` and ``bias`` agree; returns ``(L, N, D, C)``."""
     check_float_tensor("hidden", hidden, ndim=3)
@@ -271,7 +265,7 @@ def _validate_heads(hidden, weight, bias, target, likelihood, noise_std, ignore_
 def _check_targets(target, num_classes, ignore_index, gaussian, backend):
     """Class indices in range (eager calls; the C++ kernels bound-check targets themselves and
     raise the same IndexError)."""
-    if gaussian or backend == "cpu" or not _eager_checks() or target.numel() == 0:
+    if gaussian or backend == "cpu" or not checks_values(target) or target.numel() == 0:
         return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
@@ -302,7 +296,7 @@ def _normalise_noise_std(noise_std, hidden, C):
     check_same("hidden", hidden, noise_std=noise_std)
     if noise_std.dim() == 1:
         check_shape("noise_std", noise_std, (C,))
-    if _eager_checks() and not bool((noise_std > 0).all()):
+    if checks_values(noise_std) and not bool((noise_std > 0).all()):
         raise ValueError("noise_std: expected positive values, got a non-positive entry")
     return noise_std.expand(C).contiguous()
 
@@ -346,7 +340,7 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     check_float_tensor("log_weights", log_weights, ndim=1)
     check_same("hidden", hidden, log_weights=log_weights)
     check_shape("log_weights", log_weights, (hidden.shape[0],))
-    if mode == "mixture" and _eager_checks() and not bool(torch.isfinite(log_weights).any()):
+    if mode == "mixture" and checks_values(log_weights) and not bool(torch.isfinite(log_weights).any()):
         raise ValueError("log_weights: mode='mixture' needs at least one finite log-weight, got all -inf")
     if reduction != "none" and _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian):
         return _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights, mode,
