@@ -42,7 +42,8 @@ def _inputs(case: str):
     if case == "heads":
         return (hidden, weight, None, target, None, False, -100, "cpu"), (hidden, weight)
     coef = torch.full((L, N), -1.0 / (L * N))
-    return (hidden, weight, None, target, None, coef, None, False, -100, "cpu"), (hidden, weight)
+    return (hidden, weight, None, target, None, coef, None, False, -100, [True, True, False, False], "cpu"), \
+        (hidden, weight)
 
 
 def runner(case: str, way: str):

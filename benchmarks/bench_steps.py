@@ -102,7 +102,7 @@ def test_missing_peer_is_reported_not_measured(monkeypatch):
     # udn bench prints the peer's row as not installed and measures the rest of the case.
     monkeypatch.setattr(cases, "bayesian_torch", lambda: None)
     monkeypatch.setitem(cases.CASES, "bnn-step-tiny", lambda quick: cases.SIZED_CASES["bnn-step"](SIZE))
-    results = harness.run_cases(["bnn-step-tiny"], quick=True, repeats=1, memory=False, progress=False)
+    results = harness.run_cases(["bnn-step-tiny"], cases.build, quick=True, repeats=1, memory=False, progress=False)
     rows = {row[1]: row for row in harness.table_rows(results)}
     skipped = [name for name in rows if "not installed" in name]
     assert [name.split(" (")[0] for name in skipped] == [

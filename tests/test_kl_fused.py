@@ -14,7 +14,8 @@ from udn_kernels.ops import kl as kl_ops
 from udn_kernels.reference import kl as ref_kl
 
 BACKENDS = ["reference"] + (["cpu"] if udn_kernels.available_backends()["cpu"] else [])
-TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 2e-5, "atol": 1e-5}}
+# float32: a prior gradient sums ~1e3 float32 terms (worst-case relative rounding n * eps ~ 1e-4).
+TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-4, "atol": 1e-5}}
 # Not a multiple of the C++ chunk (2^14), its blocks (256), any vector width, or the Triton block.
 RAGGED = (37, 1111)
 

@@ -105,7 +105,7 @@ else:
         with only_programs(programs_from(0, r0 // bwd_rows, kernels={"_bwd_rows_kernel"})):
             d_hidden = heads_backward.backward(grad, hidden, weight, bias, target, None, lse, False, -100)[0]
         ref_d_hidden = reference_heads.depth_loglik_bwd(grad[:, r0:], hidden[:, r0:], weight, bias, target[r0:],
-                                                        None, ref_lse, False, -100)[0]
+                                                        None, ref_lse, False, -100, [True] * 4)[0]
         torch.testing.assert_close(d_hidden[:, r0:], ref_d_hidden, **TOL)
 
     def test_heads_d_weight_past_2_31():
