@@ -1,13 +1,15 @@
 """Input checks shared by every public op: each error names the argument, the expected and the actual."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable, Sequence
 
 import torch
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 CPU_FLOAT_DTYPES = (torch.float32, torch.float64)
-CUDA_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+CUDA_FLOAT_DTYPES = (torch.float32, torch.float64) + HALF_DTYPES
 MAX_SEED = 2**63 - 1
 
 
@@ -27,6 +29,44 @@ def checks_values(tensor: torch.Tensor) -> bool:
 def float_dtypes_for(device: torch.device) -> tuple[torch.dtype, ...]:
     """Floating dtypes the ops accept on ``device``."""
     return CUDA_FLOAT_DTYPES if device.type == "cuda" else CPU_FLOAT_DTYPES
+
+
+def compute_dtype(device: torch.device, **tensors) -> torch.dtype:
+    """The dtype an op computes in, from its main inputs (None allowed) — the mixed-precision rule.
+
+    Under ``torch.autocast`` on ``device`` it is the autocast dtype (float32 and 16-bit inputs are
+    cast to it, as ``F.linear`` casts them). Otherwise the inputs' one dtype; with inputs of one
+    16-bit dtype beside float32/float64 ones, that 16-bit dtype (what autocast would pick); bfloat16
+    beside float16, or float32 beside float64, is a TypeError naming the argument.
+    """
+    given = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    halves = {d for d in given.values() if d in HALF_DTYPES}
+    if len(halves) > 1:
+        name = next(n for n, d in given.items() if d == torch.float16)
+        raise TypeError(f"{name}: expected dtype bfloat16 (as the other 16-bit inputs), got float16")
+    if halves:
+        return halves.pop()
+    first_name, first = next(iter(given.items()))
+    for name, dtype in given.items():
+        if dtype != first:
+            raise TypeError(f"{name}: expected dtype {str(first).replace('torch.', '')} "
+                            f"(as {first_name}), got {str(dtype).replace('torch.', '')}")
+    return first
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulators, log-sum-exps and losses of a ``dtype`` computation: float32 for 16-bit."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def autocast_off(device: torch.device):
+    """A context where autocast is off on ``device``: the kernels' own ATen calls (``at::mm`` on
+    tiles) must not be re-cast once the op has chosen its dtypes."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_tensor(name: str, value, *, ndim: int | Sequence[int] | None = None,
@@ -59,14 +99,20 @@ def check_shape(name: str, value: torch.Tensor, expected: Sequence[int]) -> None
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(value.shape)}")
 
 
+def check_same_device(reference_name: str, reference: torch.Tensor, **others) -> None:
+    """Every tensor in ``others`` (None allowed) lives on ``reference``'s device."""
+    for name, value in others.items():
+        if value is not None and value.device != reference.device:
+            raise ValueError(f"{name}: expected device {reference.device} (as {reference_name}), "
+                             f"got {value.device}")
+
+
 def check_same(reference_name: str, reference: torch.Tensor, **others) -> None:
     """Every tensor in ``others`` (None allowed) shares ``reference``'s device and dtype."""
+    check_same_device(reference_name, reference, **others)
     for name, value in others.items():
         if value is None:
             continue
-        if value.device != reference.device:
-            raise ValueError(f"{name}: expected device {reference.device} (as {reference_name}), "
-                             f"got {value.device}")
         if value.dtype != reference.dtype:
             raise TypeError(f"{name}: expected dtype {reference.dtype} (as {reference_name}), "
                             f"got {value.dtype}")
