@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .heads_common import (CONFIGS, _acc_dtype, _aot_spec, _common, _grad_tile, _mean_tile,
+from .heads_common import (CONFIGS, _acc_dtype, _aot_spec, _common, aot_storages, _grad_tile, _mean_tile,
                            _split_config, select_config)
 
 
@@ -214,6 +214,7 @@ def depth_loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: 
 
 KERNELS = {"depth_loglik_bwd": depth_loglik_bwd}
 
-AOT_SPECS = [_aot_spec(fn, kind, name, likelihood)
+AOT_SPECS = [_aot_spec(fn, kind, name, likelihood, storage)
              for kind, fn in (("bwd_rows", _bwd_rows_kernel), ("bwd_weight", _bwd_weight_kernel))
-             for name in CONFIGS[kind] for likelihood in ("categorical", "gaussian")]
+             for name in CONFIGS[kind] for likelihood in ("categorical", "gaussian")
+             for storage in aot_storages(name)]

@@ -19,23 +19,28 @@ _HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
 # (C <= 32: UDN classifiers, regression outputs) and "wide" for vocabulary-sized heads; in the
 # backward BLOCK_DO is the width of the d_hidden / d_weight register accumulator, so "narrow"
 # serves D <= 128 and "wide" D <= 256 (a wider D costs one logits recomputation per extra
-# BLOCK_DO chunk). float32 / float64 inputs use "fp32": exact-fp32 tl.dot runs on FMA units with
-# operands in registers, so its tiles are smaller.
+# BLOCK_DO chunk). float32 inputs use "fp32": exact-fp32 tl.dot runs on FMA units with operands in
+# registers, so its tiles are smaller. float64 inputs use "fp64" (fp64 mma, fp64 accumulators): the
+# fp32 tiles except where those spilled in fp64 (AOT): fwd [64, 64] Gaussian 516-1008 bytes, hence
+# 32 rows; bwd_weight 8 bytes on sm_90 at 2 stages, hence 1.
 CONFIGS = {
     "fwd": {
         "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, num_warps=4, num_stages=3),
         "wide": dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3),
         "fp32": dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=16, num_warps=4, num_stages=3),
+        "fp64": dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=16, num_warps=4, num_stages=3),
     },
     "bwd_rows": {
         "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=128, num_warps=8, num_stages=2),
         "wide": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=2),
         "fp32": dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=16, BLOCK_DO=128, num_warps=8, num_stages=2),
+        "fp64": dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=16, BLOCK_DO=128, num_warps=8, num_stages=2),
     },
     "bwd_weight": {
         "narrow": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=128, num_warps=8, num_stages=2),
         "wide": dict(BLOCK_N=64, BLOCK_C=32, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=2),
         "fp32": dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=16, BLOCK_DO=128, num_warps=8, num_stages=2),
+        "fp64": dict(BLOCK_N=32, BLOCK_C=16, BLOCK_D=16, BLOCK_DO=128, num_warps=8, num_stages=1),
     },
     # depth_mixture_predict: (row block, class tile) programs accumulating over depths; its
     # logsumexp pass (_lse_kernel, C > BLOCK_C only) uses the "fwd" configs.
@@ -44,6 +49,7 @@ CONFIGS = {
         "wide": dict(BLOCK_N=64, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3),
         # 4 warps spilled (two fp32 [64, 64] accumulators + the FMA dot operands): 8 warps
         "fp32": dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=16, num_warps=8, num_stages=3),
+        "fp64": dict(BLOCK_N=64, BLOCK_C=64, BLOCK_D=16, num_warps=8, num_stages=3),
     },
     # _fused_rows_kernel (gradient in the forward): elementwise over a materialised logits chunk,
     # no tl.dot, so one config per class count whatever the dtype: "narrow" for C <= 32, "wide"
@@ -205,7 +211,7 @@ def select_config(kind: str, num_classes: int, dim: int, dtype: torch.dtype) -> 
     if kind == "fused_rows":
         return CONFIGS[kind]["wide" if num_classes > 32 else "narrow"]
     if dtype in (torch.float32, torch.float64):
-        return CONFIGS[kind]["fp32"]
+        return CONFIGS[kind]["fp32" if dtype == torch.float32 else "fp64"]
     wide = num_classes > 32 if kind in ("fwd", "predict") else dim > 128
     return CONFIGS[kind]["wide" if wide else "narrow"]
 
@@ -230,26 +236,32 @@ def _common(hidden, weight, bias, target, noise_std, gaussian):
 
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (python -m udn_kernels.triton.aot): every shipped config and both
-# likelihoods, with bias and per-class noise enabled; 16-bit configs are compiled for bf16
-# storage, "fp32" for float32 (exact fp32 dot, torch's default matmul precision).
+# likelihoods, with bias and per-class noise enabled, for every storage dtype the config serves:
+# the 16-bit configs bf16 and fp16, "fp32" float32 (exact fp32 dot, torch's default matmul
+# precision), "fp64" float64 (fp64 dot and accumulator).
 # ----------------------------------------------------------------------------------------------
-_AOT_FLOAT32_POINTERS = ("lse_ptr", "col_ptr", "dw_ptr", "mix_ptr", "z_ptr")
+_AOT_ACC_POINTERS = ("lse_ptr", "col_ptr", "dw_ptr", "mix_ptr", "z_ptr")  # fp32, fp64 for fp64 storage
 
 
-def _aot_spec(fn, kind: str, config_name: str, likelihood: str, storage: Optional[str] = None,
+def aot_storages(config_name: str) -> tuple[str, ...]:
+    """The storage dtypes (Triton names) launched at ``CONFIGS[kind][config_name]``."""
+    return (config_name,) if config_name in ("fp32", "fp64") else ("bf16", "fp16")
+
+
+def _aot_spec(fn, kind: str, config_name: str, likelihood: str, storage: str,
               passes: str = "fwd+grad") -> dict:
-    """Spec of ``fn`` at ``CONFIGS[kind][config_name]``; ``likelihood``: "categorical", "gaussian"
-    or, for the predict kernel, "categorical-one-tile" (every class in one tile). ``storage``
-    (default: "fp32" for the fp32 config, else "bf16") and, for ``_fused_rows_kernel``,
-    ``passes``: "fwd+grad" (expected mode), "fwd" / "grad" (mixture mode's two launches)."""
+    """Spec of ``fn`` at ``CONFIGS[kind][config_name]`` for ``storage`` ("bf16" | "fp16" | "fp32"
+    | "fp64"); ``likelihood``: "categorical", "gaussian" or, for the predict kernel,
+    "categorical-one-tile" (every class in one tile); for ``_fused_rows_kernel``, ``passes``:
+    "fwd+grad" (expected mode), "fwd" / "grad" (mixture mode's two launches)."""
     gaussian = likelihood == "gaussian"
     params = inspect.signature(fn.fn).parameters
     constexprs, launch = _split_config(CONFIGS[kind][config_name])
+    acc = "fp64" if storage == "fp64" else "fp32"
     flags = dict(GAUSSIAN=gaussian, ONE_TILE=likelihood.endswith("one-tile"), HAS_BIAS=True,
-                 HAS_NOISE=gaussian, ACC=tl.float32, PRECISION="ieee",
+                 HAS_NOISE=gaussian, ACC=tl.float64 if acc == "fp64" else tl.float32, PRECISION="ieee",
                  FORWARD=passes != "grad", GRADIENT=passes != "fwd")
     constexprs.update({k: v for k, v in flags.items() if k in params})
-    storage = storage or ("fp32" if config_name == "fp32" else "bf16")
     label = f"{config_name}/{likelihood}/{passes + '/' if 'FORWARD' in params else ''}{storage}"
     signature = {}
     for name, param in params.items():
@@ -258,12 +270,12 @@ def _aot_spec(fn, kind: str, config_name: str, likelihood: str, storage: Optiona
         elif name == "t_ptr":
             signature[name] = f"*{storage}" if gaussian else "*i64"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in _AOT_FLOAT32_POINTERS else f"*{storage}"
+            signature[name] = f"*{acc}" if name in _AOT_ACC_POINTERS else f"*{storage}"
         else:
             signature[name] = "i32"
     # What the JIT would specialise on at run time: 16-byte aligned tensors and D % 16 == 0 (so
     # row strides are aligned). Without it loads are scalar and cp.async pipelining is off.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
              if name.endswith("_ptr") or name in ("D", "stride_wl")}
-    return {"name": fn.__name__, "config": label, "fn": fn,
+    return {"name": fn.__name__, "config": label, "dtype": storage, "fn": fn,
             "signature": signature, "constexprs": constexprs, "attrs": attrs, **launch}

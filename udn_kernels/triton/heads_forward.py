@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .heads_common import (CONFIGS, _acc_dtype, _aot_spec, _common, _loglik_tile, _mean_tile,
+from .heads_common import (CONFIGS, _acc_dtype, _aot_spec, _common, aot_storages, _loglik_tile, _mean_tile,
                            _row_stats_init, _split_config, _store_loglik, select_config)
 
 
@@ -68,5 +68,6 @@ def depth_loglik_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
 
 KERNELS = {"depth_loglik_fwd": depth_loglik_fwd}
 
-AOT_SPECS = [_aot_spec(_fwd_kernel, "fwd", name, likelihood)
-             for name in CONFIGS["fwd"] for likelihood in ("categorical", "gaussian")]
+AOT_SPECS = [_aot_spec(_fwd_kernel, "fwd", name, likelihood, storage)
+             for name in CONFIGS["fwd"] for likelihood in ("categorical", "gaussian")
+             for storage in aot_storages(name)]

@@ -278,4 +278,4 @@ AOT_SPECS = [_aot_spec(_fused_rows_kernel, "fused_rows", name, likelihood, stora
              for name in CONFIGS["fused_rows"]
              for likelihood in ("categorical", "gaussian")
              for passes in ("fwd+grad", "fwd", "grad")
-             for storage in ("bf16", "fp32")]
+             for storage in ("bf16", "fp16", "fp32", "fp64")]

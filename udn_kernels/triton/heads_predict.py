@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .heads_common import (CONFIGS, _acc_dtype, _aot_spec, _common, _mean_tile, _online_lse,
+from .heads_common import (CONFIGS, _acc_dtype, _aot_spec, _common, aot_storages, _mean_tile, _online_lse,
                            _split_config, select_config)
 
 
@@ -132,8 +132,8 @@ def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
 KERNELS = {"depth_mixture_predict": depth_mixture_predict}
 
 # The logsumexp pass runs at the "fwd" configs.
-AOT_SPECS = [_aot_spec(fn, kind, name, likelihood)
+AOT_SPECS = [_aot_spec(fn, kind, name, likelihood, storage)
              for kind, fn, likelihoods in (
                  ("fwd", _lse_kernel, ("categorical",)),
                  ("predict", _predict_kernel, ("categorical", "categorical-one-tile", "gaussian")))
-             for name in CONFIGS[kind] for likelihood in likelihoods]
+             for name in CONFIGS[kind] for likelihood in likelihoods for storage in aot_storages(name)]

@@ -194,10 +194,11 @@ def _ordered(fn, types: dict) -> dict:
 
 
 def _aot_specs():
-    """Each kernel, float32 and bf16 storage; the Gaussian ones for sigma and rho (``softplus``),
-    scalar and per-element prior (labels ``<sigma|rho>[+prior]/<dtype>``, ``log_alpha/<dtype>``)."""
+    """Each kernel for float32, bf16, fp16 and float64 storage (the registers are float32 for all);
+    the Gaussian ones for sigma and rho (``softplus``), scalar and per-element prior (labels
+    ``<sigma|rho>[+prior]/<dtype>``, ``log_alpha/<dtype>``)."""
     specs = []
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
         ptr = f"*{dtype}"
         for softplus in (False, True):
             for per_element in (False, True):
@@ -205,22 +206,22 @@ def _aot_specs():
                 flags = {"HAS_MU": True, "SOFTPLUS": softplus, "PRIOR_PER_ELEMENT": per_element, "BLOCK": BLOCK}
                 sig = {"mu_ptr": ptr, "sig_ptr": ptr, "prior_ptr": ptr, "partial_ptr": "*fp32", "n": "i64",
                        **{k: "constexpr" for k in flags}}
-                specs.append({"name": "gaussian_kl_fwd", "config": config, "fn": _gaussian_kl_fwd_kernel,
+                specs.append({"name": "gaussian_kl_fwd", "config": config, "dtype": dtype, "fn": _gaussian_kl_fwd_kernel,
                               "signature": _ordered(_gaussian_kl_fwd_kernel, sig), "constexprs": flags, **LAUNCH})
                 bwd_flags = {**flags, "WANT_MU": True, "WANT_SIGMA": True, "WANT_PRIOR": True}
                 sig = {"grad_ptr": ptr, "mu_ptr": ptr, "sig_ptr": ptr, "prior_ptr": ptr, "dmu_ptr": ptr,
                        "dsig_ptr": ptr, "dprior_ptr": ptr if per_element else "*fp32", "n": "i64",
                        **{k: "constexpr" for k in bwd_flags}}
-                specs.append({"name": "gaussian_kl_bwd", "config": config, "fn": _gaussian_kl_bwd_kernel,
+                specs.append({"name": "gaussian_kl_bwd", "config": config, "dtype": dtype, "fn": _gaussian_kl_bwd_kernel,
                               "signature": _ordered(_gaussian_kl_bwd_kernel, sig), "constexprs": bwd_flags,
                               **LAUNCH})
         consts = {"BLOCK": BLOCK}
         scalars = {"n": "i64", "low": "fp32", "high": "fp32", "BLOCK": "constexpr"}
-        specs.append({"name": "log_uniform_kl_fwd", "config": f"log_alpha/{dtype}", "fn": _log_uniform_kl_fwd_kernel,
+        specs.append({"name": "log_uniform_kl_fwd", "config": f"log_alpha/{dtype}", "dtype": dtype, "fn": _log_uniform_kl_fwd_kernel,
                       "signature": _ordered(_log_uniform_kl_fwd_kernel, {"la_ptr": ptr, "partial_ptr": "*fp32",
                                                                          **scalars}),
                       "constexprs": consts, **LAUNCH})
-        specs.append({"name": "log_uniform_kl_bwd", "config": f"log_alpha/{dtype}", "fn": _log_uniform_kl_bwd_kernel,
+        specs.append({"name": "log_uniform_kl_bwd", "config": f"log_alpha/{dtype}", "dtype": dtype, "fn": _log_uniform_kl_bwd_kernel,
                       "signature": _ordered(_log_uniform_kl_bwd_kernel, {"grad_ptr": ptr, "la_ptr": ptr,
                                                                          "dla_ptr": ptr, **scalars}),
                       "constexprs": consts, **LAUNCH})

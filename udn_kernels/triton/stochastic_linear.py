@@ -455,7 +455,8 @@ def _ordered(fn, types: dict) -> dict:
 
 
 def _aot_specs():
-    """Every (kernel, mode) at the CONFIGS tiles the launchers use for large shapes, float32 and bf16;
+    """Every (kernel, mode) at the CONFIGS tiles the launchers use for large shapes, float32 (also
+    with TF32), bf16 and fp16 (float64 is refused on CUDA: ops/_stochastic.py);
     the Gaussian modes also with sigma_softplus (labels ``<mode>+softplus/<dtype>``)."""
     scalars = {"seed": "i64", "p": "fp32", "scale": "fp32", "sign_in_base": "i64", "sign_out_base": "i64"}
     def tiles(kernel):
@@ -466,7 +467,8 @@ def _aot_specs():
     specs = []
     mode_names = {SAMPLE: "sample", FLIPOUT: "flipout", LOCAL: "local", BERN_INPUT: "input",
                   BERN_WEIGHT: "weight", SYMMETRIC: "symmetric"}
-    for dtype, precision, tag in (("fp32", "ieee", "fp32"), ("fp32", "tf32", "fp32-tf32"), ("bf16", "ieee", "bf16")):
+    for dtype, precision, tag in (("fp32", "ieee", "fp32"), ("fp32", "tf32", "fp32-tf32"), ("bf16", "ieee", "bf16"),
+                                  ("fp16", "ieee", "fp16")):
         ptr = f"*{dtype}"
         for mode, mode_name in mode_names.items():
             family = "gaussian" if mode <= LOCAL else "bernoulli"
@@ -478,7 +480,7 @@ def _aot_specs():
                 consts = {"MODE": mode, "HAS_W": True, "HAS_BMU": True, "HAS_BSIG": family == "gaussian",
                           "SOFTPLUS": softplus, "PRECISION": precision, **tiles("fwd")}
                 sig.update({name: "constexpr" for name in consts})
-                specs.append({"name": f"{family}_linear_fwd", "config": config, "fn": _fwd_kernel,
+                specs.append({"name": f"{family}_linear_fwd", "config": config, "dtype": dtype, "fn": _fwd_kernel,
                               "signature": _ordered(_fwd_kernel, sig), "constexprs": consts,
                               **launch("fwd")})
                 if mode == LOCAL:
@@ -488,7 +490,7 @@ def _aot_specs():
                 consts = {"MODE": mode, "HAS_W": True, "X_SAMPLED": False, "SOFTPLUS": softplus,
                           "PRECISION": precision, **tiles("dx")}
                 sig.update({name: "constexpr" for name in consts})
-                specs.append({"name": f"{family}_linear_bwd_dx", "config": config, "fn": _dx_kernel,
+                specs.append({"name": f"{family}_linear_bwd_dx", "config": config, "dtype": dtype, "fn": _dx_kernel,
                               "signature": _ordered(_dx_kernel, sig), "constexprs": consts,
                               **launch("dx")})
                 sig = {"g_ptr": ptr, "x_ptr": ptr, "sig_ptr": ptr, "dw_ptr": ptr, "dsig_ptr": ptr, "S": "i32",
@@ -496,7 +498,7 @@ def _aot_specs():
                 consts = {"MODE": mode, "NEED_DW": True, "NEED_DSIG": family == "gaussian", "SOFTPLUS": softplus,
                           "PRECISION": precision, **tiles("dw")}
                 sig.update({name: "constexpr" for name in consts})
-                specs.append({"name": f"{family}_linear_bwd_dw", "config": config, "fn": _dw_kernel,
+                specs.append({"name": f"{family}_linear_bwd_dw", "config": config, "dtype": dtype, "fn": _dw_kernel,
                               "signature": _ordered(_dw_kernel, sig), "constexprs": consts,
                               **launch("dw")})
     return specs
