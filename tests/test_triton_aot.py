@@ -1,57 +1,87 @@
 """Ahead-of-time compile of the shipped Triton kernels for sm_80 and sm_90 (no GPU needed).
 
 Runs ``python -m udn_kernels.triton.aot`` in a subprocess (a clean Triton import: other test
-modules may run with TRITON_INTERPRET=1). The full sweep (every config of every kernel, both
-archs: 254 compiles) takes ~5 minutes on 2 cores, so CI compiles one config per kernel per arch,
-the one with the most live state (most registers in the full sweep), and checks: every compile
-succeeds, no ptxas spill stores, every kernel is covered. Run the tool without ``--only`` for
-the full table (docs/triton.md).
+modules may run with TRITON_INTERPRET=1). The full sweep (every config of every kernel for every
+dtype it serves, both archs: 488 compiles) takes ~15 minutes on 2 cores, so CI compiles one config
+per (kernel, dtype) per arch, the one with the most live state (most registers in the full sweep):
+every (kernel, dtype, arch) combination is compiled, 132 compiles, ~4 minutes on 2 cores with an
+empty Triton cache. Checks: every compile succeeds, no ptxas spill stores, shared memory within
+the arch's per-block limit, every combination covered. Run the tool without ``--only`` for the
+full table (docs/triton.md).
 """
 import json
 import os
 import subprocess
 import sys
 
-# One config per kernel: heads fp32 (exact-fp32 FMA dots, 255 registers; the predict kernel's
-# Gaussian path keeps two accumulators), the logsumexp pass of predict, the fused path's row
-# kernel (categorical forward + gradient, fp32 storage: its most registers), gaussian flipout fp32,
-# gaussian local fp32 (variance + std output), bernoulli weight fp32, and every Philox kernel;
-# plus gaussian flipout with sigma_softplus (the SOFTPLUS paths of fwd, dx and dw's epilogue
-# compile; same register counts as plain flipout); the KL kernels on rho and on log_alpha.
-ONE_CONFIG_PER_KERNEL = ("[fp32/gaussian/fp32]", "_lse_kernel [fp32/categorical/fp32]",
-                         "_fused_rows_kernel [narrow/categorical/fwd+grad/fp32]", "philox_",
-                         "[flipout/fp32]", "[flipout+softplus/fp32]", "gaussian_linear_fwd [local/fp32]",
-                         "[weight/fp32]", "[rho/fp32]", "[log_alpha/fp32]")
+# Storage dtypes every kernel compiles for: the heads and KL kernels also float64 (the stochastic
+# linear ops refuse it on CUDA), the Philox fills none (their output dtype is fixed).
+DTYPES_16_32 = {"bf16", "fp16", "fp32"}
+HEADS_AND_KL = {"_fwd_kernel", "_bwd_rows_kernel", "_bwd_weight_kernel", "_lse_kernel", "_predict_kernel",
+                "_fused_rows_kernel", "gaussian_kl_fwd", "gaussian_kl_bwd", "log_uniform_kl_fwd",
+                "log_uniform_kl_bwd"}
+# Per (kernel, dtype), the config containing the first of these it has (else the group's first
+# spec): the configs with the most registers in the full sweep. The fused row kernel's narrow
+# categorical forward + gradient; the other heads kernels' wide Gaussian (16-bit) and Gaussian at
+# the fp32 / fp64 tiles (two accumulators), categorical for the logsumexp pass; flipout
+# (stochastic linear, a second product), DropConnect's per-weight masks, rho with a per-element
+# prior (KL).
+HEAVIEST = ("narrow/categorical/fwd+grad/", "wide/gaussian/", "fp32/gaussian/", "fp64/gaussian/",
+            "wide/categorical/", "fp32/categorical/", "fp64/categorical/", "flipout/", "weight/", "rho+prior/")
+# Paths no (kernel, dtype) choice above reaches: sigma_softplus (the SOFTPLUS loads of fwd and
+# dx, dw's epilogue) and local's variance + std output.
+EXTRA = ("[flipout+softplus/fp32]", "gaussian_linear_fwd [local/fp32]")
 
 
-def test_one_config_per_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
+def ci_labels() -> list[str]:
+    """``kernel [config]`` of the specs CI compiles: one per (kernel, dtype), plus EXTRA."""
+    from udn_kernels.triton import aot
+
+    groups = {}
+    for _, _, spec in aot.collect_specs():
+        groups.setdefault((spec["name"], spec.get("dtype")), []).append(spec)
+    chosen = []
+    for specs in groups.values():
+        ranked = [spec for key in HEAVIEST for spec in specs if key in spec.get("config", "")]
+        chosen.append(aot.label((ranked or specs)[0]))
+    return chosen + list(EXTRA)
+
+
+def test_every_kernel_and_dtype_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     from udn_kernels.triton import aot
 
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "udn_kernels.triton.aot",
-                           "--only", *ONE_CONFIG_PER_KERNEL, "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+                           "--only", *ci_labels(), "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
+    compiled = {(r["kernel"], r["dtype"], r["arch"]) for r in rows}
     every_kernel = {spec["name"] for _, _, spec in aot.collect_specs()}
-    assert {(r["kernel"], r["arch"]) for r in rows} == {
-        (k, a) for k in every_kernel for a in ("sm_80", "sm_90")}
+    for kernel in every_kernel:
+        dtypes = ({None} if kernel.startswith("philox_") else
+                  DTYPES_16_32 | {"fp64"} if kernel in HEADS_AND_KL else DTYPES_16_32)
+        assert {(d, a) for k, d, a in compiled if k == kernel} == {
+            (d, a) for d in dtypes for a in ("sm_80", "sm_90")}, kernel
     for r in rows:
         assert "error" not in r
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert 0 < r["registers"] <= 255 and r["stack"] >= 0, r
         assert r["shared_bytes"] <= aot.SHARED_LIMIT_BYTES[int(r["arch"][3:])], r
-    heads = [r for r in rows if not r["kernel"].startswith(("philox", "gaussian", "bernoulli", "log_uniform"))]
-    assert len(heads) == 12 and all(r["shared_bytes"] > 0 for r in heads)  # 6 kernels x 2 archs
+    tensor_core = [r for r in rows if r["kernel"] in HEADS_AND_KL - {"_fused_rows_kernel"}
+                   and r["kernel"].startswith("_") and r["dtype"] in ("bf16", "fp16")]
+    assert len(tensor_core) == 5 * 2 * 2 and all(r["mma"] and r["cp_async"] for r in tensor_core)
     assert "0 spilling, 0 over the shared-memory limit" in proc.stdout
 
 
 def test_specs_mirror_the_launch_configs():
-    """The AOT specs compile exactly the tiles, warps and stages the launchers use."""
+    """The AOT specs compile exactly the tiles, warps and stages the launchers use, for the
+    dtypes the launchers use them with."""
+    import torch
     from udn_kernels.triton import heads, stochastic_linear as sl
     from udn_kernels.triton.aot import label as aot_label
-    from udn_kernels.triton.heads_common import CONFIGS
+    from udn_kernels.triton.heads_common import CONFIGS, select_config
 
     shipped = {(kind, name) for kind, configs in CONFIGS.items() for name in configs}
     kinds = {"_fwd_kernel": "fwd", "_bwd_rows_kernel": "bwd_rows", "_bwd_weight_kernel": "bwd_weight",
@@ -62,10 +92,18 @@ def test_specs_mirror_the_launch_configs():
         kind = kinds.get(spec["name"], "fwd")  # _lse_kernel launches with the "fwd" configs
         config = CONFIGS[kind][spec["config"].split("/")[0]]
         assert {k: spec["constexprs"].get(k, spec.get(k)) for k in config} == config, aot_label(spec)
-    # fwd / bwd kernels: categorical and gaussian; predict: also the one-tile categorical path;
-    # the logsumexp pass: categorical only; the fused row kernel: 2 configs x 2 likelihoods x
-    # 3 pass sets (expected mode's one launch, mixture mode's two) x bf16 / fp32 storage
-    assert len(heads.AOT_SPECS) == 2 * 9 + 3 * 3 + 3 + 2 * 2 * 3 * 2
+    # Each tl.dot config for the dtypes select_config gives it: 16-bit ones bf16 and fp16, "fp32"
+    # float32, "fp64" float64; so 6 (config, dtype) pairs per kernel and likelihood. fwd / bwd
+    # kernels: categorical and gaussian; predict: also the one-tile categorical path; the
+    # logsumexp pass: categorical only; the fused row kernel: 2 configs x 2 likelihoods x 3 pass
+    # sets (expected mode's one launch, mixture mode's two) x 4 storage dtypes.
+    assert len(heads.AOT_SPECS) == 3 * 2 * 6 + 6 + 3 * 6 + 2 * 2 * 3 * 4
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+    for spec in heads.AOT_SPECS:
+        kind = kinds.get(spec["name"], "fwd")
+        launched = [select_config(kind, classes, dim, torch_dtype[spec["dtype"]])
+                    for classes in (16, 4096) for dim in (64, 256)]
+        assert CONFIGS[kind][spec["config"].split("/")[0]] in launched, aot_label(spec)
     kernel_of = {sl._fwd_kernel: "fwd", sl._dx_kernel: "dx", sl._dw_kernel: "dw"}
     for spec in sl.AOT_SPECS:
         # What the launcher passes for a large problem (tiles not shrunk to the shape).

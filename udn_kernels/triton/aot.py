@@ -3,8 +3,9 @@
     python -m udn_kernels.triton.aot [--arch 80 90] [--only SUBSTRING ...] [--json FILE] [--jobs N]
 
 Collects ``AOT_SPECS`` from the modules of ``udn_kernels/triton``: dicts ``name, fn, signature,
-constexprs`` and optionally ``config`` (a label), ``attrs`` (ASTSource argument attributes such as
-``tt.divisibility``), ``num_warps``, ``num_stages``. Compiles each with
+constexprs`` and optionally ``config`` (a label), ``dtype`` (the storage dtype, Triton's name;
+absent for the Philox fills, whose output dtype is fixed), ``attrs`` (ASTSource argument
+attributes such as ``tt.divisibility``), ``num_warps``, ``num_stages``. Compiles each with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and prints registers,
 spill stores/loads, stack frame and shared memory per kernel/config/arch. Registers, spills and
 stack frame come from the bundled ``ptxas -v`` on the compiled PTX (a stack frame alone is not a
@@ -75,8 +76,8 @@ def ptxas_usage(ptx: str, arch: int, fp_fusion: bool = True) -> dict:
 def compile_one(module: str, index: int, arch: int) -> dict:
     """Compile spec ``index`` of ``module`` for ``sm_<arch>``; a result row (``error`` set on failure)."""
     spec = dict(importlib.import_module(f"udn_kernels.triton.{module}").AOT_SPECS[index])
-    row = {"kernel": spec["name"], "config": spec.get("config", ""), "arch": f"sm_{arch}",
-           "num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
+    row = {"kernel": spec["name"], "config": spec.get("config", ""), "dtype": spec.get("dtype"),
+           "arch": f"sm_{arch}", "num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
     try:
         import triton
         from triton.backends.compiler import GPUTarget
