@@ -24,6 +24,13 @@ struct ArgChecks {
                 ": expected dtype float32 or float64, got ", t.scalar_type());
   }
 
+  // float32, float64, or a 16-bit storage dtype (bfloat16, float16) that kernels compute in float.
+  void floating_or_half(const char* name, const at::Tensor& t) const {
+    const auto d = t.scalar_type();
+    TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf, op, ": ", name,
+                ": expected dtype float32, float64, bfloat16 or float16, got ", d);
+  }
+
   // t.dim() is one of `dims`.
   void dim(const char* name, const at::Tensor& t, std::initializer_list<int64_t> dims) const {
     for (int64_t d : dims)
@@ -54,7 +61,7 @@ struct ArgChecks {
 inline int64_t check_heads_params(const ArgChecks& check, const at::Tensor& hidden, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, bool any_layout) {
   check.dim("hidden", hidden, {3});
-  check.floating("hidden", hidden);
+  check.floating_or_half("hidden", hidden);
   const auto dtype = hidden.scalar_type();
   const int64_t L = hidden.size(0), N = hidden.size(1), D = hidden.size(2);
   check.tensor("hidden", hidden, dtype, {L, N, D}, any_layout);

@@ -8,7 +8,8 @@
 // target-logit pick (forward) or into the logits gradient G (backward), which feeds two more
 // GEMMs: dH += G W_tile and dW_tile += G^T H. With a shared head the depths are stacked into the
 // row dimension (rows = L*N), so every GEMM is as large as the problem allows.
-// The entry points are templates instantiated for float and double in their own files.
+// The entry points are templates instantiated for float and double in their own files; 16-bit
+// storage (bfloat16 / float16 hidden and weight) runs the float instantiation (see HalfGemm).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -35,6 +37,16 @@ constexpr int64_t kSmallClasses = 32;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// 16-bit storage computes in float: logits, epilogues, log-sum-exps and gradient accumulators are
+// float, and the GEMM operands stay 16-bit in memory (no float copy of the weight or hidden). Per
+// tile, a GEMM either casts its operands to float and runs a float GEMM (upcast: CPUs without fast
+// 16-bit dot products) or multiplies in 16-bit and casts the product to float (native: AVX512-BF16
+// / AMX), whichever this CPU runs faster: probed once per dtype (heads_ops.cpp), overridable with
+// UDN_KERNELS_HALF_GEMM=native|upcast. The small-C path always upcasts (its head is tiny).
+enum class HalfGemm { native, upcast };
+HalfGemm half_gemm(at::ScalarType storage);
+std::string half_gemm_info();  // "bfloat16:native,float16:upcast", for `udn info`
+
 template <typename T>
 void add_into(T* acc, const T* x, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
@@ -46,8 +58,11 @@ void add_into(T* acc, const T* x, int64_t n) {
 // ---------------------------------------------------------------- problem description
 template <typename T>
 struct Heads {
-  Tensor hidden2d;  // [L*N, D]: depths stacked into rows
-  Tensor weight;    // [C, D] or [L, C, D]
+  static constexpr at::ScalarType kCompute = c10::CppTypeToScalarType<T>::value;
+  Tensor hidden2d;  // [L*N, D]: depths stacked into rows (storage dtype: T or 16-bit)
+  Tensor weight;    // [C, D] or [L, C, D] (storage dtype)
+  at::TensorOptions opts;   // T: buffers and accumulators
+  bool native16 = false;    // 16-bit storage multiplied in 16-bit (HalfGemm::native)
   const T* bias = nullptr;
   const int64_t* target_idx = nullptr;  // categorical [N]
   const T* target_val = nullptr;        // gaussian [N, C]
@@ -70,6 +85,8 @@ struct Heads {
     // detached aliases: the tile GEMMs run on worker threads, where a TLS autograd guard would not
     // reach, and must not be recorded by autograd when the caller's tensors require grad
     hidden2d = hidden.detach().view({rows, D});
+    opts = hidden.options().dtype(kCompute);
+    native16 = half() && half_gemm(hidden.scalar_type()) == HalfGemm::native;
     if (bias_.has_value() && bias_->defined()) {
       bias_per_depth = bias_->dim() == 2;
       bias = bias_->data_ptr<T>();
@@ -101,6 +118,7 @@ struct Heads {
     // Row tile from the shape only (never from the thread count) so results do not depend on it
     // beyond the documented reduction order.
     class_major = C <= kSmallClasses;
+    if (class_major) weight = compute(weight);  // at most 32 rows: cast once
     class_tile = std::min<int64_t>(kClassTile, std::max<int64_t>(C, 1));
     row_tile = std::min<int64_t>(kMaxRowTile, std::max<int64_t>(16, ceil_div(ceil_div(rows, 16), 8) * 8));
   }
@@ -121,11 +139,27 @@ struct Heads {
 
   Tensor head(int64_t r0) const { return per_depth ? weight.select(0, r0 / N) : weight; }
 
+  bool half() const { return hidden2d.scalar_type() != kCompute; }
+  Tensor compute(const Tensor& t) const { return t.scalar_type() == kCompute ? t : t.to(kCompute); }
+
+  // out = A B, or out += A B (accumulate); out is T, A / B tiles of T or of the 16-bit storage.
+  void gemm(Tensor out, const Tensor& A, const Tensor& B, bool accumulate = false) const {
+    if (native16) {
+      const auto storage = hidden2d.scalar_type();
+      const Tensor P = at::mm(A.to(storage), B.to(storage));
+      accumulate ? out.add_(P) : out.copy_(P);
+    } else if (accumulate) {
+      out.addmm_(compute(A), compute(B));
+    } else {
+      at::mm_out(out, compute(A), compute(B));
+    }
+  }
+
   // The prologue of every class-tiled pass: logits tile H[r0:r0+m] W[c0:c0+ct]^T plus bias,
   // computed into `slot` (at least m * ct elements).
   Tensor logits(const Tensor& slot, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
     Tensor S = slot.narrow(0, 0, m * ct).view({m, ct});
-    at::mm_out(S, hidden2d.narrow(0, r0, m), head(r0).narrow(0, c0, ct).t());
+    gemm(S, hidden2d.narrow(0, r0, m), head(r0).narrow(0, c0, ct).t());
     add_bias(S.data_ptr<T>(), r0, m, c0, ct);
     return S;
   }

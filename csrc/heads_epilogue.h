@@ -1,6 +1,7 @@
 // Vectorised row epilogues shared by the depth-head kernels (heads_*.cpp).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
@@ -10,6 +11,12 @@ namespace udn_heads {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
+
+// The dtype the kernels compute in: float for 16-bit storage (bfloat16 / float16), else the input's.
+inline at::ScalarType compute_type(const at::Tensor& hidden) {
+  const auto t = hidden.scalar_type();
+  return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
+}
 
 // max(a, b) that returns NaN if either is NaN (std::max(a, NaN) is a: it would drop a NaN logit).
 template <typename T>

@@ -56,7 +56,7 @@ template <typename T>
 void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
   const auto blocks = p.row_blocks(p.row_tile);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
-    Tensor buf = at::empty({p.row_tile * p.class_tile}, p.hidden2d.options());
+    Tensor buf = at::empty({p.row_tile * p.class_tile}, p.opts);
     for (int64_t bi = b0; bi < b1; ++bi) {
       RowState<T> state(blocks[bi].first, blocks[bi].second - blocks[bi].first);
       for (int64_t c0 = 0; c0 < p.C; c0 += p.class_tile) {

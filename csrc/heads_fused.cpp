@@ -62,13 +62,13 @@ void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
   if (out.d_weight.defined()) out.d_weight.zero_();
   if (out.d_bias) std::fill(out.d_bias, out.d_bias + out.bias_numel, T(0));
   out.sq_sums.assign(out.d_noise ? p.C : 0, T(0));
-  const auto options = p.hidden2d.options();
-  Tensor buf = at::empty({group_rows * p.C}, options);
   // A shared head's mixture group gathers its hidden rows, so each class tile takes one GEMM per
-  // product for the whole group; dH goes through dhbuf and is scattered back.
-  const bool gathered = mix && !p.per_depth && p.L > 1;
-  Tensor hbuf = gathered ? at::empty({group_rows, p.D}, options) : Tensor();
-  Tensor dhbuf = gathered && out.d_hidden2d.defined() ? at::empty({group_rows, p.D}, options) : Tensor();
+  // product for the whole group; dH goes through dhbuf and is scattered back. 16-bit storage
+  // gathers every group too: the rows are cast once per group and dH accumulates in T.
+  const bool gathered = (mix && !p.per_depth && p.L > 1) || p.half();
+  Tensor hbuf = gathered ? at::empty({group_rows, p.D}, p.opts) : Tensor();
+  Tensor dhbuf = gathered && out.d_hidden2d.defined() ? at::empty({group_rows, p.D}, p.opts) : Tensor();
+  Tensor buf = at::empty({group_rows * p.C}, p.opts);
 
   for (const auto& blocks : groups) {
     std::vector<int64_t> row0(blocks.size() + 1, 0);  // block b: buffer rows [row0[b], row0[b + 1])
@@ -79,22 +79,25 @@ void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
       const int64_t c0 = ci * p.class_tile;
       return buf.narrow(0, c0 * rows, rows * std::min(p.class_tile, p.C - c0)).view({rows, -1});
     };
+    if (gathered)
+      for (size_t b = 0; b < blocks.size(); ++b)
+        hbuf.narrow(0, row0[b], row0[b + 1] - row0[b]).copy_(p.hidden2d.narrow(0, blocks[b].first, row0[b + 1] - row0[b]));
+    // hidden rows [r0, r0 + m) at buffer row i0, and where their dH goes
+    auto rows_of = [&](int64_t r0, int64_t i0, int64_t m) {
+      return gathered ? hbuf.narrow(0, i0, m) : p.hidden2d.narrow(0, r0, m);
+    };
+    auto dh_of = [&](int64_t r0, int64_t i0, int64_t m) {
+      if (!out.d_hidden2d.defined()) return Tensor();
+      return gathered ? dhbuf.narrow(0, i0, m) : out.d_hidden2d.narrow(0, r0, m);
+    };
     std::vector<Operand> operands;
     if (!p.per_depth) {
-      Tensor H = p.hidden2d.narrow(0, blocks[0].first, rows), dH;
-      if (gathered) {
-        for (size_t b = 0; b < blocks.size(); ++b)
-          hbuf.narrow(0, row0[b], row0[b + 1] - row0[b]).copy_(p.hidden2d.narrow(0, blocks[b].first, row0[b + 1] - row0[b]));
-        H = hbuf.narrow(0, 0, rows);
-      }
-      if (out.d_hidden2d.defined())
-        dH = gathered ? dhbuf.narrow(0, 0, rows) : out.d_hidden2d.narrow(0, blocks[0].first, rows);
-      operands.push_back({0, rows, H, p.weight, dH, out.d_weight});
+      operands.push_back({0, rows, rows_of(blocks[0].first, 0, rows), p.weight, dh_of(blocks[0].first, 0, rows),
+                          out.d_weight});
     } else {
       for (size_t b = 0; b < blocks.size(); ++b) {
         const int64_t r0 = blocks[b].first, m = row0[b + 1] - row0[b];
-        operands.push_back({row0[b], m, p.hidden2d.narrow(0, r0, m), p.head(r0),
-                            out.d_hidden2d.defined() ? out.d_hidden2d.narrow(0, r0, m) : Tensor(),
+        operands.push_back({row0[b], m, rows_of(r0, row0[b], m), p.head(r0), dh_of(r0, row0[b], m),
                             out.d_weight.defined() ? out.d_weight.select(0, r0 / p.N) : Tensor()});
       }
     }
@@ -104,8 +107,7 @@ void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
         const int64_t c0 = ci * p.class_tile, ct = std::min(p.class_tile, p.C - c0);
         Tensor S = slab(ci);
         for (const Operand& op : operands) {
-          Tensor S_op = S.narrow(0, op.row0, op.m);
-          at::mm_out(S_op, op.H, op.W.narrow(0, c0, ct).t());
+          p.gemm(S.narrow(0, op.row0, op.m), op.H, op.W.narrow(0, c0, ct).t());
         }
         for (size_t b = 0; b < blocks.size(); ++b)
           p.add_bias(S.data_ptr<T>() + row0[b] * ct, blocks[b].first, row0[b + 1] - row0[b], c0, ct);
@@ -138,7 +140,7 @@ void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
           backward_epilogue(p, grad, aux, S.data_ptr<T>() + row0[b] * ct, blocks[b].first, row0[b + 1] - row0[b], c0,
                             ct, out);
         for (const Operand& op : operands)
-          if (op.dW.defined()) op.dW.narrow(0, c0, ct).addmm_(S.narrow(0, op.row0, op.m).t(), op.H);
+          if (op.dW.defined()) p.gemm(op.dW.narrow(0, c0, ct), S.narrow(0, op.row0, op.m).t(), op.H, true);
       }
     });
 
@@ -148,10 +150,7 @@ void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
       for (int64_t ci = 0; ci < nctiles; ++ci) {
         const int64_t c0 = ci * p.class_tile;
         Tensor G = slab(ci).narrow(0, op.row0, op.m), W_t = op.W.narrow(0, c0, G.size(1));
-        if (ci == 0)
-          at::mm_out(dH, G, W_t);
-        else
-          dH.addmm_(G, W_t);
+        p.gemm(dH, G, W_t, ci > 0);
       }
     }
     if (gathered)

@@ -7,6 +7,10 @@
 #include "heads_common.h"
 
 #include <array>
+#include <chrono>
+#include <cstdlib>
+#include <mutex>
+#include <string>
 #include <tuple>
 
 namespace {
@@ -14,11 +18,31 @@ namespace {
 using at::Tensor;
 using namespace udn_heads;
 
-// loglik [L, N] and aux (categorical logsumexp [L, N], Gaussian empty).
+// The small inputs (bias, noise_std, a Gaussian target) in the compute dtype: the kernels read them
+// through T pointers. hidden and weight stay in their storage dtype (cast per tile).
+c10::optional<Tensor> to_compute(const c10::optional<Tensor>& t, at::ScalarType dtype) {
+  if (!t.has_value() || !t->defined()) return t;
+  return t->to(dtype);
+}
+
+// An op's bias, target and noise_std as the kernels read them (alive as long as the Heads pointing
+// into them).
+struct ComputeArgs {
+  c10::optional<Tensor> bias, noise_std;
+  Tensor target;
+  ComputeArgs(const Tensor& hidden, const c10::optional<Tensor>& bias_, const Tensor& target_,
+              const c10::optional<Tensor>& noise_std_, bool gaussian) {
+    const auto dtype = compute_type(hidden);
+    bias = to_compute(bias_, dtype), noise_std = to_compute(noise_std_, dtype);
+    target = gaussian ? target_.to(dtype) : target_;
+  }
+};
+
+// loglik [L, N] and aux (categorical logsumexp [L, N], Gaussian empty), in the compute dtype.
 std::tuple<Tensor, Tensor> forward_outputs(const Tensor& hidden, bool gaussian) {
   const int64_t L = hidden.size(0), N = hidden.size(1);
-  return {at::empty({L, N}, hidden.options()),
-          gaussian ? at::empty({0}, hidden.options()) : at::empty({L, N}, hidden.options())};
+  const auto options = hidden.options().dtype(compute_type(hidden));
+  return {at::empty({L, N}, options), gaussian ? at::empty({0}, options) : at::empty({L, N}, options)};
 }
 
 template <typename T>
@@ -29,19 +53,30 @@ T* aux_ptr(Tensor& aux, bool gaussian) {
 // Gradient outputs, uninitialised (every path writes all the wanted ones). grad_mask says which of
 // (d_hidden, d_weight, d_bias, d_noise_std) are wanted: the others come back empty and are never
 // computed (their GEMMs never issued); d_bias / d_noise are empty when the input is None.
+// 16-bit storage: the kernels accumulate d_weight, d_bias, d_noise (and the small-C path's d_hidden)
+// in float, and stored() casts them to the storage dtype; the class-tiled pass writes a 16-bit
+// d_hidden itself, group by group from a float buffer.
 struct GradTensors {
   Tensor d_hidden, d_weight, d_bias, d_noise;
   bool has_hidden, has_weight, has_bias, has_noise;
+  at::ScalarType storage;
   GradTensors(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
               const c10::optional<Tensor>& noise_std, bool gaussian, std::array<bool, 4> grad_mask)
-      : has_hidden(grad_mask[0]), has_weight(grad_mask[1]) {
+      : has_hidden(grad_mask[0]), has_weight(grad_mask[1]), storage(hidden.scalar_type()) {
     has_bias = grad_mask[2] && bias.has_value() && bias->defined();
     has_noise = grad_mask[3] && gaussian && noise_std.has_value() && noise_std->defined();
+    const auto acc = hidden.options().dtype(compute_type(hidden));
+    const bool small = weight.size(-2) <= kSmallClasses;
     const auto empty = [&] { return at::empty({0}, hidden.options()); };
-    d_hidden = has_hidden ? at::empty_like(hidden) : empty();
-    d_weight = has_weight ? at::empty_like(weight) : empty();
-    d_bias = has_bias ? at::empty_like(*bias) : empty();
-    d_noise = has_noise ? at::empty_like(*noise_std) : empty();
+    d_hidden = has_hidden ? at::empty(hidden.sizes(), small ? acc : hidden.options()) : empty();
+    d_weight = has_weight ? at::empty(weight.sizes(), acc) : empty();
+    d_bias = has_bias ? at::empty(bias->sizes(), acc) : empty();
+    d_noise = has_noise ? at::empty(noise_std->sizes(), acc) : empty();
+  }
+
+  // The gradients in the storage dtype (a no-op for float32 / float64).
+  std::tuple<Tensor, Tensor, Tensor, Tensor> stored() const {
+    return {d_hidden.to(storage), d_weight.to(storage), d_bias.to(storage), d_noise.to(storage)};
   }
 
   bool any() const { return has_hidden || has_weight || has_bias || has_noise; }
@@ -71,7 +106,7 @@ udn::ArgChecks check_heads_args(const char* op, const Tensor& hidden, const Tens
   const int64_t N = hidden.size(1);
   if (gaussian) {
     check.tensor("target", target, dtype, {N, C});
-    check.optional("noise_std", noise_std, dtype, {C});
+    check.optional("noise_std", noise_std, dtype, {C});  // storage dtype; cast by the ops
   } else {
     check.tensor("target", target, at::kLong, {N});
   }
@@ -84,8 +119,9 @@ std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& 
                                             int64_t ignore_index) {
   check_heads_args("depth_loglik_fwd", hidden, weight, bias, target, noise_std, gaussian);
   auto [loglik, aux] = forward_outputs(hidden, gaussian);
-  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd", [&] {
-    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+  const ComputeArgs a(hidden, bias, target, noise_std, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(compute_type(hidden), "depth_loglik_fwd", [&] {
+    Heads<scalar_t> p(hidden, weight, a.bias, a.target, a.noise_std, gaussian, ignore_index);
     if (p.rows == 0) return;
     if (p.class_major)
       small_pass<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian), nullptr, nullptr);
@@ -101,11 +137,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
     int64_t ignore_index, std::array<bool, 4> grad_mask) {
   const auto check = check_heads_args("depth_loglik_bwd", hidden, weight, bias, target, noise_std, gaussian);
   const at::IntArrayRef L_N = hidden.sizes().slice(0, 2);
-  check.tensor("grad_loglik", grad_loglik, hidden.scalar_type(), L_N);
-  if (!gaussian) check.tensor("aux", aux, hidden.scalar_type(), L_N);  // the forward's logsumexp
+  check.tensor("grad_loglik", grad_loglik, compute_type(hidden), L_N);
+  if (!gaussian) check.tensor("aux", aux, compute_type(hidden), L_N);  // the forward's logsumexp
   GradTensors g(hidden, weight, bias, noise_std, gaussian, grad_mask);
-  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_bwd", [&] {
-    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+  const ComputeArgs a(hidden, bias, target, noise_std, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(compute_type(hidden), "depth_loglik_bwd", [&] {
+    Heads<scalar_t> p(hidden, weight, a.bias, a.target, a.noise_std, gaussian, ignore_index);
     if (p.rows == 0) return g.zero();
     if (!g.any()) return;
     Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
@@ -115,7 +152,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
     else
       backward_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), lse, out);
   });
-  return {g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
+  return g.stored();
 }
 
 // depth_loglik_fwd and depth_loglik_bwd(grad_loglik, ...) in one pass (see fused_impl).
@@ -124,17 +161,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_fwd_bwd(
     const c10::optional<Tensor>& noise_std, const Tensor& grad_loglik, bool gaussian, int64_t ignore_index,
     std::array<bool, 4> grad_mask) {
   const auto check = check_heads_args("depth_loglik_fwd_bwd", hidden, weight, bias, target, noise_std, gaussian);
-  check.tensor("grad_loglik", grad_loglik, hidden.scalar_type(), hidden.sizes().slice(0, 2));
+  check.tensor("grad_loglik", grad_loglik, compute_type(hidden), hidden.sizes().slice(0, 2));
   auto [loglik, aux] = forward_outputs(hidden, gaussian);
   GradTensors g(hidden, weight, bias, noise_std, gaussian, grad_mask);
-  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_fwd_bwd", [&] {
-    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+  const ComputeArgs a(hidden, bias, target, noise_std, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(compute_type(hidden), "depth_loglik_fwd_bwd", [&] {
+    Heads<scalar_t> p(hidden, weight, a.bias, a.target, a.noise_std, gaussian, ignore_index);
     if (p.rows == 0) return g.zero();
     Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
     fused_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), loglik.data_ptr<scalar_t>(),
                          aux_ptr<scalar_t>(aux, gaussian), out);
   });
-  return {loglik, aux, g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
+  auto [d_hidden, d_weight, d_bias, d_noise] = g.stored();
+  return {loglik, aux, d_hidden, d_weight, d_bias, d_noise};
 }
 
 // Mixture-mode NLL (see Mixture) and its head gradients in one pass (fused_impl): the logits of
@@ -145,12 +184,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_mixture_
     int64_t ignore_index, std::array<bool, 4> grad_mask) {
   const auto check =
       check_heads_args("depth_loglik_mixture_fwd_bwd", hidden, weight, bias, target, noise_std, gaussian);
-  check.tensor("log_weights", log_weights, hidden.scalar_type(), {hidden.size(0)});
-  check.tensor("row_scale", row_scale, hidden.scalar_type(), {hidden.size(1)});
+  check.tensor("log_weights", log_weights, compute_type(hidden), {hidden.size(0)});
+  check.tensor("row_scale", row_scale, compute_type(hidden), {hidden.size(1)});
   auto [loglik, aux] = forward_outputs(hidden, gaussian);
   GradTensors g(hidden, weight, bias, noise_std, gaussian, grad_mask);
-  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_loglik_mixture_fwd_bwd", [&] {
-    Heads<scalar_t> p(hidden, weight, bias, target, noise_std, gaussian, ignore_index);
+  const ComputeArgs a(hidden, bias, target, noise_std, gaussian);
+  AT_DISPATCH_FLOATING_TYPES(compute_type(hidden), "depth_loglik_mixture_fwd_bwd", [&] {
+    Heads<scalar_t> p(hidden, weight, a.bias, a.target, a.noise_std, gaussian, ignore_index);
     if (p.rows == 0) return g.zero();
     Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
     const Mixture<scalar_t> mix{log_weights.data_ptr<scalar_t>(), row_scale.data_ptr<scalar_t>()};
@@ -158,10 +198,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_mixture_
     scalar_t* lse = aux_ptr<scalar_t>(aux, gaussian);
     fused_impl<scalar_t>(p, nullptr, ll, lse, out, &mix);
   });
-  return {loglik, aux, g.d_hidden, g.d_weight, g.d_bias, g.d_noise};
+  auto [d_hidden, d_weight, d_bias, d_noise] = g.stored();
+  return {loglik, aux, d_hidden, d_weight, d_bias, d_noise};
 }
 
 }  // namespace
+
+namespace udn_heads {
+
+// Times a 256 x 256 x 512 tile GEMM both ways (best of 3 each, after a warm-up) on this CPU.
+static HalfGemm probe_half_gemm(at::ScalarType storage) {
+  const Tensor A = at::randn({256, 256}).to(storage), B = at::randn({512, 256}).to(storage);
+  Tensor S = at::empty({256, 512});
+  const auto best = [](auto&& f) {
+    double t = 1e30;
+    for (int i = 0; i < 4; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      f();
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (i > 0) t = std::min(t, dt);
+    }
+    return t;
+  };
+  const double native = best([&] { S.copy_(at::mm(A, B.t())); });
+  const double upcast = best([&] { at::mm_out(S, A.to(at::kFloat), B.to(at::kFloat).t()); });
+  return native < upcast ? HalfGemm::native : HalfGemm::upcast;
+}
+
+HalfGemm half_gemm(at::ScalarType storage) {
+  if (const char* env = std::getenv("UDN_KERNELS_HALF_GEMM")) {
+    const std::string v(env);
+    if (v == "native") return HalfGemm::native;
+    if (v == "upcast") return HalfGemm::upcast;
+    TORCH_CHECK(v.empty() || v == "auto", "UDN_KERNELS_HALF_GEMM: expected native, upcast or auto, got ", v);
+  }
+  static std::once_flag bf16_once, fp16_once;
+  static HalfGemm bf16 = HalfGemm::upcast, fp16 = HalfGemm::upcast;
+  if (storage == at::kBFloat16) {
+    std::call_once(bf16_once, [] { bf16 = probe_half_gemm(at::kBFloat16); });
+    return bf16;
+  }
+  std::call_once(fp16_once, [] { fp16 = probe_half_gemm(at::kHalf); });
+  return fp16;
+}
+
+std::string half_gemm_info() {
+  const auto name = [](HalfGemm g) { return g == HalfGemm::native ? "native" : "upcast"; };
+  return std::string("bfloat16:") + name(half_gemm(at::kBFloat16)) + ",float16:" + name(half_gemm(at::kHalf));
+}
+
+}  // namespace udn_heads
 
 TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
   m.def("depth_loglik_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "

@@ -127,7 +127,7 @@ void predict_impl(const Tensor& hidden, const Tensor& weight, const T* bias, boo
   const int64_t row_tile = one_tile ? std::clamp<int64_t>(kOneTileElems / ct_max, kOneTileMinRows, kRowTile) : kRowTile;
   const int64_t nblocks = (N + row_tile - 1) / row_tile;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    Tensor buf = at::empty({std::min(row_tile, N) * ct_max}, hidden.options());
+    Tensor buf = at::empty({std::min(row_tile, N) * ct_max}, hidden.options().dtype(compute_type(hidden)));
     std::vector<T> mx(row_tile), se(row_tile);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * row_tile, m = std::min(row_tile, N - n0);
@@ -136,13 +136,14 @@ void predict_impl(const Tensor& hidden, const Tensor& weight, const T* bias, boo
       std::fill(o1, o1 + m * C, T(0));
       if (o2) std::fill(o2, o2 + m * C, T(0));
       for (int64_t l = 0; l < L; ++l) {
-        const Tensor H = hidden.select(0, l).narrow(0, n0, m);
+        // 16-bit storage: this block's rows cast once per depth, each weight tile once per GEMM
+        const Tensor H = hidden.select(0, l).narrow(0, n0, m).to(compute_type(hidden));
         const Tensor Wl = per_depth ? weight.select(0, l) : weight;
         const T* bl = bias ? bias + (bias_per_depth ? l * C : 0) : nullptr;
         // logits tile of classes [c0, c0 + ct), bias not yet added
         auto tile = [&](int64_t c0, int64_t ct) {
           Tensor S = buf.narrow(0, 0, m * ct).view({m, ct});
-          at::mm_out(S, H, Wl.narrow(0, c0, ct).t());
+          at::mm_out(S, H, Wl.narrow(0, c0, ct).to(H.scalar_type()).t());
           return S.data_ptr<T>();
         };
         if (gaussian) {
@@ -201,26 +202,29 @@ std::tuple<Tensor, Tensor> depth_mixture_predict(const Tensor& hidden, const Ten
   const udn::ArgChecks check{"depth_mixture_predict"};
   const int64_t C = udn::check_heads_params(check, hidden, weight, bias, /*any_layout=*/true);
   const int64_t L = hidden.size(0), N = hidden.size(1);
-  check.tensor("log_weights", log_weights, hidden.scalar_type(), {L}, /*any_layout=*/true);
+  // 16-bit storage: computed in float (log_weights float too), outputs rounded once at the end
+  const auto dtype = compute_type(hidden);
+  check.tensor("log_weights", log_weights, dtype, {L}, /*any_layout=*/true);
   const bool has_bias = bias.has_value() && bias->defined();
   const bool has_noise = gaussian && noise_std.has_value() && noise_std->defined();
   if (has_noise) check.tensor("noise_std", *noise_std, hidden.scalar_type(), {C}, /*any_layout=*/true);
   // detached contiguous aliases: the tile GEMMs run on worker threads (no autograd there)
   const Tensor h = hidden.detach().contiguous(), wt = weight.detach().contiguous();
-  const Tensor b = has_bias ? bias->detach().contiguous() : Tensor();
-  Tensor out1 = at::empty({N, C}, hidden.options());
-  Tensor out2 = gaussian ? at::empty({N, C}, hidden.options()) : at::empty({0}, hidden.options());
-  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "depth_mixture_predict", [&] {
+  const Tensor b = has_bias ? bias->detach().to(dtype).contiguous() : Tensor();
+  const auto options = hidden.options().dtype(dtype);
+  Tensor out1 = at::empty({N, C}, options);
+  Tensor out2 = gaussian ? at::empty({N, C}, options) : at::empty({0}, options);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "depth_mixture_predict", [&] {
     const auto w = mixture_weights<scalar_t>(log_weights.detach());
-    const Tensor s2 = gaussian ? (has_noise ? noise_std->detach().reshape({C}).square().contiguous()
-                                            : at::ones({C}, hidden.options()))
+    const Tensor s2 = gaussian ? (has_noise ? noise_std->detach().reshape({C}).to(dtype).square().contiguous()
+                                            : at::ones({C}, options))
                                : Tensor();
     if (N > 0 && C > 0)
       predict_impl<scalar_t>(h, wt, has_bias ? b.data_ptr<scalar_t>() : nullptr, has_bias && b.dim() == 2, w,
                              gaussian, gaussian ? s2.data_ptr<scalar_t>() : nullptr, out1.data_ptr<scalar_t>(),
                              gaussian ? out2.data_ptr<scalar_t>() : nullptr);
   });
-  return {out1, out2};
+  return {out1.to(hidden.scalar_type()), out2.to(hidden.scalar_type())};
 }
 
 }  // namespace

@@ -121,11 +121,11 @@ SmallTile<T> small_logits(const Heads<T>& p, Tensor& buf, const SmallChunk& k) {
   const int64_t n = k.g * p.C * k.m;
   if (small_batched(p, k)) {
     Tensor S = buf.narrow(0, 0, n).view({k.g, p.C, k.m});
-    at::bmm_out(S, small_heads(p, k), small_hidden(p, p.hidden2d, k).transpose(1, 2));
+    at::bmm_out(S, small_heads(p, k), p.compute(small_hidden(p, p.hidden2d, k)).transpose(1, 2));
     return {S, S.data_ptr<T>(), p.C * k.m, k.m};
   }
   Tensor S = buf.narrow(0, 0, n).view({p.C, k.g * k.m});
-  at::mm_out(S, p.weight, p.hidden2d.narrow(0, k.l0 * p.N + k.n0, k.g * k.m).t());
+  at::mm_out(S, p.weight, p.compute(p.hidden2d.narrow(0, k.l0 * p.N + k.n0, k.g * k.m)).t());
   return {S, S.data_ptr<T>(), k.m, k.g * k.m};
 }
 
@@ -175,7 +175,7 @@ T gauss_grad_rows(T* x, const T* y, const T* g, T inv2, int64_t n) {
 // Gaussian targets class-major ([C, N]) so the epilogues vectorise over rows.
 template <typename T>
 Tensor small_target_t(const Heads<T>& p) {
-  return at::from_blob(const_cast<T*>(p.target_val), {p.N, p.C}, p.hidden2d.options()).t().contiguous();
+  return at::from_blob(const_cast<T*>(p.target_val), {p.N, p.C}, p.opts).t().contiguous();
 }
 
 // Forward epilogue of a chunk: adds the bias into S (class-major logits, in place) and writes
@@ -252,7 +252,7 @@ template <typename T>
 void small_backward_gemms(const Heads<T>& p, const SmallTile<T>& S, const SmallChunk& k, Tensor& d_hidden2d,
                           Tensor& d_weight) {
   if (small_batched(p, k)) {
-    Tensor H = small_hidden(p, p.hidden2d, k);
+    Tensor H = p.compute(small_hidden(p, p.hidden2d, k));
     if (d_hidden2d.defined()) {
       Tensor dH = small_hidden(p, d_hidden2d, k);
       at::bmm_out(dH, S.S.transpose(1, 2), small_heads(p, k));
@@ -278,10 +278,11 @@ void small_backward_gemms(const Heads<T>& p, const SmallTile<T>& S, const SmallC
       at::mm_out(dH, S.S.t(), p.weight);
     }
     if (!d_weight.defined()) return;
+    const Tensor H = p.compute(p.hidden2d.narrow(0, r0, m));
     if (r0 == 0)
-      at::mm_out(d_weight, S.S, p.hidden2d.narrow(0, r0, m));
+      at::mm_out(d_weight, S.S, H);
     else
-      d_weight.addmm_(S.S, p.hidden2d.narrow(0, r0, m));
+      d_weight.addmm_(S.S, H);
   }
 }
 
@@ -295,7 +296,7 @@ template <typename T>
 void small_pass(const Heads<T>& p, T* loglik, T* lse, const T* grad, Gradients<T>* out,
                 const Mixture<T>* mix) {
   const auto chunks = small_chunks(p, mix != nullptr);
-  Tensor buf = at::empty({std::min(kSmallChunkElems, std::max<int64_t>(1, p.L * p.C * p.N))}, p.hidden2d.options());
+  Tensor buf = at::empty({std::min(kSmallChunkElems, std::max<int64_t>(1, p.L * p.C * p.N))}, p.opts);
   const Tensor yt = p.gaussian ? small_target_t(p) : Tensor();
   const T* y = p.gaussian ? yt.data_ptr<T>() : nullptr;
   std::vector<T> g, row_sums, bias_sums, sq_sums;  // row_sums: [g, C, 2] per chunk

@@ -8,6 +8,10 @@
 
 #include "philox.h"
 
+namespace udn_heads {
+std::string half_gemm_info();  // heads_ops.cpp
+}
+
 #ifndef UDN_BUILD_FLAGS
 #define UDN_BUILD_FLAGS "unknown"
 #endif
@@ -16,7 +20,8 @@ TORCH_LIBRARY(udn_kernels_C, m) {
   m.def("build_info() -> str");
 }
 
-// "key=value" lines: the ISA compiled for, the Philox path taken on this CPU, the compile flags.
+// "key=value" lines: the ISA compiled for, the Philox path taken on this CPU, the heads' 16-bit GEMM
+// strategy chosen on this CPU (heads_common.h, HalfGemm), the compile flags.
 static std::string build_info() {
   std::string isa = "generic";
 #if defined(__AVX512F__)
@@ -28,7 +33,7 @@ static std::string build_info() {
 #if defined(UDN_PHILOX_AVX2)
   philox = udn::philox::detail::use_avx512() ? "avx512" : "avx2";
 #endif
-  return "isa=" + isa + "\nphilox=" + philox + "\nflags=" + UDN_BUILD_FLAGS;
+  return "isa=" + isa + "\nphilox=" + philox + "\nheads_half_gemm=" + udn_heads::half_gemm_info() + "\nflags=" + UDN_BUILD_FLAGS;
 }
 
 TORCH_LIBRARY_IMPL(udn_kernels_C, CompositeExplicitAutograd, m) {

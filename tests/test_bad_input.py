@@ -102,7 +102,7 @@ CASES = [
     ("noise_std with categorical", _heads(noise_std=1.0), ValueError, "noise_std"),
     # ---- heads: dtypes
     ("hidden int", _heads(hidden=H.long()), TypeError, "hidden"),
-    ("hidden float16", _heads(hidden=H.half()), TypeError, "hidden"),
+    ("hidden complex", _heads(hidden=H.to(torch.complex64)), TypeError, "hidden"),
     ("weight float64 vs float32", _heads(weight=W.double()), TypeError, "weight"),
     ("weight int", _heads(weight=W.int()), TypeError, "weight"),
     ("bias float64", _heads(bias=B.double()), TypeError, "bias"),

@@ -570,3 +570,37 @@ def threads(size: str, thread_counts=THREAD_COUNTS) -> list[Method]:
                            role="ours", group=gauss, threads=t),
                     Method(f"eager {gauss}", lambda: eager_gauss("sample", x, mu, rho), group=gauss, threads=t)]
     return methods
+
+
+# ---------------------------------------------------------------- mixed precision (docs/precision.md)
+def _heads_bf16_methods(L: int, N: int, D: int, C: int, shared: bool) -> list[Method]:
+    """Expected-mode fwd+bwd in bfloat16 (ours, the eager loop) and in float32 (the same values),
+    so one run gives bf16 vs eager bf16, and the peak memory of the bf16 path against ours in fp32."""
+    hidden = torch.randn(L, N, D)
+    weight = torch.randn(*((C, D) if shared else (L, C, D))) / math.sqrt(D)
+    bias = None if shared else torch.zeros(L, C)
+    target, log_w = torch.randint(0, C, (N,)), _depth_log_weights(L)
+
+    def leaves(dtype):
+        return [None if x is None else x.to(dtype).requires_grad_() for x in (hidden, weight, bias)]
+
+    (h16, w16, b16), (h32, w32, b32) = leaves(torch.bfloat16), leaves(torch.float32)
+    return [Method("udn_kernels bf16", lambda: udn_kernels.depth_mixture_nll(h16, w16, b16, target, log_w),
+                   role="ours"),
+            Method("eager bf16", lambda: eager_heads_loss(h16, w16, b16, target, log_w)),
+            Method("udn_kernels fp32", lambda: udn_kernels.depth_mixture_nll(h32, w32, b32, target, log_w)),
+            Method("eager fp32", lambda: eager_heads_loss(h32, w32, b32, target, log_w))]
+
+
+@case("heads-small-bf16")
+def heads_small_bf16(quick: bool) -> list[Method]:
+    """heads-small (L=16, N=256, D=128, C=10, a head per depth) in bfloat16, with fp32 rows."""
+    L, N, D, C, _ = HEADS_SHAPES["heads-small"]
+    return _heads_bf16_methods(L, N, D, C, shared=False)
+
+
+@case("heads-lm-bf16")
+def heads_lm_bf16(quick: bool) -> list[Method]:
+    """heads-lm (L=4, N=2048, D=256, C=16384, shared head; quick: N=512, C=4096) in bfloat16, with fp32 rows."""
+    L, N, D, C, _ = HEADS_SHAPES["heads-lm"]
+    return _heads_bf16_methods(L, 512 if quick else N, D, 4096 if quick else C, shared=True)

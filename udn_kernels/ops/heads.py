@@ -24,7 +24,8 @@ from torch import Tensor
 from .. import _backend
 from .._formulas import mixture_grad
 from ._dispatch import op_caller, stage
-from .._checks import check_choice, check_float_tensor, check_same, check_shape, check_tensor, checks_values
+from .._checks import (accumulate_dtype, autocast_off, check_choice, check_float_tensor, check_same_device, check_shape,
+                       check_tensor, checks_values, compute_dtype)
 
 LIKELIHOODS = ("categorical", "gaussian")
 MODES = ("expected", "mixture")
@@ -35,13 +36,14 @@ LOGLIK_KERNELS = ("depth_loglik_fwd", "depth_loglik_bwd")
 
 
 def _aux_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """Log-likelihoods, logsumexps and losses of a ``dtype`` computation (float32 for 16-bit)."""
+    return accumulate_dtype(dtype) if dtype != torch.float32 else torch.float32
 
 
 def _loglik_fwd_impl(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend):
     loglik, aux = _backend.kernel(backend, "depth_loglik_fwd")(hidden, weight, bias, target, noise_std,
                                                                gaussian, ignore_index)
-    return loglik, aux
+    return loglik.to(_aux_dtype(hidden.dtype)), aux  # Triton writes 16-bit log-likelihoods
 
 
 @torch.library.custom_op("udn_kernels::depth_loglik_fwd", mutates_args=())
@@ -55,7 +57,8 @@ def _loglik_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
 def _(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend):
     L, N = hidden.shape[0], hidden.shape[1]
     aux_shape = (0,) if gaussian else (L, N)
-    return hidden.new_empty((L, N)), hidden.new_empty(aux_shape, dtype=_aux_dtype(hidden.dtype))
+    acc = _aux_dtype(hidden.dtype)
+    return hidden.new_empty((L, N), dtype=acc), hidden.new_empty(aux_shape, dtype=acc)
 
 
 def _loglik_bwd_impl(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
@@ -103,6 +106,8 @@ def _setup_context(ctx, inputs, output):
 def _gaussian_target_grad(grad, hidden, weight, bias, target, noise_std):
     """``d/d target`` of the Gaussian log-likelihood: ``-sum_l g_l (y - mu_l) / s^2`` (O(N·C) memory)."""
     L, N, D = hidden.shape
+    hidden, weight = hidden.to(grad.dtype), weight.to(grad.dtype)  # 16-bit inputs: float32, as the kernels
+    bias = None if bias is None else bias.to(grad.dtype)
     gh = grad[:, :, None] * hidden
     if weight.dim() == 2:
         weighted_mean = gh.sum(0) @ weight.t()
@@ -122,8 +127,9 @@ def _backward(ctx, grad_loglik, grad_aux):
     grads = [None] * 4
     if any(grad_mask):
         bwd = stage(ctx, _loglik_bwd, _loglik_bwd_impl)
-        grads = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, ctx.gaussian, ctx.ignore_index,
-                    grad_mask, ctx.backend)
+        with autocast_off(hidden.device):  # a backward run inside an autocast region
+            grads = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, ctx.gaussian, ctx.ignore_index,
+                        grad_mask, ctx.backend)
     d_hidden, d_weight, d_bias, d_noise = (g if want else None for g, want in zip(grads, grad_mask))
     d_target = None
     if ctx.gaussian and needs[3]:
@@ -141,10 +147,12 @@ def _loglik_dot_impl(hidden, weight, bias, target, noise_std, coef, log_weights,
     if log_weights is None:
         loglik, _, d_hidden, d_weight, d_bias, d_noise = _backend.kernel(backend, "depth_loglik_fwd_bwd")(
             hidden, weight, bias, target, noise_std, coef.contiguous(), gaussian, ignore_index, grad_mask)
+        loglik = loglik.to(coef.dtype)
         return (coef * loglik).sum(), loglik, d_hidden, d_weight, d_bias, d_noise
     loglik, _, d_hidden, d_weight, d_bias, d_noise = _backend.kernel(backend, "depth_loglik_mixture_fwd_bwd")(
         hidden, weight, bias, target, noise_std, log_weights.contiguous(), coef.contiguous(), gaussian,
         ignore_index, grad_mask)
+    loglik = loglik.to(coef.dtype)
     total = -(coef * torch.logsumexp(log_weights[:, None] + loglik, dim=0)).sum()
     return total, loglik, d_hidden, d_weight, d_bias, d_noise
 
@@ -166,7 +174,8 @@ def _loglik_dot(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
 @_loglik_dot.register_fake
 def _(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, grad_mask, backend):
     L, N = hidden.shape[0], hidden.shape[1]
-    return ((hidden.new_empty(()), hidden.new_empty((L, N)))
+    acc = _aux_dtype(hidden.dtype)
+    return ((hidden.new_empty((), dtype=acc), hidden.new_empty((L, N), dtype=acc))
             + _empty_grads(hidden, weight, bias, noise_std, grad_mask))
 
 
@@ -228,13 +237,13 @@ def _check_head(hidden, weight, bias):
     """Checks ``hidden``, ``weight`` and ``bias`` agree; returns ``(L, N, D, C)``."""
     check_float_tensor("hidden", hidden, ndim=3)
     L, N, D = hidden.shape
-    check_tensor("weight", weight, ndim=(2, 3))
-    check_same("hidden", hidden, weight=weight)
+    check_float_tensor("weight", weight, ndim=(2, 3))
+    check_same_device("hidden", hidden, weight=weight)
     C = weight.shape[-2]
     check_shape("weight", weight, (C, D) if weight.dim() == 2 else (L, C, D))
     if bias is not None:
-        check_tensor("bias", bias, ndim=(1, 2))
-        check_same("hidden", hidden, bias=bias)
+        check_float_tensor("bias", bias, ndim=(1, 2))
+        check_same_device("hidden", hidden, bias=bias)
         check_shape("bias", bias, (C,) if bias.dim() == 1 else (L, C))
     return L, N, D, C
 
@@ -247,8 +256,8 @@ def _validate_heads(hidden, weight, bias, target, likelihood, noise_std, ignore_
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     if gaussian:
-        check_tensor("target", target, ndim=2)
-        check_same("hidden", hidden, target=target)
+        check_float_tensor("target", target, ndim=2)
+        check_same_device("hidden", hidden, target=target)
         check_shape("target", target, (N, C))
         noise_std = _normalise_noise_std(noise_std, hidden, C)
     else:
@@ -258,8 +267,17 @@ def _validate_heads(hidden, weight, bias, target, likelihood, noise_std, ignore_
         check_shape("target", target, (N,))
         if noise_std is not None:
             raise ValueError("noise_std: only used with likelihood='gaussian', expected None")
-    return hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), \
-        target.contiguous(), noise_std, gaussian
+    dtype = compute_dtype(hidden.device, hidden=hidden, weight=weight, bias=bias,
+                          target=target if gaussian else None, noise_std=noise_std)
+    cast = _caster(dtype)
+    return cast(hidden), cast(weight), cast(bias), target.contiguous() if not gaussian else cast(target), \
+        cast(noise_std), gaussian
+
+
+def _caster(dtype):
+    """Tensor -> contiguous ``dtype`` tensor (None stays None): the inputs of a computation in ``dtype``
+    (docs/precision.md). Autograd casts each gradient back to its input's dtype."""
+    return lambda t: None if t is None else t.to(dtype).contiguous()
 
 
 def _check_targets(target, num_classes, ignore_index, gaussian, backend):
@@ -292,8 +310,8 @@ def _normalise_noise_std(noise_std, hidden, C):
     if not isinstance(noise_std, torch.Tensor):
         raise TypeError(f"noise_std: expected a positive float or a [C] tensor, got "
                         f"{type(noise_std).__name__}")
-    check_tensor("noise_std", noise_std, ndim=(0, 1))
-    check_same("hidden", hidden, noise_std=noise_std)
+    check_float_tensor("noise_std", noise_std, ndim=(0, 1))
+    check_same_device("hidden", hidden, noise_std=noise_std)
     if noise_std.dim() == 1:
         check_shape("noise_std", noise_std, (C,))
     if checks_values(noise_std) and not bool((noise_std > 0).all()):
@@ -309,12 +327,14 @@ def depth_loglik(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     ``bias`` None, ``[C]`` or ``[L, C]``. Categorical: ``target`` int64 ``[N]`` class indices,
     rows equal to ``ignore_index`` give 0. Gaussian: ``target`` float ``[N, C]`` and ``noise_std``
     a positive float (default 1, no gradient) or a ``[C]`` / 0-d tensor (differentiable).
-    Never materialises the ``[L, N, C]`` logits.
+    Never materialises the ``[L, N, C]`` logits. Dtypes: docs/precision.md (16-bit inputs give
+    float32 log-likelihoods).
     """
     hidden, weight, bias, target, noise_std, gaussian = _validate_heads(
         hidden, weight, bias, target, likelihood, noise_std, ignore_index)
     backend = _choose(hidden, weight, target, gaussian, ignore_index, *LOGLIK_KERNELS)
-    loglik, _ = _loglik(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend)
+    with autocast_off(hidden.device):
+        loglik, _ = _loglik(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend)
     return loglik
 
 
@@ -338,7 +358,7 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     hidden, weight, bias, target, noise_std, gaussian = _validate_heads(
         hidden, weight, bias, target, likelihood, noise_std, ignore_index)
     check_float_tensor("log_weights", log_weights, ndim=1)
-    check_same("hidden", hidden, log_weights=log_weights)
+    log_weights = _log_weights_in(log_weights, hidden)
     check_shape("log_weights", log_weights, (hidden.shape[0],))
     if mode == "mixture" and checks_values(log_weights) and not bool(torch.isfinite(log_weights).any()):
         raise ValueError("log_weights: mode='mixture' needs at least one finite log-weight, got all -inf")
@@ -346,7 +366,8 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
         return _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights, mode,
                                     reduction, ignore_index)
     backend = _choose(hidden, weight, target, gaussian, ignore_index, *LOGLIK_KERNELS)
-    loglik, _ = _loglik(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend)
+    with autocast_off(hidden.device):
+        loglik, _ = _loglik(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend)
     if mode == "expected":
         loss = -(torch.exp(log_weights) @ loglik)
     else:
@@ -402,6 +423,7 @@ def _predict_backward(ctx, grad1, grad2):
     needs = ctx.needs_input_grad
     want_hidden, want_weight, want_bias, want_lw = needs[0], needs[1], needs[2] and bias is not None, needs[3]
     w = torch.softmax(log_weights, dim=0)
+    w_h = w.to(hidden.dtype)  # 16-bit inputs: the per-depth products in their dtype, as eager
     per_depth = weight.dim() == 3
     d_hidden = torch.empty_like(hidden) if want_hidden else None
     d_weight = (torch.empty_like(weight) if per_depth else torch.zeros_like(weight)) if want_weight else None
@@ -418,13 +440,13 @@ def _predict_backward(ctx, grad1, grad2):
         bl = None if bias is None else (bias[depth] if bias.dim() == 2 else bias)
         z = torch.nn.functional.linear(h, wl, bl)
         if gaussian:
-            dz = w[depth] * (g_mean + 2.0 * g_var * z)
-            d_w.append((g_mean * z + g_var * z * z).sum())
+            dz = w_h[depth] * (g_mean + 2.0 * g_var * z)
+            d_w.append((g_mean * z + g_var * z * z).sum(dtype=w.dtype))
         else:
             p = torch.softmax(z, dim=-1)
             gp = (grad1 * p).sum(-1, keepdim=True)
-            dz = w[depth] * p * (grad1 - gp)
-            d_w.append(gp.sum())
+            dz = w_h[depth] * p * (grad1 - gp)
+            d_w.append(gp.sum(dtype=w.dtype))
         if want_hidden:
             d_hidden[depth] = dz @ wl
         if want_weight:
@@ -468,7 +490,7 @@ def _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_
         valid = torch.ones(N, dtype=torch.bool, device=hidden.device)
     else:
         valid = target != ignore_index
-    scale = valid.to(hidden.dtype)
+    scale = valid.to(log_weights.dtype)
     count = valid.sum()
     if reduction == "mean":
         scale = scale / count.clamp(min=1)
@@ -481,8 +503,9 @@ def _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_
     # decided here, at forward: the gradients the backward will be asked for
     grad_mask = _grad_mask(hidden, weight, bias, noise_std, [x is not None and x.requires_grad
                                                              for x in (hidden, weight, bias, noise_std)])
-    total = _loglik_dot_call(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index,
-                             grad_mask, backend)[0]
+    with autocast_off(hidden.device):
+        total = _loglik_dot_call(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian,
+                                 ignore_index, grad_mask, backend)[0]
     if reduction == "mean":  # no kept row: NaN like F.cross_entropy (and like the eager path)
         total = torch.where(count > 0, total, torch.full_like(total, math.nan))
     return total
@@ -501,14 +524,23 @@ def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     gaussian = likelihood == "gaussian"
     L, N, D, C = _check_head(hidden, weight, bias)
     check_float_tensor("log_weights", log_weights, ndim=1)
-    check_same("hidden", hidden, log_weights=log_weights)
     check_shape("log_weights", log_weights, (L,))
     if gaussian:
         noise_std = _normalise_noise_std(noise_std, hidden, C)
     elif noise_std is not None:
         raise ValueError("noise_std: only used with likelihood='gaussian', expected None")
+    cast = _caster(compute_dtype(hidden.device, hidden=hidden, weight=weight, bias=bias, noise_std=noise_std))
+    hidden, weight, bias, noise_std = cast(hidden), cast(weight), cast(bias), cast(noise_std)
+    log_weights = _log_weights_in(log_weights, hidden)
     backend = _backend.choose(hidden.device, "depth_mixture_predict")
-    out1, out2 = _predict_call(hidden.contiguous(), weight.contiguous(),
-                               None if bias is None else bias.contiguous(), log_weights.contiguous(), gaussian,
-                               noise_std, backend)
+    with autocast_off(hidden.device):
+        out1, out2 = _predict_call(hidden, weight, bias, log_weights, gaussian, noise_std, backend)
     return (out1, out2) if gaussian else out1
+
+
+def _log_weights_in(log_weights, hidden):
+    """``log_weights`` for heads computed in ``hidden.dtype`` (inputs already cast): float32 beside
+    16-bit inputs; otherwise hidden's dtype (float32 beside float64 is a TypeError)."""
+    check_same_device("hidden", hidden, log_weights=log_weights)
+    compute_dtype(hidden.device, hidden=hidden, log_weights=log_weights)
+    return log_weights.to(accumulate_dtype(hidden.dtype)).contiguous()

@@ -1,7 +1,9 @@
 """Reference (eager PyTorch) depth-head kernels: the oracle for the CPU and Triton kernels.
 
 Signatures as docs/internals.md ("Depth heads"). Loops over depths so at most one ``[N, C]``
-logits matrix is alive; computes in the input dtype (float64 in, float64 out).
+logits matrix is alive; computes in the input dtype (float64 in, float64 out), 16-bit inputs in
+float32: log-likelihoods, logsumexps and predictions in float32, gradients rounded once to the
+inputs' dtype.
 """
 from __future__ import annotations
 
@@ -21,13 +23,15 @@ def _head(weight: torch.Tensor, bias: torch.Tensor | None, depth: int):
     return w, b
 
 
-def _logits(hidden, weight, bias, depth):
-    w, b = _head(weight, bias, depth)
-    return torch.nn.functional.linear(hidden[depth], w, b)
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(hidden, weight, bias, depth):
+    """Depth ``depth``'s logits in the accumulation dtype (16-bit inputs: one float32 head at a time)."""
+    acc = _acc_dtype(hidden.dtype)
+    w, b = _head(weight, bias, depth)
+    return torch.nn.functional.linear(hidden[depth].to(acc), w.to(acc), None if b is None else b.to(acc))
 
 
 def _gaussian_loglik(mean, target, noise_std):
@@ -54,7 +58,7 @@ def depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian: bool, ig
             picked = logits.gather(1, safe[:, None])[:, 0]
             lls.append(torch.where(valid, picked - lse, torch.zeros_like(lse)))
             lses.append(lse)
-    loglik = torch.stack(lls).to(hidden.dtype)
+    loglik = torch.stack(lls)
     aux = torch.stack(lses) if lses else hidden.new_empty(0, dtype=acc)
     return loglik, aux
 
@@ -132,9 +136,9 @@ def depth_mixture_predict(hidden, weight, bias, log_weights, gaussian: bool, noi
             sq = w[depth] * out * out
             second = sq if second is None else second + sq
     if not gaussian:
-        return first, hidden.new_empty(0)
-    var_noise = 1.0 if noise_std is None else noise_std * noise_std
-    return first, var_noise + second - first * first
+        return first.to(hidden.dtype), hidden.new_empty(0)
+    var_noise = 1.0 if noise_std is None else noise_std.to(first.dtype) ** 2
+    return first.to(hidden.dtype), (var_noise + second - first * first).to(hidden.dtype)
 
 
 def fwd_bwd_from(fwd, bwd):
