@@ -36,8 +36,9 @@ from torch.nn.modules import module as nn_module
 import udn_kernels
 from .._checks import check_choice, check_float_tensor, check_same, check_samples
 from .depth import PositivePoisson, TruncatedPoisson
-from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear, StochasticLayer,
-                     VariationalDropoutLinear, _sample_axis_added, active_samples, sampling)
+from .conv import BernoulliConv2d, GaussianConv2d
+from .layers import (BernoulliLinear, GaussianLinear, StochasticLayer, VariationalDropoutLinear, _sample_axis_added,
+                     active_samples, sampling)
 
 LAYERS = ("deterministic", "gaussian", "bernoulli", "variational_dropout")
 
