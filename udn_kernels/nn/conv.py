@@ -120,7 +120,7 @@ class BernoulliConv2d(_StochasticConv2d):
             shape = x.shape[1:] if x_sampled else x.shape
             keep = rng.uniform(S * shape.numel(), seed, device=x.device) >= self.p
             x = x * (keep.to(x.dtype) / (1.0 - self.p)).view(S, *shape)
-            out = self._conv(x.flatten(0, 1), self.weight, None)
+            out = self._conv(x.flatten(0, 1), self.weight, self.bias)
             out = out.view(S, -1, *out.shape[1:])
         else:
             n_weights = S * self.weight.numel()
@@ -129,9 +129,8 @@ class BernoulliConv2d(_StochasticConv2d):
             else:
                 noise = _signs(n_weights, seed, x.device).to(x.dtype)
             weight = self.weight * noise.view(S, *self._weight_shape())
-            out = conv_per_sample(x, weight, x_sampled, self.stride, self.padding, self.dilation)
-        if self.bias is not None:
-            out = out + self.bias[:, None, None]
+            bias = None if self.bias is None else self.bias.expand(S, -1)
+            out = conv_per_sample(x, weight, bias, x_sampled, self.stride, self.padding, self.dilation)
         return out if samples is not None else out[0]
 
     def kl(self) -> torch.Tensor:

@@ -95,13 +95,11 @@ class _GaussianConv2d(torch.autograd.Function):
             out = noise.output_eps(std.shape[1:]).mul_(std).add_(mean.view_as(std))
         else:
             delta = noise.weight_eps()
+            bias = _draw(bias_mu, bias_sigma, noise.bias_eps())  # [S, O]
             if estimator == "sample":
-                out = conv_per_sample(x, _draw(weight_mu, sigma, delta), x_sampled, *conv)
+                out = conv_per_sample(x, _draw(weight_mu, sigma, delta), bias, x_sampled, *conv)
             else:
-                out = _flipout_forward(x, weight_mu, _draw(None, sigma, delta), noise, x_sampled, conv)
-            bias = _draw(bias_mu, bias_sigma, noise.bias_eps())
-            if bias is not None:
-                out = out.add_(bias[:, None, :, None, None])
+                out = _flipout_forward(x, weight_mu, _draw(None, sigma, delta), bias, noise, x_sampled, conv)
         ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, std)
         ctx.options = (seed, estimator, samples, x_sampled, softplus, conv)
         return out
@@ -120,62 +118,69 @@ class _GaussianConv2d(torch.autograd.Function):
             return _local_backward(grad, x, mu, rho, sigma, bias_rho, bias_sigma, std, noise, need, x_sampled,
                                    softplus, conv)
         eps = noise.weight_eps()
+        need_bias = need[3] or need[4]
         if estimator == "sample":
             weight = _draw(mu, sigma, eps.clone())
-            d_x, d_w = conv_per_sample_backward(grad, x, weight, x_sampled, *conv, need[0], need[1] or need[2])
-            d_mu = None if d_w is None else d_w.sum(0)
-            d_delta = d_w
+            d_x, d_delta, g_bias = conv_per_sample_backward(grad, x, weight, x_sampled, *conv, need[0],
+                                                            need[1] or need[2], need_bias)
+            d_mu = d_delta.sum(0) if need[1] else None
         else:
-            d_x, d_mu, d_delta = _flipout_backward(grad, x, mu, sigma * eps, noise, x_sampled, conv, need)
-        d_rho = None if not need[2] else _chain((d_delta * eps).sum(0), rho, softplus)
-        g_bias = grad.sum((1, 3, 4)) if need[3] or need[4] else None  # [S, O]
-        d_bias_mu = g_bias.sum(0) if need[3] else None
+            d_x, d_mu, d_delta, g_bias = _flipout_backward(grad, x, mu, sigma * eps, noise, x_sampled, conv, need)
+        d_rho = _chain((d_delta * eps).sum(0), rho, softplus) if need[2] else None
+        d_bias_mu = g_bias.sum(0) if need[3] else None  # g_bias: [S, O], the gradient of each draw's bias
         d_bias_rho = _chain((g_bias * noise.bias_eps()).sum(0), bias_rho, softplus) if need[4] else None
-        return d_x, d_mu if need[1] else None, d_rho, d_bias_mu, d_bias_rho, *(None,) * 6
+        return d_x, d_mu, d_rho, d_bias_mu, d_bias_rho, *(None,) * 6
 
 
-def _flipout_forward(x, mu, delta, noise: _Noise, x_sampled, conv) -> Tensor:
-    """``out[s, n] = conv(x_n, mu) + conv(x_n * sign_in[s, n], delta[s]) * sign_out[s, n]`` ``[S, N, O, H', W']``."""
+def _flipout_forward(x, mu, delta, bias, noise: _Noise, x_sampled, conv) -> Tensor:
+    """``out[s, n] = conv(x_n, mu) + conv(x_n * sign_in[s, n], delta[s]) * sign_out[s, n] + bias[s]``
+    ``[S, N, O, H', W']``."""
     sign_in, sign_out = noise.signs()
     S, n = noise.S, noise.n
     xs = x if x_sampled else x.expand(S, *x.shape)
     if _per_example(S * n * delta[0].numel(), xs.numel()):
         # sign_out[o] sign_in[c] delta[o, c] is the perturbation of example n's own kernel
         weight = (delta[:, None] * sign_out).mul_(sign_in).add_(mu)  # [S, N, O, C, kh, kw]
-        out = F.conv2d(xs.reshape(1, -1, *x.shape[-2:]), weight.flatten(0, 2), None, *conv, S * n)
+        flat_bias = None if bias is None else bias[:, None].expand(S, n, -1).reshape(-1)
+        out = F.conv2d(xs.reshape(1, -1, *x.shape[-2:]), weight.flatten(0, 2), flat_bias, *conv, S * n)
         return out.view(S, n, mu.shape[0], *out.shape[-2:])
     mean = F.conv2d(xs.flatten(0, 1) if x_sampled else x, mu, None, *conv)
-    perturbed = conv_per_sample(xs * sign_in.view(S, n, -1, 1, 1), delta, True, *conv)
-    return perturbed.mul_(sign_out.view(S, n, -1, 1, 1)).add_(mean.view(-1, *perturbed.shape[1:]))
+    perturbed = conv_per_sample(xs * sign_in.view(S, n, -1, 1, 1), delta, None, True, *conv)
+    out = perturbed.mul_(sign_out.view(S, n, -1, 1, 1)).add_(mean.view(-1, *perturbed.shape[1:]))
+    return out if bias is None else out.add_(bias[:, None, :, None, None])
 
 
 def _flipout_backward(grad, x, mu, delta, noise: _Noise, x_sampled, conv, need) -> tuple:
-    """``(d_x, d_mu, d_delta [S, O, C, kh, kw])`` of :func:`_flipout_forward` (None where not needed)."""
+    """``(d_x, d_mu, d_delta [S, O, C, kh, kw], d_bias [S, O])`` of :func:`_flipout_forward` (None
+    where not needed)."""
     sign_in, sign_out = noise.signs()
     S, n = noise.S, noise.n
     xs = x if x_sampled else x.expand(S, *x.shape)
-    need_w = need[1] or need[2]
+    need_w, need_bias = need[1] or need[2], need[3] or need[4]
     if _per_example(S * n * delta[0].numel(), xs.numel()):
         weight = (delta[:, None] * sign_out).mul_(sign_in).add_(mu)
-        d_xs, d_weight = conv_backward(grad.reshape(1, -1, *grad.shape[-2:]), xs.reshape(1, -1, *x.shape[-2:]),
-                                       weight.flatten(0, 2), *conv, need[0], need_w, S * n)
+        d_xs, d_weight, d_bias = conv_backward(grad.reshape(1, -1, *grad.shape[-2:]), xs.reshape(1, -1, *x.shape[-2:]),
+                                               weight.flatten(0, 2), *conv, need[0], need_w, need_bias, S * n)
         d_weight = None if d_weight is None else d_weight.view(weight.shape)
         d_mu = d_weight.sum((0, 1)) if need[1] else None
         d_delta = d_weight.mul_(sign_out).mul_(sign_in).sum(1) if need[2] else None
+        d_bias = None if d_bias is None else d_bias.view(S, n, -1).sum(1)
         if d_xs is None:
-            return None, d_mu, d_delta
+            return None, d_mu, d_delta, d_bias
         d_xs = d_xs.view(xs.shape)
-        return (d_xs if x_sampled else d_xs.sum(0)), d_mu, d_delta
+        return (d_xs if x_sampled else d_xs.sum(0)), d_mu, d_delta, d_bias
     # two convolutions: the mean part on x, the flipped perturbation on x * sign_in
     g_sum = grad.flatten(0, 1) if x_sampled else grad.sum(0)
-    d_mean_x, d_mu = conv_backward(g_sum, xs.flatten(0, 1) if x_sampled else x, mu, *conv, need[0], need[1])
+    d_mean_x, d_mu, _ = conv_backward(g_sum, xs.flatten(0, 1) if x_sampled else x, mu, *conv, need[0], need[1])
+    d_bias = grad.sum((1, 3, 4)) if need_bias else None
     sin = sign_in.view(S, n, -1, 1, 1)
-    d_flipped, d_delta = conv_per_sample_backward(grad * sign_out.view(S, n, -1, 1, 1), xs * sin, delta, True,
-                                                  *conv, need[0], need[2])
+    d_flipped, d_delta, _ = conv_per_sample_backward(grad * sign_out.view(S, n, -1, 1, 1), xs * sin, delta, True,
+                                                     *conv, need[0], need[2], False)
     if d_flipped is None:
-        return None, d_mu, d_delta
+        return None, d_mu, d_delta, d_bias
     d_flipped = d_flipped.mul_(sin)
-    return (d_flipped.add_(d_mean_x.view_as(x)) if x_sampled else d_flipped.sum(0).add_(d_mean_x)), d_mu, d_delta
+    d_x = d_flipped.add_(d_mean_x.view_as(x)) if x_sampled else d_flipped.sum(0).add_(d_mean_x)
+    return d_x, d_mu, d_delta, d_bias
 
 
 def _local_backward(grad, x, mu, rho, sigma, bias_rho, bias_sigma, std, noise: _Noise, need, x_sampled, softplus,
@@ -185,13 +190,12 @@ def _local_backward(grad, x, mu, rho, sigma, bias_rho, bias_sigma, std, noise: _
     d_var = (grad * noise.output_eps(std.shape[1:])).div_(std * 2).masked_fill_(std == 0, 0)
     g_mean, d_var = (grad.sum(0), d_var.sum(0)) if shared else (grad.flatten(0, 1), d_var.flatten(0, 1))
     xf = x.flatten(0, 1) if x_sampled else x
-    d_x, d_mu = conv_backward(g_mean, xf, mu, *conv, need[0], need[1])
-    d_x2, d_s2 = conv_backward(d_var, xf * xf, sigma * sigma, *conv, need[0], need[2])
+    d_x, d_mu, d_bias_mu = conv_backward(g_mean, xf, mu, *conv, need[0], need[1], need[3])
+    d_x2, d_s2, d_bias_var = conv_backward(d_var, xf * xf, sigma * sigma, *conv, need[0], need[2], need[4])
     if need[0]:
         d_x = d_x.add_(d_x2.mul_(xf).mul_(2)).view_as(x)
     d_rho = _chain(d_s2.mul_(sigma).mul_(2), rho, softplus) if need[2] else None
-    d_bias_mu = g_mean.sum((0, 2, 3)) if need[3] else None
-    d_bias_rho = _chain(d_var.sum((0, 2, 3)).mul_(bias_sigma).mul_(2), bias_rho, softplus) if need[4] else None
+    d_bias_rho = _chain(d_bias_var.mul_(bias_sigma).mul_(2), bias_rho, softplus) if need[4] else None
     return d_x, d_mu, d_rho, d_bias_mu, d_bias_rho, *(None,) * 6
 
 
