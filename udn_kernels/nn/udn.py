@@ -288,7 +288,7 @@ class UDN(nn.Module):
         Stem: ``relu(conv3x3(in -> channels))``; block ``l``: ``h + g(h) / sqrt(depth_scale)`` with
         ``g = conv3x3(relu(conv3x3(relu(h))))`` at constant width and resolution; the head of depth
         ``l`` reads the spatial mean of ``h_l`` (``[N, channels]``). ``layer`` picks ``nn.Conv2d`` or
-        the (eager, unfused) :class:`GaussianConv2d` / :class:`BernoulliConv2d` for every convolution.
+        :class:`GaussianConv2d` (estimator "sample") / :class:`BernoulliConv2d` for every convolution.
         """
         make = _conv_factory(layer, weight_prior_std, dict(layer_kwargs or {}))
 
