@@ -226,3 +226,31 @@ def test_bernoulli_conv_gradcheck_float64(mask):
         return torch.func.functional_call(layer, {"weight": w_, "bias": b_}, (x_,))
 
     assert torch.autograd.gradcheck(run, (x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_noise_comes_from_the_cpp_fills(estimator):
+    # Strict cpu backend: the Philox fills must be the C++ kernels (a fallback to the emulated
+    # reference raises FallbackError); the result matches the reference backend's.
+    mu, rho, bias_mu, bias_rho = [t.float().requires_grad_() for t in _params()]
+    x = torch.randn(2, 3, 9, 9)
+    outs = []
+    for backend, strict in (("cpu", True), ("reference", False)):
+        with udn_kernels.backend(backend, strict=strict):
+            out = udn_kernels.gaussian_conv2d(x, mu, rho, bias_mu, bias_rho, padding=1, estimator=estimator,
+                                              samples=2, seed=77, sigma_transform="softplus")
+            out.sum().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], **NORMAL_TOL)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_gaussian_conv_layers_chain_under_sampling(estimator):
+    # The second layer gets the first one's sample axis (input_has_samples) for every estimator.
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(unn.GaussianConv2d(2, 3, 3, padding=1, estimator=estimator), torch.nn.ReLU(),
+                                unn.GaussianConv2d(3, 2, 3, stride=2, estimator=estimator))
+    mean, per_sample = unn.mc_predict(torch.nn.Sequential(model, torch.nn.Flatten(-3)), torch.randn(4, 2, 6, 6),
+                                      samples=3, return_samples=True)
+    assert per_sample.shape == (3, 4, 2 * 2 * 2)  # 2 channels of 2x2
+    assert not torch.allclose(per_sample[0], per_sample[1])  # independent draws
