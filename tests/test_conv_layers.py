@@ -254,3 +254,19 @@ def test_gaussian_conv_layers_chain_under_sampling(estimator):
                                       samples=3, return_samples=True)
     assert per_sample.shape == (3, 4, 2 * 2 * 2)  # 2 channels of 2x2
     assert not torch.allclose(per_sample[0], per_sample[1])  # independent draws
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_runs_under_torch_compile(estimator):
+    # The op is a compile boundary (run eagerly behind a graph break): same output and gradients.
+    mu, rho, bias_mu, bias_rho = [t.float().requires_grad_() for t in _params()]
+    x = torch.randn(2, 3, 6, 6)
+
+    def loss(x_):
+        out = udn_kernels.gaussian_conv2d(x_, mu, rho, bias_mu, bias_rho, padding=1, estimator=estimator, seed=9,
+                                          sigma_transform="softplus")
+        return torch.relu(out).square().sum()
+
+    compiled, eager = torch.compile(loss)(x), loss(x)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(torch.autograd.grad(compiled, rho), torch.autograd.grad(eager, rho))

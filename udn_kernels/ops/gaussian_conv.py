@@ -249,6 +249,12 @@ def gaussian_conv2d(x: Tensor, weight_mu: Tensor, weight_sigma: Tensor, bias_mu:
                          f"got {tuple(x.shape)}")
     conv = (pair("stride", stride), pair("padding", padding), pair("dilation", dilation))
     params = [None if t is None else t.contiguous() for t in (weight_mu, weight_sigma, bias_mu, bias_sigma)]
-    out = _GaussianConv2d.apply(x, *params, int(resolve_seed(seed)), estimator, S, input_has_samples,
-                                sigma_transform == "softplus", conv)
+    out = _apply(x, *params, resolve_seed(seed), estimator, S, input_has_samples, sigma_transform == "softplus", conv)
     return out if samples is not None else out[0]
+
+
+# Not a torch.library custom op: torch.compile runs the op eagerly behind a graph break (the
+# Philox fills it calls have no fake kernels, and the seed is read as a Python int).
+@torch.compiler.disable
+def _apply(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed: Tensor, *options) -> Tensor:
+    return _GaussianConv2d.apply(x, weight_mu, weight_sigma, bias_mu, bias_sigma, int(seed), *options)
