@@ -81,7 +81,7 @@ def _per_example(flipout_weights: int, x_numel: int) -> bool:
 class _GaussianConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_mu, weight_rho, bias_mu, bias_rho, seed, estimator, samples, x_sampled,
-                softplus, conv):
+                softplus, conv, squeeze):
         ctx.set_materialize_grads(False)
         n = x.shape[1] if x_sampled else x.shape[0]
         noise = _Noise(seed, samples, weight_mu.shape, n, x)
@@ -101,15 +101,18 @@ class _GaussianConv2d(torch.autograd.Function):
             else:
                 out = _flipout_forward(x, weight_mu, _draw(None, sigma, delta), bias, noise, x_sampled, conv)
         ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, std)
-        ctx.options = (seed, estimator, samples, x_sampled, softplus, conv)
-        return out
+        ctx.options = (seed, estimator, samples, x_sampled, softplus, conv, squeeze)
+        # without samples=: the draw axis goes here, not in an indexing node whose backward would
+        # zero-fill and copy an output-sized gradient
+        return out[0] if squeeze else out
 
     @staticmethod
     def backward(ctx, grad):
         if grad is None:
-            return (None,) * 11
+            return (None,) * 12
         x, mu, rho, bias_mu, bias_rho, std = ctx.saved_tensors
-        seed, estimator, samples, x_sampled, softplus, conv = ctx.options
+        seed, estimator, samples, x_sampled, softplus, conv, squeeze = ctx.options
+        grad = grad.unsqueeze(0) if squeeze else grad
         need = ctx.needs_input_grad
         n = x.shape[1] if x_sampled else x.shape[0]
         noise = _Noise(seed, samples, mu.shape, n, x)
@@ -129,7 +132,7 @@ class _GaussianConv2d(torch.autograd.Function):
         d_rho = _chain((d_delta * eps).sum(0), rho, softplus) if need[2] else None
         d_bias_mu = g_bias.sum(0) if need[3] else None  # g_bias: [S, O], the gradient of each draw's bias
         d_bias_rho = _chain((g_bias * noise.bias_eps()).sum(0), bias_rho, softplus) if need[4] else None
-        return d_x, d_mu, d_rho, d_bias_mu, d_bias_rho, *(None,) * 6
+        return d_x, d_mu, d_rho, d_bias_mu, d_bias_rho, *(None,) * 7
 
 
 def _flipout_forward(x, mu, delta, bias, noise: _Noise, x_sampled, conv) -> Tensor:
@@ -196,7 +199,7 @@ def _local_backward(grad, x, mu, rho, sigma, bias_rho, bias_sigma, std, noise: _
         d_x = d_x.add_(d_x2.mul_(xf).mul_(2)).view_as(x)
     d_rho = _chain(d_s2.mul_(sigma).mul_(2), rho, softplus) if need[2] else None
     d_bias_rho = _chain(d_bias_var.mul_(bias_sigma).mul_(2), bias_rho, softplus) if need[4] else None
-    return d_x, d_mu, d_rho, d_bias_mu, d_bias_rho, *(None,) * 6
+    return d_x, d_mu, d_rho, d_bias_mu, d_bias_rho, *(None,) * 7
 
 
 def gaussian_conv2d(x: Tensor, weight_mu: Tensor, weight_sigma: Tensor, bias_mu: Optional[Tensor] = None,
@@ -249,8 +252,8 @@ def gaussian_conv2d(x: Tensor, weight_mu: Tensor, weight_sigma: Tensor, bias_mu:
                          f"got {tuple(x.shape)}")
     conv = (pair("stride", stride), pair("padding", padding), pair("dilation", dilation))
     params = [None if t is None else t.contiguous() for t in (weight_mu, weight_sigma, bias_mu, bias_sigma)]
-    out = _apply(x, *params, resolve_seed(seed), estimator, S, input_has_samples, sigma_transform == "softplus", conv)
-    return out if samples is not None else out[0]
+    return _apply(x, *params, resolve_seed(seed), estimator, S, input_has_samples, sigma_transform == "softplus", conv,
+                  samples is None)
 
 
 # Not a torch.library custom op: torch.compile runs the op eagerly behind a graph break (the
