@@ -161,57 +161,6 @@ def test_kl_terms_closed_form_and_model_sum():
     assert g.weight_rho.grad is not None and b.weight.grad is not None
 
 
-def _conv_weights(layer: unn.GaussianConv2d, seed: int, samples: int):
-    numel = layer.weight_mu.numel()
-    eps = philox.normal(samples * numel, seed).view(samples, *layer.weight_mu.shape).double()
-    beps = philox.normal(samples * layer.out_channels, seed, samples * numel).view(samples, -1).double()
-    return (layer.weight_mu + F.softplus(layer.weight_rho) * eps,
-            layer.bias_mu + F.softplus(layer.bias_rho) * beps)
-
-
-def test_gaussian_conv_chain_matches_per_sample_convolutions():
-    torch.manual_seed(5)
-    first = unn.GaussianConv2d(2, 3, 3, padding=1, init_sigma=0.2).double()
-    second = unn.GaussianConv2d(3, 2, 3, stride=2, init_sigma=0.2).double()
-    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
-    S = 3
-    seed1, seed2 = _next_seeds(9, 2)
-    torch.manual_seed(9)
-    with unn.sampling(S):
-        out = second(torch.relu(first(x)))
-    assert out.shape == (S, 2, 2, 2, 2)
-    w1, b1 = _conv_weights(first, seed1, S)
-    w2, b2 = _conv_weights(second, seed2, S)
-    for s in range(S):
-        h = torch.relu(F.conv2d(x, w1[s], b1[s], padding=1))
-        torch.testing.assert_close(out[s], F.conv2d(h, w2[s], b2[s], stride=2), **NORMAL_TOL)
-    assert first(x).shape == (2, 3, 6, 6)  # outside sampling(): one draw, no sample axis
-
-
-@pytest.mark.parametrize("mask", ["input", "weight", "symmetric"])
-def test_bernoulli_conv_layout(mask):
-    torch.manual_seed(6)
-    layer = unn.BernoulliConv2d(2, 3, 3, padding=1, p=0.3, mask=mask).double()
-    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
-    (seed,) = _next_seeds(12, 1)
-    torch.manual_seed(12)
-    with unn.sampling(2):
-        out = layer(x)
-    for s in range(2):
-        if mask == "input":
-            keep = (philox.uniform(2 * x.numel(), seed).view(2, *x.shape)[s] >= 0.3).double() / 0.7
-            expected = F.conv2d(x * keep, layer.weight, layer.bias, padding=1)
-        else:
-            n = layer.weight.numel()
-            if mask == "weight":
-                noise = (philox.uniform(2 * n, seed) >= 0.3).double() / 0.7
-            else:
-                noise = philox.sign_at(torch.arange(2 * n), seed).double()
-            weight = layer.weight * noise.view(2, *layer.weight.shape)[s]
-            expected = F.conv2d(x, weight, layer.bias, padding=1)
-        torch.testing.assert_close(out[s], expected)
-
-
 def test_deterministic_model_mc_predict_and_protocol_errors():
     model = nn.Linear(3, 4)
     x = torch.randn(5, 3)

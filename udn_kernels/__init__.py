@@ -3,6 +3,7 @@ from . import rng
 from ._backend import FallbackError, available_backends, backend
 from .ops.heads import depth_loglik, depth_mixture_nll, depth_mixture_predict
 from .ops.bernoulli_linear import bernoulli_linear
+from .ops.gaussian_conv import gaussian_conv2d
 from .ops.gaussian_linear import gaussian_linear
 from .ops.kl import gaussian_kl, log_uniform_kl
 

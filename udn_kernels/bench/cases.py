@@ -604,3 +604,37 @@ def heads_lm_bf16(quick: bool) -> list[Method]:
     """heads-lm (L=4, N=2048, D=256, C=16384, shared head; quick: N=512, C=4096) in bfloat16, with fp32 rows."""
     L, N, D, C, _ = HEADS_SHAPES["heads-lm"]
     return _heads_bf16_methods(L, 512 if quick else N, D, 4096 if quick else C, shared=True)
+
+
+# bnn-conv: batch, channels (in = out), image side; 3x3 kernels, padding 1
+CONV_SHAPES = {"full": (64, 64, 32), "quick": (32, 32, 16), "tiny": (2, 4, 6)}
+CONV_PEERS = {"sample": "Conv2dReparameterization", "flipout": "Conv2dFlipout"}
+
+
+@sized_case("bnn-conv")
+def bnn_conv(size: str) -> list[Method]:
+    """``nn.GaussianConv2d`` forward + backward with its KL (64 -> 64 channels, 3x3, batch 64,
+    32x32, input with grad as in a hidden layer) per estimator: sample vs bayesian-torch's
+    ``Conv2dReparameterization``, flipout vs ``Conv2dFlipout``, local alone (no peer)."""
+    batch, channels, side = CONV_SHAPES[size]
+    x = torch.randn(batch, channels, side, side, requires_grad=True)
+    peers = bayesian_torch()
+    methods = []
+    for estimator in ("sample", "flipout", "local"):
+        layer = udn_nn.GaussianConv2d(channels, channels, 3, padding=1, estimator=estimator)
+        group = f"conv {estimator}"
+        methods.append(Method(f"udn GaussianConv2d {estimator} + kl()", lambda layer=layer: layer(x).sum() + layer.kl(),
+                              role="ours", group=group))
+        if estimator not in CONV_PEERS:
+            continue
+        if peers is None:
+            methods.append(Method(f"bayesian-torch {CONV_PEERS[estimator]}", None, group=group, missing=NOT_INSTALLED))
+            continue
+        peer = getattr(peers[0], CONV_PEERS[estimator])(channels, channels, 3, padding=1)
+
+        def peer_loss(peer=peer):  # its documented use: forward returns the output and the layer's KL
+            out, kl = peer(x)
+            return out.sum() + kl
+
+        methods.append(Method(f"bayesian-torch {CONV_PEERS[estimator]} + kl", peer_loss, group=group))
+    return methods

@@ -5,8 +5,9 @@ prediction and :func:`mc_predict` (or ``UDN.predict(samples=S)``) for batched Mo
 prediction. The training loss of a UDN is ``-ELBO / n`` (docs/design.md, "Mathematics").
 """
 from .depth import PositivePoisson, TruncatedPoisson, poisson_quantile
-from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear, StochasticLayer,
-                     VariationalDropoutLinear, active_samples, deterministic, kl, sampling)
+from .conv import BernoulliConv2d, GaussianConv2d
+from .layers import (BernoulliLinear, GaussianLinear, StochasticLayer, VariationalDropoutLinear, active_samples,
+                     deterministic, kl, sampling)
 from .udn import UDN, mc_predict
 
 __all__ = [

@@ -23,8 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import udn_kernels
-from .._checks import check_choice, check_probability, check_samples, resolve_seed
-from .. import rng
+from .._checks import check_choice, check_probability, check_samples
 from .depth import _softplus_inverse
 
 LOG_ALPHA_RANGE = (-10.0, 8.0)  # VariationalDropoutLinear's clamp of log_alpha
@@ -58,15 +57,6 @@ def active_samples() -> int | None:
 
 def _sample_axis_added() -> bool:
     return _state.origin is not None
-
-
-def _new_seed() -> int:
-    return int(resolve_seed(None))
-
-
-def _signs(n: int, seed: int, device) -> torch.Tensor:
-    """``+1`` where the stream's word has its top bit set, else ``-1`` (the sign draw of docs/rng.md)."""
-    return torch.where(rng.random_uint32(n, seed, device=device) >= 2**31, 1.0, -1.0)
 
 
 class StochasticLayer(nn.Module):
@@ -285,134 +275,3 @@ class VariationalDropoutLinear(StochasticLayer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, threshold={self.threshold}")
-
-
-def _conv_per_sample(x: torch.Tensor, weight: torch.Tensor, x_sampled: bool, stride, padding,
-                     dilation) -> torch.Tensor:
-    """``out[s] = conv2d(x[s] or x, weight[s])`` for ``weight [S, O, C, kh, kw]`` -> ``[S, N, O, H', W']``."""
-    samples, out_ch = weight.shape[:2]
-    flat = weight.reshape(samples * out_ch, *weight.shape[2:])
-    if x_sampled:  # fold the sample axis into channels and run one grouped convolution
-        n = x.shape[1]
-        x = x.transpose(0, 1).reshape(n, samples * x.shape[2], *x.shape[3:])
-        out = F.conv2d(x, flat, None, stride, padding, dilation, groups=samples)
-    else:
-        out = F.conv2d(x, flat, None, stride, padding, dilation)
-    return out.reshape(out.shape[0], samples, out_ch, *out.shape[2:]).transpose(0, 1)
-
-
-class _StochasticConv2d(StochasticLayer):
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation):
-        super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = nn.modules.utils._pair(kernel_size)
-        self.stride, self.padding, self.dilation = stride, padding, dilation
-
-    def _weight_shape(self) -> tuple[int, ...]:
-        return (self.out_channels, self.in_channels, *self.kernel_size)
-
-    def _conv(self, x, weight, bias):
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
-
-    def _unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, int, bool, bool]:
-        """``(x, S, x_sampled, squeeze)``: input with the sample protocol applied."""
-        samples, x_sampled = self._sample_args(x)
-        expected = 5 if x_sampled else 4
-        if x.dim() != expected:
-            raise ValueError(f"{type(self).__name__}: expected a {expected}-D input, got shape {tuple(x.shape)}")
-        return x, samples or 1, x_sampled, samples is None
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}")
-
-
-class GaussianConv2d(_StochasticConv2d):
-    """Mean-field Gaussian 2-D convolution (``"sample"`` estimator: one kernel draw per MC sample).
-
-    No fused kernel: the noise comes from ``udn_kernels.rng`` (the same Philox stream and the
-    ``gaussian_linear`` "sample" layout with ``K = C * kh * kw``: weight ``(s, o, k)`` at offset
-    ``s*O*K + o*K + k``, bias ``(s, o)`` at ``S*O*K + s*O + o``) and the convolution is eager
-    ``F.conv2d`` (S samples as one grouped convolution). Input ``[N, C, H, W]``; inside
-    :func:`sampling` the output (and every later stochastic input) carries a leading ``S`` axis.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, bias: bool = True, prior_std: float = 1.0, init_sigma: float = 1e-2):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation)
-        self.prior_std = float(prior_std)
-        self.weight_mu = nn.Parameter(torch.empty(self._weight_shape()))
-        self.weight_rho = nn.Parameter(torch.full(self._weight_shape(), _softplus_inverse(init_sigma)))
-        if bias:
-            self.bias_mu = nn.Parameter(torch.empty(out_channels))
-            self.bias_rho = nn.Parameter(torch.full((out_channels,), _softplus_inverse(init_sigma)))
-        else:
-            self.register_parameter("bias_mu", None)
-            self.register_parameter("bias_rho", None)
-        _init_like_linear(self.weight_mu, self.bias_mu, self.weight_mu[0].numel())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.deterministic_mode:
-            return self._conv(x, self.weight_mu, self.bias_mu)
-        x, samples, x_sampled, squeeze = self._unpack(x)
-        seed, numel = _new_seed(), self.weight_mu.numel()
-        eps = rng.normal(samples * numel, seed, device=x.device).to(x.dtype)
-        weight = self.weight_mu + F.softplus(self.weight_rho) * eps.view(samples, *self._weight_shape())
-        out = _conv_per_sample(x, weight, x_sampled, self.stride, self.padding, self.dilation)
-        if self.bias_mu is not None:
-            beps = rng.normal(samples * self.out_channels, seed, samples * numel, device=x.device).to(x.dtype)
-            bias = self.bias_mu + F.softplus(self.bias_rho) * beps.view(samples, self.out_channels)
-            out = out + bias[:, None, :, None, None]
-        return out[0] if squeeze else out
-
-    def kl(self) -> torch.Tensor:
-        return _gaussian_kl(self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, self.prior_std)
-
-
-class BernoulliConv2d(_StochasticConv2d):
-    """2-D convolution with Bernoulli noise: masks ``"input"`` (dropout of input elements per example),
-    ``"weight"`` (DropConnect per kernel weight per sample) or ``"symmetric"`` (``w = phi * sign``).
-
-    No fused kernel: masks come from ``udn_kernels.rng`` with the ``bernoulli_linear`` layout (input
-    element ``(s, b, k)``, ``k`` over ``C*H*W``, at ``s*B*K + b*K + k``; weight ``(s, o, k)``, ``k``
-    over ``C*kh*kw``, at ``s*O*K + o*K + k``) and the convolution is eager ``F.conv2d``.
-    Deterministic mode and ``kl()`` as :class:`BernoulliLinear`.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, bias: bool = True, p: float = 0.5, mask: str = "input",
-                 prior_std: float = 1.0):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation)
-        self.p = check_probability("p", p)
-        self.mask = check_choice("mask", mask, ("input", "weight", "symmetric"))
-        self.prior_std = float(prior_std)
-        self.weight = nn.Parameter(torch.empty(self._weight_shape()))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        _init_like_linear(self.weight, self.bias, self.weight[0].numel())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.deterministic_mode:
-            weight = torch.zeros_like(self.weight) if self.mask == "symmetric" else self.weight
-            return self._conv(x, weight, self.bias)
-        x, samples, x_sampled, squeeze = self._unpack(x)
-        seed = _new_seed()
-        if self.mask == "input":
-            shape = x.shape[1:] if x_sampled else x.shape
-            keep = rng.uniform(samples * shape.numel(), seed, device=x.device) >= self.p
-            x = x * (keep.to(x.dtype) / (1.0 - self.p)).view(samples, *shape)
-            out = self._conv(x.flatten(0, 1), self.weight, None)
-            out = out.view(samples, -1, *out.shape[1:])
-        else:
-            n_weights = samples * self.weight.numel()
-            if self.mask == "weight":
-                noise = (rng.uniform(n_weights, seed, device=x.device) >= self.p).to(x.dtype) / (1.0 - self.p)
-            else:
-                noise = _signs(n_weights, seed, x.device).to(x.dtype)
-            weight = self.weight * noise.view(samples, *self._weight_shape())
-            out = _conv_per_sample(x, weight, x_sampled, self.stride, self.padding, self.dilation)
-        if self.bias is not None:
-            out = out + self.bias[:, None, None]
-        return out[0] if squeeze else out
-
-    def kl(self) -> torch.Tensor:
-        return _bernoulli_kl(self.weight, self.bias, self.p, self.mask, self.prior_std)

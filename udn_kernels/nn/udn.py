@@ -36,8 +36,9 @@ from torch.nn.modules import module as nn_module
 import udn_kernels
 from .._checks import check_choice, check_float_tensor, check_same, check_samples
 from .depth import PositivePoisson, TruncatedPoisson
-from .layers import (BernoulliConv2d, BernoulliLinear, GaussianConv2d, GaussianLinear, StochasticLayer,
-                     VariationalDropoutLinear, _sample_axis_added, active_samples, sampling)
+from .conv import BernoulliConv2d, GaussianConv2d
+from .layers import (BernoulliLinear, GaussianLinear, StochasticLayer, VariationalDropoutLinear, _sample_axis_added,
+                     active_samples, sampling)
 
 LAYERS = ("deterministic", "gaussian", "bernoulli", "variational_dropout")
 
@@ -287,7 +288,7 @@ class UDN(nn.Module):
         Stem: ``relu(conv3x3(in -> channels))``; block ``l``: ``h + g(h) / sqrt(depth_scale)`` with
         ``g = conv3x3(relu(conv3x3(relu(h))))`` at constant width and resolution; the head of depth
         ``l`` reads the spatial mean of ``h_l`` (``[N, channels]``). ``layer`` picks ``nn.Conv2d`` or
-        the (eager, unfused) :class:`GaussianConv2d` / :class:`BernoulliConv2d` for every convolution.
+        :class:`GaussianConv2d` (estimator "sample") / :class:`BernoulliConv2d` for every convolution.
         """
         make = _conv_factory(layer, weight_prior_std, dict(layer_kwargs or {}))
 
