@@ -142,9 +142,9 @@ def _gaussian_layer(name: str, kind: str, shape: dict, *, bias: bool, estimator:
                                estimator=estimator, init_sigma=init_sigma)
     else:
         if shape["groups"] != 1:
-            raise ValueError(f"{name}: GaussianConv2d has no groups; expected groups=1, got {shape['groups']}")
+            raise ValueError(f"module {name!r}: GaussianConv2d has no groups; expected groups=1, got {shape['groups']}")
         if shape.get("padding_mode", "zeros") != "zeros":
-            raise ValueError(f"{name}: GaussianConv2d pads with zeros; expected padding_mode='zeros', "
+            raise ValueError(f"module {name!r}: GaussianConv2d pads with zeros; expected padding_mode='zeros', "
                              f"got {shape['padding_mode']!r}")
         kwargs = dict(stride=shape["stride"], padding=shape["padding"], bias=bias, prior_std=prior_std,
                       init_sigma=init_sigma)
@@ -240,11 +240,11 @@ def _bayesian_torch_prior(name: str, module: nn.Module) -> float:
     means = [module.prior_weight_mu] + ([module.prior_bias_mu] if module.mu_bias is not None else [])
     stds = [module.prior_weight_sigma] + ([module.prior_bias_sigma] if module.mu_bias is not None else [])
     if any(bool((m != 0).any()) for m in means):
-        raise ValueError(f"{name}: our KL is against N(0, prior_std^2); expected prior mean 0, got "
+        raise ValueError(f"module {name!r}: our KL is against N(0, prior_std^2); expected prior mean 0, got "
                          f"prior_weight_mu in [{float(means[0].min())}, {float(means[0].max())}]")
     values = torch.cat([s.flatten() for s in stds])
     if not bool((values == values[0]).all()) or float(values[0]) <= 0:
-        raise ValueError(f"{name}: expected one prior std > 0 for every weight and bias, got values in "
+        raise ValueError(f"module {name!r}: expected one prior std > 0 for every weight and bias, got values in "
                          f"[{float(values.min())}, {float(values.max())}]")
     return float(values[0])
 
