@@ -117,7 +117,7 @@ def test_variance_networks_mean_prediction_is_constant(outputs):
 def test_bayesianize_scores_every_predictor(outputs):
     data, _ = outputs["bayesianize"]
     results = data["results"]
-    assert len(results) == 3
+    assert len(results) == 4
     for name, r in results.items():
         assert r["accuracy"] > 0.5, name
         # shuffled pixels carry no digit: every predictor is less certain about them

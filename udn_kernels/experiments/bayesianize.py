@@ -8,7 +8,8 @@ test digits with their 64 pixels shuffled, a fresh permutation per image):
 - MC dropout: ``to_mc_dropout`` (``nn.Dropout`` + ``nn.Linear`` -> ``BernoulliLinear``), ``S`` masks
   in one batched ``mc_predict`` pass, no retraining;
 - converted: ``bayesianize`` (every conv and linear layer Gaussian, MOPED ``mu = w``,
-  ``sigma = delta |w|``), fine-tuned on ``cross-entropy + kl(model) / n``, ``S`` weight draws.
+  ``sigma = delta |w|``), ``S`` weight draws, as converted and after fine-tuning on
+  ``cross-entropy + kl(model) / n``.
 
 Reported: accuracy, NLL, ECE, predictive entropy in and out of distribution, and a reliability
 diagram per predictor. Claim looked for: the two Bayesian predictors keep the accuracy, improve
@@ -24,7 +25,7 @@ from .._cli_support import pyplot
 from ._common import Timer, finish, fit, register, sklearn_dataset, table
 
 FULL = dict(channels=(16, 32), hidden=64, p=0.25, epochs=40, lr=2e-3, batch_size=64, delta=0.05,
-            prior_std=0.1, finetune_epochs=10, finetune_lr=5e-4, samples=50)
+            prior_std=0.1, finetune_epochs=3, finetune_lr=5e-4, samples=50)
 QUICK = dict(channels=(4, 8), hidden=16, p=0.25, epochs=3, lr=5e-3, batch_size=64, delta=0.05,
              prior_std=0.1, finetune_epochs=1, finetune_lr=5e-4, samples=8)
 BINS = 10  # reliability diagram bins
@@ -79,6 +80,7 @@ def run(args) -> dict:
         batch_size=cfg["batch_size"], seed=args.seed)
     model.eval()
     dropout = to_mc_dropout(model)
+    moped = bayesianize(model, init="moped", delta=cfg["delta"], prior_std=cfg["prior_std"])
     converted = bayesianize(model, init="moped", delta=cfg["delta"], prior_std=cfg["prior_std"])
     fit(converted, lambda m, xb, yb: F.cross_entropy(m(xb), yb) + kl(m) / n, x, y,
         epochs=cfg["finetune_epochs"], lr=cfg["finetune_lr"], batch_size=cfg["batch_size"], seed=args.seed + 1)
@@ -88,7 +90,8 @@ def run(args) -> dict:
         predictors = {
             "deterministic": lambda inputs: model(inputs).softmax(-1),
             f"MC dropout (S={samples})": lambda inputs: mc_predict(dropout, inputs, samples),
-            f"MOPED converted (S={samples})": lambda inputs: mc_predict(converted, inputs, samples),
+            f"MOPED, no fine-tuning (S={samples})": lambda inputs: mc_predict(moped, inputs, samples),
+            f"MOPED + fine-tuning (S={samples})": lambda inputs: mc_predict(converted, inputs, samples),
         }
         results = {name: scores(predict(x_test), y_test, predict(x_ood)) for name, predict in predictors.items()}
     print(f"bayesianize: digits CNN {cfg['channels']} + MLP {cfg['hidden']}, dropout p={cfg['p']}, "
@@ -98,16 +101,20 @@ def run(args) -> dict:
     text = table(["predictor", "accuracy", "NLL", "ECE", "H(test)", "H(OOD)"], rows, [30, 10, 10, 10, 10, 10])
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.8), sharey=True)
+    fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 3.8), sharey=True)
     edges = torch.linspace(0, 1, BINS + 1)
     for ax, (name, r) in zip(axes, results.items()):
         curve = r["reliability"]
         ax.bar(edges[:-1], curve["accuracy"], width=1 / BINS, align="edge", edgecolor="k", alpha=0.7,
                label="accuracy per bin")
+        for left, acc, count in zip(edges[:-1].tolist(), curve["accuracy"], curve["count"]):
+            if count:  # most bins near 1 hold a handful of points: show how many
+                ax.text(left + 0.5 / BINS, acc + 0.01, str(count), ha="center", va="bottom", fontsize=7)
         ax.plot([0, 1], [0, 1], "--", color="tab:red", label="perfect calibration")
         ax.set_title(f"{name}\nECE {r['ece']:.3f}, NLL {r['nll']:.3f}", fontsize=9)
-        ax.set_xlabel("confidence")
+        ax.set_xlabel("confidence (bar labels: test points per bin)")
         ax.legend(fontsize=7, loc="upper left")
+        ax.set_ylim(0, 1.12)
     axes[0].set_ylabel("accuracy")
     print(f"time {timer():.1f} s")
     return finish(args, "bayesianize", {"config": cfg, "results": results, "table": text, "seconds": timer()}, fig)
