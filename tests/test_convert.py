@@ -275,3 +275,24 @@ def test_mc_dropout_without_a_dropout_linear_pair():
     with pytest.raises(ValueError, match="nn.Dropout directly before nn.Linear, found none"):
         to_mc_dropout(model, inplace=True)
     assert_unchanged(model, before)
+
+
+# ---- the convert-step benchmark case -----------------------------------------------------------
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_convert_step_case_builds_and_skips_a_missing_peer(monkeypatch, installed):
+    from udn_kernels.bench import cases
+    if not installed:
+        monkeypatch.setattr(cases, "bayesian_torch", lambda: None)
+    elif cases.bayesian_torch() is None:
+        pytest.skip("bayesian-torch not installed: the peer rows cannot be built")
+    methods = {m.name: m for m in cases.build("convert-step", quick=False, size="tiny")}
+    for kind in ("mlp", "cnn"):
+        ours, peer = methods[f"udn bayesianize {kind}"], methods[f"bayesian-torch dnn_to_bnn {kind}"]
+        assert ours.role == "ours" and ours.missing is None
+        loss = ours.forward()
+        assert loss.dim() == 0 and torch.isfinite(loss)
+        if installed:
+            assert peer.missing is None and torch.isfinite(peer.forward())
+        else:
+            assert peer.forward is None and "bayesian-torch not installed" in peer.missing
