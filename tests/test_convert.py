@@ -148,6 +148,9 @@ def test_selection_by_type_name_predicate_and_last_layer():
     assert isinstance(by_name[7], GaussianLinear) and isinstance(by_name[9], nn.Linear)
     by_predicate = bayesianize(model, select=lambda name, m: isinstance(m, nn.Linear) and m.out_features == 3)
     assert isinstance(by_predicate[9], GaussianLinear) and type(by_predicate[7]) is nn.Linear
+    nested = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+    head = bayesianize(nested, select=lambda name, m: name.startswith("1"))  # the container is not asked
+    assert [type(m) for m in (head[0], head[1][0], head[1][2])] == [nn.Linear, GaussianLinear, GaussianLinear]
     last = bayesianize(model, last_layer=True)
     assert [type(m) for m in last if isinstance(m, (GaussianLinear, GaussianConv2d))] == [GaussianLinear]
     assert isinstance(last[9], GaussianLinear)

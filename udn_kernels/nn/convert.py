@@ -81,10 +81,6 @@ def _target(model: nn.Module, inplace: bool) -> nn.Module:
     return model if inplace else copy.deepcopy(model)
 
 
-def _unsupported(name: str, module: nn.Module) -> TypeError:
-    return TypeError(f"select: module {name!r} is a {type(module).__name__}; supported: {SUPPORTED_NAMES}")
-
-
 def _selected(model: nn.Module, select, last_layer: bool) -> list[str]:
     """Names of the modules to convert: every supported one, or those ``select`` picks."""
     modules = {name: m for name, m in model.named_modules() if name}
@@ -96,8 +92,8 @@ def _selected(model: nn.Module, select, last_layer: bool) -> list[str]:
         if bad:
             raise TypeError(f"select: unsupported module type(s) {bad}; supported: {SUPPORTED_NAMES}")
         names = [n for n, m in modules.items() if type(m) in types]
-    elif callable(select):
-        names = [n for n, m in modules.items() if select(n, m)]
+    elif callable(select):  # asked of the supported modules only, so it need not repeat the type test
+        names = [n for n, m in modules.items() if type(m) in SUPPORTED and select(n, m)]
     elif isinstance(select, Iterable) and not isinstance(select, str):
         names = list(select)
         missing = [n for n in names if n not in modules]
@@ -108,7 +104,8 @@ def _selected(model: nn.Module, select, last_layer: bool) -> list[str]:
                         f"or a callable (name, module) -> bool, got {select!r}")
     for name in names:
         if type(modules[name]) not in SUPPORTED:
-            raise _unsupported(name, modules[name])
+            raise TypeError(f"select: module {name!r} is a {type(modules[name]).__name__}; "
+                            f"supported: {SUPPORTED_NAMES}")
     if not names:
         raise ValueError(f"select: no module to convert (the model has no selected {SUPPORTED_NAMES})")
     return names[-1:] if last_layer else names
@@ -171,7 +168,8 @@ def bayesianize(model: nn.Module, *, select=None, last_layer: bool = False, esti
     """Replace ``nn.Linear`` / ``nn.Conv2d`` modules by :class:`GaussianLinear` / :class:`GaussianConv2d`.
 
     ``select``: None (every ``nn.Linear`` and ``nn.Conv2d``), a type or tuple of them, a list of
-    submodule names (``model.named_modules()``), or ``callable(name, module) -> bool``;
+    submodule names (``model.named_modules()``), or ``callable(name, module) -> bool`` (asked of
+    each ``nn.Linear`` / ``nn.Conv2d``);
     ``last_layer=True`` keeps only the last selected module (a Bayesian last layer).
     ``estimator``: ``"sample"``, ``"local"``, ``"flipout"`` (linear; the convolution takes what its
     constructor supports). Prior ``N(0, prior_std^2)``. ``init="moped"``: ``mu = w``,
@@ -277,7 +275,7 @@ def from_bayesian_torch(model: nn.Module, *, estimator: str | None = None, inpla
                                  else (module.mu_kernel, module.rho_kernel))
         layer = _gaussian_layer(name, kind, vars(module), bias=module.mu_bias is not None,
                                 estimator=estimator or own, prior_std=_bayesian_torch_prior(name, module),
-                                init_sigma=1.0, like=weight_mu)
+                                init_sigma=1.0, like=weight_mu)  # init_sigma: rho is copied next
         _set_posterior(layer, weight_mu, weight_rho, module.mu_bias, module.rho_bias)
         replacements[name] = layer
     if not replacements:
