@@ -138,3 +138,13 @@ def test_model_without_bayesian_torch_layers_and_bad_estimator():
         from_bayesian_torch(model)
     with pytest.raises(ValueError, match="estimator: expected one of"):
         from_bayesian_torch(nn.Sequential(bt_layers.LinearFlipout(2, 2)), estimator="reparam")
+
+
+def test_flipout_convolution_needs_an_estimator_ours_has():
+    if CONV_FLIPOUT is None:
+        pytest.skip("GaussianConv2d has flipout: Conv2dFlipout converts with its own estimator")
+    model = nn.Sequential(bt_layers.Conv2dFlipout(1, 2, 3))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"estimator: GaussianConv2d \(0\) supports \('sample',\), got 'flipout'"):
+        from_bayesian_torch(model, inplace=True)
+    assert_unchanged(model, before)
