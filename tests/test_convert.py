@@ -101,6 +101,19 @@ def test_mc_predict_through_pooling_and_flatten_keeps_samples_apart():
     assert (per_sample.std(0) > 1e-4).all()
 
 
+def test_mc_predict_through_norm_and_channel_dropout_layers():
+    """Group norm, channel dropout and adaptive pooling read fixed axes: folded too (sigma ~ 0 check)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Dropout2d(0.1),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)).eval()
+    converted = bayesianize(model, delta=1e-7)
+    assert [type(m) for m in converted if isinstance(m, SampleFold)] == [SampleFold] * 4
+    x = torch.randn(3, 1, 6, 6)
+    with torch.no_grad():
+        _, per_sample = mc_predict(converted, x, 4, return_samples=True)
+        torch.testing.assert_close(per_sample, model(x).softmax(-1).expand(4, 3, 3), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("estimator", ["sample", "local", "flipout"])
 def test_mc_moments_of_a_moped_layer(estimator):
     """Linear model: the output is N(x w^T + b, x^2 (delta w)^2 + (delta b)^2). The MC mean is

@@ -29,11 +29,14 @@ SUPPORTED = (nn.Linear, nn.Conv2d)  # exact types: subclasses (e.g. attention's 
 SUPPORTED_NAMES = "nn.Linear, nn.Conv2d"
 INITS = ("fresh", "moped")
 MIN_SIGMA = 1e-8  # MOPED's sigma floor: a zero weight would give rho = -inf
-# Modules that read the batch axis at a fixed position (or mix it, as batch norm) and so must see
-# the Monte-Carlo samples folded into the batch.
+# Modules that read the batch or channel axis at a fixed position, or take a fixed number of
+# dimensions, and so must see the Monte-Carlo samples folded into the batch (SampleFold is public
+# for modules not listed here).
 _FOLDED = (nn.Flatten, nn.Unflatten, nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
            nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-           nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+           nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.batchnorm._BatchNorm,
+           nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+           nn.Upsample, nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd)
 # bayesian-torch layer -> (our kind, its estimator)
 _BAYESIAN_TORCH = {"LinearReparameterization": ("linear", "sample"), "LinearFlipout": ("linear", "flipout"),
                    "Conv2dReparameterization": ("conv", "sample"), "Conv2dFlipout": ("conv", "flipout")}
