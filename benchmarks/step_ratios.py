@@ -1,4 +1,4 @@
-"""The training steps users run (heads-frozen, first-layer, bnn-step, mcdropout-step, bnn-conv, threads):
+"""The training steps users run (heads-frozen, first-layer, bnn-step, mcdropout-step, bnn-conv, convert-step, threads):
 interleaved medians and ratios in one process.
 
 Every round runs each method of a case once, in turn (forward, backward and, for the step
@@ -25,7 +25,7 @@ import torch
 import udn_kernels
 from udn_kernels.bench import cases, harness
 
-TIMED_CASES = ("heads-frozen", "first-layer", "bnn-step", "mcdropout-step", "bnn-conv")
+TIMED_CASES = ("heads-frozen", "first-layer", "bnn-step", "mcdropout-step", "bnn-conv", "convert-step")
 FAMILIES = ("heads", "gaussian sample")  # the threads case's groups, per thread count
 
 

@@ -10,9 +10,10 @@ import torch
 
 from udn_kernels import cli
 from udn_kernels.experiments import EXPERIMENTS
+from udn_kernels.experiments.bayesianize import shuffled_pixels
 from udn_kernels.experiments.diffusion_resnet import PreActResidual
 
-NAMES = ["depth-vs-complexity", "udn-vs-fixed", "mc-dropout", "variance-network", "diffusion-resnet"]
+NAMES = ["depth-vs-complexity", "udn-vs-fixed", "mc-dropout", "variance-network", "diffusion-resnet", "bayesianize"]
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +112,24 @@ def test_variance_networks_mean_prediction_is_constant(outputs):
     # ... while sampling reads the information stored in the variances (6 epochs: MC 0.47).
     gaussian = results["gaussian"]
     assert gaussian["MC 8"]["accuracy"] > gaussian["deterministic"]["accuracy"] + 0.2
+
+
+def test_bayesianize_scores_every_predictor(outputs):
+    data, _ = outputs["bayesianize"]
+    results = data["results"]
+    assert len(results) == 4
+    for name, r in results.items():
+        assert r["accuracy"] > 0.5, name
+        # shuffled pixels carry no digit: every predictor is less certain about them
+        assert r["ood_entropy"] > r["entropy"] + 0.1, name
+        bins = r["reliability"]
+        n = sum(bins["count"])  # the reliability bins hold every test point, and agree with the accuracy
+        assert math.isclose(sum(c * a for c, a in zip(bins["count"], bins["accuracy"])) / n, r["accuracy"],
+                            rel_tol=1e-6)  # the accuracy is a float32 mean
+
+
+def test_shuffled_pixels_permute_each_row():
+    x = torch.arange(24.0).view(3, 8)
+    shuffled = shuffled_pixels(x, seed=0)
+    assert torch.equal(shuffled.sort(1).values, x) and not torch.equal(shuffled, x)
+    assert not torch.equal(shuffled[1] - 8, shuffled[0])  # each row gets its own permutation

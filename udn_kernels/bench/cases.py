@@ -638,3 +638,48 @@ def bnn_conv(size: str) -> list[Method]:
 
         methods.append(Method(f"bayesian-torch {CONV_PEERS[estimator]} + kl", peer_loss, group=group))
     return methods
+
+
+# ---- convert-step: models converted from plain nn.Linear / nn.Conv2d (issue 16) ----------------
+# MLP widths and batch; CNN (side of the square input, conv channels, hidden width) and batch
+CONVERT_SHAPES = {"full": ((784, 1024, 1024, 10), 256, (28, (32, 64), 128), 64),
+                  "quick": ((784, 256, 256, 10), 128, (28, (8, 16), 64), 32),
+                  "tiny": ((12, 16, 16, 3), 8, (8, (2, 4), 8), 4)}
+MOPED_DELTA = 0.1
+
+
+def plain_cnn(side: int, channels: tuple[int, int], hidden: int, classes: int = 10) -> nn.Sequential:
+    """conv-relu-pool twice, then a one-hidden-layer MLP head (``side`` divisible by 4)."""
+    c1, c2 = channels
+    return nn.Sequential(nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(c2 * (side // 4) ** 2, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def _converted_pair(name: str, plain: nn.Module, data, labels, peers) -> list[Method]:
+    """Adam steps of ``plain`` converted by ``udn_nn.bayesianize`` and by bayesian-torch's
+    ``dnn_to_bnn``, both MOPED from the same weights, loss cross-entropy + KL / 60000."""
+    ours = udn_nn.bayesianize(plain, delta=MOPED_DELTA)
+    methods = [adam_step(f"udn bayesianize {name}", ours,
+                         lambda: F.cross_entropy(ours(data), labels) + udn_nn.kl(ours) / N_DATA, "ours", name)]
+    if peers is None:
+        return methods + [Method(f"bayesian-torch dnn_to_bnn {name}", None, group=name, missing=NOT_INSTALLED)]
+    theirs = copy.deepcopy(plain)
+    peers[1].dnn_to_bnn(theirs, {**BAYESIAN_TORCH_PRIOR, "moped_enable": True, "moped_delta": MOPED_DELTA})
+    return methods + [adam_step(f"bayesian-torch dnn_to_bnn {name}", theirs, lambda: F.cross_entropy(
+        theirs(data), labels) + peers[1].get_kl_loss(theirs) / N_DATA, group=name)]
+
+
+@sized_case("convert-step")
+def convert_step(size: str) -> list[Method]:
+    """Adam step of a plain MLP 784-1024-1024-10 (B=256) and of a small CNN (28x28, conv 32/64,
+    hidden 128, B=64), each converted MOPED-style by ``udn_kernels.nn.bayesianize`` vs by
+    bayesian-torch's ``dnn_to_bnn``."""
+    widths, batch, (side, channels, hidden), cnn_batch = CONVERT_SHAPES[size]
+    peers = bayesian_torch()
+    mlp_plain = mlp(widths, lambda i, n_in, n_out: [nn.Linear(n_in, n_out)])
+    cnn_plain = plain_cnn(side, channels, hidden, widths[-1])
+    return (_converted_pair("mlp", mlp_plain, torch.randn(batch, widths[0]),
+                            torch.randint(0, widths[-1], (batch,)), peers)
+            + _converted_pair("cnn", cnn_plain, torch.randn(cnn_batch, 1, side, side),
+                              torch.randint(0, widths[-1], (cnn_batch,)), peers))

@@ -1,7 +1,8 @@
 """Stochastic-weight layers, the Monte-Carlo sample-axis protocol and mean-weight prediction.
 
 Every stochastic layer draws fresh weights (or masks) on every call, in ``train()`` and ``eval()``
-mode alike; :func:`deterministic` switches a model to mean-weight / weight-scaling prediction.
+mode alike; :func:`deterministic` switches a model to mean-weight / weight-scaling prediction
+(why one rule, and not PyTorch's dropout-only-in-train: docs/bayesianize.md).
 
 Sample axis. Inside ``with sampling(S):`` the *first* stochastic layer called in a forward pass
 draws ``S`` weight samples for its shared input and returns ``[S, ...]``; every other stochastic
