@@ -8,9 +8,8 @@ subprocess, or a run started with TRITON_INTERPRET=1) the real cases run.
 Tolerances: float64 inputs run the kernels in float64 and match the reference to 1e-10; float32
 inputs (fp32 accumulation, different summation order) match the float64 reference to
 rtol = atol = 1e-4 on O(1) values; float16 inputs to 5e-3 of the output scale (the tiny-tile grid
-and the shipped fp16 configs; the shipped fp32 and fp64 configs at the fp32 / fp64 tolerances). The
-same holds for
-``depth_mixture_predict`` (``_lse_kernel`` + ``_predict_kernel``) and for the fused
+and the shipped fp16 configs; the shipped fp32 and fp64 configs at the fp32 / fp64 tolerances).
+The same holds for ``depth_mixture_predict`` (``_lse_kernel`` + ``_predict_kernel``) and for the fused
 gradient-in-forward path (``fused_forward_backward``), whose bfloat16 case (no tl.dot, so the
 interpreter runs it) is held to 1.5e-2 of the output scale (bf16's 2^-8 rounding of d_logits and
 of every output).
