@@ -2,7 +2,7 @@
 
 Runs ``python -m udn_kernels.triton.aot`` in a subprocess (a clean Triton import: other test
 modules may run with TRITON_INTERPRET=1). The full sweep (every config of every kernel for every
-dtype it serves, both archs: 488 compiles) takes ~15 minutes on 2 cores, so CI compiles one config
+dtype it serves, both archs: 488 compiles) takes ~20 minutes on 2 busy cores, so CI compiles one config
 per (kernel, dtype) per arch, the one with the most live state (most registers in the full sweep):
 every (kernel, dtype, arch) combination is compiled, 132 compiles, ~4 minutes on 2 cores with an
 empty Triton cache. Checks: every compile succeeds, no ptxas spill stores, shared memory within
