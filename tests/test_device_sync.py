@@ -8,7 +8,9 @@ the autograd formulas) is exercised for host reads the way it runs on CUDA (valu
 the tensor's device, ``_checks.checks_values``). Off-CPU devices other than CUDA run the reference
 kernels, which are plain torch; the Triton kernels are covered by the AOT compile and the
 interpreter tests. The float64 test uses fake CUDA tensors (FakeTensorMode), since the refusal
-needs the CUDA device type and comes before any kernel.
+needs the CUDA device type and comes before any kernel. The last section traces every public op
+with ``torch.compile(fullgraph=True)`` on the CUDA path (fake CUDA tensors, and meta tensors with
+the triton backend forced for the backward).
 """
 import pytest
 import torch

@@ -2,12 +2,12 @@
 
 Runs ``python -m udn_kernels.triton.aot`` in a subprocess (a clean Triton import: other test
 modules may run with TRITON_INTERPRET=1). The full sweep (every config of every kernel for every
-dtype it serves, both archs: 488 compiles) takes ~15 minutes on 2 cores, so CI compiles one config
-per (kernel, dtype) per arch, the one with the most live state (most registers in the full sweep):
-every (kernel, dtype, arch) combination is compiled, 132 compiles, ~4 minutes on 2 cores with an
-empty Triton cache. Checks: every compile succeeds, no ptxas spill stores, shared memory within
-the arch's per-block limit, every combination covered. Run the tool without ``--only`` for the
-full table (docs/triton.md).
+dtype it serves, both archs: 488 compiles) takes ~20 minutes on 2 busy cores, so CI compiles one
+config per (kernel, dtype) per arch, the one with the most live state (most registers in the full
+sweep): every (kernel, dtype, arch) combination is compiled, 132 compiles, ~5 minutes on 2 busy
+cores with an empty Triton cache. Checks: every compile succeeds, no ptxas spill stores, shared
+memory within the arch's per-block limit, every combination covered. Run the tool without
+``--only`` for the full table (docs/triton.md).
 """
 import json
 import os

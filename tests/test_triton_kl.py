@@ -53,3 +53,25 @@ else:
                            ("log_uniform_kl_bwd", (grad, log_alpha, *clamp))):
             ours, ref = _kernels(name)
             torch.testing.assert_close(ours(*args), ref(*args), **TOL)
+
+    @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-5), (torch.float16, 2e-3)], ids=["fp64", "fp16"])
+    def test_kl_kernels_in_other_storage_dtypes(dtype, rtol):
+        """float64 and float16 storage (what CUDA takes; docs/triton.md "Dtypes and precision"):
+        the same float32 arithmetic, against the float64 reference on the same inputs. float64
+        keeps the float32 tolerance (not fp64 precision); float16 adds one fp16 rounding of each
+        output (2^-11 relative), hence 2e-3 relative to each output's scale."""
+        g = torch.Generator().manual_seed(2)
+        mu, rho, log_alpha = (torch.randn(SHAPE, generator=g).to(dtype) * s for s in (1, 1, 4))
+        rho = rho - 3
+        prior = (torch.rand(SHAPE, generator=g) + 0.5).to(dtype)
+        grad = torch.tensor(0.37, dtype=dtype)
+        up = lambda a: a.double() if isinstance(a, torch.Tensor) else a  # noqa: E731
+        for name, args in (("gaussian_kl_fwd", (mu, rho, prior, True)),
+                           ("gaussian_kl_bwd", (grad, mu, rho, prior, True, [True, True, True])),
+                           ("log_uniform_kl_fwd", (log_alpha, -1.0, 0.5)),
+                           ("log_uniform_kl_bwd", (grad, log_alpha, -1.0, 0.5))):
+            ours, ref = _kernels(name)
+            got, want = ours(*args), ref(*map(up, args))
+            for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                assert a.dtype == dtype and a.shape == b.shape, name
+                torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * float(b.abs().max()), msg=name)

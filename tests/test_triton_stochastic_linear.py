@@ -38,8 +38,10 @@ else:
     def _float64(arg):
         return arg.double() if isinstance(arg, torch.Tensor) and arg.is_floating_point() else arg
 
-    def _check(name, args_fwd, args_bwd_tail, grad, close=lambda got, want: torch.testing.assert_close(got, want, **TOL),
-               reference_dtype=None):
+    def _close(got, want):
+        torch.testing.assert_close(got, want, **TOL)
+
+    def _check(name, args_fwd, args_bwd_tail, grad, close=_close, reference_dtype=None):
         """Triton forward and backward against the reference, which gets the arguments cast to
         ``reference_dtype`` (float64) when given; ``close(got, want)`` per output."""
         cast = _float64 if reference_dtype == torch.float64 else (lambda arg: arg)
@@ -126,8 +128,8 @@ else:
             error = float((got.double() - want).abs().max())
             assert error <= FP16_BOUND * max(1.0, float(want.abs().max())), error
 
-    @pytest.mark.parametrize("name, mode", [("gaussian_linear", estimator) for estimator in ("sample", "flipout", "local")]
-                             + [("bernoulli_linear", mask) for mask in ("input", "weight", "symmetric")])
+    @pytest.mark.parametrize("name, mode", [("gaussian_linear", e) for e in ("sample", "flipout", "local")]
+                             + [("bernoulli_linear", m) for m in ("input", "weight", "symmetric")])
     def test_float16_matches_float64_reference(name, mode):
         """Forward (and local's std) and every gradient, fp16 inputs with the sample axis on x."""
         gen = torch.Generator().manual_seed(10)

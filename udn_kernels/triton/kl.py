@@ -206,22 +206,26 @@ def _aot_specs():
                 flags = {"HAS_MU": True, "SOFTPLUS": softplus, "PRIOR_PER_ELEMENT": per_element, "BLOCK": BLOCK}
                 sig = {"mu_ptr": ptr, "sig_ptr": ptr, "prior_ptr": ptr, "partial_ptr": "*fp32", "n": "i64",
                        **{k: "constexpr" for k in flags}}
-                specs.append({"name": "gaussian_kl_fwd", "config": config, "dtype": dtype, "fn": _gaussian_kl_fwd_kernel,
+                specs.append({"name": "gaussian_kl_fwd", "config": config, "dtype": dtype,
+                              "fn": _gaussian_kl_fwd_kernel,
                               "signature": _ordered(_gaussian_kl_fwd_kernel, sig), "constexprs": flags, **LAUNCH})
                 bwd_flags = {**flags, "WANT_MU": True, "WANT_SIGMA": True, "WANT_PRIOR": True}
                 sig = {"grad_ptr": ptr, "mu_ptr": ptr, "sig_ptr": ptr, "prior_ptr": ptr, "dmu_ptr": ptr,
                        "dsig_ptr": ptr, "dprior_ptr": ptr if per_element else "*fp32", "n": "i64",
                        **{k: "constexpr" for k in bwd_flags}}
-                specs.append({"name": "gaussian_kl_bwd", "config": config, "dtype": dtype, "fn": _gaussian_kl_bwd_kernel,
+                specs.append({"name": "gaussian_kl_bwd", "config": config, "dtype": dtype,
+                              "fn": _gaussian_kl_bwd_kernel,
                               "signature": _ordered(_gaussian_kl_bwd_kernel, sig), "constexprs": bwd_flags,
                               **LAUNCH})
         consts = {"BLOCK": BLOCK}
         scalars = {"n": "i64", "low": "fp32", "high": "fp32", "BLOCK": "constexpr"}
-        specs.append({"name": "log_uniform_kl_fwd", "config": f"log_alpha/{dtype}", "dtype": dtype, "fn": _log_uniform_kl_fwd_kernel,
+        specs.append({"name": "log_uniform_kl_fwd", "config": f"log_alpha/{dtype}", "dtype": dtype,
+                      "fn": _log_uniform_kl_fwd_kernel,
                       "signature": _ordered(_log_uniform_kl_fwd_kernel, {"la_ptr": ptr, "partial_ptr": "*fp32",
                                                                          **scalars}),
                       "constexprs": consts, **LAUNCH})
-        specs.append({"name": "log_uniform_kl_bwd", "config": f"log_alpha/{dtype}", "dtype": dtype, "fn": _log_uniform_kl_bwd_kernel,
+        specs.append({"name": "log_uniform_kl_bwd", "config": f"log_alpha/{dtype}", "dtype": dtype,
+                      "fn": _log_uniform_kl_bwd_kernel,
                       "signature": _ordered(_log_uniform_kl_bwd_kernel, {"grad_ptr": ptr, "la_ptr": ptr,
                                                                          "dla_ptr": ptr, **scalars}),
                       "constexprs": consts, **LAUNCH})
