@@ -288,3 +288,14 @@ def test_float64_log_weights_beside_float32_heads_is_a_type_error():
     hidden, weight, bias, log_weights, target = (x.detach() for x in _problem(torch.bfloat16, C=40))
     with pytest.raises(TypeError, match=r"log_weights: expected dtype float32 \(as hidden\), got float64"):
         depth_mixture_nll(hidden.float(), weight.float(), bias.float(), target, log_weights.double())
+
+
+@pytest.mark.parametrize("strategy", ("native", "upcast"))
+def test_udn_info_reports_the_16_bit_gemm_strategy(monkeypatch, strategy):
+    """`udn info` prints the strategy the CPU kernels use per 16-bit dtype (forced here; by default
+    the probe's choice)."""
+    from udn_kernels.cli import info_lines
+
+    monkeypatch.setenv("UDN_KERNELS_HALF_GEMM", strategy)
+    line = next(x for x in info_lines() if x.startswith("heads 16-bit"))
+    assert f"bfloat16:{strategy},float16:{strategy}" in line
