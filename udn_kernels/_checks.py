@@ -28,7 +28,7 @@ def checks_values(tensor: torch.Tensor) -> bool:
 
 def float_dtypes_for(device: torch.device) -> tuple[torch.dtype, ...]:
     """Floating dtypes the ops accept on ``device``."""
-    return CUDA_FLOAT_DTYPES if device.type == "cuda" else CPU_FLOAT_DTYPES
+    return CUDA_FLOAT_DTYPES
 
 
 def compute_dtype(device: torch.device, **tensors) -> torch.dtype:
