@@ -190,9 +190,10 @@ std::tuple<Tensor, Tensor, Tensor> gaussian_kl_bwd(const Tensor& grad, const Opt
   Tensor d_prior = want_prior && !scalar_prior ? at::empty_like(sigma) : sigma.new_empty(0);
   if (!want_mu && !want_sigma && !want_prior) return {d_mu, d_sigma, d_prior};
   if (is_half(sigma)) {
+    const bool has_mu = mu.has_value() && mu->defined();  // d_prior_std needs mu even when d_mu is not wanted
     const Tensor prior_wide = scalar_prior ? prior_std.to(at::kFloat) : Tensor();
     const double prior_sum = over_float_chunks(sigma.numel(), [&](int64_t i, int64_t n) {
-      const auto [dm, ds, dp] = gaussian_kl_bwd(grad, want_mu ? OptTensor(float_chunk(*mu, i, n)) : OptTensor(),
+      const auto [dm, ds, dp] = gaussian_kl_bwd(grad, has_mu ? OptTensor(float_chunk(*mu, i, n)) : OptTensor(),
                                                 float_chunk(sigma, i, n),
                                                 scalar_prior ? prior_wide : float_chunk(prior_std, i, n),
                                                 sigma_softplus, {want_mu, want_sigma, want_prior});

@@ -355,3 +355,19 @@ def test_gaussian_linear_bad_input_names_the_argument(argument, make, error, mes
 def test_other_ops_bad_input_names_the_argument(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", HALVES)
+def test_kl_16_bit_prior_gradient_with_a_frozen_mean(backend, dtype):
+    # d prior_std depends on mu even when mu itself needs no gradient.
+    g = torch.Generator().manual_seed(6)
+    mu = (1 + torch.randn(2**15 + 3, generator=g)).to(dtype)
+    rho = (-2 + torch.randn(2**15 + 3, generator=g)).to(dtype)
+    prior = torch.tensor([0.75], dtype=dtype, requires_grad=True)
+    with udn_kernels.backend(backend):
+        udn_kernels.gaussian_kl(mu, rho, prior, sigma_transform="softplus").backward()
+    prior64 = prior.detach().double().requires_grad_()
+    ref_kl.gaussian_kl(mu.double(), F.softplus(rho.double()), prior64).backward()
+    assert prior.grad.dtype == dtype
+    assert rel_error(prior.grad, prior64.grad) <= TOL[dtype]
