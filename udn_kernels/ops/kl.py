@@ -131,7 +131,7 @@ def gaussian_kl(mu: Optional[Tensor], sigma: Tensor, prior_std, *,
     elif not prior_std > 0:
         raise ValueError(f"prior_std: expected a positive float, got {prior_std}")
     with autocast_off(sigma.device):
-        dtype = compute_dtype(sigma.device, mu=mu, sigma=sigma, prior_std=prior_tensor)
+        dtype = compute_dtype(sigma.device, sigma=sigma, mu=mu, prior_std=prior_tensor)
     mu, sigma = (None if t is None else t.to(dtype).contiguous() for t in (mu, sigma))
     if prior_tensor is not None:
         prior_std = prior_std.to(dtype)
