@@ -372,3 +372,31 @@ def test_kl_16_bit_prior_gradient_with_a_frozen_mean(backend, dtype):
     ref_kl.gaussian_kl(mu.double(), F.softplus(rho.double()), prior64).backward()
     assert prior.grad.dtype == dtype
     assert rel_error(prior.grad, prior64.grad) <= TOL[dtype]
+
+
+def _bf16_custom_op_cases(backend):
+    from udn_kernels.ops import gaussian_linear as gauss_ops
+    from udn_kernels.ops import kl as kl_ops
+    g = torch.Generator().manual_seed(7)
+    bf = torch.bfloat16
+    x = torch.randn(1, 6, 5, generator=g).to(bf).requires_grad_()
+    mu = torch.randn(4, 5, generator=g).to(bf).requires_grad_()
+    sigma = torch.rand(4, 5, generator=g).add_(0.1).to(bf).requires_grad_()
+    seed = torch.tensor(11)
+    cases = {f"gaussian_fwd-{e}": (gauss_ops._fwd, (x, mu, sigma, None, None, seed, e, 2, False, True, backend))
+             for e in ("sample", "local")}
+    prior = torch.tensor(0.8, dtype=bf)
+    cases["gaussian_kl_fwd"] = (kl_ops._gauss_fwd, (mu, sigma, prior, True, backend))
+    # the upstream gradient of a 16-bit KL is float32, like the KL
+    cases["gaussian_kl_bwd"] = (kl_ops._gauss_bwd, (torch.tensor(0.3), mu.detach(), sigma.detach(), prior, True,
+                                                    [True, True, False], backend))
+    cases["log_uniform_kl_fwd"] = (kl_ops._lu_fwd, (mu, -1.0, 1.0, backend))
+    return cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(_bf16_custom_op_cases("reference")))
+def test_bf16_custom_ops_pass_opcheck(backend, name):
+    # The fake kernels' dtypes (float32 KL of bf16 parameters) match the real kernels'.
+    op, args = _bf16_custom_op_cases(backend)[name]
+    torch.library.opcheck(op, args)

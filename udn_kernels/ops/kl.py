@@ -34,6 +34,8 @@ LOG_UNIFORM_KERNELS = ("log_uniform_kl_fwd", "log_uniform_kl_bwd")
 def _gauss_fwd_impl(mu, sigma, prior_std, sigma_softplus, backend):
     with autocast_off(sigma.device):
         kl = _backend.kernel(backend, "gaussian_kl_fwd")(mu, sigma, prior_std, sigma_softplus)
+    # float32 for 16-bit parameters (the cpu and reference kernels sum in float32 and return it; the
+    # Triton kernel returns the parameters' dtype).
     return kl.to(accumulate_dtype(sigma.dtype))
 
 
