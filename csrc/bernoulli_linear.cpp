@@ -87,11 +87,11 @@ Tensor bernoulli_linear_fwd(const Tensor& x, const Tensor& weight, const OptTens
   }
   const NoisyWeight nw{nullptr, weight, noise, S};
   const auto acc = acc_dtype(x);
-  Tensor out_acc = is_half(x) ? at::empty({S, B, N}, x.options().dtype(acc)) : out;
+  Tensor out_acc = acc != x.scalar_type() ? at::empty({S, B, N}, x.options().dtype(acc)) : out;
   UDN_DISPATCH_FLOATS(x.scalar_type(), "bernoulli_linear_fwd", [&] {
     noisy_weight_forward<scalar_t>(x.to(acc), nw, out_acc, bias ? bias->to(acc).view({1, N}) : Tensor(), nullptr, 0);
   });
-  if (is_half(x)) out.copy_(out_acc);
+  if (acc != x.scalar_type()) out.copy_(out_acc);
   return out;
 }
 

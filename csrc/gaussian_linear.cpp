@@ -154,7 +154,7 @@ std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor&
   const Tensor bias = sampled_bias(bias_mu, bias_sigma, seed, S, N, K, acc);
   const bool flipout = estimator == "flipout";
   const Flipout fo = flipout_offsets(S, B, N, K);
-  Tensor xe = x.to(acc_dtype(x)), out_acc = is_half(x) ? at::empty({S, B, N}, acc) : out;
+  Tensor xe = x.to(acc_dtype(x)), out_acc = acc_dtype(x) != x.scalar_type() ? at::empty({S, B, N}, acc) : out;
   if (flipout) {
     // out starts as the mean part; x * sign_in feeds the noisy part.
     if (mu) out_acc.copy_(mean_product(x, *mu).expand({S, B, N})); else out_acc.zero_();
@@ -165,7 +165,7 @@ std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor&
   UDN_DISPATCH_FLOATS(x.scalar_type(), "gaussian_linear_fwd", [&] {
     noisy_weight_forward<scalar_t>(xe, nw, out_acc, bias, flipout ? &flip : nullptr, fo.out_offset);
   });
-  if (is_half(x)) out.copy_(out_acc);
+  if (acc_dtype(x) != x.scalar_type()) out.copy_(out_acc);
   return {out, x.new_empty({0})};
 }
 

@@ -147,10 +147,9 @@ void add_flipped_block(T* out_s, const Tensor& prod, int64_t N, int64_t n0, int6
 // out[s][:, n0:n0+rows] (one GEMM with leading dimension N, plus bias[s] when given: bias is
 // [S, N] or [1, N]), or, with `flip` (flipout), is added to out times the output signs
 // sign(s, b, n) at flip_offset + s*B*N + b*N + n, then the bias. xe, out and bias are in A.
-template <typename T>
-void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tensor& bias,
-                          const Noise* flip, int64_t flip_offset) {
-  using A = at::opmath_type<T>;
+template <typename T, typename A>
+void forward_in(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tensor& bias, const Noise* flip,
+                int64_t flip_offset) {
   const int64_t N = nw.b.size(0), K = nw.b.size(1), Se = xe.size(0), S = nw.S, B = xe.size(1);
   const int64_t nb = tile_rows(N, K), blocks = (N + nb - 1) / nb;
   const T* a = nw.a ? nw.a->data_ptr<T>() : nullptr;
@@ -194,10 +193,9 @@ void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, 
 // no d_x GEMM runs. Draw 0 writes d_a / d_b and the first row block writes d_x's columns directly (no zero
 // fill, no extra pass); later ones accumulate. xe, ge and d_x are in A; d_a and d_b in T: with 16-bit T
 // the draws accumulate in float32 blocks of the thread's scratch, rounded into d_a / d_b after the last.
-template <typename T>
-void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, NoisyGrads want,
-                           Tensor& d_x, Tensor& d_a, Tensor& d_b) {
-  using A = at::opmath_type<T>;
+template <typename T, typename A>
+void backward_in(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, NoisyGrads want, Tensor& d_x,
+                 Tensor& d_a, Tensor& d_b) {
   constexpr bool kWide = !std::is_same_v<T, A>;
   TORCH_INTERNAL_ASSERT((want.x || want.b) && (want.b || !want.a),
                         "noisy_weight_backward: nothing to do, or d_a without d_b");
@@ -275,6 +273,21 @@ void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight
     }
   });
   if (want.x && N == 0) d_x.zero_();  // no row block: an empty sum
+}
+
+// The engine in xe's dtype: the storage's, or float32 for widened 16-bit storage (acc_dtype).
+template <typename T>
+void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tensor& bias,
+                          const Noise* flip, int64_t flip_offset) {
+  if (xe.scalar_type() == nw.b.scalar_type()) forward_in<T, T>(xe, nw, out, bias, flip, flip_offset);
+  else forward_in<T, at::opmath_type<T>>(xe, nw, out, bias, flip, flip_offset);
+}
+
+template <typename T>
+void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, NoisyGrads want,
+                           Tensor& d_x, Tensor& d_a, Tensor& d_b) {
+  if (xe.scalar_type() == nw.b.scalar_type()) backward_in<T, T>(xe, ge, nw, want, d_x, d_a, d_b);
+  else backward_in<T, at::opmath_type<T>>(xe, ge, nw, want, d_x, d_a, d_b);
 }
 
 #define UDN_STOCHASTIC_INSTANTIATE(T)                                                                    \

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "gemm_strategy.h"
 #include "philox.h"
 
 namespace udn_stochastic {
@@ -33,8 +34,11 @@ inline bool is_half(const Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
 
-// The dtype a kernel computes and accumulates in: float32 for 16-bit storage, else the storage's.
-inline at::ScalarType acc_dtype(const Tensor& t) { return at::toOpMathType(t.scalar_type()); }
+// The dtype of the tile engine's GEMM operands (x, grad_out, tiles, output) for storage like t's: the
+// storage dtype, except 16-bit storage on a CPU without native 16-bit GEMMs (gemm_strategy.h): float32.
+inline at::ScalarType acc_dtype(const Tensor& t) {
+  return native_half_gemm(t.scalar_type()) ? t.scalar_type() : at::toOpMathType(t.scalar_type());
+}
 
 // `t` of one of the storage dtypes above.
 inline void check_storage_dtype(const udn::ArgChecks& check, const char* name, const Tensor& t) {
@@ -106,8 +110,9 @@ struct NoisyGrads {
 // The tile engine (noisy_weight.cpp): out [S, B, N] = x_s W_s^T (+ bias), with flipout's output signs
 // when flip is given; and the gradients d_x, d_a, d_b of sum_s <ge_s, x_s W_s^T>. T is the storage of
 // a, b, d_a and d_b (float, double, BFloat16, Half); xe, ge, out, bias, d_x and the tiles are in
-// A = at::opmath_type<T> (the callers widen the input- and output-sized ones), so a 16-bit weight
-// is widened one noise chunk at a time and every GEMM and accumulator is float32.
+// xe's dtype, acc_dtype(b): T itself, or float32 for 16-bit T without native 16-bit GEMMs (the callers
+// widen the input- and output-sized ones), where a 16-bit weight is widened one noise chunk at a time
+// and every GEMM and accumulator is float32.
 template <typename T>
 void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tensor& bias,
                           const Noise* flip, int64_t flip_offset);
