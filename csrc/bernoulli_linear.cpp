@@ -1,6 +1,8 @@
 // bernoulli_linear on CPU: MC dropout ("input": one fused pass builds the masked input stack, then
 // one large GEMM), DropConnect ("weight") and symmetric Bernoulli weights ("symmetric"), both on the
-// noisy-weight tile engine (noisy_weight.cpp).
+// noisy-weight tile engine (noisy_weight.cpp). 16-bit storage: "input" masks in the storage dtype and
+// runs ATen's 16-bit GEMM (float32 accumulation inside, as F.linear); the tile engine widens the weight per
+// noise chunk and runs float32 GEMMs on x, the output and grad_out widened to float32.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
@@ -30,7 +32,7 @@ Tensor masked_input(const Tensor& x, const Noise& noise, int64_t S, Tensor* scal
   const int64_t B = x.size(1), K = x.size(2), R = S * B;
   const bool shared = x.size(0) == 1;
   Tensor xm = build ? at::empty({R, K}, x.options()) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_input", [&] {
+  UDN_DISPATCH_FLOATS(x.scalar_type(), "masked_input", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* out = build ? xm.data_ptr<scalar_t>() : nullptr;
     scalar_t* sp = scale_by_mask ? scale_by_mask->data_ptr<scalar_t>() : nullptr;
@@ -84,9 +86,12 @@ Tensor bernoulli_linear_fwd(const Tensor& x, const Tensor& weight, const OptTens
     return out;
   }
   const NoisyWeight nw{nullptr, weight, noise, S};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bernoulli_linear_fwd", [&] {
-    noisy_weight_forward<scalar_t>(x, nw, out, bias ? bias->view({1, N}) : Tensor(), nullptr, 0);
+  const auto acc = acc_dtype(x);
+  Tensor out_acc = acc != x.scalar_type() ? at::empty({S, B, N}, x.options().dtype(acc)) : out;
+  UDN_DISPATCH_FLOATS(x.scalar_type(), "bernoulli_linear_fwd", [&] {
+    noisy_weight_forward<scalar_t>(x.to(acc), nw, out_acc, bias ? bias->to(acc).view({1, N}) : Tensor(), nullptr, 0);
   });
+  if (acc != x.scalar_type()) out.copy_(out_acc);
   return out;
 }
 
@@ -120,10 +125,11 @@ std::tuple<Tensor, Tensor, Tensor> bernoulli_linear_bwd(const Tensor& grad_out, 
   }
   const NoisyWeight nw{nullptr, weight, noise, S};
   Tensor d_xe, d_a, d_w;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bernoulli_linear_bwd", [&] {
-    noisy_weight_backward<scalar_t>(x, g, nw, {want_x, false, want_weight}, d_xe, d_a, d_w);
+  const auto acc = acc_dtype(x);
+  UDN_DISPATCH_FLOATS(x.scalar_type(), "bernoulli_linear_bwd", [&] {
+    noisy_weight_backward<scalar_t>(x.to(acc), g.to(acc), nw, {want_x, false, want_weight}, d_xe, d_a, d_w);
   });
-  return {want_x ? d_xe : d_x, want_weight ? d_w : d_weight, d_bias};
+  return {want_x ? d_xe.to(x.scalar_type()) : d_x, want_weight ? d_w : d_weight, d_bias};
 }
 
 }  // namespace

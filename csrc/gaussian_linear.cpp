@@ -3,6 +3,9 @@
 // part x mu^T separately and sign-flips the input and output of the noisy part. "local" (local
 // reparameterisation) samples the pre-activations: mean x mu^T, std sqrt(x^2 sigma^2^T (+ bias
 // sigma^2)), one output-sized noise draw. With sigma_softplus the sigma arguments hold rho.
+// 16-bit storage: the tile engine widens the weights per noise chunk and runs float32 GEMMs on x, the
+// output and grad_out widened to float32 (input- and output-sized, rounded back at the end); local and
+// the mean parts x mu^T run ATen's 16-bit GEMMs (float32 accumulation inside), as F.linear does.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
@@ -21,7 +24,7 @@ using namespace udn_stochastic;
 // Stream elements offset .. offset + numel as a tensor of `options` (input/output-sized noise).
 Tensor noise_tensor(const Noise& noise, at::IntArrayRef shape, int64_t offset, const at::TensorOptions& options) {
   Tensor out = at::empty(shape, options);
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "noise_tensor", [&] {
+  UDN_DISPATCH_FLOATS(out.scalar_type(), "noise_tensor", [&] {
     scalar_t* data = out.data_ptr<scalar_t>();
     at::parallel_for(0, out.numel(), kFillGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
@@ -31,12 +34,13 @@ Tensor noise_tensor(const Noise& noise, at::IntArrayRef shape, int64_t offset, c
   return out;
 }
 
-// Per-draw bias [S, N]: bias_mu + bias_sigma * eps_s (eps at S*N*K + s*N + n); undefined if no bias.
+// Per-draw bias [S, N] in opt's dtype: bias_mu + bias_sigma * eps_s (eps at S*N*K + s*N + n); undefined if
+// no bias.
 Tensor sampled_bias(const Tensor* bias_mu, const Tensor* bias_sigma, uint64_t seed, int64_t S, int64_t N,
                     int64_t K, const at::TensorOptions& opt) {
   if (!bias_mu && !bias_sigma) return Tensor();
-  Tensor bias = bias_mu ? bias_mu->expand({S, N}) : at::zeros({S, N}, opt);
-  if (bias_sigma) bias = bias + *bias_sigma * noise_tensor({Noise::kNormal, seed}, {S, N}, S * N * K, opt);
+  Tensor bias = bias_mu ? bias_mu->to(opt).expand({S, N}) : at::zeros({S, N}, opt);
+  if (bias_sigma) bias = bias + bias_sigma->to(opt) * noise_tensor({Noise::kNormal, seed}, {S, N}, S * N * K, opt);
   return bias.contiguous();
 }
 
@@ -124,7 +128,7 @@ std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor&
     if (bias_sigma) sd.add_(bias_sigma->square());
     sd.sqrt_();
     Tensor mean = mu ? mean_product(x, *mu) : Tensor();
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_fwd_local", [&] {
+    UDN_DISPATCH_FLOATS(x.scalar_type(), "gaussian_linear_fwd_local", [&] {
       const scalar_t* sdp = sd.data_ptr<scalar_t>();
       const scalar_t* m = mu ? mean.data_ptr<scalar_t>() : nullptr;
       const scalar_t* bm = bias_mu ? bias_mu->data_ptr<scalar_t>() : nullptr;
@@ -145,20 +149,23 @@ std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor&
     });
     return {out, sd};
   }
-  const Tensor bias = sampled_bias(bias_mu, bias_sigma, seed, S, N, K, opt);
+  // The engine's x, output and bias are in the compute dtype (float32 for 16-bit storage).
+  const auto acc = opt.dtype(acc_dtype(x));
+  const Tensor bias = sampled_bias(bias_mu, bias_sigma, seed, S, N, K, acc);
   const bool flipout = estimator == "flipout";
   const Flipout fo = flipout_offsets(S, B, N, K);
-  Tensor xe = x;
+  Tensor xe = x.to(acc_dtype(x)), out_acc = acc_dtype(x) != x.scalar_type() ? at::empty({S, B, N}, acc) : out;
   if (flipout) {
     // out starts as the mean part; x * sign_in feeds the noisy part.
-    if (mu) out.copy_(mean_product(x, *mu).expand({S, B, N})); else out.zero_();
-    xe = noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, opt).mul_(x);
+    if (mu) out_acc.copy_(mean_product(x, *mu).expand({S, B, N})); else out_acc.zero_();
+    xe = noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, acc).mul_(xe);
   }
   const NoisyWeight nw = gaussian_draws(flipout ? nullptr : mu, weight_sigma, seed, S, sigma_softplus);
   const Noise flip{Noise::kSign, seed};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_fwd", [&] {
-    noisy_weight_forward<scalar_t>(xe, nw, out, bias, flipout ? &flip : nullptr, fo.out_offset);
+  UDN_DISPATCH_FLOATS(x.scalar_type(), "gaussian_linear_fwd", [&] {
+    noisy_weight_forward<scalar_t>(xe, nw, out_acc, bias, flipout ? &flip : nullptr, fo.out_offset);
   });
+  if (acc_dtype(x) != x.scalar_type()) out.copy_(out_acc);
   return {out, x.new_empty({0})};
 }
 
@@ -192,7 +199,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
       const Tensor sd = std_in.contiguous();
       // 2 dL/dvar per draw = g * eps / std (0 where std == 0): the 2 cancels the 2 of d(x^2) and d(sigma^2).
       Tensor d_var = at::empty({S, B, N}, opt);
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd_local", [&] {
+      UDN_DISPATCH_FLOATS(x.scalar_type(), "gaussian_linear_bwd_local", [&] {
         const scalar_t* sdp = sd.data_ptr<scalar_t>();
         const scalar_t* gp = g.data_ptr<scalar_t>();
         scalar_t* dv = d_var.data_ptr<scalar_t>();
@@ -242,21 +249,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
   Tensor d_xe, d_a, d_s;
   if (want.x || want.b) {
     const NoisyWeight nw = gaussian_draws(flipout ? nullptr : mu, weight_sigma, seed, S, sigma_softplus);
+    // The engine's x, grad_out and d_x are in the compute dtype (float32 for 16-bit storage).
+    const auto acc = opt.dtype(acc_dtype(x));
+    const Tensor x_acc = x.to(acc_dtype(x)), g_acc = g.to(acc_dtype(x));
     if (!flipout) {
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd", [&] {
-        noisy_weight_backward<scalar_t>(x, g, nw, want, d_xe, d_a, d_s);
+      UDN_DISPATCH_FLOATS(x.scalar_type(), "gaussian_linear_bwd", [&] {
+        noisy_weight_backward<scalar_t>(x_acc, g_acc, nw, want, d_xe, d_a, d_s);
       });
-      if (want_x) d_x = d_xe;
+      if (want_x) d_x = d_xe.to(x.scalar_type());
     } else {
       const Flipout fo = flipout_offsets(S, B, N, K);
-      const Tensor sign_in = noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, opt);
+      const Tensor sign_in = noise_tensor({Noise::kSign, seed}, {S, B, K}, fo.in_offset, acc);
       // x * sign_in feeds only d_sigma's G GEMMs; d_x alone needs just its [S, B, K] shape.
-      const Tensor xe = want_sigma ? x.expand({S, B, K}) * sign_in : x.expand({S, B, K});
-      const Tensor ge = noise_tensor({Noise::kSign, seed}, {S, B, N}, fo.out_offset, opt).mul_(g);
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gaussian_linear_bwd_flipout", [&] {
+      const Tensor xe = want_sigma ? x_acc.expand({S, B, K}) * sign_in : x_acc.expand({S, B, K});
+      const Tensor ge = noise_tensor({Noise::kSign, seed}, {S, B, N}, fo.out_offset, acc).mul_(g_acc);
+      UDN_DISPATCH_FLOATS(x.scalar_type(), "gaussian_linear_bwd_flipout", [&] {
         noisy_weight_backward<scalar_t>(xe, ge, nw, want, d_xe, d_a, d_s);
       });
-      if (want_x) d_x = sum_draws_if_shared(d_xe.mul_(sign_in), Sx);
+      if (want_x) d_x = sum_draws_if_shared(d_xe.mul_(sign_in), Sx).to(x.scalar_type());
     }
     if (want_sigma) {
       d_sigma = d_s;

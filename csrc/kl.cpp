@@ -5,6 +5,10 @@
 //
 // Sums are taken per fixed-size chunk (vector lanes, then the lanes in order, in double) and the
 // chunk partials added in chunk order, so the value does not depend on the thread count.
+//
+// 16-bit parameters (bfloat16, float16) are widened one chunk at a time and run through the float32
+// kernel (over_float_chunks): the sum is float32 (what the ops return for 16-bit inputs) and the
+// gradients are rounded into the parameters' dtype.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -14,6 +18,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "stochastic_common.h"
 #include "vec_softplus.h"
 
 namespace udn_kl {
@@ -23,7 +28,9 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
+using udn_stochastic::check_storage_dtype;
 using udn_stochastic::exp_neg_abs;
+using udn_stochastic::is_half;
 using udn_stochastic::sigmoid_from;
 using udn_stochastic::softplus_from;
 
@@ -63,6 +70,31 @@ double chunked_sum(int64_t numel, Term term) {
   return total;
 }
 
+// The 16-bit path: f(begin, n) runs the float32 kernel on elements begin .. begin + n, widened (one
+// kChunk-element chunk per call, so the copies are chunk-sized), and returns the chunk's partial sum;
+// the partials are added in chunk order, as chunked_sum does.
+template <typename F>
+double over_float_chunks(int64_t numel, F f) {
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  std::vector<double> partial(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    // Workers do not inherit the dispatch-key TLS: keep their tensor ops below autograd.
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    for (int64_t c = c0; c < c1; ++c) partial[c] = f(c * kChunk, std::min(kChunk, numel - c * kChunk));
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+// Elements begin .. begin + n of t, widened to float32.
+Tensor float_chunk(const Tensor& t, int64_t begin, int64_t n) { return t.view(-1).narrow(0, begin, n).to(at::kFloat); }
+
+// Writes a float32 chunk result into elements begin .. of the 16-bit output.
+void store_chunk(const Tensor& out, int64_t begin, const Tensor& chunk) {
+  out.view(-1).narrow(0, begin, chunk.numel()).copy_(chunk);
+}
+
 // The posterior and prior of gaussian_kl at one vector: sigma (softplus of rho with sigma_softplus),
 // t = exp(-|rho|) for the softplus derivative, the second moment sigma^2 + mu^2, and the prior std.
 template <typename T>
@@ -99,7 +131,7 @@ GaussianArgs<T> gaussian_args(const OptTensor& mu, const Tensor& sigma, const Te
 }
 
 void check_gaussian(const udn::ArgChecks& check, const OptTensor& mu, const Tensor& sigma, const Tensor& prior_std) {
-  check.floating("sigma", sigma);
+  check_storage_dtype(check, "sigma", sigma);
   check.tensor("sigma", sigma, sigma.scalar_type(), sigma.sizes());
   check.optional("mu", mu, sigma.scalar_type(), sigma.sizes());
   check.tensor("prior_std", prior_std, sigma.scalar_type(),
@@ -108,6 +140,16 @@ void check_gaussian(const udn::ArgChecks& check, const OptTensor& mu, const Tens
 
 Tensor gaussian_kl_fwd(const OptTensor& mu, const Tensor& sigma, const Tensor& prior_std, bool sigma_softplus) {
   check_gaussian({"gaussian_kl_fwd"}, mu, sigma, prior_std);
+  if (is_half(sigma)) {
+    const bool scalar_prior = prior_std.numel() == 1, has_mu = mu.has_value() && mu->defined();
+    const Tensor prior_wide = scalar_prior ? prior_std.to(at::kFloat) : Tensor();
+    const double total = over_float_chunks(sigma.numel(), [&](int64_t i, int64_t n) {
+      return gaussian_kl_fwd(has_mu ? OptTensor(float_chunk(*mu, i, n)) : OptTensor(), float_chunk(sigma, i, n),
+                             scalar_prior ? prior_wide : float_chunk(prior_std, i, n), sigma_softplus)
+          .item<double>();
+    });
+    return at::scalar_tensor(total, sigma.options().dtype(at::kFloat));
+  }
   double total = 0;
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "gaussian_kl_fwd", [&] {
     using V = Vec<scalar_t>;
@@ -139,7 +181,7 @@ std::tuple<Tensor, Tensor, Tensor> gaussian_kl_bwd(const Tensor& grad, const Opt
                                                    std::array<bool, 3> grad_mask) {
   const udn::ArgChecks check{"gaussian_kl_bwd"};
   check_gaussian(check, mu, sigma, prior_std);
-  check.tensor("grad", grad, sigma.scalar_type(), {}, true);
+  check.tensor("grad", grad, at::toOpMathType(sigma.scalar_type()), {}, true);
   const bool want_mu = grad_mask[0] && mu.has_value() && mu->defined(), want_sigma = grad_mask[1],
              want_prior = grad_mask[2];
   const bool scalar_prior = prior_std.numel() == 1;
@@ -147,6 +189,22 @@ std::tuple<Tensor, Tensor, Tensor> gaussian_kl_bwd(const Tensor& grad, const Opt
   Tensor d_sigma = want_sigma ? at::empty_like(sigma) : sigma.new_empty(0);
   Tensor d_prior = want_prior && !scalar_prior ? at::empty_like(sigma) : sigma.new_empty(0);
   if (!want_mu && !want_sigma && !want_prior) return {d_mu, d_sigma, d_prior};
+  if (is_half(sigma)) {
+    const bool has_mu = mu.has_value() && mu->defined();  // d_prior_std needs mu even when d_mu is not wanted
+    const Tensor prior_wide = scalar_prior ? prior_std.to(at::kFloat) : Tensor();
+    const double prior_sum = over_float_chunks(sigma.numel(), [&](int64_t i, int64_t n) {
+      const auto [dm, ds, dp] = gaussian_kl_bwd(grad, has_mu ? OptTensor(float_chunk(*mu, i, n)) : OptTensor(),
+                                                float_chunk(sigma, i, n),
+                                                scalar_prior ? prior_wide : float_chunk(prior_std, i, n),
+                                                sigma_softplus, {want_mu, want_sigma, want_prior});
+      if (want_mu) store_chunk(d_mu, i, dm);
+      if (want_sigma) store_chunk(d_sigma, i, ds);
+      if (want_prior && !scalar_prior) store_chunk(d_prior, i, dp);
+      return want_prior && scalar_prior ? dp.item<double>() : 0.0;
+    });
+    if (want_prior && scalar_prior) d_prior = at::scalar_tensor(prior_sum, sigma.options()).view(prior_std.sizes());
+    return {d_mu, d_sigma, d_prior};
+  }
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "gaussian_kl_bwd", [&] {
     using V = Vec<scalar_t>;
     const auto args = gaussian_args<scalar_t>(mu, sigma, prior_std, sigma_softplus);
@@ -188,7 +246,7 @@ C10_ALWAYS_INLINE Clamped<T> clamp_at(const T* log_alpha, int64_t i, int64_t m, 
 }
 
 void check_log_uniform(const udn::ArgChecks& check, const Tensor& log_alpha, double lo, double hi) {
-  check.floating("log_alpha", log_alpha);
+  check_storage_dtype(check, "log_alpha", log_alpha);
   check.tensor("log_alpha", log_alpha, log_alpha.scalar_type(), log_alpha.sizes());
   TORCH_CHECK(lo <= hi, check.op, ": clamp: expected min <= max, got [", lo, ", ", hi, "]");
 }
@@ -196,6 +254,12 @@ void check_log_uniform(const udn::ArgChecks& check, const Tensor& log_alpha, dou
 // KL = K1 - K1 sigmoid(K2 + K3 la) + 0.5 softplus(-la), la = clamp(log_alpha, lo, hi).
 Tensor log_uniform_kl_fwd(const Tensor& log_alpha, double lo, double hi) {
   check_log_uniform({"log_uniform_kl_fwd"}, log_alpha, lo, hi);
+  if (is_half(log_alpha)) {
+    const double total = over_float_chunks(log_alpha.numel(), [&](int64_t i, int64_t n) {
+      return log_uniform_kl_fwd(float_chunk(log_alpha, i, n), lo, hi).item<double>();
+    });
+    return at::scalar_tensor(total, log_alpha.options().dtype(at::kFloat));
+  }
   double total = 0;
   AT_DISPATCH_FLOATING_TYPES(log_alpha.scalar_type(), "log_uniform_kl_fwd", [&] {
     using V = Vec<scalar_t>;
@@ -215,8 +279,15 @@ Tensor log_uniform_kl_fwd(const Tensor& log_alpha, double lo, double hi) {
 Tensor log_uniform_kl_bwd(const Tensor& grad, const Tensor& log_alpha, double lo, double hi) {
   const udn::ArgChecks check{"log_uniform_kl_bwd"};
   check_log_uniform(check, log_alpha, lo, hi);
-  check.tensor("grad", grad, log_alpha.scalar_type(), {}, true);
+  check.tensor("grad", grad, at::toOpMathType(log_alpha.scalar_type()), {}, true);
   Tensor d_log_alpha = at::empty_like(log_alpha);
+  if (is_half(log_alpha)) {
+    over_float_chunks(log_alpha.numel(), [&](int64_t i, int64_t n) {
+      store_chunk(d_log_alpha, i, log_uniform_kl_bwd(grad, float_chunk(log_alpha, i, n), lo, hi));
+      return 0.0;
+    });
+    return d_log_alpha;
+  }
   AT_DISPATCH_FLOATING_TYPES(log_alpha.scalar_type(), "log_uniform_kl_bwd", [&] {
     using V = Vec<scalar_t>;
     const scalar_t* la = log_alpha.data_ptr<scalar_t>();

@@ -146,36 +146,37 @@ void add_flipped_block(T* out_s, const Tensor& prod, int64_t N, int64_t n0, int6
 // out [S, B, N] gets x_s W_s^T for every draw: each block's product goes straight into
 // out[s][:, n0:n0+rows] (one GEMM with leading dimension N, plus bias[s] when given: bias is
 // [S, N] or [1, N]), or, with `flip` (flipout), is added to out times the output signs
-// sign(s, b, n) at flip_offset + s*B*N + b*N + n, then the bias.
-template <typename T>
-void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tensor& bias,
-                          const Noise* flip, int64_t flip_offset) {
+// sign(s, b, n) at flip_offset + s*B*N + b*N + n, then the bias. xe, out and bias are in A.
+template <typename T, typename A>
+void forward_in(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tensor& bias, const Noise* flip,
+                int64_t flip_offset) {
   const int64_t N = nw.b.size(0), K = nw.b.size(1), Se = xe.size(0), S = nw.S, B = xe.size(1);
   const int64_t nb = tile_rows(N, K), blocks = (N + nb - 1) / nb;
   const T* a = nw.a ? nw.a->data_ptr<T>() : nullptr;
   const T* b = nw.b.data_ptr<T>();
   const int64_t threads = at::get_num_threads();
-  const Tensor tiles = scratch_stack(threads, {nb, K}, nw.b.options());
-  const Tensor prods = flip ? scratch_stack(threads, {B, nb}, nw.b.options()) : Tensor();
+  const Tensor tiles = scratch_stack(threads, {nb, K}, out.options());
+  const Tensor prods = flip ? scratch_stack(threads, {B, nb}, out.options()) : Tensor();
   at::parallel_for(0, S * blocks, 1, [&](int64_t begin, int64_t end) {
     const WorkerGuard guard;
     Tensor tile = tiles[at::get_thread_num()];
     std::vector<float> scratch;
-    std::vector<T> r, sign;
+    std::vector<A> r, sign, a_wide, b_wide;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = t / blocks, n0 = (t % blocks) * nb, rows = std::min(nb, N - n0);
-      T* w = tile.data_ptr<T>();
+      A* w = tile.data_ptr<A>();
       const T* a0 = a ? a + n0 * K : nullptr;
-      for_noise_chunks(nw.noise, rows * K, s * N * K + n0 * K, r, scratch, [&](int64_t i, const T* rc, int64_t n) {
-        combine(w + i, a0 ? a0 + i : nullptr, b + n0 * K + i, rc, n, nw.softplus_b);
+      for_noise_chunks(nw.noise, rows * K, s * N * K + n0 * K, r, scratch, [&](int64_t i, const A* rc, int64_t n) {
+        combine(w + i, a0 ? widen(a0 + i, n, a_wide) : nullptr, widen(b + n0 * K + i, n, b_wide), rc, n,
+                nw.softplus_b);
       });
       const Tensor x_s = xe[Se == 1 ? 0 : s], w_t = tile.narrow(0, 0, rows).t();
       const Tensor bias_s = bias.defined() ? bias[bias.size(0) == 1 ? 0 : s].narrow(0, n0, rows) : Tensor();
       if (flip) {
         Tensor p = prods[at::get_thread_num()].narrow(1, 0, rows);
         at::mm_out(p, x_s, w_t);
-        add_flipped_block(out.data_ptr<T>() + s * B * N, p, N, n0, rows,
-                          bias_s.defined() ? bias_s.data_ptr<T>() : nullptr, *flip, flip_offset + s * B * N, sign,
+        add_flipped_block(out.data_ptr<A>() + s * B * N, p, N, n0, rows,
+                          bias_s.defined() ? bias_s.data_ptr<A>() : nullptr, *flip, flip_offset + s * B * N, sign,
                           scratch);
       } else {
         Tensor dst = out[s].narrow(1, n0, rows);
@@ -190,10 +191,12 @@ void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, 
 // G_s = ge_s^T x_s it reuses. Each block's noise r_s is generated once and feeds both the d_b epilogue and
 // the regenerated weight block of d_x; without d_b no G GEMM runs, without d_x no weight block is built and
 // no d_x GEMM runs. Draw 0 writes d_a / d_b and the first row block writes d_x's columns directly (no zero
-// fill, no extra pass); later ones accumulate.
-template <typename T>
-void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, NoisyGrads want,
-                           Tensor& d_x, Tensor& d_a, Tensor& d_b) {
+// fill, no extra pass); later ones accumulate. xe, ge and d_x are in A; d_a and d_b in T: with 16-bit T
+// the draws accumulate in float32 blocks of the thread's scratch, rounded into d_a / d_b after the last.
+template <typename T, typename A>
+void backward_in(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, NoisyGrads want, Tensor& d_x,
+                 Tensor& d_a, Tensor& d_b) {
+  constexpr bool kWide = !std::is_same_v<T, A>;
   TORCH_INTERNAL_ASSERT((want.x || want.b) && (want.b || !want.a),
                         "noisy_weight_backward: nothing to do, or d_a without d_b");
   const int64_t N = nw.b.size(0), K = nw.b.size(1), Se = xe.size(0), S = nw.S;
@@ -206,40 +209,60 @@ void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight
   d_b = want.b ? at::empty_like(nw.b) : Tensor();
   T* da = want.a ? d_a.data_ptr<T>() : nullptr;
   T* db = want.b ? d_b.data_ptr<T>() : nullptr;
-  // Per thread: the weight block (for d_x) and the G block (for d_b), those needed.
-  const int64_t w_index = 0, g_index = want.x ? 1 : 0;
-  const Tensor blocks = scratch_stack(at::get_num_threads(), {int64_t{want.x} + want.b, blk.rows, blk.cols},
-                                      nw.b.options());
+  // Per thread: the weight block (for d_x), the G block (for d_b) and, with 16-bit T, the float32
+  // accumulators of d_b and d_a; those needed.
+  const int64_t w_index = 0, g_index = want.x ? 1 : 0, db_index = g_index + want.b, da_index = db_index + want.b;
+  const int64_t count = int64_t{want.x} + want.b + (kWide ? int64_t{want.b} + want.a : 0);
+  const Tensor blocks = scratch_stack(at::get_num_threads(), {count, blk.rows, blk.cols}, xe.options());
   at::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
     const WorkerGuard guard;
     const Tensor mine = blocks[at::get_thread_num()];
     std::vector<float> scratch;
-    std::vector<T> r;
+    std::vector<A> r, a_wide, b_wide;
+    A* db_acc = kWide && want.b ? mine[db_index].data_ptr<A>() : nullptr;
+    A* da_acc = kWide && want.a ? mine[da_index].data_ptr<A>() : nullptr;
     for (int64_t cb = begin; cb < end; ++cb) {
       const int64_t k0 = cb * blk.cols, cols = std::min(blk.cols, K - k0);
       for (int64_t n0 = 0; n0 < N; n0 += blk.rows) {
         const int64_t rows = std::min(blk.rows, N - n0);
         const Tensor w_block = want.x ? mine[w_index].view(-1).narrow(0, 0, rows * cols).view({rows, cols}) : Tensor();
         const Tensor g_block = want.b ? mine[g_index].view(-1).narrow(0, 0, rows * cols).view({rows, cols}) : Tensor();
-        T* w = want.x ? w_block.data_ptr<T>() : nullptr;
+        A* w = want.x ? w_block.data_ptr<A>() : nullptr;
         for (int64_t s = 0; s < S; ++s) {
           const int64_t se = Se == 1 ? 0 : s;
           const Tensor ge_blk = ge[s].narrow(1, n0, rows);  // [B, rows], row stride N
-          const T* g = nullptr;
+          const A* g = nullptr;
           if (want.b) {
             Tensor g_view = g_block;
             at::mm_out(g_view, ge_blk.t(), xe[se].narrow(1, k0, cols));
-            g = g_block.data_ptr<T>();
+            g = g_block.data_ptr<A>();
           }
           // One pass per noise chunk: the weight block for d_x and the d_a / d_b epilogue.
           for_block_noise(nw.noise, s, N, K, n0, rows, k0, cols, r, scratch,
-                          [&](int64_t i, int64_t wi, const T* rc, int64_t n) {
-            if (!want.b) return combine(w + i, a ? a + wi : nullptr, b + wi, rc, n, nw.softplus_b);
-            backward_chunk(w ? w + i : nullptr, a ? a + wi : nullptr, b + wi, rc, g + i, db + wi, n, s == 0,
-                           s == S - 1, nw.softplus_b);
-            if (!da) return;
-            if (s == 0) std::copy(g + i, g + i + n, da + wi);
-            else at::vec::map2<T>([](Vec<T> x, Vec<T> y) { return x + y; }, da + wi, da + wi, g + i, n);
+                          [&](int64_t i, int64_t wi, const A* rc, int64_t n) {
+            const A* ac = a ? widen(a + wi, n, a_wide) : nullptr;
+            const A* bc = widen(b + wi, n, b_wide);
+            if (!want.b) return combine(w + i, ac, bc, rc, n, nw.softplus_b);
+            A* dbc;
+            A* dac;
+            if constexpr (kWide) {
+              dbc = db_acc + i;
+              dac = da_acc ? da_acc + i : nullptr;
+            } else {
+              dbc = db + wi;
+              dac = da ? da + wi : nullptr;
+            }
+            backward_chunk(w ? w + i : nullptr, ac, bc, rc, g + i, dbc, n, s == 0, s == S - 1, nw.softplus_b);
+            if (dac) {
+              if (s == 0) std::copy(g + i, g + i + n, dac);
+              else at::vec::map2<A>([](Vec<A> x, Vec<A> y) { return x + y; }, dac, dac, g + i, n);
+            }
+            if constexpr (kWide) {
+              if (s == S - 1) {
+                at::vec::convert(dbc, db + wi, n);
+                if (dac) at::vec::convert(dac, da + wi, n);
+              }
+            }
           });
           if (want.x) {
             Tensor dst = d_x[se].narrow(1, k0, cols);
@@ -252,6 +275,21 @@ void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight
   if (want.x && N == 0) d_x.zero_();  // no row block: an empty sum
 }
 
+// The engine in xe's dtype: the storage's, or float32 for widened 16-bit storage (acc_dtype).
+template <typename T>
+void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tensor& bias,
+                          const Noise* flip, int64_t flip_offset) {
+  if (xe.scalar_type() == nw.b.scalar_type()) forward_in<T, T>(xe, nw, out, bias, flip, flip_offset);
+  else forward_in<T, at::opmath_type<T>>(xe, nw, out, bias, flip, flip_offset);
+}
+
+template <typename T>
+void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, NoisyGrads want,
+                           Tensor& d_x, Tensor& d_a, Tensor& d_b) {
+  if (xe.scalar_type() == nw.b.scalar_type()) backward_in<T, T>(xe, ge, nw, want, d_x, d_a, d_b);
+  else backward_in<T, at::opmath_type<T>>(xe, ge, nw, want, d_x, d_a, d_b);
+}
+
 #define UDN_STOCHASTIC_INSTANTIATE(T)                                                                    \
   template void noisy_weight_forward<T>(const Tensor&, const NoisyWeight&, Tensor&, const Tensor&, const Noise*, \
                                         int64_t);                                                           \
@@ -259,6 +297,8 @@ void noisy_weight_backward(const Tensor& xe, const Tensor& ge, const NoisyWeight
                                          Tensor&, Tensor&);
 UDN_STOCHASTIC_INSTANTIATE(float)
 UDN_STOCHASTIC_INSTANTIATE(double)
+UDN_STOCHASTIC_INSTANTIATE(at::BFloat16)
+UDN_STOCHASTIC_INSTANTIATE(at::Half)
 #undef UDN_STOCHASTIC_INSTANTIATE
 
 }  // namespace udn_stochastic

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <optional>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "gemm_strategy.h"
 #include "philox.h"
 
 namespace udn_stochastic {
@@ -22,6 +24,40 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
+
+// The storage dtypes of the stochastic kernels: float32, float64, and the 16-bit bfloat16 and
+// float16, which are computed in float32 (at::opmath_type): noise, tiles, GEMMs and accumulators.
+#define UDN_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+inline bool is_half(const Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
+// The dtype of the tile engine's GEMM operands (x, grad_out, tiles, output) for storage like t's: the
+// storage dtype, except 16-bit storage on a CPU without native 16-bit GEMMs (gemm_strategy.h): float32.
+inline at::ScalarType acc_dtype(const Tensor& t) {
+  return native_half_gemm(t.scalar_type()) ? t.scalar_type() : at::toOpMathType(t.scalar_type());
+}
+
+// `t` of one of the storage dtypes above.
+inline void check_storage_dtype(const udn::ArgChecks& check, const char* name, const Tensor& t) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf, check.op, ": ", name,
+              ": expected dtype float32, float64, bfloat16 or float16, got ", d);
+}
+
+// p[0, n) in the compute type A: p itself, or widened into buf (16-bit storage, one chunk at a time).
+template <typename T, typename A = at::opmath_type<T>>
+const A* widen(const T* p, int64_t n, std::vector<A>& buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    return p;
+  } else {
+    buf.resize(n);
+    at::vec::convert(p, buf.data(), n);
+    return buf.data();
+  }
+}
 
 constexpr int64_t kFillGrain = 1 << 14;  // noise elements per parallel task
 
@@ -71,8 +107,12 @@ struct NoisyGrads {
   bool x, a, b;
 };
 
-// The tile engine (noisy_weight.cpp, float and double): out [S, B, N] = x_s W_s^T (+ bias), with
-// flipout's output signs when flip is given; and the gradients d_x, d_a, d_b of sum_s <ge_s, x_s W_s^T>.
+// The tile engine (noisy_weight.cpp): out [S, B, N] = x_s W_s^T (+ bias), with flipout's output signs
+// when flip is given; and the gradients d_x, d_a, d_b of sum_s <ge_s, x_s W_s^T>. T is the storage of
+// a, b, d_a and d_b (float, double, BFloat16, Half); xe, ge, out, bias, d_x and the tiles are in
+// xe's dtype, acc_dtype(b): T itself, or float32 for 16-bit T without native 16-bit GEMMs (the callers
+// widen the input- and output-sized ones), where a 16-bit weight is widened one noise chunk at a time
+// and every GEMM and accumulator is float32.
 template <typename T>
 void noisy_weight_forward(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tensor& bias,
                           const Noise* flip, int64_t flip_offset);
@@ -87,13 +127,13 @@ inline Tensor sum_draws_if_shared(const Tensor& t, int64_t Sx) {
   return Sx == 1 && t.size(0) > 1 ? t.sum(0, true) : t;
 }
 
-// Checks x [Sx, B, K] (float32/64, Sx = S with x_sampled, else 1; S >= 1) and the [N, K] weight
+// Checks x [Sx, B, K] (a storage dtype above, Sx = S with x_sampled, else 1; S >= 1) and the [N, K] weight
 // argument `weight_name` of x's dtype, all CPU and contiguous. Returns N.
 inline int64_t check_input_and_weight(const udn::ArgChecks& check, const Tensor& x, int64_t S, bool x_sampled,
                                       const char* weight_name, const Tensor& weight) {
   TORCH_CHECK(S >= 1, check.op, ": samples: expected >= 1, got ", S);
   check.dim("x", x, {3});
-  check.floating("x", x);
+  check_storage_dtype(check, "x", x);
   const int64_t K = x.size(2);
   check.tensor("x", x, x.scalar_type(), {x_sampled ? S : 1, x.size(1), K});
   check.dim(weight_name, weight, {2});

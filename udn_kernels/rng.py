@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._checks import check_probability, resolve_seed
+from ._checks import check_probability, float_dtypes_for, resolve_seed
 
 MAX_OFFSET = 2**63 - 1
 
@@ -50,6 +50,14 @@ def _run(name: str, n, seed, offset, device, *extra) -> torch.Tensor:
     return out.to(device)
 
 
+def _check_dtype(dtype, device) -> torch.dtype:
+    allowed = float_dtypes_for(torch.device(device if device is not None else "cpu"))
+    if dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"dtype: expected one of ({names}), got {dtype}")
+    return dtype
+
+
 def random_uint32(n: int, seed=None, offset: int = 0, *, device=None) -> torch.Tensor:
     """``n`` uint32 words of the stream (an int64 tensor with values in ``[0, 2^32)``).
 
@@ -63,19 +71,25 @@ def random_uint32(n: int, seed=None, offset: int = 0, *, device=None) -> torch.T
     return _run("philox_uint32", n, seed, offset, device)
 
 
-def uniform(n: int, seed=None, offset: int = 0, *, device=None) -> torch.Tensor:
-    """``n`` float32 uniforms in ``[0, 1)`` (Triton's ``tl.rand``). Arguments as :func:`random_uint32`."""
-    return _run("philox_uniform", n, seed, offset, device)
+def uniform(n: int, seed=None, offset: int = 0, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``n`` uniforms in ``[0, 1)`` (Triton's ``tl.rand``), computed in float32 and rounded to ``dtype``
+    (16-bit values that would round up to 1.0 are kept below it). Arguments as :func:`random_uint32`."""
+    dtype = _check_dtype(dtype, device)
+    out = _run("philox_uniform", n, seed, offset, device).to(dtype)
+    # Rounding to 16 bits carries values within half an ulp of 1 up to 1.0: keep them in [0, 1).
+    return out.clamp_(max=1 - torch.finfo(dtype).eps / 2) if dtype.itemsize == 2 else out
 
 
-def normal(n: int, seed=None, offset: int = 0, *, device=None) -> torch.Tensor:
-    """``n`` float32 standard normals, four per Philox call: stream element ``e`` is
-    ``tl.randn4x(seed, e >> 2)[e & 3]`` (Box-Muller; layout in docs/rng.md). Within 4e-6 of the
-    other backends, not bit-identical (float32 ``log``/``sin``/``cos`` differ by an ulp or two).
+def normal(n: int, seed=None, offset: int = 0, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``n`` standard normals, four per Philox call: stream element ``e`` is
+    ``tl.randn4x(seed, e >> 2)[e & 3]`` (Box-Muller; layout in docs/rng.md), computed in float32 and
+    rounded to ``dtype`` (float64 gets the float32 values exactly: the stream is float32). Within 4e-6
+    of the other backends, not bit-identical (float32 ``log``/``sin``/``cos`` differ by an ulp or two).
 
     Arguments as :func:`random_uint32`.
     """
-    return _run("philox_normal", n, seed, offset, device)
+    dtype = _check_dtype(dtype, device)
+    return _run("philox_normal", n, seed, offset, device).to(dtype)
 
 
 def bernoulli(n: int, p: float, seed=None, offset: int = 0, *, device=None) -> torch.Tensor:

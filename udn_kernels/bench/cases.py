@@ -683,3 +683,47 @@ def convert_step(size: str) -> list[Method]:
                             torch.randint(0, widths[-1], (batch,)), peers)
             + _converted_pair("cnn", cnn_plain, torch.randn(cnn_batch, 1, side, side),
                               torch.randint(0, widths[-1], (cnn_batch,)), peers))
+
+
+# ------------------------------------------------------------------ 16-bit stochastic linear layers
+
+def _half_linear_inputs(dtype: torch.dtype, quick: bool, with_rho: bool) -> tuple:
+    """gauss-linear / bern-linear's inputs in ``dtype``: ``x``, the weight (mu) and rho or a bias."""
+    B, K, N = (LINEAR_SHAPE[0], 512, 512) if quick else LINEAR_SHAPE
+    x = torch.randn(B, K, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(N, K) / math.sqrt(K)).to(dtype).requires_grad_()
+    extra = torch.full((N, K) if with_rho else (N,), -4.0 if with_rho else 0.0, dtype=dtype, requires_grad=True)
+    return x, weight, extra
+
+
+@case("gauss-linear-bf16")
+def gauss_linear_bf16(quick: bool) -> list[Method]:
+    """gauss-linear's shapes in bfloat16, ours and eager (``mu + softplus(rho) * randn_like(mu)`` then
+    ``F.linear``, all in bfloat16), with the float32 pair and floor for reference."""
+    methods = []
+    for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        x, mu, rho = _half_linear_inputs(dtype, quick, with_rho=True)
+        estimators = ("sample", "local", "flipout") if dtype == torch.bfloat16 else ("sample",)
+        methods += [Method(f"udn {e} {tag}", lambda e=e, x=x, mu=mu, rho=rho: udn_kernels.gaussian_linear(
+            x, mu, rho, estimator=e, sigma_transform="softplus"), role="ours" if e == "sample" else "peer", group=tag)
+            for e in estimators]
+        methods.append(Method(f"eager sample {tag}", lambda x=x, mu=mu, rho=rho: eager_gauss("sample", x, mu, rho),
+                              group=tag))
+        methods.append(Method(f"3-GEMM floor {tag}", linear_floor(x, mu, 1), backward=False, role="floor", group=tag))
+    return methods
+
+
+@case("bern-linear-bf16")
+def bern_linear_bf16(quick: bool) -> list[Method]:
+    """bern-linear's shapes in bfloat16, ours and eager (``F.dropout`` + ``F.linear``, a ``bernoulli_``
+    weight mask) in bfloat16, with the float32 pair for reference."""
+    methods = []
+    for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        x, weight, bias = _half_linear_inputs(dtype, quick, with_rho=False)
+        masks = ("input", "weight") if dtype == torch.bfloat16 else ("input",)
+        for mask in masks:
+            methods += [Method(f"udn {mask} {tag}", lambda m=mask, x=x, w=weight, b=bias: udn_kernels.bernoulli_linear(
+                                   x, w, b, p=BERNOULLI_P, mask=m), role="ours" if mask == "input" else "peer", group=tag),
+                        Method(f"eager {mask} {tag}", lambda m=mask, x=x, w=weight, b=bias: eager_bern(m, x, w, b),
+                               group=tag)]
+    return methods

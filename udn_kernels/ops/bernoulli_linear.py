@@ -6,9 +6,11 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import check_choice, check_float_tensor, check_probability, check_same, check_shape, resolve_seed
+from .._checks import (autocast_off, check_choice, check_float_tensor, check_probability, check_same_device,
+                       check_shape, resolve_seed)
 from ._dispatch import op_caller, stage
 from ._stochastic import flatten_input, input_grads, reject_float64_on_gpu
+from .gaussian_linear import cast_inputs, check_float_inputs
 
 MASKS = ("input", "weight", "symmetric")
 Tensor = torch.Tensor
@@ -18,9 +20,11 @@ KERNEL_NAMES = ("bernoulli_linear_fwd", "bernoulli_linear_bwd")
 
 
 def _fwd_impl(x, weight, bias, p, seed, mask, samples, x_sampled, backend):
-    # The seed travels as a tensor so a seed drawn inside a compiled graph stays on the graph.
-    return _backend.kernel(backend, "bernoulli_linear_fwd")(x, weight, bias, p, int(seed.item()), mask, samples,
-                                                           x_sampled)
+    # The seed travels as a tensor so a seed drawn inside a compiled graph stays on the graph. The
+    # inputs arrive in the call's compute dtype: autocast must not re-cast the kernels' own GEMMs.
+    with autocast_off(x.device):
+        return _backend.kernel(backend, "bernoulli_linear_fwd")(x, weight, bias, p, int(seed.item()), mask, samples,
+                                                               x_sampled)
 
 
 @torch.library.custom_op("udn_kernels::bernoulli_linear_fwd", mutates_args=())
@@ -35,8 +39,10 @@ def _(x, weight, bias, p, seed, mask, samples, x_sampled, backend):
 
 
 def _bwd_impl(grad_out, x, weight, bias, p, seed, mask, samples, x_sampled, grad_mask, backend):
-    return tuple(_backend.kernel(backend, "bernoulli_linear_bwd")(grad_out, x, weight, bias, p, int(seed.item()),
-                                                                 mask, samples, x_sampled, grad_mask))
+    with autocast_off(x.device):
+        return tuple(_backend.kernel(backend, "bernoulli_linear_bwd")(grad_out, x, weight, bias, p,
+                                                                     int(seed.item()), mask, samples, x_sampled,
+                                                                     grad_mask))
 
 
 @torch.library.custom_op("udn_kernels::bernoulli_linear_bwd", mutates_args=())
@@ -90,20 +96,22 @@ def bernoulli_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
             default generator). The same seed gives the same masks on every backend.
         input_has_samples: ``x`` already carries the sample axis (needs ``samples``).
 
+    Dtypes: as :func:`gaussian_linear` (docs/precision.md).
+
     Returns:
         ``[..., N_out]``, or ``[S, ..., N_out]`` when ``samples`` is given.
     """
     check_float_tensor("weight", weight, ndim=2)
     out_features, in_features = weight.shape
-    check_float_tensor("x", x)
-    check_same("x", x, weight=weight, bias=bias)
+    check_float_inputs(x=x, weight=weight, bias=bias)
+    check_same_device("x", x, weight=weight, bias=bias)
     if bias is not None:
         check_shape("bias", bias, (out_features,))
     p = check_probability("p", p)
     check_choice("mask", mask, MASKS)
     x3, S, lead = flatten_input(x, in_features, samples, input_has_samples)
-    args = (x3, weight.contiguous(), None if bias is None else bias.contiguous(), p)
+    args = cast_inputs(x.device, x3, weight, bias, x=x, weight=weight, bias=bias)
     backend = _backend.choose(x.device, *KERNEL_NAMES)
-    reject_float64_on_gpu("bernoulli_linear", x, backend)
-    out = _call(*args, resolve_seed(seed), mask, S, input_has_samples, backend)
+    reject_float64_on_gpu("bernoulli_linear", args[0], backend)
+    out = _call(*args, p, resolve_seed(seed), mask, S, input_has_samples, backend)
     return out.reshape(*lead, out_features)

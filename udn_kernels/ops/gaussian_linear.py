@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import check_choice, check_float_tensor, check_same, check_shape, checks_values, resolve_seed
+from .._checks import (autocast_off, check_choice, check_float_tensor, check_same_device, check_shape, checks_values,
+                       compute_dtype, resolve_seed)
 from ._dispatch import op_caller, stage
 from ._stochastic import flatten_input, input_grads, reject_float64_on_gpu, std_shape
 
@@ -18,12 +19,30 @@ Tensor = torch.Tensor
 KERNEL_NAMES = ("gaussian_linear_fwd", "gaussian_linear_bwd")
 
 
+def check_float_inputs(**tensors) -> None:
+    """Every given tensor (None allowed) is floating, of a dtype its device takes."""
+    for name, value in tensors.items():
+        if value is not None:
+            check_float_tensor(name, value)
+
+
+def cast_inputs(device, *tensors, **named) -> list:
+    """``tensors`` (None allowed) in the compute dtype of the ``named`` inputs (the mixed-precision rule,
+    ``_checks.compute_dtype``: the errors name those inputs), contiguous. Casting here, before the
+    kernels, is the autocast policy of the stochastic ops, eager and compiled alike; autograd returns
+    each gradient in its input's own dtype."""
+    dtype = compute_dtype(device, **named)
+    return [None if t is None else t.to(dtype).contiguous() for t in tensors]
+
+
 def _fwd_impl(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples, x_sampled,
               sigma_softplus, backend):
-    # The seed travels as a tensor so a seed drawn inside a compiled graph stays on the graph.
-    return tuple(_backend.kernel(backend, "gaussian_linear_fwd")(
-        x, weight_mu, weight_sigma, bias_mu, bias_sigma, int(seed.item()), estimator, samples, x_sampled,
-        sigma_softplus))
+    # The seed travels as a tensor so a seed drawn inside a compiled graph stays on the graph. The
+    # inputs arrive in the call's compute dtype: autocast must not re-cast the kernels' own GEMMs.
+    with autocast_off(x.device):
+        return tuple(_backend.kernel(backend, "gaussian_linear_fwd")(
+            x, weight_mu, weight_sigma, bias_mu, bias_sigma, int(seed.item()), estimator, samples, x_sampled,
+            sigma_softplus))
 
 
 @torch.library.custom_op("udn_kernels::gaussian_linear_fwd", mutates_args=())
@@ -42,9 +61,10 @@ def _(x, weight_mu, weight_sigma, bias_mu, bias_sigma, seed, estimator, samples,
 
 def _bwd_impl(grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, seed, estimator, samples,
               x_sampled, sigma_softplus, grad_mask, backend):
-    return tuple(_backend.kernel(backend, "gaussian_linear_bwd")(
-        grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, int(seed.item()), estimator, samples,
-        x_sampled, sigma_softplus, grad_mask))
+    with autocast_off(x.device):
+        return tuple(_backend.kernel(backend, "gaussian_linear_bwd")(
+            grad_out, x, weight_mu, weight_sigma, bias_mu, bias_sigma, std, int(seed.item()), estimator,
+            samples, x_sampled, sigma_softplus, grad_mask))
 
 
 @torch.library.custom_op("udn_kernels::gaussian_linear_bwd", mutates_args=())
@@ -115,14 +135,18 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
             kernel's noise pass, with gradients returned for ``rho`` — the usual Bayes-by-backprop
             parameterisation, without a separate softplus pass and its weight-sized output.
 
+    Dtypes (docs/precision.md): float32, float64, bfloat16, float16; mixed inputs compute in
+    ``_checks.compute_dtype``'s dtype (a 16-bit one beside float32 ones; the autocast dtype inside
+    ``torch.autocast``, as ``F.linear``); the output has that dtype, each gradient its input's.
+
     Returns:
         ``[..., N_out]``, or ``[S, ..., N_out]`` when ``samples`` is given.
     """
     check_float_tensor("weight_sigma", weight_sigma, ndim=2)
     out_features, in_features = weight_sigma.shape
-    check_float_tensor("x", x)
-    check_same("x", x, weight_mu=weight_mu, weight_sigma=weight_sigma, bias_mu=bias_mu,
-               bias_sigma=bias_sigma)
+    tensors = dict(x=x, weight_mu=weight_mu, weight_sigma=weight_sigma, bias_mu=bias_mu, bias_sigma=bias_sigma)
+    check_float_inputs(**tensors)
+    check_same_device("x", x, **tensors)
     if weight_mu is not None:
         check_shape("weight_mu", weight_mu, (out_features, in_features))
     for name, value in (("bias_mu", bias_mu), ("bias_sigma", bias_sigma)):
@@ -139,9 +163,8 @@ def gaussian_linear(x: Tensor, weight_mu: Optional[Tensor], weight_sigma: Tensor
                 raise ValueError(f"{name}: expected standard deviations >= 0, got a minimum of "
                                  f"{smallest:g}")
     x3, S, lead = flatten_input(x, in_features, samples, input_has_samples)
-    contiguous = [None if t is None else t.contiguous()
-                  for t in (weight_mu, weight_sigma, bias_mu, bias_sigma)]
+    x3, *contiguous = cast_inputs(x.device, x3, weight_mu, weight_sigma, bias_mu, bias_sigma, **tensors)
     backend = _backend.choose(x.device, *KERNEL_NAMES)
-    reject_float64_on_gpu("gaussian_linear", x, backend)
+    reject_float64_on_gpu("gaussian_linear", x3, backend)
     out, _ = _call(x3, *contiguous, resolve_seed(seed), estimator, S, input_has_samples, sigma_softplus, backend)
     return out.reshape(*lead, out_features)

@@ -4,6 +4,10 @@ Each KL is two ``udn_kernels::`` stages: the forward kernel reads the parameters
 the sum, the backward kernel writes the scaled gradients in one pass; neither makes a weight-sized
 intermediate (with ``sigma_transform="softplus"`` not even sigma). The eager formulas of
 reference/kl.py are the oracle.
+
+Dtypes: mixed inputs follow ``_checks.compute_dtype`` without autocast (a reduction stays out of
+autocast's low-precision ops, as ``torch.sum`` does); 16-bit parameters are computed in float32,
+the KL is returned in float32 (``accumulate_dtype``) and each gradient in its input's dtype.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import check_choice, check_float_tensor, check_same, check_shape, checks_values
+from .._checks import (accumulate_dtype, autocast_off, check_choice, check_float_tensor, check_same_device,
+                       check_shape, checks_values, compute_dtype)
 from ._dispatch import op_caller, stage
 from ._stochastic import input_grads
 
@@ -27,7 +32,11 @@ LOG_UNIFORM_KERNELS = ("log_uniform_kl_fwd", "log_uniform_kl_bwd")
 # ------------------------------------------------------------------ gaussian_kl
 
 def _gauss_fwd_impl(mu, sigma, prior_std, sigma_softplus, backend):
-    return _backend.kernel(backend, "gaussian_kl_fwd")(mu, sigma, prior_std, sigma_softplus)
+    with autocast_off(sigma.device):
+        kl = _backend.kernel(backend, "gaussian_kl_fwd")(mu, sigma, prior_std, sigma_softplus)
+    # float32 for 16-bit parameters (the cpu and reference kernels sum in float32 and return it; the
+    # Triton kernel returns the parameters' dtype).
+    return kl.to(accumulate_dtype(sigma.dtype))
 
 
 @torch.library.custom_op("udn_kernels::gaussian_kl_fwd", mutates_args=())
@@ -37,12 +46,13 @@ def _gauss_fwd(mu: Optional[Tensor], sigma: Tensor, prior_std: Tensor, sigma_sof
 
 @_gauss_fwd.register_fake
 def _(mu, sigma, prior_std, sigma_softplus, backend):
-    return sigma.new_empty(())
+    return sigma.new_empty((), dtype=accumulate_dtype(sigma.dtype))
 
 
 def _gauss_bwd_impl(grad, mu, sigma, prior_std, sigma_softplus, grad_mask, backend):
-    return tuple(_backend.kernel(backend, "gaussian_kl_bwd")(grad, mu, sigma, prior_std, sigma_softplus,
-                                                            grad_mask))
+    with autocast_off(sigma.device):
+        return tuple(_backend.kernel(backend, "gaussian_kl_bwd")(grad, mu, sigma, prior_std, sigma_softplus,
+                                                                grad_mask))
 
 
 @torch.library.custom_op("udn_kernels::gaussian_kl_bwd", mutates_args=())
@@ -101,13 +111,14 @@ def gaussian_kl(mu: Optional[Tensor], sigma: Tensor, prior_std, *,
     """
     check_float_tensor("sigma", sigma)
     check_choice("sigma_transform", sigma_transform, SIGMA_TRANSFORMS)
+    prior_tensor = prior_std if isinstance(prior_std, torch.Tensor) else None
     if mu is not None:
         check_float_tensor("mu", mu)
-        check_same("sigma", sigma, mu=mu)
+        check_same_device("sigma", sigma, mu=mu)
         check_shape("mu", mu, sigma.shape)
-    if isinstance(prior_std, torch.Tensor):
+    if prior_tensor is not None:
         check_float_tensor("prior_std", prior_std)
-        check_same("sigma", sigma, prior_std=prior_std)
+        check_same_device("sigma", sigma, prior_std=prior_std)
         try:
             broadcast = torch.broadcast_shapes(prior_std.shape, sigma.shape)
         except RuntimeError:
@@ -121,15 +132,21 @@ def gaussian_kl(mu: Optional[Tensor], sigma: Tensor, prior_std, *,
         raise TypeError(f"prior_std: expected a positive float or a tensor, got {type(prior_std).__name__}")
     elif not prior_std > 0:
         raise ValueError(f"prior_std: expected a positive float, got {prior_std}")
+    with autocast_off(sigma.device):
+        dtype = compute_dtype(sigma.device, sigma=sigma, mu=mu, prior_std=prior_tensor)
+    mu, sigma = (None if t is None else t.to(dtype).contiguous() for t in (mu, sigma))
+    if prior_tensor is not None:
+        prior_std = prior_std.to(dtype)
     backend = _backend.choose(sigma.device, *GAUSSIAN_KERNELS)
-    return _gauss_call(None if mu is None else mu.contiguous(), sigma.contiguous(), _prior_tensor(prior_std, sigma),
-                       sigma_transform == "softplus", backend)
+    return _gauss_call(mu, sigma, _prior_tensor(prior_std, sigma), sigma_transform == "softplus", backend)
 
 
 # ------------------------------------------------------------------ log_uniform_kl
 
 def _lu_fwd_impl(log_alpha, min, max, backend):  # noqa: A002 (the schema's names)
-    return _backend.kernel(backend, "log_uniform_kl_fwd")(log_alpha, min, max)
+    with autocast_off(log_alpha.device):
+        kl = _backend.kernel(backend, "log_uniform_kl_fwd")(log_alpha, min, max)
+    return kl.to(accumulate_dtype(log_alpha.dtype))
 
 
 @torch.library.custom_op("udn_kernels::log_uniform_kl_fwd", mutates_args=())
@@ -139,11 +156,12 @@ def _lu_fwd(log_alpha: Tensor, min: float, max: float, backend: str) -> Tensor: 
 
 @_lu_fwd.register_fake
 def _(log_alpha, min, max, backend):  # noqa: A002
-    return log_alpha.new_empty(())
+    return log_alpha.new_empty((), dtype=accumulate_dtype(log_alpha.dtype))
 
 
 def _lu_bwd_impl(grad, log_alpha, min, max, backend):  # noqa: A002
-    return _backend.kernel(backend, "log_uniform_kl_bwd")(grad, log_alpha, min, max)
+    with autocast_off(log_alpha.device):
+        return _backend.kernel(backend, "log_uniform_kl_bwd")(grad, log_alpha, min, max)
 
 
 @torch.library.custom_op("udn_kernels::log_uniform_kl_bwd", mutates_args=())

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .stochastic_linear import widened
+
 # Molchanov et al. 2017, "Variational Dropout Sparsifies Deep Neural Networks", eq. (14).
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
@@ -72,9 +74,10 @@ def log_uniform_kl_bwd(grad, log_alpha, min, max):  # noqa: A002
     return torch.where((log_alpha >= min) & (log_alpha <= max), d, torch.zeros_like(d))
 
 
+# 16-bit parameters: computed in float32; the sums stay float32, the gradients take the parameters' dtype.
 KERNELS = {
-    "gaussian_kl_fwd": gaussian_kl_fwd,
-    "gaussian_kl_bwd": gaussian_kl_bwd,
-    "log_uniform_kl_fwd": log_uniform_kl_fwd,
-    "log_uniform_kl_bwd": log_uniform_kl_bwd,
+    "gaussian_kl_fwd": widened(gaussian_kl_fwd, round_results=False),
+    "gaussian_kl_bwd": widened(gaussian_kl_bwd),
+    "log_uniform_kl_fwd": widened(log_uniform_kl_fwd, round_results=False),
+    "log_uniform_kl_bwd": widened(log_uniform_kl_bwd),
 }

@@ -4,13 +4,37 @@ Noise is materialised from the Philox stream at the offsets of docs/rng.md; back
 regenerate it and differentiate the forward with autograd, except gaussian "local", whose backward
 uses the forward's output std (the kernel contract: no variance recompute). ``x`` is ``[Sx, B, K]``
 (``Sx`` is 1 when the input is shared by the ``samples`` draws), outputs are ``[S, B, N]``.
+16-bit inputs are computed in float32 on widened copies (:func:`widened`): the oracle's only error
+is the final rounding, and the noise is the float32 stream.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from .._checks import HALF_DTYPES
 
 from .._formulas import local_reparam_grads
 from .philox import normal_at, sign_at, uniform_at
+
+
+def widened(kernel=None, *, round_results: bool = True):
+    """``kernel`` for 16-bit tensor arguments: run on float32 copies of them, its tensor results rounded
+    back to that 16-bit dtype (``round_results``) or left float32 (sums such as the KL)."""
+    if kernel is None:
+        return functools.partial(widened, round_results=round_results)
+
+    @functools.wraps(kernel)
+    def run(*args):
+        half = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in HALF_DTYPES), None)
+        if half is None:
+            return kernel(*args)
+        result = kernel(*(a.float() if isinstance(a, torch.Tensor) and a.dtype == half else a for a in args))
+        if not round_results:
+            return result
+        return tuple(r.to(half) for r in result) if isinstance(result, tuple) else result.to(half)
+    return run
 
 
 def _offsets(start: int, shape: tuple[int, ...], device) -> torch.Tensor:
@@ -156,8 +180,8 @@ def bernoulli_linear_bwd(grad_out, x, weight, bias, p: float, seed: int, mask: s
 
 
 KERNELS = {
-    "gaussian_linear_fwd": gaussian_linear_fwd,
-    "gaussian_linear_bwd": gaussian_linear_bwd,
-    "bernoulli_linear_fwd": bernoulli_linear_fwd,
-    "bernoulli_linear_bwd": bernoulli_linear_bwd,
+    "gaussian_linear_fwd": widened(gaussian_linear_fwd),
+    "gaussian_linear_bwd": widened(gaussian_linear_bwd),
+    "bernoulli_linear_fwd": widened(bernoulli_linear_fwd),
+    "bernoulli_linear_bwd": widened(bernoulli_linear_bwd),
 }
