@@ -108,7 +108,7 @@ void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
           at::mm_out(S_op, op.H, op.W.narrow(0, c0, ct).t());
         }
         for (size_t b = 0; b < blocks.size(); ++b)
-          p.add_bias(S.data_ptr<T>() + row0[b] * ct, blocks[b].first, row0[b + 1] - row0[b], c0, ct);
+          p.add_bias_cap(S.data_ptr<T>() + row0[b] * ct, blocks[b].first, row0[b + 1] - row0[b], c0, ct);
       }
     });
 
