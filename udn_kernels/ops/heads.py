@@ -178,8 +178,7 @@ def _loglik_dot_impl(hidden, weight, bias, target, noise_std, coef, log_weights,
                                                      log_weights.contiguous(), coef.contiguous(), gaussian,
                                                      ignore_index, grad_mask, *options)
         total = -(coef * torch.logsumexp(log_weights[:, None] + loglik, dim=0)).sum()
-    hits = aux[1] if stats else hidden.new_empty(0)
-    return total, loglik, d_hidden, d_weight, d_bias, d_noise, hits
+    return total, loglik, d_hidden, d_weight, d_bias, d_noise, aux
 
 
 @torch.library.custom_op("udn_kernels::depth_loglik_dot", mutates_args=())
@@ -188,12 +187,12 @@ def _loglik_dot(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
                 ignore_index: int, grad_mask: list[bool], backend: str, label_smoothing: float = 0.0,
                 lse_square_scale: float = 0.0, softcap: float = 0.0,
                 stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(total, loglik, d_hidden, d_weight, d_bias, d_noise, hits)``: ``total`` and its head gradients
+    """``(total, loglik, d_hidden, d_weight, d_bias, d_noise, aux)``: ``total`` and its head gradients
     (those ``grad_mask`` asks for, the others empty), computed in the forward pass; only ``total``
     is differentiable. Without ``log_weights`` ``total = sum(coef * loglik)`` (expected mode,
     ``coef [L, N]``); with them the mixture NLL
-    ``total = -sum_n coef_n logsumexp_l(log_weights_l + loglik[l, n])`` (``coef [N]``). ``hits``
-    (``stats`` only, else empty): ``[L, N]``, 1.0 where the argmax logit is the target."""
+    ``total = -sum_n coef_n logsumexp_l(log_weights_l + loglik[l, n])`` (``coef [N]``). ``aux``: the
+    kernel's (``_aux_shape``; with ``stats`` its second half holds the argmax hits)."""
     return _loglik_dot_impl(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian,
                             ignore_index, grad_mask, backend, label_smoothing, lse_square_scale, softcap, stats)
 
@@ -202,9 +201,9 @@ def _loglik_dot(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
 def _(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, grad_mask, backend,
       label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0, stats=False):
     L, N = hidden.shape[0], hidden.shape[1]
-    hits = hidden.new_empty((L, N) if stats else (0,), dtype=_aux_dtype(hidden.dtype) if stats else hidden.dtype)
+    aux = hidden.new_empty(_aux_shape(L, N, gaussian, stats), dtype=_aux_dtype(hidden.dtype))
     return ((hidden.new_empty(()), hidden.new_empty((L, N)))
-            + _empty_grads(hidden, weight, bias, noise_std, grad_mask) + (hits,))
+            + _empty_grads(hidden, weight, bias, noise_std, grad_mask) + (aux,))
 
 
 def _setup_dot(ctx, inputs, output):
@@ -430,9 +429,9 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     if mode == "mixture" and checks_values(log_weights) and not bool(torch.isfinite(log_weights).any()):
         raise ValueError("log_weights: mode='mixture' needs at least one finite log-weight, got all -inf")
     if reduction != "none" and _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian):
-        loss, loglik, hits = _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights,
+        loss, loglik, aux = _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights,
                                                   mode, reduction, ignore_index, options, return_stats)
-        return (loss, _depth_stats(loglik, hits, target != ignore_index)) if return_stats else loss
+        return (loss, _depth_stats(loglik, aux[1], target != ignore_index)) if return_stats else loss
     backend = _choose(hidden, weight, target, gaussian, ignore_index, *LOGLIK_KERNELS)
     loglik, aux = _loglik(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend, *options,
                           return_stats)
@@ -557,8 +556,8 @@ def _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_
     ``scale_n`` = 1 or 1/count on kept rows, 0 on ignored ones. Expected mode:
     ``sum(coef * loglik)``, ``coef[l, n] = -exp(lw_l) * scale_n``, so ``log_weights`` gets its
     gradient through ``coef``; mixture mode: ``-sum_n scale_n logsumexp_l(lw_l + loglik[l, n])``,
-    gradients formed in the kernel from all depths' log-likelihoods. Returns ``(loss, loglik, hits)``
-    (``hits`` empty without ``stats``)."""
+    gradients formed in the kernel from all depths' log-likelihoods. Returns ``(loss, loglik, aux)``
+    (the kernel's ``aux``: with ``stats``, logsumexp and argmax hits)."""
     N = hidden.shape[1]
     if gaussian:
         valid = torch.ones(N, dtype=torch.bool, device=hidden.device)
