@@ -243,6 +243,27 @@ if not interpreted():
         with pytest.raises(ValueError, match="softcap: expected 0 \\(none\\) or a positive finite float, got -1"):
             fwd(hidden, weight, bias, target, None, False, IGNORE, 0.0, 0.0, -1.0, False)
 
+    @pytest.mark.parametrize("backend", ["reference", "cpu"])
+    def test_compiled_matches_eager(backend):
+        # torch.compile traces the custom ops with the options and stats (fake kernels, aux [2, L, N])
+        hidden, weight, bias, target, log_weights = make(2, 9, 4, 40, per_depth=False, dtype=torch.float64)
+        options = dict(label_smoothing=0.1, lse_square_scale=1e-2, softcap=3.0)
+
+        def fn(hidden, weight):
+            loss, stats = depth_mixture_nll(hidden, weight, bias, target, log_weights, mode="mixture",
+                                            return_stats=True, **options)
+            return loss, stats.nll, stats.accuracy, depth_loglik(hidden, weight, bias, target, **options)
+
+        leaves = [hidden.requires_grad_(), weight.requires_grad_()]
+        with udn_kernels.backend(backend):
+            eager = fn(*leaves)
+            eager_grads = torch.autograd.grad(eager[0], leaves)
+            compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(*leaves)
+            compiled_grads = torch.autograd.grad(compiled[0], leaves)
+        for name, got, want in zip(("loss", "nll", "accuracy", "loglik", "d_hidden", "d_weight"),
+                                   compiled + compiled_grads, eager + eager_grads):
+            assert_close(got.detach(), want.detach(), 1e-12, name)
+
     def test_triton_loss_options_under_interpreter():
         rerun_under_interpreter(__file__)
 
