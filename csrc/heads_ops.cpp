@@ -27,8 +27,8 @@ std::tuple<Tensor, Tensor> forward_outputs(const Tensor& hidden, bool gaussian, 
 // message, these guard direct kernel calls. softcap 0 means none.
 void check_loss_options(const char* op, bool gaussian, double label_smoothing, double lse_square_scale,
                         double softcap) {
-  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1, op, ": label_smoothing: expected a float in [0, 1], got ",
-                    label_smoothing);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1, op,
+                    ": label_smoothing: expected a float in [0, 1], got ", label_smoothing);
   TORCH_CHECK_VALUE(lse_square_scale >= 0 && std::isfinite(lse_square_scale), op,
                     ": lse_square_scale: expected a finite float >= 0, got ", lse_square_scale);
   TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), op,

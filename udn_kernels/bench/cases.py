@@ -592,4 +592,5 @@ def heads_loss_options(quick: bool) -> list[Method]:
         return out[0] if options.get("return_stats") else out
 
     return [Method("fused loss, plain", loss, role="ours")] + [
-        Method(f"fused loss, {name}", lambda options=options: loss(**options)) for name, options in LOSS_OPTIONS.items()]
+        Method(f"fused loss, {name}", lambda options=options: loss(**options))
+        for name, options in LOSS_OPTIONS.items()]
