@@ -6,14 +6,20 @@
 namespace udn_heads {
 namespace {
 
-// s <- -g * exp(s - lse): the softmax part of the categorical logits gradient.
+// s <- (base - gs exp(s - lse)) (1 - (s / cap)^2): the categorical logits gradient but its target
+// term, base = g eps / C, gs = g (1 + 2 zs lse) (docs/heads.md, "Loss options"; cap = 0: no
+// soft-cap, factor 1). Without options (base 0, gs = g) it is exactly -g exp(s - lse).
 template <typename T>
-void softmax_grad(T* s, T lse, T g, int64_t n) {
+void softmax_grad(T* s, T lse, T gs, T base, T cap, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
-  const Vec<T> vlse(lse), vng(-g);
+  const Vec<T> vlse(lse), vgs(gs), vbase(base), one(T(1)), vinv(cap != T(0) ? T(1) / cap : T(0));
   int64_t j = 0;
-  for (; j + W <= n; j += W) (vng * (Vec<T>::loadu(s + j) - vlse).exp()).store(s + j);
-  for (; j < n; ++j) s[j] = -g * std::exp(s[j] - lse);
+  for (; j + W <= n; j += W) {
+    const Vec<T> t = Vec<T>::loadu(s + j), u = t * vinv;
+    (at::vec::fnmadd(vgs, (t - vlse).exp(), vbase) * at::vec::fnmadd(u, u, one)).store(s + j);
+  }
+  const T inv = cap != T(0) ? T(1) / cap : T(0);
+  for (; j < n; ++j) s[j] = (base - gs * std::exp(s[j] - lse)) * (T(1) - s[j] * inv * s[j] * inv);
 }
 
 // r = y - s; s <- g r inv2; dn += g r^2 (dn may be null): the Gaussian mean and noise gradients.
@@ -55,8 +61,10 @@ void backward_epilogue(const Heads<T>& p, const T* grad, const T* lse, T* s, int
         std::fill(srow, srow + ct, T(0));
         continue;
       }
-      softmax_grad(srow, lse[r], g, ct);
-      if (t >= c0 && t < c0 + ct) srow[t - c0] += g;
+      const bool has_target = t >= c0 && t < c0 + ct;
+      const T target_factor = has_target ? p.cap_factor(srow[t - c0]) : T(0);  // before srow is overwritten
+      softmax_grad(srow, lse[r], g * p.softmax_scale(lse[r]), g * p.smoothing / static_cast<T>(p.C), p.cap, ct);
+      if (has_target) srow[t - c0] += g * (T(1) - p.smoothing) * target_factor;
     }
     if (out.d_bias) add_into(out.d_bias + (p.bias_per_depth ? (r / p.N) * p.C : 0) + c0, srow, ct);
   }

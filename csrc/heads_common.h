@@ -41,8 +41,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // float, and the GEMM operands stay 16-bit in memory (no float copy of the weight or hidden). Per
 // tile, a GEMM either casts its operands to float and runs a float GEMM (upcast: CPUs without fast
 // 16-bit dot products) or multiplies in 16-bit and casts the product to float (native: AVX512-BF16
-// / AMX), whichever this CPU runs faster: probed once per dtype (heads_ops.cpp), overridable with
-// UDN_KERNELS_HALF_GEMM=native|upcast. The small-C path always upcasts (its head is tiny).
+// / AMX), chosen by the CPU's features as the stochastic kernels choose (gemm_strategy.h), overridable
+// with UDN_KERNELS_HALF_GEMM=native|upcast. The small-C path always upcasts (its head is tiny).
 enum class HalfGemm { native, upcast };
 HalfGemm half_gemm(at::ScalarType storage);
 std::string half_gemm_info();  // "bfloat16:native,float16:upcast", for `udn info`
@@ -69,6 +69,11 @@ struct Heads {
   int64_t L, N, D, C, rows, row_tile, class_tile;
   bool per_depth, bias_per_depth, gaussian, class_major;
   int64_t ignore_index;
+  // Categorical loss options (docs/heads.md, "Loss options"), set by set_loss_options: label
+  // smoothing eps, z-loss scale zs, soft-cap c (0: none); stats: the forward also writes aux's
+  // argmax hits.
+  T smoothing = 0, zscale = 0, cap = 0;
+  bool stats = false;
   std::vector<T> inv_s, inv_s2;  // gaussian 1/s and 1/s^2
   T gauss_const = 0;             // -sum_c log s_c - C/2 log(2 pi)
 
@@ -132,6 +137,27 @@ struct Heads {
     return out;
   }
 
+  void set_loss_options(double label_smoothing, double lse_square_scale, double softcap, bool stats_) {
+    smoothing = static_cast<T>(label_smoothing);
+    zscale = static_cast<T>(lse_square_scale);
+    cap = static_cast<T>(softcap);
+    stats = stats_;
+  }
+
+  // loglik = -(row loss) = (1 - eps) t_y + eps mean_c t_c - lse - zs lse^2 (each term only when
+  // its option is set, so the plain loss stays picked - lse exactly).
+  T loglik_of(T picked, T logit_sum, T lse) const {
+    T ll = (smoothing != T(0) ? (T(1) - smoothing) * picked + smoothing * logit_sum / static_cast<T>(C) : picked) - lse;
+    return zscale != T(0) ? ll - zscale * lse * lse : ll;
+  }
+
+  // Factor of the upstream gradient g in the softmax part of the logits gradient,
+  // d loglik / dt = (1 - eps) onehot + eps / C - (1 + 2 zs lse) softmax(t).
+  T softmax_scale(T lse) const { return zscale != T(0) ? T(1) + 2 * zscale * lse : T(1); }
+
+  // The soft-cap's chain factor d t / d z = 1 - (t / c)^2 from the capped logit t.
+  T cap_factor(T t) const { return cap != T(0) ? T(1) - (t / cap) * (t / cap) : T(1); }
+
   const T* bias_of_row(int64_t r) const {
     if (!bias) return nullptr;
     return bias_per_depth ? bias + (r / N) * C : bias;
@@ -160,8 +186,14 @@ struct Heads {
   Tensor logits(const Tensor& slot, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
     Tensor S = slot.narrow(0, 0, m * ct).view({m, ct});
     gemm(S, hidden2d.narrow(0, r0, m), head(r0).narrow(0, c0, ct).t());
-    add_bias(S.data_ptr<T>(), r0, m, c0, ct);
+    add_bias_cap(S.data_ptr<T>(), r0, m, c0, ct);
     return S;
+  }
+
+  // The logits every epilogue sees: s [m, ct] + bias, soft-capped when cap is set.
+  void add_bias_cap(T* s, int64_t r0, int64_t m, int64_t c0, int64_t ct) const {
+    add_bias(s, r0, m, c0, ct);
+    if (cap != T(0)) soft_cap(s, cap, m * ct);
   }
 
   // s [m, ct] (rows r0.., classes c0..) += bias.
@@ -184,20 +216,23 @@ void finish_noise_grad(const Heads<T>& p, const T* grad, const T* sq_sums, T* d_
 }
 
 // Forward epilogue of one class tile (heads_forward.cpp).
+// With label smoothing it adds each row's logit sum into tsum; with stats it keeps the first argmax in arg.
 template <typename T>
 void forward_tile(const Heads<T>& p, T* s, int64_t r0, int64_t m, int64_t c0, int64_t ct, T* mx, T* se,
-                  T* picked);
+                  T* picked, T* tsum, int64_t* arg);
 
 // Forward state of rows [r0, r0 + m) across class tiles (forward_tile), then their loglik / aux.
 template <typename T>
 struct RowState {
   int64_t r0, m;
-  std::vector<T> mx, se, picked;
+  std::vector<T> mx, se, picked, tsum;
+  std::vector<int64_t> arg;
   RowState(int64_t r0_, int64_t m_)
-      : r0(r0_), m(m_), mx(m_, -std::numeric_limits<T>::infinity()), se(m_, T(0)), picked(m_, T(0)) {}
+      : r0(r0_), m(m_), mx(m_, -std::numeric_limits<T>::infinity()), se(m_, T(0)), picked(m_, T(0)),
+        tsum(m_, T(0)), arg(m_, -1) {}
 
   void tile(const Heads<T>& p, T* s, int64_t c0, int64_t ct) {
-    forward_tile(p, s, r0, m, c0, ct, mx.data(), se.data(), picked.data());
+    forward_tile(p, s, r0, m, c0, ct, mx.data(), se.data(), picked.data(), tsum.data(), arg.data());
   }
 
   void finish(const Heads<T>& p, T* loglik, T* aux) const {
@@ -207,8 +242,10 @@ struct RowState {
         loglik[r] = T(-0.5) * se[i] + p.gauss_const;
       } else {
         const T lse = mx[i] + std::log(se[i]);
+        const int64_t t = p.target_idx[r % p.N];
         aux[r] = lse;
-        loglik[r] = p.target_idx[r % p.N] == p.ignore_index ? T(0) : picked[i] - lse;
+        if (p.stats) aux[p.rows + r] = arg[i] == t ? T(1) : T(0);  // aux [2, L, N]: the hits after the lse
+        loglik[r] = t == p.ignore_index ? T(0) : p.loglik_of(picked[i], tsum[i], lse);
       }
     }
   }

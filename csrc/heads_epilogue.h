@@ -59,6 +59,27 @@ T add_bias_max(T* s, const T* b, int64_t n) {
   return m;
 }
 
+template <typename T>
+T sum_of(const T* x, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> acc(0);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) acc = acc + Vec<T>::loadu(x + j);
+  T total = lane_sum(acc);
+  for (; j < n; ++j) total += x[j];
+  return total;
+}
+
+// s <- cap tanh(s / cap): Gemma-2 logit soft-capping.
+template <typename T>
+void soft_cap(T* s, T cap, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vcap(cap), vinv(T(1) / cap);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) (vcap * (Vec<T>::loadu(s + j) * vinv).tanh()).store(s + j);
+  for (; j < n; ++j) s[j] = cap * std::tanh(s[j] / cap);
+}
+
 // sum_j exp(s_j - shift).
 template <typename T>
 T sum_exp(const T* s, T shift, int64_t n) {

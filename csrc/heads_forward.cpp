@@ -31,7 +31,7 @@ T gauss_sq(const T* s, const T* y, const T* inv, int64_t n) {
 // (categorical) or squared residual sum (Gaussian) into the per-row state.
 template <typename T>
 void forward_tile(const Heads<T>& p, T* s, int64_t r0, int64_t m, int64_t c0, int64_t ct, T* mx, T* se,
-                  T* picked) {
+                  T* picked, T* tsum, int64_t* arg) {
   for (int64_t i = 0; i < m; ++i) {
     const int64_t r = r0 + i;
     T* srow = s + i * ct;
@@ -42,7 +42,12 @@ void forward_tile(const Heads<T>& p, T* s, int64_t r0, int64_t m, int64_t c0, in
     // online logsumexp: rescale the running sum to the new maximum (a NaN maximum sticks).
     // While every logit so far is -inf there is nothing to add (exp(-inf - -inf) is NaN);
     // the picked logit is still taken, so all -inf logits give -inf - -inf = NaN.
-    const T new_max = max_nan(mx[i], add_bias_max(srow, static_cast<const T*>(nullptr), ct));
+    const T tile_max = add_bias_max(srow, static_cast<const T*>(nullptr), ct);
+    // first argmax: a later tile takes over only with a strictly larger maximum (a NaN maximum
+    // finds no index: no hit)
+    if (p.stats && (arg[i] < 0 || tile_max > mx[i])) arg[i] = c0 + (std::find(srow, srow + ct, tile_max) - srow);
+    if (p.smoothing != T(0)) tsum[i] += sum_of(srow, ct);
+    const T new_max = max_nan(mx[i], tile_max);
     if (new_max != -std::numeric_limits<T>::infinity()) {
       se[i] = se[i] * std::exp(mx[i] - new_max) + sum_exp(srow, new_max, ct);
       mx[i] = new_max;
@@ -69,7 +74,7 @@ void forward_impl(const Heads<T>& p, T* loglik, T* aux) {
 }
 
 #define UDN_HEADS_INSTANTIATE(T)                                                                           \
-  template void forward_tile<T>(const Heads<T>&, T*, int64_t, int64_t, int64_t, int64_t, T*, T*, T*);          \
+  template void forward_tile<T>(const Heads<T>&, T*, int64_t, int64_t, int64_t, int64_t, T*, T*, T*, T*, int64_t*); \
   template void forward_impl<T>(const Heads<T>&, T*, T*);
 UDN_HEADS_INSTANTIATE(float)
 UDN_HEADS_INSTANTIATE(double)

@@ -110,7 +110,7 @@ void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
           p.gemm(S.narrow(0, op.row0, op.m), op.H, op.W.narrow(0, c0, ct).t());
         }
         for (size_t b = 0; b < blocks.size(); ++b)
-          p.add_bias(S.data_ptr<T>() + row0[b] * ct, blocks[b].first, row0[b + 1] - row0[b], c0, ct);
+          p.add_bias_cap(S.data_ptr<T>() + row0[b] * ct, blocks[b].first, row0[b + 1] - row0[b], c0, ct);
       }
     });
 

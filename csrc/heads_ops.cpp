@@ -4,12 +4,11 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "gemm_strategy.h"
 #include "heads_common.h"
 
 #include <array>
-#include <chrono>
 #include <cstdlib>
-#include <mutex>
 #include <string>
 #include <tuple>
 
@@ -38,11 +37,28 @@ struct ComputeArgs {
   }
 };
 
-// loglik [L, N] and aux (categorical logsumexp [L, N], Gaussian empty), in the compute dtype.
-std::tuple<Tensor, Tensor> forward_outputs(const Tensor& hidden, bool gaussian) {
+// loglik [L, N] and aux (categorical logsumexp [L, N], with stats [2, L, N]: then the argmax hits;
+// Gaussian empty), in the compute dtype.
+std::tuple<Tensor, Tensor> forward_outputs(const Tensor& hidden, bool gaussian, bool stats) {
   const int64_t L = hidden.size(0), N = hidden.size(1);
   const auto options = hidden.options().dtype(compute_type(hidden));
-  return {at::empty({L, N}, options), gaussian ? at::empty({0}, options) : at::empty({L, N}, options)};
+  Tensor aux = gaussian ? at::empty({0}, options) : (stats ? at::empty({2, L, N}, options) : at::empty({L, N}, options));
+  return {at::empty({L, N}, options), aux};
+}
+
+// The categorical loss options (docs/heads.md, "Loss options"); the op validates them with its
+// message, these guard direct kernel calls. softcap 0 means none.
+void check_loss_options(const char* op, bool gaussian, double label_smoothing, double lse_square_scale,
+                        double softcap) {
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1, op,
+                    ": label_smoothing: expected a float in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(lse_square_scale >= 0 && std::isfinite(lse_square_scale), op,
+                    ": lse_square_scale: expected a finite float >= 0, got ", lse_square_scale);
+  TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), op,
+                    ": softcap: expected 0 (none) or a positive finite float, got ", softcap);
+  TORCH_CHECK_VALUE(!gaussian || (label_smoothing == 0 && lse_square_scale == 0 && softcap == 0), op,
+                    ": label_smoothing, lse_square_scale, softcap: expected 0 with gaussian=True, got ",
+                    label_smoothing, ", ", lse_square_scale, ", ", softcap);
 }
 
 template <typename T>
@@ -116,12 +132,15 @@ udn::ArgChecks check_heads_args(const char* op, const Tensor& hidden, const Tens
 std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& weight,
                                             const c10::optional<Tensor>& bias, const Tensor& target,
                                             const c10::optional<Tensor>& noise_std, bool gaussian,
-                                            int64_t ignore_index) {
+                                            int64_t ignore_index, double label_smoothing, double lse_square_scale,
+                                            double softcap, bool stats) {
   check_heads_args("depth_loglik_fwd", hidden, weight, bias, target, noise_std, gaussian);
-  auto [loglik, aux] = forward_outputs(hidden, gaussian);
+  check_loss_options("depth_loglik_fwd", gaussian, label_smoothing, lse_square_scale, softcap);
+  auto [loglik, aux] = forward_outputs(hidden, gaussian, stats);
   const ComputeArgs a(hidden, bias, target, noise_std, gaussian);
   AT_DISPATCH_FLOATING_TYPES(compute_type(hidden), "depth_loglik_fwd", [&] {
     Heads<scalar_t> p(hidden, weight, a.bias, a.target, a.noise_std, gaussian, ignore_index);
+    p.set_loss_options(label_smoothing, lse_square_scale, softcap, stats && !gaussian);
     if (p.rows == 0) return;
     if (p.class_major)
       small_pass<scalar_t>(p, loglik.data_ptr<scalar_t>(), aux_ptr<scalar_t>(aux, gaussian), nullptr, nullptr);
@@ -134,8 +153,10 @@ std::tuple<Tensor, Tensor> depth_loglik_fwd(const Tensor& hidden, const Tensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
     const Tensor& grad_loglik, const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
     const Tensor& target, const c10::optional<Tensor>& noise_std, const Tensor& aux, bool gaussian,
-    int64_t ignore_index, std::array<bool, 4> grad_mask) {
+    int64_t ignore_index, std::array<bool, 4> grad_mask, double label_smoothing, double lse_square_scale,
+    double softcap) {
   const auto check = check_heads_args("depth_loglik_bwd", hidden, weight, bias, target, noise_std, gaussian);
+  check_loss_options("depth_loglik_bwd", gaussian, label_smoothing, lse_square_scale, softcap);
   const at::IntArrayRef L_N = hidden.sizes().slice(0, 2);
   check.tensor("grad_loglik", grad_loglik, compute_type(hidden), L_N);
   if (!gaussian) check.tensor("aux", aux, compute_type(hidden), L_N);  // the forward's logsumexp
@@ -143,6 +164,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
   const ComputeArgs a(hidden, bias, target, noise_std, gaussian);
   AT_DISPATCH_FLOATING_TYPES(compute_type(hidden), "depth_loglik_bwd", [&] {
     Heads<scalar_t> p(hidden, weight, a.bias, a.target, a.noise_std, gaussian, ignore_index);
+    p.set_loss_options(label_smoothing, lse_square_scale, softcap, false);
     if (p.rows == 0) return g.zero();
     if (!g.any()) return;
     Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
@@ -159,14 +181,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> depth_loglik_bwd(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_fwd_bwd(
     const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
     const c10::optional<Tensor>& noise_std, const Tensor& grad_loglik, bool gaussian, int64_t ignore_index,
-    std::array<bool, 4> grad_mask) {
+    std::array<bool, 4> grad_mask, double label_smoothing, double lse_square_scale, double softcap, bool stats) {
   const auto check = check_heads_args("depth_loglik_fwd_bwd", hidden, weight, bias, target, noise_std, gaussian);
   check.tensor("grad_loglik", grad_loglik, compute_type(hidden), hidden.sizes().slice(0, 2));
-  auto [loglik, aux] = forward_outputs(hidden, gaussian);
+  check_loss_options("depth_loglik_fwd_bwd", gaussian, label_smoothing, lse_square_scale, softcap);
+  auto [loglik, aux] = forward_outputs(hidden, gaussian, stats);
   GradTensors g(hidden, weight, bias, noise_std, gaussian, grad_mask);
   const ComputeArgs a(hidden, bias, target, noise_std, gaussian);
   AT_DISPATCH_FLOATING_TYPES(compute_type(hidden), "depth_loglik_fwd_bwd", [&] {
     Heads<scalar_t> p(hidden, weight, a.bias, a.target, a.noise_std, gaussian, ignore_index);
+    p.set_loss_options(label_smoothing, lse_square_scale, softcap, stats && !gaussian);
     if (p.rows == 0) return g.zero();
     Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
     fused_impl<scalar_t>(p, grad_loglik.data_ptr<scalar_t>(), loglik.data_ptr<scalar_t>(),
@@ -181,16 +205,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_fwd_bwd(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_mixture_fwd_bwd(
     const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
     const c10::optional<Tensor>& noise_std, const Tensor& log_weights, const Tensor& row_scale, bool gaussian,
-    int64_t ignore_index, std::array<bool, 4> grad_mask) {
+    int64_t ignore_index, std::array<bool, 4> grad_mask, double label_smoothing, double lse_square_scale,
+    double softcap, bool stats) {
   const auto check =
       check_heads_args("depth_loglik_mixture_fwd_bwd", hidden, weight, bias, target, noise_std, gaussian);
   check.tensor("log_weights", log_weights, compute_type(hidden), {hidden.size(0)});
   check.tensor("row_scale", row_scale, compute_type(hidden), {hidden.size(1)});
-  auto [loglik, aux] = forward_outputs(hidden, gaussian);
+  check_loss_options("depth_loglik_mixture_fwd_bwd", gaussian, label_smoothing, lse_square_scale, softcap);
+  auto [loglik, aux] = forward_outputs(hidden, gaussian, stats);
   GradTensors g(hidden, weight, bias, noise_std, gaussian, grad_mask);
   const ComputeArgs a(hidden, bias, target, noise_std, gaussian);
   AT_DISPATCH_FLOATING_TYPES(compute_type(hidden), "depth_loglik_mixture_fwd_bwd", [&] {
     Heads<scalar_t> p(hidden, weight, a.bias, a.target, a.noise_std, gaussian, ignore_index);
+    p.set_loss_options(label_smoothing, lse_square_scale, softcap, stats && !gaussian);
     if (p.rows == 0) return g.zero();
     Gradients<scalar_t> out = g.sinks<scalar_t>(p.rows, p.D);
     const Mixture<scalar_t> mix{log_weights.data_ptr<scalar_t>(), row_scale.data_ptr<scalar_t>()};
@@ -206,25 +233,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_mixture_
 
 namespace udn_heads {
 
-// Times a 256 x 256 x 512 tile GEMM both ways (best of 3 each, after a warm-up) on this CPU.
-static HalfGemm probe_half_gemm(at::ScalarType storage) {
-  const Tensor A = at::randn({256, 256}).to(storage), B = at::randn({512, 256}).to(storage);
-  Tensor S = at::empty({256, 512});
-  const auto best = [](auto&& f) {
-    double t = 1e30;
-    for (int i = 0; i < 4; ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      f();
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (i > 0) t = std::min(t, dt);
-    }
-    return t;
-  };
-  const double native = best([&] { S.copy_(at::mm(A, B.t())); });
-  const double upcast = best([&] { at::mm_out(S, A.to(at::kFloat), B.to(at::kFloat).t()); });
-  return native < upcast ? HalfGemm::native : HalfGemm::upcast;
-}
-
 HalfGemm half_gemm(at::ScalarType storage) {
   if (const char* env = std::getenv("UDN_KERNELS_HALF_GEMM")) {
     const std::string v(env);
@@ -232,14 +240,7 @@ HalfGemm half_gemm(at::ScalarType storage) {
     if (v == "upcast") return HalfGemm::upcast;
     TORCH_CHECK(v.empty() || v == "auto", "UDN_KERNELS_HALF_GEMM: expected native, upcast or auto, got ", v);
   }
-  static std::once_flag bf16_once, fp16_once;
-  static HalfGemm bf16 = HalfGemm::upcast, fp16 = HalfGemm::upcast;
-  if (storage == at::kBFloat16) {
-    std::call_once(bf16_once, [] { bf16 = probe_half_gemm(at::kBFloat16); });
-    return bf16;
-  }
-  std::call_once(fp16_once, [] { fp16 = probe_half_gemm(at::kHalf); });
-  return fp16;
+  return native_half_gemm(storage) ? HalfGemm::native : HalfGemm::upcast;
 }
 
 std::string half_gemm_info() {
@@ -251,15 +252,18 @@ std::string half_gemm_info() {
 
 TORCH_LIBRARY_FRAGMENT(udn_kernels_C, m) {
   m.def("depth_loglik_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
-        "bool gaussian, int ignore_index) -> (Tensor, Tensor)");
+        "bool gaussian, int ignore_index, float label_smoothing=0., float lse_square_scale=0., float softcap=0., "
+        "bool stats=False) -> (Tensor, Tensor)");
   m.def("depth_loglik_bwd(Tensor grad_loglik, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
-        "Tensor? noise_std, Tensor aux, bool gaussian, int ignore_index, bool[4] grad_mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? noise_std, Tensor aux, bool gaussian, int ignore_index, bool[4] grad_mask, "
+        "float label_smoothing=0., float lse_square_scale=0., float softcap=0.) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("depth_loglik_fwd_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
-        "Tensor grad_loglik, bool gaussian, int ignore_index, bool[4] grad_mask) "
+        "Tensor grad_loglik, bool gaussian, int ignore_index, bool[4] grad_mask, float label_smoothing=0., "
+        "float lse_square_scale=0., float softcap=0., bool stats=False) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("depth_loglik_mixture_fwd_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? noise_std, "
-        "Tensor log_weights, Tensor row_scale, bool gaussian, int ignore_index, bool[4] grad_mask) "
+        "Tensor log_weights, Tensor row_scale, bool gaussian, int ignore_index, bool[4] grad_mask, "
+        "float label_smoothing=0., float lse_square_scale=0., float softcap=0., bool stats=False) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -38,25 +38,20 @@ void add_exp_into(T* acc, const T* x, const T* shift, int64_t n) {
   for (; j < n; ++j) acc[j] += std::exp(x[j] - shift[j]);
 }
 
-// x <- -g * exp(x - lse), elementwise (g, lse per row).
+// x <- (base - gs exp(x - lse)) (1 - (x / cap)^2), elementwise (gs, base, lse per row): the
+// categorical logits gradient but its target term (Heads::softmax_scale; cap = 0: factor 1).
 template <typename T>
-void softmax_grad_rows(T* x, const T* lse, const T* g, int64_t n) {
+void softmax_grad_rows(T* x, const T* lse, const T* gs, const T* base, T cap, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
+  const T inv = cap != T(0) ? T(1) / cap : T(0);
+  const Vec<T> vinv(inv), one(T(1));
   int64_t j = 0;
-  for (; j + W <= n; j += W)
-    (Vec<T>(0) - Vec<T>::loadu(g + j) * (Vec<T>::loadu(x + j) - Vec<T>::loadu(lse + j)).exp()).store(x + j);
-  for (; j < n; ++j) x[j] = -g[j] * std::exp(x[j] - lse[j]);
-}
-
-template <typename T>
-T sum_of(const T* x, int64_t n) {
-  constexpr int64_t W = Vec<T>::size();
-  Vec<T> acc(0);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) acc = acc + Vec<T>::loadu(x + j);
-  T total = lane_sum(acc);
-  for (; j < n; ++j) total += x[j];
-  return total;
+  for (; j + W <= n; j += W) {
+    const Vec<T> t = Vec<T>::loadu(x + j), u = t * vinv;
+    const Vec<T> e = (t - Vec<T>::loadu(lse + j)).exp();
+    (at::vec::fnmadd(Vec<T>::loadu(gs + j), e, Vec<T>::loadu(base + j)) * at::vec::fnmadd(u, u, one)).store(x + j);
+  }
+  for (; j < n; ++j) x[j] = (base[j] - gs[j] * std::exp(x[j] - lse[j])) * (T(1) - x[j] * inv * x[j] * inv);
 }
 
 constexpr int64_t kSmallChunkElems = 1 << 18;  // 1 MiB of fp32 logits per chunk
@@ -186,16 +181,20 @@ void small_forward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const Smal
                             T* aux) {
   const int64_t per_depth_tasks = ceil_div(k.m, kSmallRowTask);
   at::parallel_for(0, k.g * per_depth_tasks, 1, [&](int64_t t0, int64_t t1) {
-    T mx[kSmallRowTask], se[kSmallRowTask];
+    T mx[kSmallRowTask], se[kSmallRowTask], tsum[kSmallRowTask];
+    int64_t arg[kSmallRowTask];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t lr = t / per_depth_tasks, i0 = (t % per_depth_tasks) * kSmallRowTask;
       const int64_t m = std::min(kSmallRowTask, k.m - i0), l = k.l0 + lr, n0 = k.n0 + i0;
       const T* b = small_bias(p, l);
       std::fill(mx, mx + m, -std::numeric_limits<T>::infinity());
       std::fill(se, se + m, T(0));
+      std::fill(tsum, tsum + m, T(0));
       for (int64_t c = 0; c < p.C; ++c) {
         T* s = S.row(lr, c) + i0;
         if (b) add_scalar(s, b[c], m);
+        if (p.cap != T(0)) soft_cap(s, p.cap, m);
+        if (p.smoothing != T(0)) add_into(tsum, s, m);
         if (p.gaussian)
           add_gauss_sq_into(se, y + c * p.N + n0, s, p.inv_s[c], m);
         else
@@ -208,11 +207,18 @@ void small_forward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const Smal
       }
       // all -inf logits give lse = -inf + log(NaN) = NaN, as on the class-tiled path
       for (int64_t c = 0; c < p.C; ++c) add_exp_into(se, S.row(lr, c) + i0, mx, m);
+      if (p.stats) {  // first argmax: the first class row reaching the maximum
+        std::fill(arg, arg + m, -1);
+        for (int64_t c = p.C - 1; c >= 0; --c)
+          for (int64_t i = 0; i < m; ++i)
+            if (S.row(lr, c)[i0 + i] == mx[i]) arg[i] = c;
+      }
       for (int64_t i = 0; i < m; ++i) {
         const T lse = mx[i] + std::log(se[i]);
         const int64_t target = p.target_idx[n0 + i];
         aux[l * p.N + n0 + i] = lse;
-        out[i] = target == p.ignore_index ? T(0) : S.row(lr, target)[i0 + i] - lse;
+        if (p.stats) aux[p.rows + l * p.N + n0 + i] = arg[i] == target ? T(1) : T(0);
+        out[i] = target == p.ignore_index ? T(0) : p.loglik_of(S.row(lr, target)[i0 + i], tsum[i], lse);
       }
     }
   });
@@ -225,19 +231,41 @@ void small_forward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const Smal
 template <typename T>
 void small_backward_epilogue(const Heads<T>& p, const SmallTile<T>& S, const SmallChunk& k, const T* y, const T* g,
                              const T* lse, bool add_bias, bool want_bias, T* row_sums) {
+  // Per row of the chunk (categorical): the softmax factor gs, the smoothing term base and the
+  // target term (1 - eps) g dt/dz at the target logit, read before the logits are overwritten.
+  const int64_t* target = p.target_idx ? p.target_idx + k.n0 : nullptr;
+  std::vector<T> gs, base, target_term;
+  if (!p.gaussian) {
+    gs.resize(k.g * k.m), base.resize(k.g * k.m), target_term.resize(k.g * k.m);
+    for (int64_t lr = 0; lr < k.g; ++lr) {
+      const int64_t l = k.l0 + lr, r0 = l * p.N + k.n0;
+      const T* b = small_bias(p, l);
+      for (int64_t i = 0; i < k.m; ++i) {
+        const T gi = g[r0 + i];
+        gs[lr * k.m + i] = gi * p.softmax_scale(lse[r0 + i]);
+        base[lr * k.m + i] = gi * p.smoothing / static_cast<T>(p.C);
+        T logit = 0;
+        if (target[i] != p.ignore_index && p.cap != T(0)) {
+          logit = S.row(lr, target[i])[i];
+          if (add_bias) logit = p.cap * std::tanh((logit + (b ? b[target[i]] : T(0))) / p.cap);
+        }
+        target_term[lr * k.m + i] = gi * (T(1) - p.smoothing) * p.cap_factor(logit);
+      }
+    }
+  }
   at::parallel_for(0, k.g * p.C, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t lr = t / p.C, c = t % p.C, l = k.l0 + lr, r0 = l * p.N + k.n0;
       T* s = S.row(lr, c);
       const T* b = small_bias(p, l);
       if (b && add_bias) add_scalar(s, b[c], k.m);
+      if (add_bias && p.cap != T(0)) soft_cap(s, p.cap, k.m);
       if (p.gaussian) {
         row_sums[2 * t + 1] = gauss_grad_rows(s, y + c * p.N + k.n0, g + r0, p.inv_s2[c], k.m);
       } else {
-        softmax_grad_rows(s, lse + r0, g + r0, k.m);
-        const int64_t* target = p.target_idx + k.n0;
+        softmax_grad_rows(s, lse + r0, gs.data() + lr * k.m, base.data() + lr * k.m, p.cap, k.m);
         for (int64_t i = 0; i < k.m; ++i)
-          if (target[i] == c) s[i] += g[r0 + i];
+          if (target[i] == c) s[i] += target_term[lr * k.m + i];
       }
       row_sums[2 * t] = want_bias ? sum_of(s, k.m) : T(0);
     }

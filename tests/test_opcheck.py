@@ -59,6 +59,16 @@ def _cases(backend):
         cases[f"loglik_dot-mixture-{likelihood}"] = (
             heads_ops._loglik_dot, (hidden, weight, bias, target, noise, row_scale, log_weights, gaussian, -100,
                                     [True] * 4, backend))
+        if not gaussian:  # the loss options (label_smoothing, lse_square_scale, softcap) and stats' aux [2, L, N]
+            options = (0.1, 1e-2, 3.0)
+            cases["loglik_fwd-options-stats"] = (heads_ops._loglik_fwd, fwd_args + options + (True,))
+            cases["loglik_bwd-options"] = (
+                heads_ops._loglik_bwd, (grad, hidden.detach(), weight.detach(), bias.detach(), target, noise, aux,
+                                        gaussian, -100, [True] * 4, backend) + options)
+            for mode, scale, lw in (("expected", coef, None), ("mixture", row_scale, log_weights)):
+                cases[f"loglik_dot-{mode}-options-stats"] = (
+                    heads_ops._loglik_dot, (hidden, weight, bias, target, noise, scale, lw, gaussian, -100,
+                                            [True] * 4, backend) + options + (True,))
         cases[f"predict-{likelihood}"] = (
             heads_ops._predict, (hidden, weight, bias, log_weights, gaussian, noise, backend))
     g = torch.Generator().manual_seed(1)

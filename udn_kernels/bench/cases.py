@@ -727,3 +727,27 @@ def bern_linear_bf16(quick: bool) -> list[Method]:
                         Method(f"eager {mask} {tag}", lambda m=mask, x=x, w=weight, b=bias: eager_bern(m, x, w, b),
                                group=tag)]
     return methods
+
+
+LOSS_OPTIONS = {"label_smoothing": dict(label_smoothing=0.1), "z-loss": dict(lse_square_scale=1e-4),
+                "softcap": dict(softcap=30.0), "stats": dict(return_stats=True),
+                "all": dict(label_smoothing=0.1, lse_square_scale=1e-4, softcap=30.0, return_stats=True)}
+
+
+@case("heads-loss-options")
+def heads_loss_options(quick: bool) -> list[Method]:
+    """The fused expected-mode loss at the heads-lm shape (quick: N=512, C=4096), plain ("ours") vs
+    each loss option and all of them (docs/heads.md, "Loss options"; target: each <= 1.10x plain)."""
+    L, N, D, C, _ = HEADS_SHAPES["heads-lm"]
+    N, C = (512, 4096) if quick else (N, C)
+    hidden = torch.randn(L, N, D, requires_grad=True)
+    weight = (torch.randn(C, D) / math.sqrt(D)).requires_grad_()
+    target, log_w = torch.randint(0, C, (N,)), _depth_log_weights(L)
+
+    def loss(**options):
+        out = udn_kernels.depth_mixture_nll(hidden, weight, None, target, log_w, **options)
+        return out[0] if options.get("return_stats") else out
+
+    return [Method("fused loss, plain", loss, role="ours")] + [
+        Method(f"fused loss, {name}", lambda options=options: loss(**options))
+        for name, options in LOSS_OPTIONS.items()]

@@ -16,7 +16,7 @@ kernel ``depth_loglik_mixture_fwd_bwd`` forms it between its forward and backwar
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -40,41 +40,67 @@ def _aux_dtype(dtype: torch.dtype) -> torch.dtype:
     return accumulate_dtype(dtype) if dtype != torch.float32 else torch.float32
 
 
-def _loglik_fwd_impl(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend):
+class DepthStats(NamedTuple):
+    """Per-depth statistics of ``depth_mixture_nll(..., return_stats=True)`` (no gradient):
+    ``nll [L]`` float32, each depth's mean per-token loss over non-ignored rows with the call's
+    loss options; ``accuracy [L]`` float32, the fraction of non-ignored rows whose (first) argmax
+    logit is the target; ``count``, 0-d int64, the number of non-ignored rows."""
+    nll: Tensor
+    accuracy: Tensor
+    count: Tensor
+
+
+def _aux_shape(L, N, gaussian, stats):
+    """The kernels' ``aux``: empty (gaussian), the logsumexp ``[L, N]``, or with ``stats``
+    ``[2, L, N]`` (logsumexp, then 1.0 where the argmax logit is the target)."""
+    return (0,) if gaussian else ((2, L, N) if stats else (L, N))
+
+
+def _lse_of(aux):
+    """The logsumexp part of a forward's ``aux`` (what the backward kernels read)."""
+    return aux[0] if aux.dim() == 3 else aux
+
+
+def _loglik_fwd_impl(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend,
+                     label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0, stats=False):
     loglik, aux = _backend.kernel(backend, "depth_loglik_fwd")(hidden, weight, bias, target, noise_std,
-                                                               gaussian, ignore_index)
+                                                               gaussian, ignore_index, label_smoothing,
+                                                               lse_square_scale, softcap, stats)
     return loglik.to(_aux_dtype(hidden.dtype)), aux  # Triton writes 16-bit log-likelihoods
 
 
 @torch.library.custom_op("udn_kernels::depth_loglik_fwd", mutates_args=())
 def _loglik_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                 noise_std: Optional[Tensor], gaussian: bool, ignore_index: int,
-                backend: str) -> tuple[Tensor, Tensor]:
-    return _loglik_fwd_impl(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend)
+                backend: str, label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                softcap: float = 0.0, stats: bool = False) -> tuple[Tensor, Tensor]:
+    return _loglik_fwd_impl(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend,
+                            label_smoothing, lse_square_scale, softcap, stats)
 
 
 @_loglik_fwd.register_fake
-def _(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend):
+def _(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend, label_smoothing=0.0,
+      lse_square_scale=0.0, softcap=0.0, stats=False):
     L, N = hidden.shape[0], hidden.shape[1]
-    aux_shape = (0,) if gaussian else (L, N)
     acc = _aux_dtype(hidden.dtype)
-    return hidden.new_empty((L, N), dtype=acc), hidden.new_empty(aux_shape, dtype=acc)
+    return hidden.new_empty((L, N), dtype=acc), hidden.new_empty(_aux_shape(L, N, gaussian, stats), dtype=acc)
 
 
 def _loglik_bwd_impl(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
-                     grad_mask, backend):
+                     grad_mask, backend, label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0):
     grads = _backend.kernel(backend, "depth_loglik_bwd")(grad_loglik.contiguous(), hidden, weight, bias,
                                                          target, noise_std, aux, gaussian, ignore_index,
-                                                         grad_mask)
+                                                         grad_mask, label_smoothing, lse_square_scale, softcap)
     return tuple(grads)
 
 
 @torch.library.custom_op("udn_kernels::depth_loglik_bwd", mutates_args=())
 def _loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                 target: Tensor, noise_std: Optional[Tensor], aux: Tensor, gaussian: bool,
-                ignore_index: int, grad_mask: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                ignore_index: int, grad_mask: list[bool], backend: str, label_smoothing: float = 0.0,
+                lse_square_scale: float = 0.0, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _loglik_bwd_impl(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian,
-                            ignore_index, grad_mask, backend)
+                            ignore_index, grad_mask, backend, label_smoothing, lse_square_scale, softcap)
 
 
 def _empty_grads(hidden, weight, bias, noise_std, grad_mask):
@@ -91,16 +117,18 @@ def _grad_mask(hidden, weight, bias, noise_std, wanted) -> list[bool]:
 
 
 @_loglik_bwd.register_fake
-def _(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index, grad_mask, backend):
+def _(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index, grad_mask, backend,
+      label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0):
     return _empty_grads(hidden, weight, bias, noise_std, grad_mask)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend = inputs
+    hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend, *options = inputs
     ctx.save_for_backward(hidden, weight, bias, target, noise_std, output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # aux never gets a gradient: no zero fill for it
     ctx.gaussian, ctx.ignore_index, ctx.backend = gaussian, ignore_index, backend
+    ctx.loss_options = tuple(options[:3])  # (label_smoothing, lse_square_scale, softcap); stats unused
 
 
 def _gaussian_target_grad(grad, hidden, weight, bias, target, noise_std):
@@ -120,7 +148,7 @@ def _gaussian_target_grad(grad, hidden, weight, bias, target, noise_std):
 
 def _backward(ctx, grad_loglik, grad_aux):
     if grad_loglik is None:  # not materialised: no gradient reached loglik
-        return (None,) * 8
+        return (None,) * 12
     hidden, weight, bias, target, noise_std, aux = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_mask = _grad_mask(hidden, weight, bias, noise_std, (needs[0], needs[1], needs[2], needs[4]))
@@ -128,62 +156,69 @@ def _backward(ctx, grad_loglik, grad_aux):
     if any(grad_mask):
         bwd = stage(ctx, _loglik_bwd, _loglik_bwd_impl)
         with autocast_off(hidden.device):  # a backward run inside an autocast region
-            grads = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, ctx.gaussian, ctx.ignore_index,
-                        grad_mask, ctx.backend)
+            grads = bwd(grad_loglik, hidden, weight, bias, target, noise_std, _lse_of(aux), ctx.gaussian,
+                        ctx.ignore_index, grad_mask, ctx.backend, *ctx.loss_options)
     d_hidden, d_weight, d_bias, d_noise = (g if want else None for g, want in zip(grads, grad_mask))
     d_target = None
     if ctx.gaussian and needs[3]:
         d_target = _gaussian_target_grad(grad_loglik, hidden, weight, bias, target, noise_std)
-    return d_hidden, d_weight, d_bias, d_target, d_noise, None, None, None
+    return (d_hidden, d_weight, d_bias, d_target, d_noise) + (None,) * 7
 
 
 _loglik = op_caller(_loglik_fwd, _loglik_fwd_impl, _setup_context, _backward)
 
 
 def _loglik_dot_impl(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index,
-                     grad_mask, backend):
+                     grad_mask, backend, label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0, stats=False):
     """``depth_loglik_dot``'s body on ``backend``'s ``depth_loglik_fwd_bwd`` (expected mode) or
     ``depth_loglik_mixture_fwd_bwd`` (mixture mode) kernel."""
+    options = (label_smoothing, lse_square_scale, softcap, stats)
     if log_weights is None:
-        loglik, _, d_hidden, d_weight, d_bias, d_noise = _backend.kernel(backend, "depth_loglik_fwd_bwd")(
-            hidden, weight, bias, target, noise_std, coef.contiguous(), gaussian, ignore_index, grad_mask)
+        loglik, aux, d_hidden, d_weight, d_bias, d_noise = _backend.kernel(backend, "depth_loglik_fwd_bwd")(
+            hidden, weight, bias, target, noise_std, coef.contiguous(), gaussian, ignore_index, grad_mask, *options)
         loglik = loglik.to(coef.dtype)
-        return (coef * loglik).sum(), loglik, d_hidden, d_weight, d_bias, d_noise
-    loglik, _, d_hidden, d_weight, d_bias, d_noise = _backend.kernel(backend, "depth_loglik_mixture_fwd_bwd")(
-        hidden, weight, bias, target, noise_std, log_weights.contiguous(), coef.contiguous(), gaussian,
-        ignore_index, grad_mask)
-    loglik = loglik.to(coef.dtype)
-    total = -(coef * torch.logsumexp(log_weights[:, None] + loglik, dim=0)).sum()
-    return total, loglik, d_hidden, d_weight, d_bias, d_noise
+        total = (coef * loglik).sum()
+    else:
+        loglik, aux, d_hidden, d_weight, d_bias, d_noise = _backend.kernel(
+            backend, "depth_loglik_mixture_fwd_bwd")(hidden, weight, bias, target, noise_std,
+                                                     log_weights.contiguous(), coef.contiguous(), gaussian,
+                                                     ignore_index, grad_mask, *options)
+        loglik = loglik.to(coef.dtype)
+        total = -(coef * torch.logsumexp(log_weights[:, None] + loglik, dim=0)).sum()
+    return total, loglik, d_hidden, d_weight, d_bias, d_noise, aux
 
 
 @torch.library.custom_op("udn_kernels::depth_loglik_dot", mutates_args=())
 def _loglik_dot(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                 noise_std: Optional[Tensor], coef: Tensor, log_weights: Optional[Tensor], gaussian: bool,
-                ignore_index: int, grad_mask: list[bool],
-                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(total, loglik, d_hidden, d_weight, d_bias, d_noise)``: ``total`` and its head gradients
+                ignore_index: int, grad_mask: list[bool], backend: str, label_smoothing: float = 0.0,
+                lse_square_scale: float = 0.0, softcap: float = 0.0,
+                stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(total, loglik, d_hidden, d_weight, d_bias, d_noise, aux)``: ``total`` and its head gradients
     (those ``grad_mask`` asks for, the others empty), computed in the forward pass; only ``total``
     is differentiable. Without ``log_weights`` ``total = sum(coef * loglik)`` (expected mode,
     ``coef [L, N]``); with them the mixture NLL
-    ``total = -sum_n coef_n logsumexp_l(log_weights_l + loglik[l, n])`` (``coef [N]``)."""
+    ``total = -sum_n coef_n logsumexp_l(log_weights_l + loglik[l, n])`` (``coef [N]``). ``aux``: the
+    kernel's (``_aux_shape``; with ``stats`` its second half holds the argmax hits)."""
     return _loglik_dot_impl(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian,
-                            ignore_index, grad_mask, backend)
+                            ignore_index, grad_mask, backend, label_smoothing, lse_square_scale, softcap, stats)
 
 
 @_loglik_dot.register_fake
-def _(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, grad_mask, backend):
+def _(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, grad_mask, backend,
+      label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0, stats=False):
     L, N = hidden.shape[0], hidden.shape[1]
     acc = _aux_dtype(hidden.dtype)
+    aux = hidden.new_empty(_aux_shape(L, N, gaussian, stats), dtype=acc)
     return ((hidden.new_empty((), dtype=acc), hidden.new_empty((L, N), dtype=acc))
-            + _empty_grads(hidden, weight, bias, noise_std, grad_mask))
+            + _empty_grads(hidden, weight, bias, noise_std, grad_mask) + (aux,))
 
 
 def _setup_dot(ctx, inputs, output):
-    hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, grad_mask, backend = inputs
+    hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index, grad_mask, backend = inputs[:11]
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
-    ctx.save_for_backward(hidden, weight, bias, target, noise_std, coef, log_weights, *output[1:])
+    ctx.save_for_backward(hidden, weight, bias, target, noise_std, coef, log_weights, *output[1:6])
     ctx.gaussian, ctx.grad_mask = gaussian, grad_mask
 
 
@@ -202,7 +237,7 @@ def _backward_dot(ctx, grad_total, *unused):
                            "with a mean/sum reduction: the head gradients are computed in the forward "
                            "pass")
     if grad_total is None:  # not materialised (set_materialize_grads(False)): no gradient reached total
-        return (None,) * 11
+        return (None,) * 15
     hidden, weight, bias, target, noise_std, coef, log_weights, loglik, d_hidden, d_weight, d_bias, d_noise = \
         ctx.saved_tensors
     unit = _passes_saved_grads(ctx, grad_total)
@@ -227,7 +262,7 @@ def _backward_dot(ctx, grad_total, *unused):
     elif ctx.needs_input_grad[6]:
         d_log_weights = grad_total * grad_loglik.sum(1)
     return (scaled(0, d_hidden), scaled(1, d_weight), scaled(2, d_bias), d_target, scaled(4, d_noise), d_coef,
-            d_log_weights, None, None, None, None)
+            d_log_weights) + (None,) * 8
 
 
 _loglik_dot_call = op_caller(_loglik_dot, _loglik_dot_impl, _setup_dot, _backward_dot)
@@ -280,6 +315,39 @@ def _caster(dtype):
     return lambda t: None if t is None else t.to(dtype).contiguous()
 
 
+def _loss_options(gaussian, label_smoothing, lse_square_scale, softcap, return_stats=False):
+    """Checks the categorical loss options; returns them as the kernels take them
+    ``(label_smoothing, lse_square_scale, softcap)``, softcap 0.0 meaning none."""
+    if gaussian and (label_smoothing or lse_square_scale or softcap is not None or return_stats):
+        raise ValueError("label_smoothing, lse_square_scale, softcap, return_stats: only used with "
+                         "likelihood='categorical', expected their defaults (0.0, 0.0, None, False) with "
+                         "likelihood='gaussian'")
+    for name, value in (("label_smoothing", label_smoothing), ("lse_square_scale", lse_square_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing}")
+    if not (math.isfinite(lse_square_scale) and lse_square_scale >= 0.0):
+        raise ValueError(f"lse_square_scale: expected a finite float >= 0, got {lse_square_scale}")
+    if softcap is None:
+        return float(label_smoothing), float(lse_square_scale), 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap: expected None or a positive float, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0.0):
+        raise ValueError(f"softcap: expected None or a positive finite float, got {softcap}")
+    return float(label_smoothing), float(lse_square_scale), float(softcap)
+
+
+def _depth_stats(loglik, hits, valid):
+    """``DepthStats`` from the per-row log-likelihoods (``-loss`` term) and argmax hits ``[L, N]``."""
+    count = valid.sum()
+    keep = valid.to(torch.float32)
+    with torch.no_grad():
+        nll = -(loglik.detach().to(torch.float32) * keep).sum(1) / count
+        accuracy = (hits.to(torch.float32) * keep).sum(1) / count
+    return DepthStats(nll, accuracy, count)
+
+
 def _check_targets(target, num_classes, ignore_index, gaussian, backend):
     """Class indices in range (eager calls; the C++ kernels bound-check targets themselves and
     raise the same IndexError)."""
@@ -320,7 +388,9 @@ def _normalise_noise_std(noise_std, hidden, C):
 
 
 def depth_loglik(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *,
-                 likelihood: str = "categorical", noise_std=None, ignore_index: int = -100) -> Tensor:
+                 likelihood: str = "categorical", noise_std=None, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                 softcap: Optional[float] = None) -> Tensor:
     """Per-depth log-likelihoods ``log p(y_i | Omega_l(x_i))`` as a ``[L, N]`` tensor.
 
     ``hidden [L, N, D]``; ``weight [C, D]`` (shared head) or ``[L, C, D]`` (a head per depth);
@@ -329,18 +399,26 @@ def depth_loglik(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     a positive float (default 1, no gradient) or a ``[C]`` / 0-d tensor (differentiable).
     Never materialises the ``[L, N, C]`` logits. Dtypes: docs/precision.md (16-bit inputs give
     float32 log-likelihoods).
+
+    Categorical loss options (docs/heads.md, "Loss options"): ``softcap`` c > 0 turns the logits
+    into ``c tanh(z / c)`` first; ``label_smoothing`` in [0, 1] and ``lse_square_scale`` (z-loss,
+    ``+ zs lse^2``) as in ``F.cross_entropy`` / PaLM. The result is then minus each row's loss term.
     """
     hidden, weight, bias, target, noise_std, gaussian = _validate_heads(
         hidden, weight, bias, target, likelihood, noise_std, ignore_index)
+    options = _loss_options(gaussian, label_smoothing, lse_square_scale, softcap)
     backend = _choose(hidden, weight, target, gaussian, ignore_index, *LOGLIK_KERNELS)
     with autocast_off(hidden.device):
-        loglik, _ = _loglik(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend)
+        loglik, _ = _loglik(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend, *options,
+                            False)
     return loglik
 
 
 def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                       log_weights: Tensor, *, mode: str = "expected", likelihood: str = "categorical",
-                      noise_std=None, reduction: str = "mean", ignore_index: int = -100) -> Tensor:
+                      noise_std=None, reduction: str = "mean", ignore_index: int = -100,
+                      label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                      softcap: Optional[float] = None, return_stats: bool = False):
     """Negative log-likelihood of a depth mixture with weights ``w = exp(log_weights)``.
 
     ``mode="expected"``: ``-sum_l w_l log p(y_i | l)`` (the ELBO data term);
@@ -352,22 +430,38 @@ def depth_mixture_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     With ``"mean"`` / ``"sum"``, when a head input requires grad: the head gradients are computed
     during the forward pass (one logits GEMM fewer, both modes); the backward only scales them.
     Double backward is not supported on any path.
+
+    Categorical only: ``label_smoothing``, ``lse_square_scale`` and ``softcap`` as in
+    ``depth_loglik`` (each depth's log-likelihood is minus its loss term). ``return_stats=True``
+    returns ``(loss, DepthStats)``: per-depth mean loss and accuracy over non-ignored rows and
+    their count, from the same pass (no logits), without gradient.
     """
     check_choice("mode", mode, MODES)
     check_choice("reduction", reduction, REDUCTIONS)
     hidden, weight, bias, target, noise_std, gaussian = _validate_heads(
         hidden, weight, bias, target, likelihood, noise_std, ignore_index)
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats: expected a bool, got {type(return_stats).__name__}")
+    options = _loss_options(gaussian, label_smoothing, lse_square_scale, softcap, return_stats)
     check_float_tensor("log_weights", log_weights, ndim=1)
     log_weights = _log_weights_in(log_weights, hidden)
     check_shape("log_weights", log_weights, (hidden.shape[0],))
     if mode == "mixture" and checks_values(log_weights) and not bool(torch.isfinite(log_weights).any()):
         raise ValueError("log_weights: mode='mixture' needs at least one finite log-weight, got all -inf")
     if reduction != "none" and _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian):
-        return _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights, mode,
-                                    reduction, ignore_index)
+        loss, loglik, aux = _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights,
+                                                  mode, reduction, ignore_index, options, return_stats)
+        return (loss, _depth_stats(loglik, aux[1], target != ignore_index)) if return_stats else loss
     backend = _choose(hidden, weight, target, gaussian, ignore_index, *LOGLIK_KERNELS)
     with autocast_off(hidden.device):
-        loglik, _ = _loglik(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend)
+        loglik, aux = _loglik(hidden, weight, bias, target, noise_std, gaussian, ignore_index, backend,
+                              *options, return_stats)
+    loss = _combine(loglik, log_weights, target, mode, likelihood, reduction, ignore_index)
+    return (loss, _depth_stats(loglik, aux[1], target != ignore_index)) if return_stats else loss
+
+
+def _combine(loglik, log_weights, target, mode, likelihood, reduction, ignore_index):
+    """The NLL of the depth mixture from the per-depth log-likelihoods (eager, O(L·N))."""
     if mode == "expected":
         loss = -(torch.exp(log_weights) @ loglik)
     else:
@@ -479,12 +573,13 @@ def _wants_head_grad(hidden, weight, bias, target, noise_std, gaussian) -> bool:
 
 
 def _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_weights, mode,
-                         reduction, ignore_index):
+                         reduction, ignore_index, options, stats):
     """NLL with mean/sum reduction whose head gradients come out of the forward pass, with
     ``scale_n`` = 1 or 1/count on kept rows, 0 on ignored ones. Expected mode:
     ``sum(coef * loglik)``, ``coef[l, n] = -exp(lw_l) * scale_n``, so ``log_weights`` gets its
     gradient through ``coef``; mixture mode: ``-sum_n scale_n logsumexp_l(lw_l + loglik[l, n])``,
-    gradients formed in the kernel from all depths' log-likelihoods."""
+    gradients formed in the kernel from all depths' log-likelihoods. Returns ``(loss, loglik, aux)``
+    (the kernel's ``aux``: with ``stats``, logsumexp and argmax hits)."""
     N = hidden.shape[1]
     if gaussian:
         valid = torch.ones(N, dtype=torch.bool, device=hidden.device)
@@ -504,11 +599,12 @@ def _nll_grad_in_forward(hidden, weight, bias, target, noise_std, gaussian, log_
     grad_mask = _grad_mask(hidden, weight, bias, noise_std, [x is not None and x.requires_grad
                                                              for x in (hidden, weight, bias, noise_std)])
     with autocast_off(hidden.device):
-        total = _loglik_dot_call(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian,
-                                 ignore_index, grad_mask, backend)[0]
+        outputs = _loglik_dot_call(hidden, weight, bias, target, noise_std, coef, log_weights, gaussian, ignore_index,
+                                   grad_mask, backend, *options, stats)
+        total = outputs[0]
     if reduction == "mean":  # no kept row: NaN like F.cross_entropy (and like the eager path)
         total = torch.where(count > 0, total, torch.full_like(total, math.nan))
-    return total
+    return total, outputs[1], outputs[6]
 
 
 def depth_mixture_predict(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_weights: Tensor,

@@ -41,36 +41,57 @@ def _gaussian_loglik(mean, target, noise_std):
     return (-0.5 * z * z - torch.log(s) - _HALF_LOG_2PI).sum(-1)
 
 
-def depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian: bool, ignore_index: int):
-    """``(loglik [L, N], aux)``; aux = logsumexp ``[L, N]`` (categorical) or empty (gaussian)."""
+def _capped(logits, softcap: float):
+    """Gemma-2 soft-capping ``c tanh(z / c)`` (``softcap`` 0: none)."""
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian: bool, ignore_index: int,
+                     label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float = 0.0,
+                     stats: bool = False):
+    """``(loglik [L, N], aux)``; aux = logsumexp ``[L, N]`` (categorical; with ``stats`` ``[2, L, N]``:
+    logsumexp, then 1.0 where the first argmax logit is the target) or empty (gaussian).
+
+    Categorical loss options (docs/heads.md, "Loss options"): logits ``t = c tanh(z / c)`` when
+    ``softcap`` c > 0, ``loglik = (1 - eps) t_y + eps mean_c t_c - lse - zs lse^2``.
+    """
     acc = _acc_dtype(hidden.dtype)
     L = hidden.shape[0]
-    lls, lses = [], []
+    lls, lses, hits = [], [], []
     for depth in range(L):
         logits = _logits(hidden, weight, bias, depth).to(acc)
         if gaussian:
             nstd = None if noise_std is None else noise_std.to(acc)
             lls.append(_gaussian_loglik(logits, target.to(acc), nstd))
         else:
+            logits = _capped(logits, softcap)
             valid = target != ignore_index
             safe = torch.where(valid, target, torch.zeros_like(target))
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[:, None])[:, 0]
-            lls.append(torch.where(valid, picked - lse, torch.zeros_like(lse)))
+            ll = ((1.0 - label_smoothing) * picked + label_smoothing * logits.mean(-1) - lse
+                  - lse_square_scale * lse * lse)
+            lls.append(torch.where(valid, ll, torch.zeros_like(lse)))
             lses.append(lse)
+            hits.append((logits.argmax(-1) == target).to(acc))
     loglik = torch.stack(lls)
-    aux = torch.stack(lses) if lses else hidden.new_empty(0, dtype=acc)
+    if not lses:
+        return loglik, hidden.new_empty(0, dtype=acc)
+    aux = torch.stack([torch.stack(lses), torch.stack(hits)]) if stats else torch.stack(lses)
     return loglik, aux
 
 
 def depth_loglik_bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian: bool,
-                     ignore_index: int, grad_mask):
+                     ignore_index: int, grad_mask, label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                     softcap: float = 0.0):
     """``(d_hidden, d_weight, d_bias, d_noise_std)``; ``grad_mask`` (four bools) says which are
     wanted: the others, and those of None inputs, are empty tensors, never computed.
 
     Analytic gradients of ``depth_loglik_fwd`` per depth (custom-op impls run below autograd, so
     no autograd here; the tests check these against autograd through ``depth_loglik_fwd``):
-    categorical ``dlogits = g (onehot - softmax)``, gaussian ``dmu = g (y - mu) / s^2``.
+    categorical ``dlogits = g ((1 - eps) onehot + eps / C - (1 + 2 zs lse) softmax(t)) (1 - (t / c)^2)``
+    (``t`` the soft-capped logits; the last factor only with ``softcap``), gaussian
+    ``dmu = g (y - mu) / s^2``.
     """
     del aux  # recomputed per depth
     want_hidden, want_weight = grad_mask[0], grad_mask[1]
@@ -96,8 +117,14 @@ def depth_loglik_bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, 
             d_noise += (g * (resid * resid / s**3 - 1.0 / s)).sum(0)
         else:
             valid = target != ignore_index
-            onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0), logits.shape[1])
-            dlogits = torch.where(valid[:, None], g * (onehot - torch.softmax(logits, dim=-1)), 0.0)
+            capped = _capped(logits, softcap)
+            onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0), logits.shape[1]).to(acc)
+            lse = torch.logsumexp(capped, dim=-1, keepdim=True)
+            dcapped = ((1.0 - label_smoothing) * onehot + label_smoothing / logits.shape[1]
+                       - (1.0 + 2.0 * lse_square_scale * lse) * torch.exp(capped - lse))
+            if softcap:
+                dcapped = dcapped * (1.0 - (capped / softcap) ** 2)
+            dlogits = torch.where(valid[:, None], g * dcapped, 0.0)
         if want_hidden:
             d_hidden[depth] = dlogits @ w
         if want_weight:
@@ -145,21 +172,26 @@ def fwd_bwd_from(fwd, bwd):
     """``depth_loglik_fwd_bwd`` (forward plus the gradient of ``sum(grad_loglik * loglik)``) of a
     backend without a fused kernel: its forward, then its (recomputing) backward."""
     def depth_loglik_fwd_bwd(hidden, weight, bias, target, noise_std, grad_loglik, gaussian: bool,
-                             ignore_index: int, grad_mask):
-        loglik, aux = fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
-        grads = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index, grad_mask)
+                             ignore_index: int, grad_mask, label_smoothing: float = 0.0,
+                             lse_square_scale: float = 0.0, softcap: float = 0.0, stats: bool = False):
+        options = (label_smoothing, lse_square_scale, softcap)
+        loglik, aux = fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index, *options, stats)
+        grads = bwd(grad_loglik, hidden, weight, bias, target, noise_std, aux[0] if stats else aux, gaussian,
+                    ignore_index, grad_mask, *options)
         return (loglik, aux) + tuple(grads)
     return depth_loglik_fwd_bwd
 
 
 def depth_loglik_mixture_fwd_bwd(hidden, weight, bias, target, noise_std, log_weights, row_scale,
-                                 gaussian: bool, ignore_index: int, grad_mask):
+                                 gaussian: bool, ignore_index: int, grad_mask, label_smoothing: float = 0.0,
+                                 lse_square_scale: float = 0.0, softcap: float = 0.0, stats: bool = False):
     """``depth_loglik_fwd`` plus the head gradients of the mixture NLL (``mixture_grad``): the
     forward, then the backward with that upstream gradient."""
-    loglik, aux = depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index)
+    options = (label_smoothing, lse_square_scale, softcap)
+    loglik, aux = depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian, ignore_index, *options, stats)
     grad = mixture_grad(loglik, log_weights, row_scale)
-    grads = depth_loglik_bwd(grad, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
-                             grad_mask)
+    grads = depth_loglik_bwd(grad, hidden, weight, bias, target, noise_std, aux[0] if stats else aux, gaussian,
+                             ignore_index, grad_mask, *options)
     return (loglik, aux) + tuple(grads)
 
 

@@ -18,8 +18,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .heads_common import (CONFIGS, _acc_dtype, _aot_spec, _common, aot_storages, _grad_tile, _mean_tile,
-                           _split_config, select_config)
+from .heads_common import (CONFIGS, _acc_dtype, _aot_spec, _common, aot_storages, _grad_tile, _loss_options,
+                           _mean_tile, _split_config, loss_options, select_config)
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _row_inputs(g_blk, t_blk, lse_blk, rows_left, ignore_index, GAUSSIAN: tl.con
 
 
 @triton.jit
-def _bwd_rows_kernel(g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, lse_ptr, dh_ptr, col_ptr,
+def _bwd_rows_kernel(g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, lse_ptr, dh_ptr, col_ptr, opt_ptr,
                      N, C, D, stride_wl, stride_bl, ignore_index,
                      GAUSSIAN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -66,12 +66,13 @@ def _bwd_rows_kernel(g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, lse_ptr, dh_ptr, 
     col_blk = col_ptr + (depth * tl.num_programs(0) + pid_n) * C
     noise_offset = tl.num_programs(1).to(tl.int64) * tl.num_programs(0) * C
     is_first_chunk = (tl.zeros((BLOCK_C,), tl.int32) + pid_d) == 0  # column sums come from chunk 0
+    smoothing, zscale, softcap = _loss_options(opt_ptr, ACC)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC)
     for c0 in range(0, C, BLOCK_C):
         mu = _mean_tile(h_blk, w_ptr, b_ptr + c0, rows_left, C - c0, D,
                         HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION)
         d_mu, d_s = _grad_tile(mu, g, tgt, lse, t_ptr + row0 * C + c0, s_ptr + c0, rows_left, c0,
-                               C - c0, C, GAUSSIAN, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
+                               C - c0, C, smoothing, zscale, softcap, GAUSSIAN, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
         col_ok = c < C - c0
         w = tl.load(w_ptr + c[:, None] * D + dout[None, :], mask=col_ok[:, None] & dout_ok[None, :],
                     other=0.0)
@@ -86,7 +87,7 @@ def _bwd_rows_kernel(g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, lse_ptr, dh_ptr, 
 
 
 @triton.jit
-def _bwd_weight_kernel(g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, lse_ptr, dw_ptr,
+def _bwd_weight_kernel(g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, lse_ptr, dw_ptr, opt_ptr,
                        N, C, D, stride_wl, stride_bl, ignore_index,
                        n_heads, depths_per_head, items_per_split,
                        GAUSSIAN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr,
@@ -107,6 +108,7 @@ def _bwd_weight_kernel(g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, lse_ptr, dw_ptr
     n_blocks = tl.cdiv(N, BLOCK_N)
     start = (pid_z // n_heads) * items_per_split
     stop = tl.minimum(start + items_per_split, depths_per_head * n_blocks)
+    smoothing, zscale, softcap = _loss_options(opt_ptr, ACC)
     acc = tl.zeros((BLOCK_C, BLOCK_DO), ACC)
     for item in range(start, stop):
         depth = (head + item // n_blocks).to(tl.int64)
@@ -118,7 +120,7 @@ def _bwd_weight_kernel(g_ptr, h_ptr, w_ptr, b_ptr, t_ptr, s_ptr, lse_ptr, dw_ptr
         mu = _mean_tile(h_blk, w_blk, b_ptr + depth * stride_bl + c0, rows_left, C - c0, D,
                         HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION)
         d_mu, d_s = _grad_tile(mu, g, tgt, lse, t_ptr + row0 * C + c0, s_ptr + c0, rows_left, c0,
-                               C - c0, C, GAUSSIAN, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
+                               C - c0, C, smoothing, zscale, softcap, GAUSSIAN, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
         h = tl.load(h_blk + r[:, None] * D + dout[None, :],
                     mask=(r < rows_left)[:, None] & dout_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(d_mu.to(h.dtype)), h, acc, input_precision=PRECISION)
@@ -135,7 +137,7 @@ def _weight_splits(work_items: int, programs: int, device: torch.device) -> int:
     return max(1, min(work_items, triton.cdiv(target, programs)))
 
 
-def _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, sizes, ignore_index, flags, config):
+def _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, options, sizes, ignore_index, flags, config):
     """d_weight from ``_bwd_weight_kernel``: fp32 (fp64) partials per split, summed, cast."""
     L, N, C, D, stride_wl, stride_bl = sizes
     if D == 0:
@@ -150,13 +152,14 @@ def _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, sizes, ignore_index,
     splits = triton.cdiv(work_items, items_per_split)
     partial = torch.empty((splits, n_heads, C, D), dtype=_acc_dtype(hidden.dtype), device=hidden.device)
     wrap_triton(_bwd_weight_kernel)[grid_cd + (splits * n_heads,)](
-        grad_loglik, hidden, weight, b, t, s, lse, partial, N, C, D, stride_wl, stride_bl, ignore_index,
+        grad_loglik, hidden, weight, b, t, s, lse, partial, options, N, C, D, stride_wl, stride_bl, ignore_index,
         n_heads, depths_per_head, items_per_split, **flags, **consts, **launch)
     return (partial[0] if splits == 1 else partial.sum(0)).reshape(weight.shape).to(weight.dtype)
 
 
 def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
-             rows_config=None, weight_config=None, grad_mask=(True, True, True, True)):
+             rows_config=None, weight_config=None, grad_mask=(True, True, True, True), label_smoothing=0.0,
+             lse_square_scale=0.0, softcap=0.0):
     """``depth_loglik_bwd`` with explicit launch configs (default: the shipped selection). The
     gradients ``grad_mask`` leaves out come back empty and their launches are skipped; without
     ``d_hidden`` but with a ``d_bias`` / ``d_noise_std`` column sum the rows kernel still runs, over
@@ -166,6 +169,7 @@ def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian
     acc = _acc_dtype(hidden.dtype)
     device = hidden.device
     lse = grad_loglik if gaussian else aux
+    options = loss_options(hidden, label_smoothing, lse_square_scale, softcap)
     # A fresh empty tensor per absent gradient: custom-op outputs may not alias each other.
     empty = lambda: torch.empty(0, dtype=hidden.dtype, device=device)  # noqa: E731
     want_hidden, want_weight = grad_mask[0], grad_mask[1]
@@ -186,7 +190,7 @@ def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian
         # D = 0 still needs column sums
         d_chunks = max(1, triton.cdiv(D, consts["BLOCK_DO"])) if want_hidden else 1
         wrap_triton(_bwd_rows_kernel)[(n_blocks, L, d_chunks)](
-            grad_loglik, hidden, weight, b, t, s, lse, rows_out, col_sums, N, C, D, stride_wl, stride_bl,
+            grad_loglik, hidden, weight, b, t, s, lse, rows_out, col_sums, options, N, C, D, stride_wl, stride_bl,
             ignore_index, **flags, **consts, **launch)
         if want_hidden:
             d_hidden = rows_out
@@ -197,7 +201,7 @@ def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian
             d_noise = col_sums[1].sum((0, 1)).to(noise_std.dtype)
     d_weight = empty()
     if want_weight:
-        d_weight = _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, sizes, ignore_index, flags,
+        d_weight = _weight_grad(grad_loglik, hidden, weight, b, t, s, lse, options, sizes, ignore_index, flags,
                                 weight_config or select_config("bwd_weight", C, D, hidden.dtype))
     return d_hidden, d_weight, d_bias, d_noise
 
@@ -205,11 +209,13 @@ def backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian
 @triton_op("udn_kernels_triton::depth_loglik_bwd", mutates_args=())
 def depth_loglik_bwd(grad_loglik: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                      target: Tensor, noise_std: Optional[Tensor], aux: Tensor, gaussian: bool,
-                     ignore_index: int, grad_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     ignore_index: int, grad_mask: list[bool], label_smoothing: float = 0.0,
+                     lse_square_scale: float = 0.0, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton ``depth_loglik_bwd`` (docs/internals.md): ``(d_hidden, d_weight, d_bias, d_noise_std)``,
     those ``grad_mask`` leaves out empty."""
     return backward(grad_loglik, hidden, weight, bias, target, noise_std, aux, gaussian, ignore_index,
-                    grad_mask=grad_mask)
+                    grad_mask=grad_mask, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                    softcap=softcap)
 
 
 KERNELS = {"depth_loglik_bwd": depth_loglik_bwd}

@@ -109,11 +109,34 @@ def _gaussian_residual(mu, y_blk, s_blk, rows_left, cols_left, C, HAS_NOISE: tl.
 
 
 @triton.jit
-def _grad_tile(mu, g, tgt, lse, y_blk, s_blk, rows_left, c0, cols_left, C,
+def _loss_options(opt_ptr, ACC: tl.constexpr):
+    """``(label_smoothing, lse_square_scale, softcap)`` from ``opt_ptr`` (``loss_options``: a tensor
+    in the accumulation dtype, so float64 runs keep them exact; Triton passes Python floats as fp32)."""
+    return tl.load(opt_ptr).to(ACC), tl.load(opt_ptr + 1).to(ACC), tl.load(opt_ptr + 2).to(ACC)
+
+
+@triton.jit
+def _soft_cap(mu, softcap):
+    """Gemma-2 soft-capping ``c tanh(mu / c)`` (``softcap`` 0: ``mu`` unchanged). tanh as
+    ``sign(x) (1 - e) / (1 + e)``, ``e = exp(-2|x|)`` (no tanh in tl.math, and libdevice's does
+    not run in the interpreter): absolute error about one ulp of 1, so about c ulps on the logit."""
+    if softcap > 0:
+        x = mu / softcap
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        mu = softcap * tl.where(x < 0, -t, t)
+    return mu
+
+
+@triton.jit
+def _grad_tile(mu, g, tgt, lse, y_blk, s_blk, rows_left, c0, cols_left, C, smoothing, zscale, softcap,
                GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """d loglik / d logits and (gaussian) d loglik / d noise_std per element, zero off the valid
-    tile. ``y_blk`` -> target[row0, c0] (gaussian), ``s_blk`` -> noise_std[c0]."""
+    tile. ``y_blk`` -> target[row0, c0] (gaussian), ``s_blk`` -> noise_std[c0]. Categorical loss
+    options (docs/heads.md, "Loss options"): ``mu`` are the logits before the soft-cap,
+    ``d loglik / dt = (1 - eps) onehot + eps / C - (1 + 2 zs lse) softmax(t)`` times
+    ``dt / dmu = 1 - (t / c)^2``."""
     if GAUSSIAN:
         valid, z, inv_s = _gaussian_residual(mu, y_blk, s_blk, rows_left, cols_left, C, HAS_NOISE,
                                              BLOCK_N, BLOCK_C, ACC)
@@ -123,9 +146,14 @@ def _grad_tile(mu, g, tgt, lse, y_blk, s_blk, rows_left, c0, cols_left, C,
         r = tl.arange(0, BLOCK_N)
         c = tl.arange(0, BLOCK_C)
         valid = (r < rows_left)[:, None] & (c < cols_left)[None, :]
-        p = tl.exp(mu - lse[:, None])
-        onehot = tl.where((c0 + c)[None, :] == tgt[:, None], 1.0, 0.0)
-        d_mu = tl.where(valid, g[:, None] * (onehot - p), 0.0)
+        t = _soft_cap(mu, softcap)
+        p = tl.exp(t - lse[:, None])
+        onehot = tl.where((c0 + c)[None, :] == tgt[:, None], 1.0 - smoothing, 0.0) + smoothing / C
+        d_t = onehot - (1.0 + 2.0 * zscale * lse)[:, None] * p
+        if softcap > 0:
+            u = t / softcap
+            d_t = d_t * (1.0 - u * u)
+        d_mu = tl.where(valid, g[:, None] * d_t, 0.0)
         d_s = d_mu
     return d_mu, d_s
 
@@ -145,7 +173,8 @@ def _online_lse(mu, run_max, run_sum, cols_left, BLOCK_C: tl.constexpr):
 def _row_stats_init(t_blk, rows_left, ignore_index, GAUSSIAN: tl.constexpr, BLOCK_N: tl.constexpr,
                     ACC: tl.constexpr):
     """Zeroed loglik statistics of a row block (see ``_loglik_tile``), its target classes (int32)
-    and ignored-row mask; ``t_blk`` -> target[row0] (categorical)."""
+    and ignored-row mask; ``t_blk`` -> target[row0] (categorical). The argmax state (first index
+    of the running maximum) is the last value."""
     r = tl.arange(0, BLOCK_N)
     total = tl.zeros((BLOCK_N,), ACC)
     if GAUSSIAN:
@@ -155,39 +184,59 @@ def _row_stats_init(t_blk, rows_left, ignore_index, GAUSSIAN: tl.constexpr, BLOC
         tgt = tl.load(t_blk + r, mask=r < rows_left, other=ignore_index)
         ignored = tgt == ignore_index
         tgt = tgt.to(tl.int32)  # valid classes are < C; ignored rows no longer matter
-    return total, tl.full((BLOCK_N,), float("-inf"), ACC), total, total, tgt, ignored
+    return total, tl.full((BLOCK_N,), float("-inf"), ACC), total, total, tgt, ignored, tl.full((BLOCK_N,), -1, tl.int32)
 
 
 @triton.jit
-def _loglik_tile(mu, total, run_max, run_sum, tgt_logit, tgt, y_blk, s_blk, rows_left, c0, C,
-                 GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr,
+def _loglik_tile(mu, total, run_max, run_sum, tgt_logit, arg, tgt, y_blk, s_blk, rows_left, c0, C,
+                 smoothing, softcap, GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """Adds the class tile ``mu`` (columns ``c0 + [0, BLOCK_C)``) to a row block's loglik
-    statistics: Gaussian ``total``, or categorical online logsumexp (``run_max``, ``run_sum``) and
-    target logit; the statistics of the other likelihood pass through unused."""
+    statistics: Gaussian ``total``, or categorical online logsumexp (``run_max``, ``run_sum``),
+    target logit, first argmax ``arg`` and, with label smoothing, the logit sum in ``total``, all
+    of the soft-capped logits; the statistics of the other likelihood pass through unused."""
     if GAUSSIAN:
         valid, z, inv_s = _gaussian_residual(mu, y_blk, s_blk, rows_left, C - c0, C, HAS_NOISE,
                                              BLOCK_N, BLOCK_C, ACC)
         total += tl.sum(tl.where(valid, -0.5 * z * z + tl.log(inv_s)[None, :] - _HALF_LOG_2PI, 0.0), axis=1)
     else:
+        mu = _soft_cap(mu, softcap)
+        cols = c0 + tl.arange(0, BLOCK_C)
+        if smoothing > 0:
+            total += tl.sum(tl.where((cols < C)[None, :], mu, 0.0), axis=1)
+        old_max = run_max
         mu, run_max, run_sum = _online_lse(mu, run_max, run_sum, C - c0, BLOCK_C)
-        tgt_logit += tl.sum(tl.where((c0 + tl.arange(0, BLOCK_C))[None, :] == tgt[:, None], mu, 0.0), axis=1)
-    return total, run_max, run_sum, tgt_logit
+        # first argmax: a later tile takes over only with a strictly larger maximum
+        tile_max = tl.max(mu, axis=1)
+        tile_arg = tl.min(tl.where(mu == tile_max[:, None], cols[None, :], C), axis=1)
+        arg = tl.where((arg < 0) | (tile_max > old_max), tile_arg, arg)
+        tgt_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], mu, 0.0), axis=1)
+    return total, run_max, run_sum, tgt_logit, arg
 
 
 @triton.jit
-def _store_loglik(total, run_max, run_sum, tgt_logit, ignored, out_blk, lse_blk, row_ok,
-                  GAUSSIAN: tl.constexpr, BLOCK_N: tl.constexpr):
+def _store_loglik(total, run_max, run_sum, tgt_logit, arg, tgt, ignored, out_blk, lse_blk, row_ok, C,
+                  smoothing, zscale, hit_offset, GAUSSIAN: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes a row block's loglik (0 on ignored rows) and, categorical, its logsumexp, which it
-    returns (``total`` for Gaussian, unused)."""
+    returns (``total`` for Gaussian, unused), and with ``hit_offset`` > 0 (stats: ``aux [2, L, N]``)
+    1.0 where the argmax is the target at ``lse_blk + hit_offset``. Categorical loglik with the
+    loss options: ``(1 - eps) t_y + eps mean_c t_c - lse - zs lse^2``."""
     r = tl.arange(0, BLOCK_N)
     if GAUSSIAN:
         loglik = total
         lse = total
     else:
         lse = run_max + tl.log(run_sum)
-        loglik = tl.where(ignored, 0.0, tgt_logit - lse)
+        ll = tgt_logit - lse
+        if smoothing > 0:
+            ll = (1.0 - smoothing) * tgt_logit + smoothing * (total / C) - lse
+        if zscale > 0:
+            ll -= zscale * lse * lse
+        loglik = tl.where(ignored, 0.0, ll)
         tl.store(lse_blk + r, lse.to(lse_blk.dtype.element_ty), mask=row_ok)
+        if hit_offset > 0:
+            tl.store(lse_blk + hit_offset + r, tl.where(arg == tgt, 1.0, 0.0).to(lse_blk.dtype.element_ty),
+                     mask=row_ok)
     tl.store(out_blk + r, loglik.to(out_blk.dtype.element_ty), mask=row_ok)
     return lse
 
@@ -222,6 +271,13 @@ def _split_config(config: dict) -> tuple[dict, dict]:
     return constexprs, {k: config[k] for k in _LAUNCH_OPTIONS if k in config}
 
 
+def loss_options(hidden, label_smoothing, lse_square_scale, softcap):
+    """The kernels' ``opt_ptr`` argument: ``[label_smoothing, lse_square_scale, softcap]`` (softcap
+    0: none) in the accumulation dtype."""
+    return torch.tensor([label_smoothing, lse_square_scale, softcap], dtype=_acc_dtype(hidden.dtype),
+                        device=hidden.device)
+
+
 def _common(hidden, weight, bias, target, noise_std, gaussian):
     """Shared scalar arguments and pointer stand-ins (absent tensors become ``weight``, never read)."""
     L, N, D = hidden.shape
@@ -241,7 +297,7 @@ def _common(hidden, weight, bias, target, noise_std, gaussian):
 # the 16-bit configs bf16 and fp16, "fp32" float32 (exact fp32 dot, torch's default matmul
 # precision), "fp64" float64 (fp64 dot and accumulator).
 # ----------------------------------------------------------------------------------------------
-_AOT_ACC_POINTERS = ("lse_ptr", "col_ptr", "dw_ptr", "mix_ptr", "z_ptr")  # fp32, fp64 for fp64 storage
+_AOT_ACC_POINTERS = ("lse_ptr", "col_ptr", "dw_ptr", "mix_ptr", "z_ptr", "opt_ptr")  # fp32, fp64 for fp64 storage
 
 
 def aot_storages(config_name: str) -> tuple[str, ...]:

@@ -14,8 +14,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .._formulas import mixture_grad
-from .heads_common import (CONFIGS, _acc_dtype, _aot_spec, _common, _grad_tile, _loglik_tile,
-                           _row_stats_init, _split_config, _store_loglik, select_config)
+from .heads_common import (CONFIGS, _acc_dtype, _aot_spec, _common, _grad_tile, _loglik_tile, _loss_options,
+                           _row_stats_init, _split_config, _store_loglik, loss_options, select_config)
 
 # Default memory budget of the fused path: logits elements of one materialised chunk (fp32: 256 MiB).
 MAX_CHUNK_LOGITS = 2**26
@@ -38,12 +38,12 @@ def _chunk_tile(z_blk, b_blk, rows_left, cols_left, C, HAS_BIAS: tl.constexpr,
 
 @triton.jit
 def _write_grad_tile(mu, g, tgt, lse, gz_blk, y_blk, s_blk, col_blk, noise_offset, rows_left, c0,
-                     cols_left, C, GAUSSIAN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     cols_left, C, smoothing, zscale, softcap, GAUSSIAN: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_NOISE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                      ACC: tl.constexpr):
     """``g * d loglik / d logits`` of one tile into ``gz_blk`` (the chunk's gradient buffer, same
     layout as the logits) and the tile's column sums (-> d_bias, d_noise_std) into ``col_blk``."""
-    d_mu, d_s = _grad_tile(mu, g, tgt, lse, y_blk, s_blk, rows_left, c0, cols_left, C,
+    d_mu, d_s = _grad_tile(mu, g, tgt, lse, y_blk, s_blk, rows_left, c0, cols_left, C, smoothing, zscale, softcap,
                            GAUSSIAN, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
     r = tl.arange(0, BLOCK_N)
     c = tl.arange(0, BLOCK_C)
@@ -57,8 +57,8 @@ def _write_grad_tile(mu, g, tgt, lse, gz_blk, y_blk, s_blk, col_blk, noise_offse
 
 
 @triton.jit
-def _fused_rows_kernel(z_ptr, gz_ptr, b_ptr, t_ptr, s_ptr, g_ptr, out_ptr, lse_ptr, col_ptr,
-                       N, C, k, l0, n0, stride_bl, ignore_index,
+def _fused_rows_kernel(z_ptr, gz_ptr, b_ptr, t_ptr, s_ptr, g_ptr, out_ptr, lse_ptr, col_ptr, opt_ptr,
+                       N, C, k, l0, n0, stride_bl, ignore_index, hit_offset,
                        GAUSSIAN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr,
                        FORWARD: tl.constexpr, GRADIENT: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
@@ -85,8 +85,9 @@ def _fused_rows_kernel(z_ptr, gz_ptr, b_ptr, t_ptr, s_ptr, g_ptr, out_ptr, lse_p
     ll_off = depth * N + row0
     col_blk = col_ptr + (dl * tl.num_programs(0) + pid_n) * C
     noise_offset = tl.num_programs(1).to(tl.int64) * tl.num_programs(0) * C
-    total, run_max, run_sum, tgt_logit, tgt, ignored = _row_stats_init(t_ptr + row0, rows_left, ignore_index,
-                                                                        GAUSSIAN, BLOCK_N, ACC)
+    smoothing, zscale, softcap = _loss_options(opt_ptr, ACC)
+    total, run_max, run_sum, tgt_logit, tgt, ignored, arg = _row_stats_init(t_ptr + row0, rows_left, ignore_index,
+                                                                             GAUSSIAN, BLOCK_N, ACC)
     if FORWARD or GAUSSIAN:
         lse = total  # set by the forward pass; unused by Gaussian
     else:
@@ -98,21 +99,22 @@ def _fused_rows_kernel(z_ptr, gz_ptr, b_ptr, t_ptr, s_ptr, g_ptr, out_ptr, lse_p
     if FORWARD:
         for c0 in range(0, C, BLOCK_C):
             mu = _chunk_tile(z_blk + c0, b_ptr + c0, rows_left, C - c0, C, HAS_BIAS, BLOCK_N, BLOCK_C, ACC)
-            total, run_max, run_sum, tgt_logit = _loglik_tile(mu, total, run_max, run_sum, tgt_logit, tgt,
-                                                              t_ptr + row0 * C + c0, s_ptr + c0, rows_left, c0,
-                                                              C, GAUSSIAN, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
+            total, run_max, run_sum, tgt_logit, arg = _loglik_tile(mu, total, run_max, run_sum, tgt_logit, arg, tgt,
+                                                                   t_ptr + row0 * C + c0, s_ptr + c0, rows_left,
+                                                                   c0, C, smoothing, softcap, GAUSSIAN, HAS_NOISE,
+                                                                   BLOCK_N, BLOCK_C, ACC)
             if GAUSSIAN and GRADIENT:  # one pass: the Gaussian gradient needs no row statistic
                 _write_grad_tile(mu, g, tgt, lse, gz_blk + c0, t_ptr + row0 * C + c0, s_ptr + c0,
-                                 col_blk + c0, noise_offset, rows_left, c0, C - c0, C, GAUSSIAN,
-                                 HAS_BIAS, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
-        lse = _store_loglik(total, run_max, run_sum, tgt_logit, ignored, out_ptr + ll_off, lse_ptr + ll_off,
-                            row_ok, GAUSSIAN, BLOCK_N)
+                                 col_blk + c0, noise_offset, rows_left, c0, C - c0, C, smoothing, zscale, softcap,
+                                 GAUSSIAN, HAS_BIAS, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
+        lse = _store_loglik(total, run_max, run_sum, tgt_logit, arg, tgt, ignored, out_ptr + ll_off,
+                            lse_ptr + ll_off, row_ok, C, smoothing, zscale, hit_offset, GAUSSIAN, BLOCK_N)
     if GRADIENT and not (GAUSSIAN and FORWARD):
         for c0 in range(0, C, BLOCK_C):
             mu = _chunk_tile(z_blk + c0, b_ptr + c0, rows_left, C - c0, C, HAS_BIAS, BLOCK_N, BLOCK_C, ACC)
             _write_grad_tile(mu, g, tgt, lse, gz_blk + c0, t_ptr + row0 * C + c0, s_ptr + c0,
-                             col_blk + c0, noise_offset, rows_left, c0, C - c0, C, GAUSSIAN,
-                             HAS_BIAS, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
+                             col_blk + c0, noise_offset, rows_left, c0, C - c0, C, smoothing, zscale, softcap,
+                             GAUSSIAN, HAS_BIAS, HAS_NOISE, BLOCK_N, BLOCK_C, ACC)
 
 
 def _matmul(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
@@ -152,7 +154,8 @@ def _accumulate(total, part, index, first):
 
 def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ignore_index,
                            grad_loglik=None, log_weights=None, row_scale=None, grad_mask=(True, True, True, True),
-                           max_chunk_logits=MAX_CHUNK_LOGITS, config=None):
+                           max_chunk_logits=MAX_CHUNK_LOGITS, config=None, label_smoothing=0.0,
+                           lse_square_scale=0.0, softcap=0.0, stats=False):
     """``depth_loglik_fwd_bwd`` (``grad_loglik [L, N]`` given) or ``depth_loglik_mixture_fwd_bwd``
     (``log_weights [L]`` and ``row_scale [N]``: upstream gradient ``-row_scale_n r[l, n]``) by
     chunks of materialised logits (``fused_chunks``), with an explicit launch ``config``.
@@ -172,7 +175,9 @@ def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ig
     mixture = log_weights is not None
     empty = lambda: torch.empty(0, dtype=hidden.dtype, device=device)  # noqa: E731
     loglik = torch.empty((L, N), dtype=hidden.dtype, device=device)
-    aux = torch.empty((0,) if gaussian else (L, N), dtype=acc, device=device)
+    stats = stats and not gaussian
+    aux = torch.empty((0,) if gaussian else ((2, L, N) if stats else (L, N)), dtype=acc, device=device)
+    options = loss_options(hidden, label_smoothing, lse_square_scale, softcap)
     want_hidden, want_weight = grad_mask[0], grad_mask[1]
     want_bias, want_noise = grad_mask[2] and bias is not None, grad_mask[3] and gaussian and noise_std is not None
     gradient = want_hidden or want_weight or want_bias or want_noise
@@ -209,7 +214,8 @@ def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ig
 
         def rows_kernel(forward, gradient):
             wrap_triton(_fused_rows_kernel)[(n_blocks, Lc)](
-                z, gz, b, t, s, grad, ll, lse, col, N, C, k, l0, n0, stride_bl, ignore_index,
+                z, gz, b, t, s, grad, ll, lse, col, options, N, C, k, l0, n0, stride_bl, ignore_index,
+                L * N if stats else 0,
                 FORWARD=forward, GRADIENT=gradient, **flags, **consts, **launch)
 
         if mixture or not gradient:
@@ -252,23 +258,28 @@ def fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ig
 @triton_op("udn_kernels_triton::depth_loglik_fwd_bwd", mutates_args=())
 def depth_loglik_fwd_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                          noise_std: Optional[Tensor], grad_loglik: Tensor, gaussian: bool,
-                         ignore_index: int, grad_mask: list[bool]
+                         ignore_index: int, grad_mask: list[bool], label_smoothing: float = 0.0,
+                         lse_square_scale: float = 0.0, softcap: float = 0.0, stats: bool = False
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton ``depth_loglik_fwd_bwd`` (docs/internals.md): ``(loglik, aux, d_hidden, d_weight,
     d_bias, d_noise_std)`` for the upstream gradient ``grad_loglik [L, N]``, 3 GEMMs."""
     return fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ignore_index,
-                                  grad_loglik=grad_loglik, grad_mask=grad_mask)
+                                  grad_loglik=grad_loglik, grad_mask=grad_mask, label_smoothing=label_smoothing,
+                                  lse_square_scale=lse_square_scale, softcap=softcap, stats=stats)
 
 
 @triton_op("udn_kernels_triton::depth_loglik_mixture_fwd_bwd", mutates_args=())
 def depth_loglik_mixture_fwd_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                                  noise_std: Optional[Tensor], log_weights: Tensor, row_scale: Tensor,
-                                 gaussian: bool, ignore_index: int, grad_mask: list[bool]
-                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                                 gaussian: bool, ignore_index: int, grad_mask: list[bool],
+                                 label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float = 0.0,
+                                 stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton ``depth_loglik_mixture_fwd_bwd`` (docs/internals.md): the forward and the head
     gradients of ``-sum_n row_scale_n logsumexp_l(log_weights_l + loglik[l, n])``, 3 GEMMs."""
     return fused_forward_backward(hidden, weight, bias, target, noise_std, gaussian, ignore_index,
-                                  log_weights=log_weights, row_scale=row_scale, grad_mask=grad_mask)
+                                  log_weights=log_weights, row_scale=row_scale, grad_mask=grad_mask,
+                                  label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                                  softcap=softcap, stats=stats)
 
 
 KERNELS = {"depth_loglik_fwd_bwd": depth_loglik_fwd_bwd,
