@@ -71,8 +71,6 @@ def resolve_exits(exits, num_layers: int, include_last: bool = True) -> list[int
             chosen.add(index % num_layers)
     if include_last:
         chosen.add(num_layers - 1)
-    if not chosen:
-        raise ValueError("exits: no layer chosen")
     return sorted(chosen)
 
 
