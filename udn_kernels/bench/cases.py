@@ -570,3 +570,50 @@ def threads(size: str, thread_counts=THREAD_COUNTS) -> list[Method]:
                            role="ours", group=gauss, threads=t),
                     Method(f"eager {gauss}", lambda: eager_gauss("sample", x, mu, rho), group=gauss, threads=t)]
     return methods
+
+
+# ------------------------------------------------------------------ Hugging Face early-exit training step
+# vocab, hidden size, batch, sequence length of a 4-layer Llama with an exit after every layer
+HF_STEP_SHAPES = {"full": (32000, 256, 4, 256), "quick": (8000, 128, 2, 256), "tiny": (100, 32, 2, 8)}
+
+
+def materialising_exit_loss(hidden, weight, target, weights) -> torch.Tensor:
+    """torchtune's early-exit loss once the exits' hidden states are normed (``[E, B, T, D]``):
+    the ``[E, B*T, vocab]`` logits, per-exit mean token cross-entropy, weighted sum."""
+    E = hidden.shape[0]
+    logits = hidden.flatten(1, 2) @ weight.t()
+    nll = F.cross_entropy(logits.flatten(0, 1), target.repeat(E), reduction="none").view(E, -1)
+    return (weights * nll.sum(1)).sum() / (target != -100).sum()
+
+
+def eager_early_exit_step_loss(model, input_ids, head_loss=materialising_exit_loss) -> torch.Tensor:
+    """The early-exit loss of every layer of an HF Llama as users write it: base model with hidden
+    states, the final norm on the earlier layers, ``head_loss`` on all (uniform weights)."""
+    out = model.model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+    layers = model.config.num_hidden_layers
+    hidden = torch.stack([model.model.norm(h) for h in out.hidden_states[1:layers]] + [out.last_hidden_state])
+    target = F.pad(input_ids[:, 1:], (0, 1), value=-100).reshape(-1)
+    return head_loss(hidden, model.lm_head.weight, target, torch.full((layers,), 1.0 / layers))
+
+
+@sized_case("hf-early-exit-step")
+def hf_early_exit_step(size: str) -> list[Method]:
+    """An Adam training step of a 4-layer Hugging Face Llama (vocab 32000, hidden 256, 1024 tokens)
+    with the early-exit loss of all 4 layers (uniform scale): ``integrations.early_exit_loss`` vs the
+    eager loss that materialises every exit's logits, and vs ``torch.compile`` of that loss's head
+    part (the base model runs eager in all three)."""
+    import transformers
+    from udn_kernels.integrations import early_exit_loss
+    vocab, hidden, batch, seq = HF_STEP_SHAPES[size]
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=seq, bos_token_id=0, eos_token_id=0)
+    ours = transformers.LlamaForCausalLM(config)
+    eager, compiled = copy.deepcopy(ours), copy.deepcopy(ours)
+    input_ids = torch.randint(0, vocab, (batch, seq))
+    compiled_head = torch.compile(materialising_exit_loss)
+
+    return [adam_step("udn early_exit_loss", ours, lambda: early_exit_loss(ours, input_ids, input_ids), "ours"),
+            adam_step("eager materialising", eager, lambda: eager_early_exit_step_loss(eager, input_ids)),
+            adam_step("torch.compile(head loss)", compiled,
+                      lambda: eager_early_exit_step_loss(compiled, input_ids, compiled_head))]
