@@ -302,3 +302,26 @@ def test_unknown_options_and_models_are_clear_errors():
     with pytest.raises(ValueError, match="no exit is active at step 0"):
         early_exit_loss(model, input_ids, labels, curriculum=GradualCurriculum(8), include_last=False)
 
+
+
+def test_bench_case_computes_the_eager_loss():
+    from udn_kernels.bench import cases
+    methods = {m.name: m for m in cases.build("hf-early-exit-step", quick=False, size="tiny")}
+    ours, eager = methods["udn early_exit_loss"].forward(), methods["eager materialising"].forward()
+    torch.testing.assert_close(ours, eager, **LOSS_TOL)  # the models are copies: same loss
+
+
+def test_quick_experiment_trains_every_exit(tmp_path):
+    import json
+
+    from udn_kernels import cli
+    assert cli.main(["experiment", "early-exit-lm", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "early-exit-lm.json").read_text())
+    assert (tmp_path / "early-exit-lm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for run in data["runs"].values():
+        bits = run["bits"]
+        assert run["step"] == [0, 3, 6] and len(bits[0]) == 4
+        # held-out bits per byte start near log2(256) = 8 and fall at every exit within 6 steps
+        assert all(7.5 < b < 8.5 for b in bits[0]) and all(b1 < b0 for b0, b1 in zip(bits[0], bits[-1]))
+    early, last = data["runs"]["early-exit"]["bits"][-1], data["runs"]["last-layer"]["bits"][-1]
+    assert early[0] < last[0]  # the first layer's exit is trained only by the early-exit loss
