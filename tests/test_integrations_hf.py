@@ -325,3 +325,15 @@ def test_quick_experiment_trains_every_exit(tmp_path):
         assert all(7.5 < b < 8.5 for b in bits[0]) and all(b1 < b0 for b0, b1 in zip(bits[0], bits[-1]))
     early, last = data["runs"]["early-exit"]["bits"][-1], data["runs"]["last-layer"]["bits"][-1]
     assert early[0] < last[0]  # the first layer's exit is trained only by the early-exit loss
+
+
+def test_doc_snippets_run():
+    import pathlib
+    import re
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "early_exit_lm.md"
+    snippets = re.findall(r"<!-- snippet -->\s*```python\n(.*?)```", doc.read_text(), re.S)
+    assert snippets
+    for index, snippet in enumerate(snippets):
+        namespace = {"__name__": f"early_exit_lm_snippet_{index}"}
+        exec(compile(snippet, f"docs/early_exit_lm.md snippet {index}", "exec"), namespace)
+        assert namespace["loss_fn"].training_step == 3 and torch.isfinite(namespace["loss"])
