@@ -337,3 +337,29 @@ def test_doc_snippets_run():
         namespace = {"__name__": f"early_exit_lm_snippet_{index}"}
         exec(compile(snippet, f"docs/early_exit_lm.md snippet {index}", "exec"), namespace)
         assert namespace["loss_fn"].training_step == 3 and torch.isfinite(namespace["loss"])
+
+
+def test_a_wrapped_model_is_invoked_around_the_loss():
+    # A DDP-like wrapper must see the forward: the loss runs as the inner model's forward, called
+    # through the wrapper, and the model's own forward is back afterwards.
+    model = build("llama")
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args):
+            self.calls += 1
+            return self.module(*args)
+
+    wrapper = Wrapper(model)
+    loss_fn = EarlyExitLoss(model, exits=2)
+    input_ids, attention_mask, labels = batch()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    with torch.no_grad():
+        through = loss_fn.compute_loss(wrapper, inputs)
+        direct = loss_fn.compute_loss(model, inputs)
+    assert wrapper.calls == 1 and "forward" not in model.__dict__
+    torch.testing.assert_close(through, direct)
+    assert model(input_ids=input_ids).logits.shape == (2, 12, VOCAB)
