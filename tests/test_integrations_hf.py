@@ -363,3 +363,13 @@ def test_a_wrapped_model_is_invoked_around_the_loss():
     assert wrapper.calls == 1 and "forward" not in model.__dict__
     torch.testing.assert_close(through, direct)
     assert model(input_ids=input_ids).logits.shape == (2, 12, VOCAB)
+
+
+def test_bench_case_without_transformers_is_reported_not_run(monkeypatch):
+    import sys
+
+    from udn_kernels.bench import cases
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    methods = cases.build("hf-early-exit-step", quick=False, size="tiny")
+    assert [m.forward for m in methods] == [None] * 3 and all("transformers not installed" in m.missing
+                                                               for m in methods)

@@ -602,7 +602,13 @@ def hf_early_exit_step(size: str) -> list[Method]:
     with the early-exit loss of all 4 layers (uniform scale): ``integrations.early_exit_loss`` vs the
     eager loss that materialises every exit's logits, and vs ``torch.compile`` of that loss's head
     part (the base model runs eager in all three)."""
-    import transformers
+    names = ("udn early_exit_loss", "eager materialising", "torch.compile(head loss)")
+    try:
+        import transformers
+    except ImportError:  # reported, not measured, like a missing peer
+        return [Method(name, None, role="ours" if i == 0 else "peer",
+                       missing="transformers not installed: pip install 'udn_kernels[dev]'")
+                for i, name in enumerate(names)]
     from udn_kernels.integrations import early_exit_loss
     vocab, hidden, batch, seq = HF_STEP_SHAPES[size]
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -613,7 +619,6 @@ def hf_early_exit_step(size: str) -> list[Method]:
     input_ids = torch.randint(0, vocab, (batch, seq))
     compiled_head = torch.compile(materialising_exit_loss)
 
-    return [adam_step("udn early_exit_loss", ours, lambda: early_exit_loss(ours, input_ids, input_ids), "ours"),
-            adam_step("eager materialising", eager, lambda: eager_early_exit_step_loss(eager, input_ids)),
-            adam_step("torch.compile(head loss)", compiled,
-                      lambda: eager_early_exit_step_loss(compiled, input_ids, compiled_head))]
+    return [adam_step(names[0], ours, lambda: early_exit_loss(ours, input_ids, input_ids), "ours"),
+            adam_step(names[1], eager, lambda: eager_early_exit_step_loss(eager, input_ids)),
+            adam_step(names[2], compiled, lambda: eager_early_exit_step_loss(compiled, input_ids, compiled_head))]
