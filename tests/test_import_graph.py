@@ -1,10 +1,10 @@
 """The package's import graph reads top-down and has no cycles.
 
 Layers, top to bottom: ``cli`` -> the tools it runs (``train``, ``experiments``, ``bench``) ->
-``nn`` -> the public API (the package itself, ``ops``, ``rng``) -> ``_backend`` (picks a kernel
-backend, so it imports them) -> the kernels (``reference``, ``triton``, ``_C``) -> plain helpers
-(``_checks``, ``_formulas``, ``metrics``, ``data``). ``nn`` uses the public API only, never a
-backend directly.
+``integrations`` (model-library glue) -> ``nn`` -> the public API (the package itself, ``ops``,
+``rng``) -> ``_backend`` (picks a kernel backend, so it imports them) -> the kernels
+(``reference``, ``triton``, ``_C``) -> plain helpers (``_checks``, ``_formulas``, ``metrics``,
+``data``). ``nn`` and ``integrations`` use the public API only, never a backend directly.
 
 Every import statement of every module under ``udn_kernels/`` counts, at module or function
 level, relative or absolute, plus ``importlib.import_module("udn_kernels....")`` with a literal
@@ -31,6 +31,7 @@ GROUPS = {
     "udn_kernels.bench": "app",
     "udn_kernels._cli_support": "app",
     "udn_kernels.selftest": "app",
+    "udn_kernels.integrations": "integrations",  # model-library glue on the public API
     "udn_kernels.nn": "nn",
     "udn_kernels": "api",  # re-exports the ops, rng and backend selection
     "udn_kernels.ops": "api",
@@ -50,8 +51,9 @@ GROUPS = {
 
 # The groups a group may import besides itself.
 ALLOWED = {
-    "cli": {"app", "nn", "api", "dispatch", "kernels", "base"},
-    "app": {"nn", "api", "dispatch", "kernels", "base"},
+    "cli": {"app", "integrations", "nn", "api", "dispatch", "kernels", "base"},
+    "app": {"integrations", "nn", "api", "dispatch", "kernels", "base"},
+    "integrations": {"nn", "api", "base"},
     "nn": {"api", "base"},  # models use the public ops and rng, never a backend directly
     "api": {"dispatch", "kernels", "base"},
     "dispatch": {"kernels", "base"},

@@ -751,3 +751,55 @@ def heads_loss_options(quick: bool) -> list[Method]:
     return [Method("fused loss, plain", loss, role="ours")] + [
         Method(f"fused loss, {name}", lambda options=options: loss(**options))
         for name, options in LOSS_OPTIONS.items()]
+
+
+# ------------------------------------------------------------------ Hugging Face early-exit training step
+# vocab, hidden size, batch, sequence length of a 4-layer Llama with an exit after every layer
+HF_STEP_SHAPES = {"full": (32000, 256, 4, 256), "quick": (8000, 128, 2, 256), "tiny": (100, 32, 2, 8)}
+
+
+def materialising_exit_loss(hidden, weight, target, weights) -> torch.Tensor:
+    """torchtune's early-exit loss once the exits' hidden states are normed (``[E, B, T, D]``):
+    the ``[E, B*T, vocab]`` logits, per-exit mean token cross-entropy, weighted sum."""
+    E = hidden.shape[0]
+    logits = hidden.flatten(1, 2) @ weight.t()
+    nll = F.cross_entropy(logits.flatten(0, 1), target.repeat(E), reduction="none").view(E, -1)
+    return (weights * nll.sum(1)).sum() / (target != -100).sum()
+
+
+def eager_early_exit_step_loss(model, input_ids, head_loss=materialising_exit_loss) -> torch.Tensor:
+    """The early-exit loss of every layer of an HF Llama as users write it: base model with hidden
+    states, the final norm on the earlier layers, ``head_loss`` on all (uniform weights)."""
+    out = model.model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+    layers = model.config.num_hidden_layers
+    hidden = torch.stack([model.model.norm(h) for h in out.hidden_states[1:layers]] + [out.last_hidden_state])
+    target = F.pad(input_ids[:, 1:], (0, 1), value=-100).reshape(-1)
+    return head_loss(hidden, model.lm_head.weight, target, torch.full((layers,), 1.0 / layers))
+
+
+@sized_case("hf-early-exit-step")
+def hf_early_exit_step(size: str) -> list[Method]:
+    """An Adam training step of a 4-layer Hugging Face Llama (vocab 32000, hidden 256, 1024 tokens)
+    with the early-exit loss of all 4 layers (uniform scale): ``integrations.early_exit_loss`` vs the
+    eager loss that materialises every exit's logits, and vs ``torch.compile`` of that loss's head
+    part (the base model runs eager in all three)."""
+    names = ("udn early_exit_loss", "eager materialising", "torch.compile(head loss)")
+    try:
+        import transformers
+    except ImportError:  # reported, not measured, like a missing peer
+        return [Method(name, None, role="ours" if i == 0 else "peer",
+                       missing="transformers not installed: pip install 'udn_kernels[dev]'")
+                for i, name in enumerate(names)]
+    from udn_kernels.integrations import early_exit_loss
+    vocab, hidden, batch, seq = HF_STEP_SHAPES[size]
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=seq, bos_token_id=0, eos_token_id=0)
+    ours = transformers.LlamaForCausalLM(config)
+    eager, compiled = copy.deepcopy(ours), copy.deepcopy(ours)
+    input_ids = torch.randint(0, vocab, (batch, seq))
+    compiled_head = torch.compile(materialising_exit_loss)
+
+    return [adam_step(names[0], ours, lambda: early_exit_loss(ours, input_ids, input_ids), "ours"),
+            adam_step(names[1], eager, lambda: eager_early_exit_step_loss(eager, input_ids)),
+            adam_step(names[2], compiled, lambda: eager_early_exit_step_loss(compiled, input_ids, compiled_head))]

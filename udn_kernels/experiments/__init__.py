@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from .._cli_support import CLIError
 # Experiment modules register themselves into EXPERIMENTS on import.
-from . import bayesianize, depth_complexity, diffusion_resnet, mc_dropout, udn_vs_fixed, variance_network  # noqa: F401
+from . import (bayesianize, depth_complexity, diffusion_resnet, early_exit_lm, mc_dropout, udn_vs_fixed,  # noqa: F401
+               variance_network)
 from ._common import EXPERIMENTS
 
 
