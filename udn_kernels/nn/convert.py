@@ -162,8 +162,7 @@ def bayesianize(model: nn.Module, *, select=None, last_layer: bool = False, esti
     submodule names (``model.named_modules()``), or ``callable(name, module) -> bool`` (asked of
     each ``nn.Linear`` / ``nn.Conv2d``);
     ``last_layer=True`` keeps only the last selected module (a Bayesian last layer).
-    ``estimator``: ``"sample"``, ``"local"``, ``"flipout"`` (linear; the convolution takes what its
-    constructor supports). Prior ``N(0, prior_std^2)``. ``init="moped"``: ``mu = w``,
+    ``estimator``: ``"sample"``, ``"local"``, ``"flipout"`` (linear and convolution layers). Prior ``N(0, prior_std^2)``. ``init="moped"``: ``mu = w``,
     ``sigma = delta |w|`` (floored at 1e-8), bias alike (Krishnan et al., MOPED); ``"fresh"``:
     the layers' own initialisation with ``sigma = init_sigma``. Returns the converted copy (the
     model itself with ``inplace=True``).
