@@ -1,5 +1,5 @@
-"""The training steps users run (heads-frozen, first-layer, bnn-step, mcdropout-step, bnn-conv, convert-step, threads):
-interleaved medians and ratios in one process.
+"""The training steps users run: interleaved medians and ratios in one process (heads-frozen,
+first-layer, bnn-step, mcdropout-step, bnn-conv, convert-step, hf-early-exit-step, threads).
 
 Every round runs each method of a case once, in turn (forward, backward and, for the step
 cases, the Adam update), so machine load hits all of them alike; the report is each method's
@@ -25,7 +25,8 @@ import torch
 import udn_kernels
 from udn_kernels.bench import cases, harness
 
-TIMED_CASES = ("heads-frozen", "first-layer", "bnn-step", "mcdropout-step", "bnn-conv", "convert-step")
+TIMED_CASES = ("heads-frozen", "first-layer", "bnn-step", "mcdropout-step", "bnn-conv", "convert-step",
+               "hf-early-exit-step")
 FAMILIES = ("heads", "gaussian sample")  # the threads case's groups, per thread count
 
 

@@ -13,9 +13,10 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.mark.parametrize("phases", [False, True])
 def test_stochastic_linear_ratios_runs_small(phases):
+    env = {**os.environ, "PYTHONPATH": str(SCRIPTS.parent)}  # this checkout's udn_kernels
     out = subprocess.run([sys.executable, str(SCRIPTS / "stochastic_linear_ratios.py"), "--rounds", "1",
                           "--shape", "8", "16", "12", *(["--phases"] if phases else [])],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     ratios = [float(line.split()[-1]) for line in out.stdout.splitlines() if " / " in line]
     assert len(ratios) == (7 if phases else 16)

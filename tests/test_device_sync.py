@@ -159,8 +159,15 @@ TRACED_CALLS = {
 
 def _udn_ops(graph) -> list[tuple[str, object]]:
     """``(op name, backend argument)`` of every ``udn_kernels::`` call in an FX graph."""
-    return [(node.target._opname, node.args[-1]) for node in graph.nodes
+    return [(node.target._opname, _backend_arg(node)) for node in graph.nodes
             if node.op == "call_function" and getattr(node.target, "namespace", None) == "udn_kernels"]
+
+
+def _backend_arg(node):
+    """The ``backend`` argument of a ``udn_kernels::`` call (by name: loss options follow it)."""
+    names = [a.name for a in node.target._schema.arguments]
+    index = names.index("backend")
+    return node.args[index] if index < len(node.args) else node.kwargs["backend"]
 
 
 def _output_sum(out):
@@ -182,6 +189,14 @@ def fake_cuda_calls(dtype_name: str) -> list[str]:
     return [name for name in TRACED_CALLS if not name.startswith(("gaussian_linear", "bernoulli_linear"))]
 
 
+def _output_dtype(name: str, dtype_name: str) -> torch.dtype:
+    """Log-likelihoods, losses and KL terms of a 16-bit call are float32 (docs/precision.md); the
+    other outputs keep the inputs' dtype."""
+    dtype = getattr(torch, dtype_name)
+    loss_like = name.startswith(("depth_loglik", "depth_mixture_nll", "gaussian_kl", "log_uniform_kl"))
+    return torch.float32 if loss_like and dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def trace_forwards_on_fake_cuda(dtype_name: str) -> dict[str, list | str]:
     """Dynamo's fullgraph forward graph of every traced call on fake CUDA tensors of ``dtype``:
     ``{name: [[op, backend], ...] or the error of a mixture-mode trace}`` (what the subprocess
@@ -200,7 +215,7 @@ def trace_forwards_on_fake_cuda(dtype_name: str) -> dict[str, list | str]:
             with FakeTensorMode():
                 tensors = _trace_inputs("cuda", getattr(torch, dtype_name), requires_grad=False)
                 out = torch.compile(lambda t: _output_sum(call(t)), fullgraph=True, backend=record)(tensors)
-                assert out.device.type == "cuda" and out.dtype == getattr(torch, dtype_name), name
+                assert out.device.type == "cuda" and out.dtype == _output_dtype(name, dtype_name), name
         except torch._dynamo.exc.TorchRuntimeError as error:
             if " mixture " not in name:
                 raise

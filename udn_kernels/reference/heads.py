@@ -69,8 +69,12 @@ def depth_loglik_fwd(hidden, weight, bias, target, noise_std, gaussian: bool, ig
             safe = torch.where(valid, target, torch.zeros_like(target))
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[:, None])[:, 0]
-            ll = ((1.0 - label_smoothing) * picked + label_smoothing * logits.mean(-1) - lse
-                  - lse_square_scale * lse * lse)
+            # each option's term only when set: 0 * inf is NaN, and an infinite input must give -inf
+            ll = picked - lse
+            if label_smoothing:
+                ll = ll + label_smoothing * (logits.mean(-1) - picked)
+            if lse_square_scale:
+                ll = ll - lse_square_scale * lse * lse
             lls.append(torch.where(valid, ll, torch.zeros_like(lse)))
             lses.append(lse)
             hits.append((logits.argmax(-1) == target).to(acc))

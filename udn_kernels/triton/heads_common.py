@@ -54,9 +54,10 @@ CONFIGS = {
     # _fused_rows_kernel (gradient in the forward): elementwise over a materialised logits chunk,
     # no tl.dot, so one config per class count whatever the dtype: "narrow" for C <= 32, "wide"
     # (a few rows, long class tiles) for vocabulary-sized heads. "narrow" at 4 warps spilled 4
-    # bytes (Gaussian gradient pass, fp16, sm_90, at 80 registers); 8 warps, 4 elements per thread.
+    # bytes (Gaussian gradient pass, fp16, sm_90, at 80 registers), and with the loss options 32
+    # rows spilled 24 bytes in fp64 (sm_80): 16 rows at 8 warps, 2 elements per thread.
     "fused_rows": {
-        "narrow": dict(BLOCK_N=32, BLOCK_C=32, num_warps=8, num_stages=1),
+        "narrow": dict(BLOCK_N=16, BLOCK_C=32, num_warps=8, num_stages=1),
         "wide": dict(BLOCK_N=8, BLOCK_C=256, num_warps=8, num_stages=1),
     },
 }
