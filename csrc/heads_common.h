@@ -39,10 +39,10 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // 16-bit storage computes in float: logits, epilogues, log-sum-exps and gradient accumulators are
 // float, and the GEMM operands stay 16-bit in memory (no float copy of the weight or hidden). Per
-// tile, a GEMM either casts its operands to float and runs a float GEMM (upcast: CPUs without fast
-// 16-bit dot products) or multiplies in 16-bit and casts the product to float (native: AVX512-BF16
-// / AMX), chosen by the CPU's features as the stochastic kernels choose (gemm_strategy.h), overridable
-// with UDN_KERNELS_HALF_GEMM=native|upcast. The small-C path always upcasts (its head is tiny).
+// tile, a GEMM either casts its operands to float and runs a float GEMM (upcast: no fast 16-bit dot
+// products) or multiplies in 16-bit and casts the product to float (native: AVX512-BF16 / AMX),
+// chosen by native_half_gemm (gemm_strategy.h), as for the stochastic kernels. The small-C path
+// always upcasts (its head is tiny).
 enum class HalfGemm { native, upcast };
 HalfGemm half_gemm(at::ScalarType storage);
 std::string half_gemm_info();  // "bfloat16:native,float16:upcast", for `udn info`

@@ -64,10 +64,15 @@ void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
   out.sq_sums.assign(out.d_noise ? p.C : 0, T(0));
   // A shared head's mixture group gathers its hidden rows, so each class tile takes one GEMM per
   // product for the whole group; dH goes through dhbuf and is scattered back. 16-bit storage
-  // gathers every group too: the rows are cast once per group and dH accumulates in T.
+  // gathers every group too. Upcast: the rows are cast once per group and dH accumulates in T.
+  // Native: the rows stay 16-bit, and each class tile rounds its G once into the 16-bit [rows, C]
+  // matrix g16 (as eager 16-bit autograd rounds the logits gradient), which feeds the tile's dW
+  // product and then one dH = G W GEMM over all classes (not one small GEMM per class tile).
   const bool gathered = (mix && !p.per_depth && p.L > 1) || p.half();
-  Tensor hbuf = gathered ? at::empty({group_rows, p.D}, p.opts) : Tensor();
-  Tensor dhbuf = gathered && out.d_hidden2d.defined() ? at::empty({group_rows, p.D}, p.opts) : Tensor();
+  const auto gemm_opts = p.native16 ? p.hidden2d.options() : p.opts;
+  Tensor hbuf = gathered ? at::empty({group_rows, p.D}, gemm_opts) : Tensor();
+  Tensor dhbuf = gathered && out.d_hidden2d.defined() ? at::empty({group_rows, p.D}, gemm_opts) : Tensor();
+  Tensor g16 = p.native16 ? at::empty({group_rows, p.C}, gemm_opts) : Tensor();
   Tensor buf = at::empty({group_rows * p.C}, p.opts);
 
   for (const auto& blocks : groups) {
@@ -139,6 +144,7 @@ void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
         for (size_t b = 0; b < blocks.size(); ++b)
           backward_epilogue(p, grad, aux, S.data_ptr<T>() + row0[b] * ct, blocks[b].first, row0[b + 1] - row0[b], c0,
                             ct, out);
+        if (p.native16) S = g16.narrow(0, 0, rows).narrow(1, c0, ct).copy_(S);
         for (const Operand& op : operands)
           if (op.dW.defined()) p.gemm(op.dW.narrow(0, c0, ct), S.narrow(0, op.row0, op.m).t(), op.H, true);
       }
@@ -147,6 +153,10 @@ void tiled_pass(const Heads<T>& p, const T* grad, T* loglik, T* aux, Gradients<T
     if (!out.d_hidden2d.defined()) continue;
     for (const Operand& op : operands) {
       Tensor dH = op.dH;
+      if (p.native16) {
+        at::mm_out(dH, g16.narrow(0, op.row0, op.m), op.W);
+        continue;
+      }
       for (int64_t ci = 0; ci < nctiles; ++ci) {
         const int64_t c0 = ci * p.class_tile;
         Tensor G = slab(ci).narrow(0, op.row0, op.m), W_t = op.W.narrow(0, c0, G.size(1));

@@ -234,12 +234,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> depth_loglik_mixture_
 namespace udn_heads {
 
 HalfGemm half_gemm(at::ScalarType storage) {
-  if (const char* env = std::getenv("UDN_KERNELS_HALF_GEMM")) {
-    const std::string v(env);
-    if (v == "native") return HalfGemm::native;
-    if (v == "upcast") return HalfGemm::upcast;
-    TORCH_CHECK(v.empty() || v == "auto", "UDN_KERNELS_HALF_GEMM: expected native, upcast or auto, got ", v);
-  }
   return native_half_gemm(storage) ? HalfGemm::native : HalfGemm::upcast;
 }
 

@@ -33,7 +33,7 @@ static std::string build_info() {
 #if defined(UDN_PHILOX_AVX2)
   philox = udn::philox::detail::use_avx512() ? "avx512" : "avx2";
 #endif
-  return "isa=" + isa + "\nphilox=" + philox + "\nheads_half_gemm=" + udn_heads::half_gemm_info() + "\nflags=" + UDN_BUILD_FLAGS;
+  return "isa=" + isa + "\nphilox=" + philox + "\nhalf_gemm=" + udn_heads::half_gemm_info() + "\nflags=" + UDN_BUILD_FLAGS;
 }
 
 TORCH_LIBRARY_IMPL(udn_kernels_C, CompositeExplicitAutograd, m) {

@@ -44,6 +44,25 @@ void for_noise_chunks(const Noise& noise, int64_t count, int64_t offset, std::ve
   }
 }
 
+// dst[0, n) = src in the GEMM dtype A: a vectorised rounding when A is 16-bit (src was computed in
+// float32 into a chunk buffer), nothing when src already is dst.
+template <typename C, typename A>
+void store_as(const C* src, A* dst, int64_t n) {
+  if constexpr (!std::is_same_v<C, A>) at::vec::convert(src, dst, n);
+}
+
+// Where a chunk of n compute-type elements bound for dst goes: dst itself, or (16-bit GEMM dtype)
+// a float32 buffer that store_as rounds into dst.
+template <typename C, typename A>
+C* compute_chunk(A* dst, int64_t n, std::vector<C>& buf) {
+  if constexpr (std::is_same_v<C, A>) {
+    return dst;
+  } else {
+    buf.resize(n);
+    return buf.data();
+  }
+}
+
 // w = a + sigma(b) * r (a may be null) over n elements.
 template <typename T>
 void combine(T* w, const T* a, const T* b, const T* r, int64_t n, bool softplus_b) {
@@ -146,8 +165,10 @@ void add_flipped_block(T* out_s, const Tensor& prod, int64_t N, int64_t n0, int6
 // out [S, B, N] gets x_s W_s^T for every draw: each block's product goes straight into
 // out[s][:, n0:n0+rows] (one GEMM with leading dimension N, plus bias[s] when given: bias is
 // [S, N] or [1, N]), or, with `flip` (flipout), is added to out times the output signs
-// sign(s, b, n) at flip_offset + s*B*N + b*N + n, then the bias. xe, out and bias are in A.
-template <typename T, typename A>
+// sign(s, b, n) at flip_offset + s*B*N + b*N + n, then the bias. xe, out and bias are in the GEMM
+// dtype A; the noise and the weight formula are computed in C (float32 for 16-bit storage) per
+// noise chunk and rounded once into the A tile.
+template <typename T, typename A, typename C = at::opmath_type<T>>
 void forward_in(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tensor& bias, const Noise* flip,
                 int64_t flip_offset) {
   const int64_t N = nw.b.size(0), K = nw.b.size(1), Se = xe.size(0), S = nw.S, B = xe.size(1);
@@ -161,14 +182,16 @@ void forward_in(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tens
     const WorkerGuard guard;
     Tensor tile = tiles[at::get_thread_num()];
     std::vector<float> scratch;
-    std::vector<A> r, sign, a_wide, b_wide;
+    std::vector<C> r, a_wide, b_wide, w_chunk;
+    std::vector<A> sign;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = t / blocks, n0 = (t % blocks) * nb, rows = std::min(nb, N - n0);
       A* w = tile.data_ptr<A>();
       const T* a0 = a ? a + n0 * K : nullptr;
-      for_noise_chunks(nw.noise, rows * K, s * N * K + n0 * K, r, scratch, [&](int64_t i, const A* rc, int64_t n) {
-        combine(w + i, a0 ? widen(a0 + i, n, a_wide) : nullptr, widen(b + n0 * K + i, n, b_wide), rc, n,
-                nw.softplus_b);
+      for_noise_chunks(nw.noise, rows * K, s * N * K + n0 * K, r, scratch, [&](int64_t i, const C* rc, int64_t n) {
+        C* wc = compute_chunk(w + i, n, w_chunk);
+        combine(wc, a0 ? widen(a0 + i, n, a_wide) : nullptr, widen(b + n0 * K + i, n, b_wide), rc, n, nw.softplus_b);
+        store_as(wc, w + i, n);
       });
       const Tensor x_s = xe[Se == 1 ? 0 : s], w_t = tile.narrow(0, 0, rows).t();
       const Tensor bias_s = bias.defined() ? bias[bias.size(0) == 1 ? 0 : s].narrow(0, n0, rows) : Tensor();
@@ -191,12 +214,13 @@ void forward_in(const Tensor& xe, const NoisyWeight& nw, Tensor& out, const Tens
 // G_s = ge_s^T x_s it reuses. Each block's noise r_s is generated once and feeds both the d_b epilogue and
 // the regenerated weight block of d_x; without d_b no G GEMM runs, without d_x no weight block is built and
 // no d_x GEMM runs. Draw 0 writes d_a / d_b and the first row block writes d_x's columns directly (no zero
-// fill, no extra pass); later ones accumulate. xe, ge and d_x are in A; d_a and d_b in T: with 16-bit T
-// the draws accumulate in float32 blocks of the thread's scratch, rounded into d_a / d_b after the last.
-template <typename T, typename A>
+// fill, no extra pass); later ones accumulate. xe, ge and d_x are in the GEMM dtype A; d_a and d_b in
+// T: with 16-bit T the epilogues run in float32 (C) and the draws accumulate in float32 blocks of the
+// thread's scratch, rounded into d_a / d_b after the last.
+template <typename T, typename A, typename C = at::opmath_type<T>>
 void backward_in(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, NoisyGrads want, Tensor& d_x,
                  Tensor& d_a, Tensor& d_b) {
-  constexpr bool kWide = !std::is_same_v<T, A>;
+  constexpr bool kWide = !std::is_same_v<T, C>;
   TORCH_INTERNAL_ASSERT((want.x || want.b) && (want.b || !want.a),
                         "noisy_weight_backward: nothing to do, or d_a without d_b");
   const int64_t N = nw.b.size(0), K = nw.b.size(1), Se = xe.size(0), S = nw.S;
@@ -209,18 +233,22 @@ void backward_in(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, Nois
   d_b = want.b ? at::empty_like(nw.b) : Tensor();
   T* da = want.a ? d_a.data_ptr<T>() : nullptr;
   T* db = want.b ? d_b.data_ptr<T>() : nullptr;
-  // Per thread: the weight block (for d_x), the G block (for d_b) and, with 16-bit T, the float32
-  // accumulators of d_b and d_a; those needed.
-  const int64_t w_index = 0, g_index = want.x ? 1 : 0, db_index = g_index + want.b, da_index = db_index + want.b;
-  const int64_t count = int64_t{want.x} + want.b + (kWide ? int64_t{want.b} + want.a : 0);
-  const Tensor blocks = scratch_stack(at::get_num_threads(), {count, blk.rows, blk.cols}, xe.options());
+  // Per thread: the weight block (for d_x) and the G block (for d_b) in A and, with 16-bit T, the
+  // float32 accumulators of d_b and d_a; those needed.
+  const int64_t w_index = 0, g_index = want.x ? 1 : 0, db_index = 0, da_index = want.b;
+  const int64_t gemm_count = int64_t{want.x} + want.b, acc_count = kWide ? int64_t{want.b} + want.a : 0;
+  const int64_t threads = at::get_num_threads();
+  const Tensor blocks = scratch_stack(threads, {gemm_count, blk.rows, blk.cols}, xe.options());
+  const Tensor accs = acc_count ? scratch_stack(threads, {acc_count, blk.rows, blk.cols},
+                                                xe.options().dtype(c10::CppTypeToScalarType<C>::value))
+                                : Tensor();
   at::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
     const WorkerGuard guard;
     const Tensor mine = blocks[at::get_thread_num()];
     std::vector<float> scratch;
-    std::vector<A> r, a_wide, b_wide;
-    A* db_acc = kWide && want.b ? mine[db_index].data_ptr<A>() : nullptr;
-    A* da_acc = kWide && want.a ? mine[da_index].data_ptr<A>() : nullptr;
+    std::vector<C> r, a_wide, b_wide, g_wide, w_chunk;
+    C* db_acc = kWide && want.b ? accs[at::get_thread_num()][db_index].data_ptr<C>() : nullptr;
+    C* da_acc = kWide && want.a ? accs[at::get_thread_num()][da_index].data_ptr<C>() : nullptr;
     for (int64_t cb = begin; cb < end; ++cb) {
       const int64_t k0 = cb * blk.cols, cols = std::min(blk.cols, K - k0);
       for (int64_t n0 = 0; n0 < N; n0 += blk.rows) {
@@ -239,12 +267,17 @@ void backward_in(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, Nois
           }
           // One pass per noise chunk: the weight block for d_x and the d_a / d_b epilogue.
           for_block_noise(nw.noise, s, N, K, n0, rows, k0, cols, r, scratch,
-                          [&](int64_t i, int64_t wi, const A* rc, int64_t n) {
-            const A* ac = a ? widen(a + wi, n, a_wide) : nullptr;
-            const A* bc = widen(b + wi, n, b_wide);
-            if (!want.b) return combine(w + i, ac, bc, rc, n, nw.softplus_b);
-            A* dbc;
-            A* dac;
+                          [&](int64_t i, int64_t wi, const C* rc, int64_t n) {
+            const C* ac = a ? widen(a + wi, n, a_wide) : nullptr;
+            const C* bc = widen(b + wi, n, b_wide);
+            C* wc = w ? compute_chunk(w + i, n, w_chunk) : nullptr;
+            if (!want.b) {
+              combine(wc, ac, bc, rc, n, nw.softplus_b);
+              return store_as(wc, w + i, n);
+            }
+            const C* gc = widen(g + i, n, g_wide);
+            C* dbc;
+            C* dac;
             if constexpr (kWide) {
               dbc = db_acc + i;
               dac = da_acc ? da_acc + i : nullptr;
@@ -252,10 +285,11 @@ void backward_in(const Tensor& xe, const Tensor& ge, const NoisyWeight& nw, Nois
               dbc = db + wi;
               dac = da ? da + wi : nullptr;
             }
-            backward_chunk(w ? w + i : nullptr, ac, bc, rc, g + i, dbc, n, s == 0, s == S - 1, nw.softplus_b);
+            backward_chunk(wc, ac, bc, rc, gc, dbc, n, s == 0, s == S - 1, nw.softplus_b);
+            if (wc) store_as(wc, w + i, n);
             if (dac) {
-              if (s == 0) std::copy(g + i, g + i + n, dac);
-              else at::vec::map2<A>([](Vec<A> x, Vec<A> y) { return x + y; }, dac, dac, g + i, n);
+              if (s == 0) std::copy(gc, gc + n, dac);
+              else at::vec::map2<C>([](Vec<C> x, Vec<C> y) { return x + y; }, dac, dac, gc, n);
             }
             if constexpr (kWide) {
               if (s == S - 1) {

@@ -293,9 +293,36 @@ def test_float64_log_weights_beside_float32_heads_is_a_type_error():
 @pytest.mark.parametrize("strategy", ("native", "upcast"))
 def test_udn_info_reports_the_16_bit_gemm_strategy(monkeypatch, strategy):
     """`udn info` prints the strategy the CPU kernels use per 16-bit dtype (forced here; by default
-    the probe's choice)."""
+    chosen from the CPU's features and oneDNN's ISA cap)."""
     from udn_kernels.cli import info_lines
 
     monkeypatch.setenv("UDN_KERNELS_HALF_GEMM", strategy)
-    line = next(x for x in info_lines() if x.startswith("heads 16-bit"))
+    line = next(x for x in info_lines() if x.startswith("16-bit GEMM"))
     assert f"bfloat16:{strategy},float16:{strategy}" in line
+
+
+@pytest.mark.parametrize("variable", ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"))
+@pytest.mark.parametrize("cap", ("AVX2", "avx512_core", "AVX512_CORE_VNNI"))
+def test_onednn_isa_cap_below_16_bit_makes_the_gemm_upcast(monkeypatch, variable, cap):
+    """oneDNN emulates 16-bit GEMMs when its ISA cap excludes the 16-bit instructions, whatever the
+    CPU has, so the kernels upcast then (on any machine)."""
+    from udn_kernels.cli import info_lines
+
+    monkeypatch.delenv("UDN_KERNELS_HALF_GEMM", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv(variable, cap)
+    line = next(x for x in info_lines() if x.startswith("16-bit GEMM"))
+    assert "bfloat16:upcast,float16:upcast" in line
+
+
+def test_onednn_isa_cap_that_allows_16_bit_keeps_the_cpu_choice(monkeypatch):
+    """A cap at or above the 16-bit ISAs (or one oneDNN does not name) changes nothing."""
+    from udn_kernels.cli import info_lines
+
+    monkeypatch.delenv("UDN_KERNELS_HALF_GEMM", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    uncapped = next(x for x in info_lines() if x.startswith("16-bit GEMM"))
+    for cap in ("AVX10_1_512_AMX_FP16", "ALL", "avx512_core_amx_fp16"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert next(x for x in info_lines() if x.startswith("16-bit GEMM")) == uncapped

@@ -37,7 +37,7 @@ def info_lines() -> list[str]:
         f"C++ module    {ext['module'] or 'extension not built'}",
         f"C++ ISA       {ext['isa']} (Philox fills: {ext['philox']})",
         f"build flags   {ext['flags']}",
-        f"heads 16-bit  {ext.get('heads_half_gemm', 'extension not built')} (GEMMs on tiles, docs/precision.md)",
+        f"16-bit GEMM   {ext.get('half_gemm', 'extension not built')} (heads and stochastic tiles, docs/precision.md)",
         f"torch CPU ISA {torch.backends.cpu.get_cpu_capability()}",
         f"threads       {torch.get_num_threads()}",
         f"CUDA device   {cuda}",
