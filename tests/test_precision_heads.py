@@ -89,15 +89,15 @@ def _eager_predict(hidden, weight, bias, log_weights):
 
 
 def _run(fn, inputs, upstream):
-    """``fn(*inputs)`` and the gradients of ``sum(out * upstream)`` for the float inputs."""
-    leaves = [x for x in inputs if x.is_floating_point()]
+    """``fn(*inputs)`` and the gradients of ``sum(out * upstream)`` for the trainable inputs."""
+    leaves = [x for x in inputs if x.is_floating_point() and x.requires_grad]
     out = fn(*inputs)
     grads = torch.autograd.grad((out.double() * upstream).sum(), leaves, allow_unused=True)
     return [out.detach()] + [None if gr is None else gr.detach() for gr in grads]
 
 
 def _as64(inputs):
-    return [x.detach().double().requires_grad_() if x.is_floating_point() else x for x in inputs]
+    return [x.detach().double().requires_grad_(x.requires_grad) if x.is_floating_point() else x for x in inputs]
 
 
 def _error(x, ref):
@@ -109,7 +109,7 @@ def _check_contract(ours_fn, eager_fn, inputs, out_shape, dtype, names):
     ours = _run(ours_fn, inputs, upstream)
     eager = _run(eager_fn, inputs, upstream)
     ref = _run(eager_fn, _as64(inputs), upstream)
-    leaves = [x for x in inputs if x.is_floating_point()]
+    leaves = [x for x in inputs if x.is_floating_point() and x.requires_grad]
     for name, o, e, r, leaf in zip(names, ours, eager, ref, [None] + leaves):
         if leaf is not None:
             assert o.dtype == leaf.dtype, f"{name}: gradient dtype {o.dtype}, input {leaf.dtype}"
@@ -152,6 +152,50 @@ def test_depth_mixture_nll_within_eager_error(backend, dtype, shape, mode, reduc
     assert ours(hidden, weight, bias, log_weights, target).dtype == torch.float32
     _check_contract(ours, eager, [hidden, weight, bias, log_weights, target], (N,) if reduction == "none" else (),
                     dtype, NAMES)
+
+
+def _eager_nll_with_options(hidden, weight, bias, target, log_weights, mode, smoothing, zscale, softcap):
+    """Mean NLL through materialised logits in the inputs' dtype, with the loss options: soft-capped
+    logits, label smoothing, z-loss on the log-sum-exp."""
+    rows = []
+    for depth in range(hidden.shape[0]):
+        w = weight if weight.dim() == 2 else weight[depth]
+        b = bias if bias.dim() == 1 else bias[depth]
+        logits = F.linear(hidden[depth], w, b)
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        row = F.cross_entropy(logits, target, reduction="none", ignore_index=IGNORE, label_smoothing=smoothing)
+        rows.append(row.to(log_weights.dtype) + zscale * torch.logsumexp(logits, -1).to(log_weights.dtype) ** 2)
+    valid = target != IGNORE
+    rows = torch.where(valid, torch.stack(rows), 0.0)
+    loss = torch.exp(log_weights) @ rows if mode == "expected" else -torch.logsumexp(log_weights[:, None] - rows, 0)
+    return torch.where(valid, loss, 0.0).sum() / valid.sum()
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+@pytest.mark.parametrize("frozen", ("hidden", "weight"))
+@pytest.mark.parametrize("options", [pytest.param((0.1, 1e-3, None), id="smoothing+z-loss"),
+                                     pytest.param((0.0, 0.0, 5.0), id="softcap"),
+                                     pytest.param((0.1, 1e-3, 5.0), id="all")])
+@pytest.mark.parametrize("mode", ("expected", "mixture"))
+@pytest.mark.parametrize("shape", [pytest.param(dict(C=600), id="shared-C600"),
+                                   pytest.param(dict(C=600, per_depth=True), id="per-depth-C600")])
+def test_frozen_input_with_loss_options_within_eager_error(backend, dtype, frozen, options, mode, shape):
+    """A frozen hidden (a first layer's input) or a frozen head with the loss options: the kernels
+    skip the unwanted gradient's GEMMs, and what they return meets the contract."""
+    hidden, weight, bias, log_weights, target = _problem(dtype, **shape)
+    (hidden if frozen == "hidden" else weight).requires_grad_(False)
+    smoothing, zscale, softcap = options
+
+    def ours(h, w, b, lw, t):
+        return depth_mixture_nll(h, w, b, t, lw, mode=mode, ignore_index=IGNORE, label_smoothing=smoothing,
+                                 lse_square_scale=zscale, softcap=softcap)
+
+    def eager(h, w, b, lw, t):
+        return _eager_nll_with_options(h, w, b, t, lw, mode, smoothing, zscale, softcap)
+
+    names = ("out",) + tuple(n for n in NAMES[1:] if n != f"d_{frozen}")
+    _check_contract(ours, eager, [hidden, weight, bias, log_weights, target], (), dtype, names)
 
 
 @pytest.mark.parametrize("dtype", HALVES, ids=str)

@@ -18,8 +18,22 @@ from udn_kernels.reference import kl as ref_kl
 
 HALVES = [torch.bfloat16, torch.float16]
 TOL = {torch.bfloat16: torch.finfo(torch.bfloat16).eps, torch.float16: torch.finfo(torch.float16).eps}
-BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
-    not available_backends()["cpu"], reason="C++ extension not built"))]
+# The cpu backend under both 16-bit GEMM strategies (docs/precision.md): 16-bit tiles multiplied
+# natively, or widened to float32; "cpu:<strategy>" forces one through UDN_KERNELS_HALF_GEMM.
+BACKENDS = ["reference"] + [pytest.param(f"cpu:{strategy}", marks=pytest.mark.skipif(
+    not available_backends()["cpu"], reason="C++ extension not built")) for strategy in ("native", "upcast")]
+
+
+@pytest.fixture(autouse=True)
+def _gemm_strategy(request, monkeypatch):
+    params = getattr(request.node, "callspec", None)
+    backend = params.params.get("backend", "") if params else ""
+    if isinstance(backend, str) and ":" in backend:
+        monkeypatch.setenv("UDN_KERNELS_HALF_GEMM", backend.split(":")[1])
+
+
+def _backend(name):
+    return udn_kernels.backend(name.split(":")[0])
 SEED = 1234
 B, K, N = 12, 40, 24
 
@@ -141,7 +155,7 @@ def test_gaussian_linear_16_bit_is_as_accurate_as_eager(backend, dtype, case):
 
     def ours(x, *params):
         xin = x if x_sampled else x[0]
-        with udn_kernels.backend(backend):
+        with _backend(backend):
             out = udn_kernels.gaussian_linear(xin, *params, estimator=estimator, samples=samples, seed=SEED,
                                               input_has_samples=x_sampled,
                                               sigma_transform="softplus" if softplus else None)
@@ -173,7 +187,7 @@ def test_bernoulli_linear_16_bit_is_as_accurate_as_eager(backend, dtype, mask, s
     upstream = torch.randn(S, B, N, generator=g, dtype=torch.float64).to(dtype).double()
 
     def ours(x, weight, bias):
-        with udn_kernels.backend(backend):
+        with _backend(backend):
             out = udn_kernels.bernoulli_linear(x if x_sampled else x[0], weight, bias, p=p, mask=mask,
                                                samples=samples, seed=SEED, input_has_samples=x_sampled)
         return out.reshape(S, B, N)
@@ -199,7 +213,7 @@ def test_kl_16_bit_returns_float32_and_is_as_accurate_as_eager(backend, dtype, k
         la = (4 * torch.randn(n, generator=g, dtype=torch.float64)).to(dtype).double()
 
         def ours(la):
-            with udn_kernels.backend(backend):
+            with _backend(backend):
                 return udn_kernels.log_uniform_kl(la, clamp=(-3.0, 3.0))
 
         def eager(la):
@@ -214,7 +228,7 @@ def test_kl_16_bit_returns_float32_and_is_as_accurate_as_eager(backend, dtype, k
         names = ["d_mu", "d_sigma"] + ([] if softplus else ["d_prior_std"])
 
         def ours(mu, sig, *prior_t):
-            with udn_kernels.backend(backend):
+            with _backend(backend):
                 return udn_kernels.gaussian_kl(mu, sig, prior_t[0] if prior_t else prior,
                                                sigma_transform="softplus" if softplus else None)
 
@@ -366,7 +380,7 @@ def test_kl_16_bit_prior_gradient_with_a_frozen_mean(backend, dtype):
     mu = (0.3 * torch.randn(n, generator=g)).to(dtype)
     rho = (-2 + torch.randn(n, generator=g)).to(dtype)
     prior = torch.tensor([0.75], dtype=dtype, requires_grad=True)
-    with udn_kernels.backend(backend):
+    with _backend(backend):
         udn_kernels.gaussian_kl(mu, rho, prior, sigma_transform="softplus").backward()
     prior64 = prior.detach().double().requires_grad_()
     ref_kl.gaussian_kl(mu.double(), F.softplus(rho.double()), prior64).backward()
@@ -398,5 +412,5 @@ def _bf16_custom_op_cases(backend):
 @pytest.mark.parametrize("name", list(_bf16_custom_op_cases("reference")))
 def test_bf16_custom_ops_pass_opcheck(backend, name):
     # The fake kernels' dtypes (float32 KL of bf16 parameters) match the real kernels'.
-    op, args = _bf16_custom_op_cases(backend)[name]
+    op, args = _bf16_custom_op_cases(backend.split(":")[0])[name]
     torch.library.opcheck(op, args)
