@@ -1,5 +1,6 @@
 """The training steps users run: interleaved medians and ratios in one process (heads-frozen,
-first-layer, bnn-step, mcdropout-step, bnn-conv, convert-step, hf-early-exit-step, threads).
+first-layer, bnn-step, mcdropout-step, bnn-conv, convert-step, hf-early-exit-step, the bfloat16
+heads-lm and gauss-linear against eager bfloat16, threads).
 
 Every round runs each method of a case once, in turn (forward, backward and, for the step
 cases, the Adam update), so machine load hits all of them alike; the report is each method's
@@ -26,8 +27,8 @@ import udn_kernels
 from udn_kernels.bench import cases, harness
 
 TIMED_CASES = ("heads-frozen", "first-layer", "bnn-step", "mcdropout-step", "bnn-conv", "convert-step",
-               "hf-early-exit-step")
-FAMILIES = ("heads", "gaussian sample")  # the threads case's groups, per thread count
+               "hf-early-exit-step", "heads-lm-bf16", "gauss-linear-bf16")
+FAMILIES = ("heads", "heads bf16", "gaussian sample")  # the threads case's groups, per thread count
 
 
 def time_case(name: str, size: str, rounds: int, clock) -> dict[tuple[str, str], float]:
@@ -76,7 +77,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
-    print(f"size {args.size}, fp32, {args.threads} thread(s), {'CPU' if args.threads == 1 else 'wall'} time, "
+    print(f"size {args.size}, fp32 unless named, {args.threads} thread(s), {'CPU' if args.threads == 1 else 'wall'} time, "
           f"median of {args.rounds} interleaved rounds; ratios > 1: ours is faster (peer / ours)")
     with udn_kernels.backend("cpu"):
         for name in args.cases:

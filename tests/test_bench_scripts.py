@@ -35,5 +35,10 @@ def test_step_ratios_runs_small():
     # per group a peer / ours and an ours / floor: heads-frozen 2x2, first-layer 2x2, bnn-step, mcdropout 1
     assert len(ratios) == 8 + peer_rows + 1
     assert all(math.isfinite(r) and r > 0 for r in ratios)
+    # bfloat16: eager bf16, ours fp32 and eager fp32 / ours; gauss: local, flipout, eager / ours and
+    # ours / floor in bf16, eager / ours and ours / floor in fp32
+    half = [float(line.split()[-1]) for line in out.stdout.splitlines()
+            if line.startswith(("heads-lm-bf16 ", "gauss-linear-bf16 ")) and " / " in line]
+    assert len(half) == 3 + 6 and all(math.isfinite(r) and r > 0 for r in half)
     peaks = [line for line in out.stdout.splitlines() if line.startswith("threads ")]
-    assert len(peaks) == 4 and not any("failed" in line for line in peaks)
+    assert len(peaks) == 6 and not any("failed" in line for line in peaks)

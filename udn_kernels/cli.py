@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -64,6 +65,10 @@ def cmd_bench(args) -> int:
     print(harness.format_table(results, memory=args.memory))
     print("ours x: total time of that method / total time of ours (>1: ours is faster). "
           "/floor: total time / the GEMM floor's.")
+    # which 16-bit regime the table is from (docs/precision.md, "Which strategy runs")
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    print(next(line for line in info_lines() if line.startswith("16-bit GEMM"))
+          + (f"; oneDNN ISA cap {cap}" if cap else ""))
     meta = {"quick": args.quick, "device": args.device, "info": info_lines()}
     if args.json:
         harness.to_json(results, args.json, meta)

@@ -550,8 +550,9 @@ def mcdropout_step(size: str) -> list[Method]:
 @sized_case("threads")
 def threads(size: str, thread_counts=THREAD_COUNTS) -> list[Method]:
     """Peak extra memory (and time) at 1/2/8/16 torch threads of the fused heads forward+backward
-    (L=2, N=1024, D=1024, C=32000, shared head, everything trainable) and of ``gaussian_linear``
-    sample forward+backward (B=256, K=N_out=1024), each vs eager at the same thread count."""
+    (L=2, N=1024, D=1024, C=32000, shared head, everything trainable; in float32 and in bfloat16)
+    and of ``gaussian_linear`` sample forward+backward (B=256, K=N_out=1024), each vs eager at the
+    same thread count."""
     (L, N, D, C), (B, K, N_out) = STEP_SHAPES["threads"][size]
     hidden = torch.randn(L, N, D, requires_grad=True)
     weight = (torch.randn(C, D) / math.sqrt(D)).requires_grad_()
@@ -559,13 +560,16 @@ def threads(size: str, thread_counts=THREAD_COUNTS) -> list[Method]:
     x = torch.randn(B, K, requires_grad=True)
     mu = (torch.randn(N_out, K) / math.sqrt(K)).requires_grad_()
     rho = torch.full((N_out, K), -4.0, requires_grad=True)
+    hidden16, weight16 = (t.detach().bfloat16().requires_grad_() for t in (hidden, weight))
     methods = []
     for t in thread_counts:
-        heads, gauss = f"heads, {t} threads", f"gaussian sample, {t} threads"
-        methods += [Method(f"udn {heads}", lambda: udn_kernels.depth_mixture_nll(hidden, weight, None, target, log_w),
-                           role="ours", group=heads, threads=t),
-                    Method(f"eager {heads}", lambda: stacked_heads_loss(hidden, weight, target, log_w),
-                           group=heads, threads=t)]
+        for h, w, tag in ((hidden, weight, ""), (hidden16, weight16, " bf16")):
+            heads = f"heads{tag}, {t} threads"
+            methods += [Method(f"udn {heads}", lambda h=h, w=w: udn_kernels.depth_mixture_nll(h, w, None, target, log_w),
+                               role="ours", group=heads, threads=t),
+                        Method(f"eager {heads}", lambda h=h, w=w: stacked_heads_loss(h, w, target, log_w),
+                               group=heads, threads=t)]
+        gauss = f"gaussian sample, {t} threads"
         methods += [Method(f"udn {gauss}", lambda: udn_kernels.gaussian_linear(x, mu, rho, sigma_transform="softplus"),
                            role="ours", group=gauss, threads=t),
                     Method(f"eager {gauss}", lambda: eager_gauss("sample", x, mu, rho), group=gauss, threads=t)]
@@ -599,11 +603,13 @@ def heads_small_bf16(quick: bool) -> list[Method]:
     return _heads_bf16_methods(L, N, D, C, shared=False)
 
 
-@case("heads-lm-bf16")
-def heads_lm_bf16(quick: bool) -> list[Method]:
-    """heads-lm (L=4, N=2048, D=256, C=16384, shared head; quick: N=512, C=4096) in bfloat16, with fp32 rows."""
+@sized_case("heads-lm-bf16")
+def heads_lm_bf16(size: str) -> list[Method]:
+    """heads-lm (L=4, N=2048, D=256, C=16384, shared head; quick: N=512, C=4096; tiny: N=32,
+    D=16, C=256) in bfloat16, with fp32 rows."""
     L, N, D, C, _ = HEADS_SHAPES["heads-lm"]
-    return _heads_bf16_methods(L, 512 if quick else N, D, 4096 if quick else C, shared=True)
+    N, D, C = {"full": (N, D, C), "quick": (512, D, 4096), "tiny": (32, 16, 256)}[size]
+    return _heads_bf16_methods(L, N, D, C, shared=True)
 
 
 # bnn-conv: batch, channels (in = out), image side; 3x3 kernels, padding 1
@@ -687,22 +693,25 @@ def convert_step(size: str) -> list[Method]:
 
 # ------------------------------------------------------------------ 16-bit stochastic linear layers
 
-def _half_linear_inputs(dtype: torch.dtype, quick: bool, with_rho: bool) -> tuple:
+HALF_LINEAR_SHAPES = {"full": LINEAR_SHAPE, "quick": (LINEAR_SHAPE[0], 512, 512), "tiny": (8, 32, 16)}
+
+
+def _half_linear_inputs(dtype: torch.dtype, size: str, with_rho: bool) -> tuple:
     """gauss-linear / bern-linear's inputs in ``dtype``: ``x``, the weight (mu) and rho or a bias."""
-    B, K, N = (LINEAR_SHAPE[0], 512, 512) if quick else LINEAR_SHAPE
+    B, K, N = HALF_LINEAR_SHAPES[size]
     x = torch.randn(B, K, dtype=dtype, requires_grad=True)
     weight = (torch.randn(N, K) / math.sqrt(K)).to(dtype).requires_grad_()
     extra = torch.full((N, K) if with_rho else (N,), -4.0 if with_rho else 0.0, dtype=dtype, requires_grad=True)
     return x, weight, extra
 
 
-@case("gauss-linear-bf16")
-def gauss_linear_bf16(quick: bool) -> list[Method]:
+@sized_case("gauss-linear-bf16")
+def gauss_linear_bf16(size: str) -> list[Method]:
     """gauss-linear's shapes in bfloat16, ours and eager (``mu + softplus(rho) * randn_like(mu)`` then
     ``F.linear``, all in bfloat16), with the float32 pair and floor for reference."""
     methods = []
     for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        x, mu, rho = _half_linear_inputs(dtype, quick, with_rho=True)
+        x, mu, rho = _half_linear_inputs(dtype, size, with_rho=True)
         estimators = ("sample", "local", "flipout") if dtype == torch.bfloat16 else ("sample",)
         methods += [Method(f"udn {e} {tag}", lambda e=e, x=x, mu=mu, rho=rho: udn_kernels.gaussian_linear(
             x, mu, rho, estimator=e, sigma_transform="softplus"), role="ours" if e == "sample" else "peer", group=tag)
@@ -719,7 +728,7 @@ def bern_linear_bf16(quick: bool) -> list[Method]:
     weight mask) in bfloat16, with the float32 pair for reference."""
     methods = []
     for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        x, weight, bias = _half_linear_inputs(dtype, quick, with_rho=False)
+        x, weight, bias = _half_linear_inputs(dtype, "quick" if quick else "full", with_rho=False)
         masks = ("input", "weight") if dtype == torch.bfloat16 else ("input",)
         for mask in masks:
             methods += [Method(f"udn {mask} {tag}", lambda m=mask, x=x, w=weight, b=bias: udn_kernels.bernoulli_linear(
