@@ -81,8 +81,7 @@ Tensor bernoulli_linear_fwd(const Tensor& x, const Tensor& weight, const OptTens
     // GEMMs that each re-read the whole weight.
     const Tensor xm = masked_input(x, noise, S, nullptr);
     Tensor out2 = out.view({S * B, N});
-    if (bias) at::addmm_out(out2, *bias, xm, weight.t());
-    else at::mm_out(out2, xm, weight.t());
+    udn_gemm::matmul_out(out2, xm, weight.t(), bias ? *bias : Tensor());
     return out;
   }
   const NoisyWeight nw{nullptr, weight, noise, S};
@@ -117,10 +116,10 @@ std::tuple<Tensor, Tensor, Tensor> bernoulli_linear_bwd(const Tensor& grad_out, 
     // d_x = (g W) * keep, d_W = g^T X_masked: two large GEMMs around one fused pass that
     // regenerates the mask, rebuilds X_masked (for d_W) and scales g W in place (for d_x).
     const Tensor g2 = g.view({S * B, N});
-    Tensor dx = want_x ? at::mm(g2, weight) : Tensor();
+    Tensor dx = want_x ? udn_gemm::mm(g2, weight) : Tensor();
     const Tensor xm = masked_input(x, noise, S, want_x ? &dx : nullptr, want_weight);
     if (want_x) d_x = sum_draws_if_shared(dx.view({S, B, K}), Sx);
-    if (want_weight) d_weight = at::mm(g2.t(), xm);
+    if (want_weight) d_weight = udn_gemm::mm(g2.t(), xm);
     return {d_x, d_weight, d_bias};
   }
   const NoisyWeight nw{nullptr, weight, noise, S};

@@ -53,19 +53,26 @@ Flipout flipout_offsets(int64_t S, int64_t B, int64_t N, int64_t K) {
   return {in_offset, in_offset + S * B * K};
 }
 
-// The mean part x mu^T of local and flipout: [Sx, B, N].
-Tensor mean_product(const Tensor& x, const Tensor& mu) { return at::matmul(x, mu.t()); }
-
 // Contiguous [Sx, B, M] viewed as the matrix [Sx*B, M] (explicit sizes: -1 is ambiguous when M is 0).
 Tensor rows_of(const Tensor& t) { return t.view({t.size(0) * t.size(1), t.size(2)}); }
+
+// [S, B, K] x times the matrix w [K, N] as [S, B, N]: one GEMM over the stacked rows, in float32
+// tiles for 16-bit storage without native 16-bit GEMMs (gemm_strategy.h).
+Tensor rows_times(const Tensor& x, const Tensor& w) {
+  const Tensor x2 = x.reshape({x.size(0) * x.size(1), x.size(2)});
+  return udn_gemm::mm(x2, w).view({x.size(0), x.size(1), w.size(1)});
+}
+
+// The mean part x mu^T of local and flipout: [Sx, B, N].
+Tensor mean_product(const Tensor& x, const Tensor& mu) { return rows_times(x, mu.t()); }
 
 // Gradients of the mean part x mu^T (local, flipout; sample's d_mu when sigma is frozen): d_x [Sx, B, K]
 // += g mu (when d_x is given) and d_mu = g^T x (when d_mu is given), with g summed over the draws first
 // when x is shared (one GEMM each instead of one per draw).
 void add_mean_part_grads(const Tensor& g, const Tensor& x, const Tensor& mu, Tensor* d_x, Tensor* d_mu) {
   const Tensor g_mean = rows_of(sum_draws_if_shared(g, x.size(0)));
-  if (d_x) rows_of(*d_x).addmm_(g_mean, mu);
-  if (d_mu) *d_mu = at::mm(g_mean.t(), rows_of(x));
+  if (d_x) udn_gemm::matmul_out(rows_of(*d_x), g_mean, mu, Tensor(), /*accumulate=*/true);
+  if (d_mu) *d_mu = udn_gemm::mm(g_mean.t(), rows_of(x));
 }
 
 // With sigma_softplus the sigma arguments hold rho and the standard deviations are softplus(rho):
@@ -124,7 +131,7 @@ std::tuple<Tensor, Tensor> gaussian_linear_fwd(const Tensor& x, const OptTensor&
   Tensor out = at::empty({S, B, N}, opt);
   if (estimator == "local") {
     // var [Sx, B, N] (+ bias_sigma^2), made the std in place: the forward's one output-sized aux.
-    Tensor sd = at::matmul(x * x, std_from(weight_sigma, sigma_softplus).square().t()).contiguous();
+    Tensor sd = rows_times(x * x, std_from(weight_sigma, sigma_softplus).square().t());
     if (bias_sigma) sd.add_(bias_sigma->square());
     sd.sqrt_();
     Tensor mean = mu ? mean_product(x, *mu) : Tensor();
@@ -223,9 +230,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_linear_bwd(
       });
       const Tensor d_var_x = sum_draws_if_shared(d_var, Sx);  // [Sx, B, N]
       const Tensor sigma = want_x || want_sigma ? std_from(weight_sigma, sigma_softplus) : Tensor();
-      if (want_x) d_x = at::matmul(d_var_x, sigma.square()).mul_(x);
+      if (want_x) d_x = rows_times(d_var_x, sigma.square()).mul_(x);
       if (want_sigma) {
-        d_sigma = at::mm(rows_of(d_var_x).t(), rows_of(x * x)).mul_(sigma);
+        d_sigma = udn_gemm::mm(rows_of(d_var_x).t(), rows_of(x * x)).mul_(sigma);
         chain_softplus(d_sigma, weight_sigma, sigma_softplus);
       }
       if (want_bias_sigma) {

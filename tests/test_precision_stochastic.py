@@ -414,3 +414,28 @@ def test_bf16_custom_ops_pass_opcheck(backend, name):
     # The fake kernels' dtypes (float32 KL of bf16 parameters) match the real kernels'.
     op, args = _bf16_custom_op_cases(backend.split(":")[0])[name]
     torch.library.opcheck(op, args)
+
+
+# K = 4100, N = 70: the upcast GEMMs of local's and flipout's mean part, bernoulli's input mask and
+# their gradients split into several float32 column tiles, the last one partial (gemm_strategy.h).
+TILED = {"B": 3, "K": 4100, "N": 70}
+
+
+@pytest.mark.skipif(not available_backends()["cpu"], reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("case", [c for c in GAUSSIAN_CASES if c[0] != "sample"], ids=lambda c: "-".join(map(str, c)))
+def test_gaussian_upcast_column_tiles_are_as_accurate_as_eager(monkeypatch, dtype, case):
+    monkeypatch.setenv("UDN_KERNELS_HALF_GEMM", "upcast")
+    for name, value in TILED.items():
+        monkeypatch.setitem(globals(), name, value)
+    test_gaussian_linear_16_bit_is_as_accurate_as_eager("cpu", dtype, case)
+
+
+@pytest.mark.skipif(not available_backends()["cpu"], reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("samples,x_sampled", [(None, False), (3, True)])
+def test_bernoulli_input_upcast_column_tiles_are_as_accurate_as_eager(monkeypatch, dtype, samples, x_sampled):
+    monkeypatch.setenv("UDN_KERNELS_HALF_GEMM", "upcast")
+    for name, value in TILED.items():
+        monkeypatch.setitem(globals(), name, value)
+    test_bernoulli_linear_16_bit_is_as_accurate_as_eager("cpu", dtype, "input", samples, x_sampled)
