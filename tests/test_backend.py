@@ -88,6 +88,7 @@ def test_strict_mode_raises_without_the_extension():
     script = (
         "import sys, warnings, torch\n"
         "sys.modules['udn_kernels._C'] = sys.modules['udn_kernels._C_avx2'] = None\n"
+        "sys.modules['udn_kernels._C_avx512'] = None\n"
         "import udn_kernels\n"
         "x = torch.randn(3, 4)\n"
         "with warnings.catch_warnings(record=True) as w:\n"

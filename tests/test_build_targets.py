@@ -1,5 +1,5 @@
 """Build flags per target (udn_kernels/_build_targets.py), the aarch64 cross-compile of csrc/, and
-the portable x86-64 module against the AVX2 one (docs/building.md)."""
+the portable x86-64 module against the AVX2 and AVX-512 ones (docs/building.md)."""
 import glob
 import json
 import os
@@ -19,17 +19,21 @@ from udn_kernels import _build_targets as bt
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROSS_CXX = "aarch64-linux-gnu-g++"
 X86_ONLY = ("-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2")
+AVX512_ONLY = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-DCPU_CAPABILITY=AVX512",
+               "-DCPU_CAPABILITY_AVX512")
 
 
 def names_and_flags(variants):
     return {v.name: v.compile_args for v in variants}
 
 
-def test_x86_64_builds_a_portable_and_an_avx2_module():
+def test_x86_64_builds_a_portable_an_avx2_and_an_avx512_module():
     variants = names_and_flags(bt.extension_variants(bt.Target("x86_64", "linux")))
-    assert set(variants) == {"udn_kernels._C", "udn_kernels._C_avx2"}
-    assert not set(X86_ONLY) & set(variants["udn_kernels._C"])
+    assert set(variants) == {"udn_kernels._C", "udn_kernels._C_avx2", "udn_kernels._C_avx512"}
+    assert not set(X86_ONLY + AVX512_ONLY) & set(variants["udn_kernels._C"])
     assert set(X86_ONLY) <= set(variants["udn_kernels._C_avx2"])
+    assert not set(AVX512_ONLY) & set(variants["udn_kernels._C_avx2"])
+    assert set(AVX512_ONLY) <= set(variants["udn_kernels._C_avx512"])
     assert all("-fopenmp" in flags for flags in variants.values())
 
 
@@ -37,7 +41,7 @@ def test_x86_64_builds_a_portable_and_an_avx2_module():
 def test_arm_builds_one_portable_module_without_x86_flags(target):
     (variant,) = bt.extension_variants(target)
     assert variant.name == "udn_kernels._C"
-    assert not set(X86_ONLY) & set(variant.compile_args)
+    assert not set(X86_ONLY + AVX512_ONLY) & set(variant.compile_args)
     assert not any(flag.startswith(("-m", "-march")) for flag in variant.compile_args)
 
 
@@ -113,9 +117,10 @@ NUMBERS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_variant(tmp_path, no_avx2: bool) -> dict:
-    path = tmp_path / f"no_avx2_{int(no_avx2)}.pt"
-    env = {**os.environ, "UDN_KERNELS_NO_AVX2": "1" if no_avx2 else "0"}
+def run_variant(tmp_path, no_avx2: bool, no_avx512: bool = True) -> dict:
+    path = tmp_path / f"no_avx2_{int(no_avx2)}_no_avx512_{int(no_avx512)}.pt"
+    env = {**os.environ, "UDN_KERNELS_NO_AVX2": "1" if no_avx2 else "0",
+           "UDN_KERNELS_NO_AVX512": "1" if no_avx512 else "0"}
     result = subprocess.run([sys.executable, "-c", NUMBERS_SCRIPT, str(path)], capture_output=True,
                             text=True, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -128,10 +133,24 @@ def run_variant(tmp_path, no_avx2: bool) -> dict:
 def test_portable_x86_module_matches_reference_and_avx2_numbers(tmp_path):
     portable, avx2 = run_variant(tmp_path, no_avx2=True), run_variant(tmp_path, no_avx2=False)
     assert portable["module"] == "udn_kernels._C" and avx2["module"] == "udn_kernels._C_avx2"
-    assert portable["failed"] == [] and avx2["failed"] == []
+    assert_same_numbers(portable, avx2)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX-512 module is x86-64 only")
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="this CPU has no AVX-512: the AVX-512 module cannot run here")
+def test_avx512_module_matches_reference_and_avx2_numbers(tmp_path):
+    avx2, avx512 = run_variant(tmp_path, no_avx2=False), run_variant(tmp_path, no_avx2=False, no_avx512=False)
+    assert avx2["module"] == "udn_kernels._C_avx2" and avx512["module"] == "udn_kernels._C_avx512"
+    assert_same_numbers(avx2, avx512)
+
+
+def assert_same_numbers(a, b):
+    """Both modules pass the selftest cases and give the same rng stream and op results."""
+    assert a["failed"] == [] and b["failed"] == []
     for kind in ("uint32", "uniform", "bernoulli"):  # the stream contract: bit for bit
-        assert torch.equal(portable["numbers"][kind], avx2["numbers"][kind]), kind
-    torch.testing.assert_close(portable["numbers"]["normal"], avx2["numbers"]["normal"], rtol=0, atol=4e-6)
+        assert torch.equal(a["numbers"][kind], b["numbers"][kind]), kind
+    torch.testing.assert_close(a["numbers"]["normal"], b["numbers"]["normal"], rtol=0, atol=4e-6)
     for op in ("depth_mixture_nll", "gaussian_linear", "bernoulli_linear"):
-        for got, want in zip(portable["numbers"][op], avx2["numbers"][op], strict=True):
+        for got, want in zip(a["numbers"][op], b["numbers"][op], strict=True):
             torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=op)

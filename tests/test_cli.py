@@ -19,8 +19,12 @@ def run_cli(*args):
 def test_info_reports_backends_and_isa():
     out = run_cli("info")
     assert out.returncode == 0, out.stderr
-    assert "cpu=yes" in out.stdout and "C++ ISA       avx2" in out.stdout
-    assert "C++ module    udn_kernels._C_avx2" in out.stdout and "-mavx2" in out.stdout  # flags recorded at build
+    isa = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+    assert "cpu=yes" in out.stdout and f"C++ ISA       {isa}" in out.stdout
+    assert f"C++ module    udn_kernels._C_{isa}" in out.stdout and f"-m{isa.replace('512', '512f')}" in out.stdout
+    no_avx512 = subprocess.run([sys.executable, "-m", "udn_kernels", "info"], capture_output=True, text=True,
+                               env={**os.environ, "UDN_KERNELS_NO_AVX512": "1"})
+    assert "C++ module    udn_kernels._C_avx2\n" in no_avx512.stdout and "C++ ISA       avx2" in no_avx512.stdout
     portable = subprocess.run([sys.executable, "-m", "udn_kernels", "info"], capture_output=True, text=True,
                               env={**os.environ, "UDN_KERNELS_NO_AVX2": "1"})
     assert "C++ module    udn_kernels._C\n" in portable.stdout and "C++ ISA       generic" in portable.stdout

@@ -41,6 +41,7 @@ GROUPS = {
     "udn_kernels.triton": "kernels",
     "udn_kernels._C": "kernels",
     "udn_kernels._C_avx2": "kernels",
+    "udn_kernels._C_avx512": "kernels",
     "udn_kernels._extension": "kernels",  # loads the C++ module this CPU runs
     "udn_kernels._formulas": "base",
     "udn_kernels._checks": "base",

@@ -3,9 +3,10 @@
 Pure Python without torch, so setup.py can load this file by path before the package imports,
 and tests can ask what any target (aarch64, macOS, ...) would be built with.
 
-x86-64 builds two modules from the same sources: ``udn_kernels._C`` (portable: runs on any
-x86-64 CPU) and ``udn_kernels._C_avx2`` (AVX2 + FMA + F16C); ``udn_kernels._extension`` loads one
-of them at import by the CPU. Other targets build ``_C`` only, with no ISA flags: at::vec then
+x86-64 builds three modules from the same sources: ``udn_kernels._C`` (portable: runs on any
+x86-64 CPU), ``udn_kernels._C_avx2`` (AVX2 + FMA + F16C) and ``udn_kernels._C_avx512`` (AVX-512
+F/BW/VL/DQ, 16-wide float vectors in the epilogues); ``udn_kernels._extension`` loads one of them
+at import by the CPU. Other targets build ``_C`` only, with no ISA flags: at::vec then
 uses its default implementation for the target (NEON on aarch64).
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 BASE_FLAGS = ["-O3", "-std=c++17"]
 # at::vec::Vectorized picks its SIMD implementation from CPU_CAPABILITY_* macros, not from -m flags.
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
 PORTABLE_FLAGS = ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
 # Where Homebrew (Apple silicon, then Intel) and MacPorts put libomp.
 MACOS_OPENMP_PREFIXES = ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp", "/opt/local"]
@@ -96,5 +99,5 @@ def extension_variants(target: Target, native: bool = False, host_avx2: bool = T
         # gcc and clang on aarch64 spell the host CPU -mcpu=native (Apple clang has no -march=native).
         return [variant("_C", ["-mcpu=native" if target.arm else "-march=native"] + PORTABLE_FLAGS)]
     if target.x86_64:
-        return [variant("_C", PORTABLE_FLAGS), variant("_C_avx2", AVX2_FLAGS)]
+        return [variant("_C", PORTABLE_FLAGS), variant("_C_avx2", AVX2_FLAGS), variant("_C_avx512", AVX512_FLAGS)]
     return [variant("_C", PORTABLE_FLAGS)]
