@@ -54,6 +54,10 @@ def _worker(rank, world, port, out_path):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Exit without interpreter teardown: freeing DDP's reducer there deadlocked a CI run inside
+    # torch's gloo teardown (the group's destructor, holding the GIL, joins its run-loop thread,
+    # which waits for the GIL to free the finished barrier's work).
+    os._exit(0)
 
 
 def _free_port():
